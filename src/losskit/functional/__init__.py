@@ -1,0 +1,20 @@
+"""Loss functions with the names, signatures and semantics of ``torch.nn.functional``."""
+
+from .classification import (
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    nll_loss,
+)
+from .divergence import kl_div
+from .regression import l1_loss, mse_loss
+
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "kl_div",
+    "l1_loss",
+    "mse_loss",
+    "nll_loss",
+]

@@ -1,0 +1,139 @@
+"""Input checks shared by every loss: each error names the loss, what is wrong and where.
+
+torch reports many of these as a device-side assert or a bare "Target 7 is out of bounds";
+losskit raises a Python exception that says which value, at which index, and what was
+expected. Checks never change a value that torch would accept.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+
+def _shape(t: Tensor | torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(t.shape) if isinstance(t, Tensor) else tuple(t)
+
+
+def first_index(mask: Tensor) -> tuple[int, ...]:
+    """Index (as a tuple) of the first True element of a boolean mask."""
+    if mask.dim() == 0:
+        return ()
+    return tuple(int(i) for i in mask.nonzero()[0])
+
+
+def check_floating(t: Tensor, name: str, fn: str) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor; got {t.dtype}")
+
+
+def check_same_shape(input: Tensor, target: Tensor, fn: str) -> None:
+    if input.shape != target.shape:
+        raise ValueError(
+            f"{fn}: target shape {_shape(target)} must match input shape {_shape(input)}"
+        )
+
+
+def broadcast_shape(a: Tensor, b: Tensor, names: tuple[str, str], fn: str) -> tuple[int, ...]:
+    """The broadcast shape of two tensors, or a ValueError stating both shapes."""
+    try:
+        return tuple(torch.broadcast_shapes(a.shape, b.shape))
+    except RuntimeError:
+        raise ValueError(
+            f"{fn}: {names[0]} shape {_shape(a)} and {names[1]} shape {_shape(b)} cannot be broadcast together"
+        ) from None
+
+
+def check_broadcasts_to(t: Tensor, shape: tuple[int, ...], name: str, fn: str) -> None:
+    """``t`` must broadcast to exactly ``shape`` (it may not enlarge it)."""
+    try:
+        ok = tuple(torch.broadcast_shapes(t.shape, shape)) == tuple(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{fn}: {name} of shape {_shape(t)} does not broadcast to the input shape {tuple(shape)}")
+
+
+def check_reduction_weight(weight: Tensor, input: Tensor, fn: str) -> None:
+    """The element-wise ``weight`` of mse_loss / l1_loss: exactly the input's size, as in torch."""
+    if weight.shape != input.shape:
+        raise ValueError(f"{fn}: weight shape {_shape(weight)} must equal input shape {_shape(input)}")
+
+
+def check_class_weight(weight: Tensor, num_classes: int, fn: str) -> None:
+    if weight.dim() != 1 or weight.shape[0] != num_classes:
+        raise ValueError(
+            f"{fn}: weight must be a 1-D tensor with one entry per class ({num_classes}); "
+            f"got shape {_shape(weight)}"
+        )
+    check_floating(weight, "weight", fn)
+
+
+def check_label_smoothing(label_smoothing: float, fn: str) -> None:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{fn}: label_smoothing must be between 0.0 and 1.0; got {label_smoothing}")
+
+
+def class_dim_of(input: Tensor, fn: str) -> int:
+    """Class dimension of a (C,), (N, C) or (N, C, d1, ...) input."""
+    if input.dim() == 0:
+        raise ValueError(
+            f"{fn}: input must have a class dimension, shaped (C,), (N, C) or (N, C, d1, ...); "
+            "got a 0-dimensional tensor"
+        )
+    return 0 if input.dim() == 1 else 1
+
+
+def check_class_targets(
+    input: Tensor, target: Tensor, class_dim: int, ignore_index: int, fn: str
+) -> None:
+    """Class-index targets: integer dtype, the input's shape without its class dim, in range."""
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"{fn}: class-index target must be an integer tensor; got {target.dtype} of shape "
+            f"{_shape(target)} (class probabilities must have the input's shape {_shape(input)})"
+        )
+    expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
+    if target.shape != expected:
+        raise ValueError(
+            f"{fn}: target shape {_shape(target)} does not fit input shape {_shape(input)}; "
+            f"class-index targets must have shape {_shape(expected)}"
+        )
+    num_classes = input.shape[class_dim]
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        where = first_index(bad)
+        value = int(target[where])
+        raise IndexError(
+            f"{fn}: target {value} at index {where} is out of range for {num_classes} classes"
+        )
+
+
+def check_in_unit_interval(t: Tensor, name: str, fn: str, hint: str = "") -> None:
+    """Every element in [0, 1]; NaN counts as outside."""
+    bad = ~((t >= 0) & (t <= 1))
+    if bool(bad.any()):
+        where = first_index(bad)
+        raise ValueError(
+            f"{fn}: {name} must hold probabilities in [0, 1]; found {float(t[where]):g} at index {where}"
+            + (f". {hint}" if hint else "")
+        )
+
+
+def warn_if_probabilities(input: Tensor, class_dim: int, fn: str) -> None:
+    """Warn on the classic mistake of passing softmax outputs to a loss that wants logits.
+
+    Looks at the first few rows only, so the check stays cheap at any batch size.
+    """
+    if input.numel() == 0 or input.shape[class_dim] < 2:
+        return
+    rows = input.detach().movedim(class_dim, -1).reshape(-1, input.shape[class_dim])[:8].float()
+    if bool((rows >= 0).all()) and bool(torch.allclose(rows.sum(-1), torch.ones(()), atol=1e-4)):
+        warnings.warn(
+            f"{fn}: input looks like probabilities (non-negative, rows sum to 1) but {fn} expects "
+            "raw logits; applying softmax first squashes the loss and its gradient",
+            UserWarning,
+            stacklevel=3,
+        )

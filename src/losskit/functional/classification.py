@@ -1,0 +1,367 @@
+"""Classification losses: cross_entropy, nll_loss, binary_cross_entropy(_with_logits).
+
+Signatures and semantics are those of ``torch.nn.functional`` in torch 2.13; the arithmetic
+(log-softmax, gathers, weighting, reductions) is losskit's own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._reduction import reduce_loss, resolve_reduction, result_dtypes
+from ._validation import (
+    check_broadcasts_to,
+    check_class_targets,
+    check_class_weight,
+    check_floating,
+    check_in_unit_interval,
+    check_label_smoothing,
+    check_same_shape,
+    class_dim_of,
+    warn_if_probabilities,
+)
+
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "nll_loss",
+]
+
+
+def _class_shape(num_dims: int, class_dim: int, num_classes: int) -> list[int]:
+    """Shape that broadcasts a per-class weight along ``class_dim``."""
+    shape = [1] * num_dims
+    shape[class_dim] = num_classes
+    return shape
+
+
+def _class_index_loss(
+    log_probs: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    class_dim: int,
+) -> tuple[Tensor, Tensor]:
+    """Per-position loss of class-index targets and the 'mean' denominator.
+
+    loss_i = w_{y_i} * (1 - eps) * (-log p_{i, y_i}) + eps / C * sum_c w_c * (-log p_{i, c}),
+    0 where y_i == ignore_index; the denominator is sum_i w_{y_i} over positions not ignored
+    (their count when there is no weight), which is how torch normalises both terms.
+    """
+    num_classes = log_probs.shape[class_dim]
+    valid = target != ignore_index
+    # Ignored positions may hold any value (-100 by default): gather at class 0 instead and
+    # mask afterwards with `where`, never a multiplication, so that a -inf log-probability
+    # at an ignored position cannot turn into 0 * inf = nan, in the value or the gradient.
+    safe_target = target.masked_fill(~valid, 0).long()
+    nll = -log_probs.gather(class_dim, safe_target.unsqueeze(class_dim)).squeeze(class_dim)
+    if weight is None:
+        target_weight = valid.to(log_probs.dtype)
+    else:
+        weight = weight.to(log_probs.dtype)
+        picked_weight = weight[safe_target]
+        target_weight = torch.where(valid, picked_weight, 0.0)
+        nll = nll * picked_weight
+    if label_smoothing > 0.0:
+        per_class = log_probs if weight is None else log_probs * weight.view(
+            _class_shape(log_probs.dim(), class_dim, num_classes)
+        )
+        smooth = -per_class.sum(class_dim)
+        nll = (1.0 - label_smoothing) * nll + (label_smoothing / num_classes) * smooth
+    loss = torch.where(valid, nll, 0.0)
+    return loss, target_weight.sum()
+
+
+def _probability_target_loss(
+    log_probs: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    label_smoothing: float,
+    class_dim: int,
+) -> Tensor:
+    """Per-position loss of class-probability targets: -sum_c w_c * q_c * log p_c.
+
+    With label smoothing the target becomes q * (1 - eps) + eps / C. Its 'mean' is over
+    positions (N * d1 * ...), not over summed weights, as in torch.
+    """
+    num_classes = log_probs.shape[class_dim]
+    if label_smoothing > 0.0:
+        target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
+    product = log_probs * target
+    if weight is not None:
+        product = product * weight.to(product.dtype).view(
+            _class_shape(log_probs.dim(), class_dim, num_classes)
+        )
+    return -product.sum(class_dim)
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    r"""Cross-entropy between raw logits and class indices or class probabilities.
+
+    .. math::
+        \ell_i = -\sum_c w_c\, q_{i,c} \log \operatorname{softmax}(x_i)_c
+
+    where :math:`q_i` is the one-hot vector of class :math:`y_i` (class-index targets) or the
+    given distribution (probability targets), smoothed to
+    :math:`(1-\varepsilon) q_i + \varepsilon / C` by ``label_smoothing``.
+
+    Args:
+        input: unnormalised logits, shaped ``[C]``, ``[N, C]`` or ``[N, C, d1, ...]``.
+        target: class indices (any integer dtype) shaped like ``input`` without its class
+            dimension, or class probabilities (floating point) shaped exactly like ``input``.
+        weight: per-class rescaling, shaped ``[C]``.
+        size_average: deprecated, as in torch (see ``reduction``).
+        ignore_index: class-index target value that contributes neither loss nor gradient,
+            and is left out of the 'mean' denominator. Not allowed (>= 0) with probabilities.
+        reduce: deprecated, as in torch (see ``reduction``).
+        reduction: ``'mean'`` (class indices: divided by the summed weight of the targets
+            that are not ignored; nan when all are ignored), ``'sum'`` or ``'none'``.
+        label_smoothing: :math:`\varepsilon` in ``[0, 1]``.
+
+    Returns:
+        A scalar, or for ``reduction='none'`` the per-position loss shaped ``[]``, ``[N]``
+        or ``[N, d1, ...]``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import cross_entropy
+        >>> logits = torch.tensor([[1.2, 0.5, -0.8], [-0.5, 0.8, 2.0]])
+        >>> cross_entropy(logits, torch.tensor([0, 2]))
+        tensor(0.4071)
+        >>> cross_entropy(logits, torch.tensor([0, 2]), reduction="none")
+        tensor([0.4898, 0.3245])
+
+    References:
+        torch.nn.CrossEntropyLoss (torch 2.13); Szegedy et al., "Rethinking the Inception
+        Architecture for Computer Vision", 2016 (label smoothing).
+    """
+    fn = "cross_entropy"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    check_label_smoothing(label_smoothing, fn)
+    class_dim = class_dim_of(input, fn)
+    check_floating(input, "input", fn)
+    if weight is not None:
+        check_class_weight(weight, input.shape[class_dim], fn)
+    warn_if_probabilities(input, class_dim, fn)
+
+    # torch's rule: a target shaped exactly like the input holds class probabilities.
+    if target.shape == input.shape:
+        check_floating(target, "target (class probabilities, shaped like input)", fn)
+        if ignore_index >= 0:
+            raise ValueError(f"{fn}: ignore_index ({ignore_index}) is not supported with class-probability targets")
+        compute, out = result_dtypes(input, target)
+        logits = input.to(compute)
+        log_probs = logits - torch.logsumexp(logits, dim=class_dim, keepdim=True)
+        loss = _probability_target_loss(log_probs, target.to(compute), weight, label_smoothing, class_dim)
+        return reduce_loss(loss, reduction).to(out)
+
+    check_class_targets(input, target, class_dim, ignore_index, fn)
+    compute, out = result_dtypes(input)
+    logits = input.to(compute)
+    log_probs = logits - torch.logsumexp(logits, dim=class_dim, keepdim=True)
+    loss, denominator = _class_index_loss(log_probs, target, weight, ignore_index, label_smoothing, class_dim)
+    return reduce_loss(loss, reduction, denominator).to(out)
+
+
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Negative log-likelihood of class indices under given log-probabilities.
+
+    .. math::
+        \ell_i = -w_{y_i} \, x_{i, y_i}
+
+    Args:
+        input: log-probabilities, shaped ``[C]``, ``[N, C]`` or ``[N, C, d1, ...]``.
+        target: class indices (any integer dtype), ``input``'s shape without the class dim.
+        weight: per-class rescaling, shaped ``[C]``.
+        size_average: deprecated, as in torch (see ``reduction``).
+        ignore_index: target value that contributes neither loss nor gradient.
+        reduce: deprecated, as in torch (see ``reduction``).
+        reduction: ``'mean'`` (divided by the summed weight of non-ignored targets),
+            ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the per-position loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import nll_loss
+        >>> log_probs = torch.tensor([[0.5, 0.1, 0.3]]).log()
+        >>> nll_loss(log_probs, torch.tensor([2]))  # -ln(0.3)
+        tensor(1.2040)
+
+    References:
+        torch.nn.NLLLoss (torch 2.13).
+    """
+    fn = "nll_loss"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    class_dim = class_dim_of(input, fn)
+    check_floating(input, "input", fn)
+    if weight is not None:
+        check_class_weight(weight, input.shape[class_dim], fn)
+    check_class_targets(input, target, class_dim, ignore_index, fn)
+    compute, out = result_dtypes(input)
+    loss, denominator = _class_index_loss(input.to(compute), target, weight, ignore_index, 0.0, class_dim)
+    return reduce_loss(loss, reduction, denominator).to(out)
+
+
+class _BinaryCrossEntropy(torch.autograd.Function):
+    """Element-wise BCE on probabilities with torch's clamps in forward and backward.
+
+    forward:  -(y * max(log p, -100) + (1 - y) * max(log(1 - p), -100))
+    backward: d/dp = (p - y) / max(p (1 - p), 1e-12);  d/dy = log(1 - p) - log p
+    Autograd through the clamped forward would give 0 * inf = nan at p = 0 or 1; the
+    written-out gradient stays finite there, as torch's does.
+    """
+
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(input, target)
+        log_p = torch.log(input).clamp_min(-100.0)
+        log_1mp = torch.log1p(-input).clamp_min(-100.0)
+        return -(target * log_p + (1.0 - target) * log_1mp)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        input, target = ctx.saved_tensors
+        grad_input = grad_target = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad * (input - target) / (input * (1.0 - input)).clamp_min(1e-12)
+        if ctx.needs_input_grad[1]:
+            grad_target = grad * -torch.logit(input)
+        return grad_input, grad_target
+
+
+def binary_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Binary cross-entropy between probabilities and targets in [0, 1].
+
+    .. math::
+        \ell = -w \left[ y \log p + (1 - y) \log (1 - p) \right]
+
+    with each log clamped at -100, as torch does, so that p = 0 or 1 gives a finite loss.
+
+    Args:
+        input: probabilities in ``[0, 1]`` (e.g. sigmoid outputs), any shape ``[...]``.
+        target: same shape as ``input``, values in ``[0, 1]``.
+        weight: rescaling that broadcasts to ``input``'s shape.
+        size_average: deprecated, as in torch (see ``reduction``).
+        reduce: deprecated, as in torch (see ``reduction``).
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the element-wise loss shaped like ``input`` for ``reduction='none'``.
+
+    Raises:
+        ValueError: when ``input`` holds a value outside [0, 1] (or nan), naming it and its
+            index; logits belong in :func:`binary_cross_entropy_with_logits`.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import binary_cross_entropy
+        >>> p = torch.tensor([0.9, 0.2, 0.6])
+        >>> binary_cross_entropy(p, torch.tensor([1.0, 0.0, 1.0]))
+        tensor(0.2798)
+
+    References:
+        torch.nn.BCELoss (torch 2.13).
+    """
+    fn = "binary_cross_entropy"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    check_same_shape(input, target, fn)
+    check_floating(input, "input", fn)
+    check_in_unit_interval(
+        input, "input", fn, hint="For raw scores (logits) use binary_cross_entropy_with_logits"
+    )
+    if weight is not None:
+        check_broadcasts_to(weight, tuple(input.shape), "weight", fn)
+    compute, out = result_dtypes(input, target)
+    loss = _BinaryCrossEntropy.apply(input.to(compute), target.to(compute))
+    if weight is not None:
+        loss = loss * weight.to(compute)
+    return reduce_loss(loss, reduction).to(out)
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    pos_weight: Tensor | None = None,
+) -> Tensor:
+    r"""Binary cross-entropy on logits, stable at any magnitude.
+
+    .. math::
+        \ell = w \left[ (1 - y)\, x - (1 + (p_w - 1)\, y) \log \sigma(x) \right]
+
+    which equals :math:`-w [p_w\, y \log \sigma(x) + (1 - y) \log(1 - \sigma(x))]` but never
+    forms :math:`\sigma(x)`, so logits of :math:`\pm 10^4` give exact, finite losses.
+
+    Args:
+        input: logits, any shape ``[...]``.
+        target: same shape as ``input``, values in ``[0, 1]``.
+        weight: rescaling that broadcasts to ``input``'s shape.
+        size_average: deprecated, as in torch (see ``reduction``).
+        reduce: deprecated, as in torch (see ``reduction``).
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+        pos_weight: weight of the positive term, broadcast from the right (e.g. ``[C]``
+            for ``[N, C]`` multi-label input); > 1 raises recall, < 1 precision.
+
+    Returns:
+        A scalar, or the element-wise loss shaped like ``input`` for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import binary_cross_entropy_with_logits
+        >>> x = torch.tensor([2.1972, -1.3863, 0.4055])  # logit(0.9), logit(0.2), logit(0.6)
+        >>> binary_cross_entropy_with_logits(x, torch.tensor([1.0, 0.0, 1.0]))
+        tensor(0.2798)
+
+    References:
+        torch.nn.BCEWithLogitsLoss (torch 2.13).
+    """
+    fn = "binary_cross_entropy_with_logits"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    check_same_shape(input, target, fn)
+    check_floating(input, "input", fn)
+    shape = tuple(input.shape)
+    for name, extra in (("weight", weight), ("pos_weight", pos_weight)):
+        if extra is not None:
+            check_broadcasts_to(extra, shape, name, fn)
+    compute, out = result_dtypes(input, target)
+    x, y = input.to(compute), target.to(compute)
+    log_sigmoid = F.logsigmoid(x)
+    if pos_weight is not None:
+        log_sigmoid = log_sigmoid * (1.0 + (pos_weight.to(compute) - 1.0) * y)
+    loss = (1.0 - y) * x - log_sigmoid
+    if weight is not None:
+        loss = loss * weight.to(compute)
+    return reduce_loss(loss, reduction).to(out)

@@ -1,0 +1,190 @@
+"""Information measures of discrete distributions: entropy, cross-entropy, KL and JS divergence.
+
+Each takes distributions along ``dim`` (probabilities, or logits with ``from_logits=True``)
+and returns one value per distribution, in nats by default or in any ``base`` (2 for bits).
+Inputs that are not distributions raise a ValueError naming the row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..functional._validation import broadcast_shape, check_floating, first_index
+
+__all__ = ["cross_entropy", "entropy", "js_divergence", "kl_divergence"]
+
+
+def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Tensor:
+    """Validated log-probabilities of ``x`` along ``dim``."""
+    check_floating(x, name, fn)
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: {name} must have a dimension holding the distribution; got a 0-d tensor")
+    if from_logits:
+        # -inf is a legitimate logit (probability 0); nan and +inf are not.
+        bad = torch.isnan(x) | (x == math.inf)
+        if bool(bad.any()):
+            where = first_index(bad)
+            raise ValueError(f"{fn}: {name} logits must be finite or -inf; found {float(x[where])} at index {where}")
+        return torch.log_softmax(x, dim=dim)
+    bad = ~((x >= 0) & (x <= 1))
+    if bool(bad.any()):
+        where = first_index(bad)
+        raise ValueError(f"{fn}: {name} must hold probabilities in [0, 1]; found {float(x[where]):g} at index {where}")
+    sums = x.sum(dim=dim)
+    # float32 sums of a few thousand probabilities drift by ~1e-6; half types by far more.
+    tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(x.dtype, 1e-2) * max(1, x.shape[dim]) ** 0.5
+    off = (sums - 1).abs() > tol
+    if bool(off.any()):
+        where = first_index(off)
+        raise ValueError(
+            f"{fn}: {name} is not a distribution along dim {dim}: the one at index {where} sums to "
+            f"{float(sums[where]):.6g}, not 1 (pass from_logits=True for logits)"
+        )
+    return torch.log(x)
+
+
+def _in_base(nats: Tensor, base: float, fn: str) -> Tensor:
+    if not (base > 0 and base != 1):
+        raise ValueError(f"{fn}: base must be positive and not 1; got {base}")
+    return nats if base == math.e else nats / math.log(base)
+
+
+def _plogq(log_p: Tensor, log_q: Tensor, dim: int) -> Tensor:
+    """sum_c p_c * log q_c with 0 * log 0 = 0, and p > 0 at q = 0 giving -inf."""
+    p = log_p.exp()
+    # Mask log q before the product, not after: where(p > 0, p * log_q, 0) would still
+    # back-propagate 0 * -inf = nan through the branch it did not take.
+    return (p * torch.where(p > 0, log_q, 0.0)).sum(dim)
+
+
+def entropy(p: Tensor, dim: int = -1, *, base: float = math.e, from_logits: bool = False) -> Tensor:
+    r"""Shannon entropy :math:`H(p) = -\sum_c p_c \log p_c` of each distribution along ``dim``.
+
+    Args:
+        p: probabilities (or logits with ``from_logits``), shaped ``[..., num_classes]``.
+        dim: the dimension holding each distribution.
+        base: logarithm base: ``math.e`` for nats, 2 for bits.
+        from_logits: read ``p`` as unnormalised logits (softmax is applied).
+
+    Returns:
+        The entropies, ``p``'s shape without ``dim``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.info import entropy
+        >>> entropy(torch.tensor([0.5, 0.5]))  # a fair coin: ln 2 nats
+        tensor(0.6931)
+        >>> entropy(torch.full((6,), 1 / 6))  # a fair die: ln 6
+        tensor(1.7918)
+        >>> entropy(torch.tensor([0.5, 0.5]), base=2)
+        tensor(1.)
+
+    References:
+        Shannon, "A Mathematical Theory of Communication", 1948.
+    """
+    fn = "entropy"
+    log_p = _log_probs(p, "p", fn, dim, from_logits)
+    return _in_base(-_plogq(log_p, log_p, dim), base, fn)
+
+
+def cross_entropy(
+    p: Tensor, q: Tensor, dim: int = -1, *, base: float = math.e, from_logits: bool = False
+) -> Tensor:
+    r"""Cross-entropy :math:`H(p, q) = -\sum_c p_c \log q_c` of ``q`` relative to the true ``p``.
+
+    Args:
+        p: the true distributions, shaped ``[..., num_classes]``.
+        q: the model's distributions, broadcastable to ``p``.
+        dim: the dimension holding each distribution.
+        base: logarithm base: ``math.e`` for nats, 2 for bits.
+        from_logits: read ``p`` and ``q`` as logits.
+
+    Returns:
+        One value per distribution; ``inf`` where ``q`` gives 0 to an outcome ``p`` does not.
+
+    Example:
+        >>> import torch
+        >>> from losskit.info import cross_entropy
+        >>> lion = torch.tensor([0.0, 0.0, 1.0])
+        >>> cross_entropy(lion, torch.tensor([0.6, 0.1, 0.3]))  # -ln(0.3)
+        tensor(1.2040)
+    """
+    fn = "cross_entropy"
+    broadcast_shape(p, q, ("p", "q"), fn)
+    log_p = _log_probs(p, "p", fn, dim, from_logits)
+    log_q = _log_probs(q, "q", fn, dim, from_logits)
+    return _in_base(-_plogq(log_p, log_q, dim), base, fn)
+
+
+def kl_divergence(
+    p: Tensor, q: Tensor, dim: int = -1, *, base: float = math.e, from_logits: bool = False
+) -> Tensor:
+    r"""Kullback-Leibler divergence :math:`KL(p \,\|\, q) = \sum_c p_c \log (p_c / q_c)`.
+
+    Equal to :math:`H(p, q) - H(p)`: the extra cost of coding ``p`` with a code built for ``q``.
+
+    Args:
+        p: the true distributions, shaped ``[..., num_classes]``.
+        q: the approximating distributions, broadcastable to ``p``.
+        dim: the dimension holding each distribution.
+        base: logarithm base: ``math.e`` for nats, 2 for bits.
+        from_logits: read ``p`` and ``q`` as logits.
+
+    Returns:
+        One non-negative value per distribution (``inf`` where ``q`` misses ``p``'s support).
+
+    Example:
+        >>> import torch
+        >>> from losskit.info import kl_divergence
+        >>> kl_divergence(torch.tensor([0.36, 0.48, 0.16]), torch.full((3,), 1 / 3))
+        tensor(0.0853)
+
+    References:
+        Kullback and Leibler, "On Information and Sufficiency", 1951.
+    """
+    fn = "kl_divergence"
+    broadcast_shape(p, q, ("p", "q"), fn)
+    log_p = _log_probs(p, "p", fn, dim, from_logits)
+    log_q = _log_probs(q, "q", fn, dim, from_logits)
+    return _in_base(_plogq(log_p, log_p, dim) - _plogq(log_p, log_q, dim), base, fn)
+
+
+def js_divergence(
+    p: Tensor, q: Tensor, dim: int = -1, *, base: float = math.e, from_logits: bool = False
+) -> Tensor:
+    r"""Jensen-Shannon divergence :math:`\tfrac12 KL(p \,\|\, m) + \tfrac12 KL(q \,\|\, m)`,
+    :math:`m = \tfrac12 (p + q)`.
+
+    Symmetric, finite, and at most :math:`\ln 2` nats (1 bit).
+
+    Args:
+        p: distributions, shaped ``[..., num_classes]``.
+        q: distributions, broadcastable to ``p``.
+        dim: the dimension holding each distribution.
+        base: logarithm base: ``math.e`` for nats, 2 for bits.
+        from_logits: read ``p`` and ``q`` as logits.
+
+    Returns:
+        One value per distribution, in ``[0, log(2) / log(base)]``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.info import js_divergence
+        >>> js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), base=2)
+        tensor(1.)
+
+    References:
+        Lin, "Divergence Measures Based on the Shannon Entropy", 1991.
+    """
+    fn = "js_divergence"
+    broadcast_shape(p, q, ("p", "q"), fn)
+    log_p = _log_probs(p, "p", fn, dim, from_logits)
+    log_q = _log_probs(q, "q", fn, dim, from_logits)
+    # log m = log((p + q) / 2), formed in log space so that tiny probabilities keep precision.
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    kl_pm = _plogq(log_p, log_p, dim) - _plogq(log_p, log_m, dim)
+    kl_qm = _plogq(log_q, log_q, dim) - _plogq(log_q, log_m, dim)
+    return _in_base(0.5 * (kl_pm + kl_qm), base, fn)

@@ -1,0 +1,15 @@
+"""Loss Modules with the names and constructor arguments of ``torch.nn``."""
+
+from .classification import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, NLLLoss
+from .divergence import KLDivLoss
+from .regression import L1Loss, MSELoss
+
+__all__ = [
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "KLDivLoss",
+    "L1Loss",
+    "MSELoss",
+    "NLLLoss",
+]
