@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._ops import log_softmax
 from ._reduction import reduce_loss, resolve_reduction, result_dtypes
 from ._validation import (
     check_broadcasts_to,
@@ -163,15 +164,13 @@ def cross_entropy(
         if ignore_index >= 0:
             raise ValueError(f"{fn}: ignore_index ({ignore_index}) is not supported with class-probability targets")
         compute, out = result_dtypes(input, target)
-        logits = input.to(compute)
-        log_probs = logits - torch.logsumexp(logits, dim=class_dim, keepdim=True)
+        log_probs = log_softmax(input.to(compute), class_dim)
         loss = _probability_target_loss(log_probs, target.to(compute), weight, label_smoothing, class_dim)
         return reduce_loss(loss, reduction).to(out)
 
     check_class_targets(input, target, class_dim, ignore_index, fn)
     compute, out = result_dtypes(input)
-    logits = input.to(compute)
-    log_probs = logits - torch.logsumexp(logits, dim=class_dim, keepdim=True)
+    log_probs = log_softmax(input.to(compute), class_dim)
     loss, denominator = _class_index_loss(log_probs, target, weight, ignore_index, label_smoothing, class_dim)
     return reduce_loss(loss, reduction, denominator).to(out)
 

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..functional._ops import log_softmax
 from ..functional._validation import broadcast_shape, check_floating, first_index
 
 __all__ = ["cross_entropy", "entropy", "js_divergence", "kl_divergence"]
@@ -28,7 +29,7 @@ def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Te
         if bool(bad.any()):
             where = first_index(bad)
             raise ValueError(f"{fn}: {name} logits must be finite or -inf; found {float(x[where])} at index {where}")
-        return torch.log_softmax(x, dim=dim)
+        return log_softmax(x, dim)
     bad = ~((x >= 0) & (x <= 1))
     if bool(bad.any()):
         where = first_index(bad)
