@@ -1,0 +1,84 @@
+"""losskit.nn Modules: same constructor arguments as torch.nn, same results as functional."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import losskit.functional as LF
+import losskit.nn as LN
+from oracle import check_against_torch, check_raises
+
+C = 5
+
+
+def inputs(name):
+    """(input, target) fitting the loss of that Module."""
+    x = torch.randn(4, C, dtype=torch.float64, requires_grad=True)
+    if name in ("CrossEntropyLoss", "NLLLoss"):
+        target = torch.tensor([0, 4, 2, 2])
+        return (x if name == "CrossEntropyLoss" else torch.log_softmax(x, 1)), target
+    if name == "BCELoss":
+        return torch.sigmoid(x), torch.rand(4, C, dtype=torch.float64)
+    if name == "KLDivLoss":
+        return torch.log_softmax(x, 1), torch.softmax(torch.randn(4, C, dtype=torch.float64), 1)
+    return x, torch.randn(4, C, dtype=torch.float64)
+
+
+CASES = [
+    ("CrossEntropyLoss", {"weight": torch.rand(C, dtype=torch.float64), "label_smoothing": 0.1, "reduction": "sum"}),
+    ("CrossEntropyLoss", {"ignore_index": 2, "reduction": "none"}),
+    ("NLLLoss", {"weight": torch.rand(C, dtype=torch.float64), "reduction": "mean"}),
+    ("BCELoss", {"weight": torch.rand(C, dtype=torch.float64)}),
+    ("BCEWithLogitsLoss", {"weight": torch.rand(C, dtype=torch.float64), "pos_weight": torch.rand(C, dtype=torch.float64)}),
+    ("MSELoss", {"reduction": "sum"}),
+    ("L1Loss", {}),
+    ("KLDivLoss", {"reduction": "batchmean", "log_target": False}),
+    ("MSELoss", {"size_average": False}),  # torch's deprecated flags: size_average=False is 'sum'
+    ("L1Loss", {"reduce": False}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_module_matches_torch_module(name, kwargs):
+    if name == "BCEWithLogitsLoss":
+        x = torch.randn(4, C, dtype=torch.float64, requires_grad=True)
+        target = torch.rand(4, C, dtype=torch.float64)
+    else:
+        x, target = inputs(name)
+    with pytest.warns(UserWarning) if {"size_average", "reduce"} & kwargs.keys() else _nothing():
+        ours = getattr(LN, name)(**kwargs)
+    theirs = getattr(torch.nn, name)(**kwargs)
+    assert ours.reduction == theirs.reduction
+    check_against_torch(ours, theirs, x, target)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_weight_is_a_buffer_that_follows_the_module():
+    loss = LN.CrossEntropyLoss(weight=torch.rand(C))
+    assert "weight" in dict(loss.named_buffers())
+    loss = loss.double()
+    assert loss.weight.dtype == torch.float64
+    assert set(LN.BCEWithLogitsLoss(pos_weight=torch.ones(3)).state_dict()) == {"pos_weight"}
+
+
+def test_module_and_functional_agree():
+    x = torch.randn(6, C)
+    target = torch.randint(0, C, (6,))
+    weight = torch.rand(C)
+    module = LN.CrossEntropyLoss(weight=weight, label_smoothing=0.2, ignore_index=1)
+    functional = LF.cross_entropy(x, target, weight=weight, label_smoothing=0.2, ignore_index=1)
+    assert torch.equal(module(x, target), functional)
+
+
+def test_module_rejects_a_bad_reduction_at_construction():
+    check_raises(LN.MSELoss, reduction="avg", match="reduction must be one of 'mean', 'sum', 'none'; got 'avg'")
+    check_raises(LN.CrossEntropyLoss, reduction="batchmean", match="got 'batchmean'")
+    assert LN.KLDivLoss(reduction="batchmean").reduction == "batchmean"
