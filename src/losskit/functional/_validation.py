@@ -24,6 +24,11 @@ def first_index(mask: Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in mask.nonzero()[0])
 
 
+def at_index(where: tuple[int, ...]) -> str:
+    """' at index (i, j)' for an error message; nothing for a 0-d tensor, which has no index."""
+    return f" at index {where}" if where else ""
+
+
 def check_floating(t: Tensor, name: str, fn: str) -> None:
     if not t.is_floating_point():
         raise TypeError(f"{fn}: {name} must be a floating-point tensor; got {t.dtype}")
@@ -107,7 +112,7 @@ def check_class_targets(
         where = first_index(bad)
         value = int(target[where])
         raise IndexError(
-            f"{fn}: target {value} at index {where} is out of range for {num_classes} classes"
+            f"{fn}: target {value}{at_index(where)} is out of range for {num_classes} classes"
         )
 
 
@@ -117,7 +122,7 @@ def check_in_unit_interval(t: Tensor, name: str, fn: str, hint: str = "") -> Non
     if bool(bad.any()):
         where = first_index(bad)
         raise ValueError(
-            f"{fn}: {name} must hold probabilities in [0, 1]; found {float(t[where]):g} at index {where}"
+            f"{fn}: {name} must hold probabilities in [0, 1]; found {float(t[where]):g}{at_index(where)}"
             + (f". {hint}" if hint else "")
         )
 

@@ -13,7 +13,13 @@ import torch
 from torch import Tensor
 
 from ..functional._ops import log_softmax
-from ..functional._validation import broadcast_shape, check_floating, first_index
+from ..functional._validation import (
+    at_index,
+    broadcast_shape,
+    check_floating,
+    check_in_unit_interval,
+    first_index,
+)
 
 __all__ = ["cross_entropy", "entropy", "js_divergence", "kl_divergence"]
 
@@ -28,12 +34,9 @@ def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Te
         bad = torch.isnan(x) | (x == math.inf)
         if bool(bad.any()):
             where = first_index(bad)
-            raise ValueError(f"{fn}: {name} logits must be finite or -inf; found {float(x[where])} at index {where}")
+            raise ValueError(f"{fn}: {name} logits must be finite or -inf; found {float(x[where])}{at_index(where)}")
         return log_softmax(x, dim)
-    bad = ~((x >= 0) & (x <= 1))
-    if bool(bad.any()):
-        where = first_index(bad)
-        raise ValueError(f"{fn}: {name} must hold probabilities in [0, 1]; found {float(x[where]):g} at index {where}")
+    check_in_unit_interval(x, name, fn)
     sums = x.sum(dim=dim)
     # float32 sums of a few thousand probabilities drift by ~1e-6; half types by far more.
     tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(x.dtype, 1e-2) * max(1, x.shape[dim]) ** 0.5
@@ -41,7 +44,7 @@ def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Te
     if bool(off.any()):
         where = first_index(off)
         raise ValueError(
-            f"{fn}: {name} is not a distribution along dim {dim}: the one at index {where} sums to "
+            f"{fn}: {name} is not a distribution along dim {dim}: the one{at_index(where)} sums to "
             f"{float(sums[where]):.6g}, not 1 (pass from_logits=True for logits)"
         )
     return torch.log(x)

@@ -1,0 +1,1 @@
+"""The `losskit` command. Imports its heavier tools (matplotlib, tqdm, scikit-learn) lazily."""
