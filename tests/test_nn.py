@@ -46,9 +46,11 @@ def test_module_matches_torch_module(name, kwargs):
         target = torch.rand(4, C, dtype=torch.float64)
     else:
         x, target = inputs(name)
-    with pytest.warns(UserWarning) if {"size_average", "reduce"} & kwargs.keys() else _nothing():
+    legacy = bool({"size_average", "reduce"} & kwargs.keys())
+    with pytest.warns(UserWarning, match="deprecated") if legacy else _nothing():
         ours = getattr(LN, name)(**kwargs)
-    theirs = getattr(torch.nn, name)(**kwargs)
+    with pytest.warns(UserWarning, match="deprecated") if legacy else _nothing():
+        theirs = getattr(torch.nn, name)(**kwargs)
     assert ours.reduction == theirs.reduction
     check_against_torch(ours, theirs, x, target)
 
