@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._ops import log_softmax
+from ._docs import LEGACY_ARGS, fill_doc
 from ._reduction import reduce_loss, resolve_reduction, result_dtypes
 from ._validation import (
     check_broadcasts_to,
@@ -100,6 +101,7 @@ def _probability_target_loss(
     return -product.sum(class_dim)
 
 
+@fill_doc(legacy_args=LEGACY_ARGS)
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -124,10 +126,9 @@ def cross_entropy(
         target: class indices (any integer dtype) shaped like ``input`` without its class
             dimension, or class probabilities (floating point) shaped exactly like ``input``.
         weight: per-class rescaling, shaped ``[C]``.
-        size_average: deprecated, as in torch (see ``reduction``).
+        {legacy_args}
         ignore_index: class-index target value that contributes neither loss nor gradient,
             and is left out of the 'mean' denominator. Not allowed (>= 0) with probabilities.
-        reduce: deprecated, as in torch (see ``reduction``).
         reduction: ``'mean'`` (class indices: divided by the summed weight of the targets
             that are not ignored; nan when all are ignored), ``'sum'`` or ``'none'``.
         label_smoothing: :math:`\varepsilon` in ``[0, 1]``.
@@ -175,6 +176,7 @@ def cross_entropy(
     return reduce_loss(loss, reduction, denominator).to(out)
 
 
+@fill_doc(legacy_args=LEGACY_ARGS)
 def nll_loss(
     input: Tensor,
     target: Tensor,
@@ -193,9 +195,8 @@ def nll_loss(
         input: log-probabilities, shaped ``[C]``, ``[N, C]`` or ``[N, C, d1, ...]``.
         target: class indices (any integer dtype), ``input``'s shape without the class dim.
         weight: per-class rescaling, shaped ``[C]``.
-        size_average: deprecated, as in torch (see ``reduction``).
+        {legacy_args}
         ignore_index: target value that contributes neither loss nor gradient.
-        reduce: deprecated, as in torch (see ``reduction``).
         reduction: ``'mean'`` (divided by the summed weight of non-ignored targets),
             ``'sum'`` or ``'none'``.
 
@@ -251,6 +252,7 @@ class _BinaryCrossEntropy(torch.autograd.Function):
         return grad_input, grad_target
 
 
+@fill_doc(legacy_args=LEGACY_ARGS)
 def binary_cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -270,8 +272,7 @@ def binary_cross_entropy(
         input: probabilities in ``[0, 1]`` (e.g. sigmoid outputs), any shape ``[...]``.
         target: same shape as ``input``, values in ``[0, 1]``.
         weight: rescaling that broadcasts to ``input``'s shape.
-        size_average: deprecated, as in torch (see ``reduction``).
-        reduce: deprecated, as in torch (see ``reduction``).
+        {legacy_args}
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
 
     Returns:
@@ -307,6 +308,7 @@ def binary_cross_entropy(
     return reduce_loss(loss, reduction).to(out)
 
 
+@fill_doc(legacy_args=LEGACY_ARGS)
 def binary_cross_entropy_with_logits(
     input: Tensor,
     target: Tensor,
@@ -328,8 +330,7 @@ def binary_cross_entropy_with_logits(
         input: logits, any shape ``[...]``.
         target: same shape as ``input``, values in ``[0, 1]``.
         weight: rescaling that broadcasts to ``input``'s shape.
-        size_average: deprecated, as in torch (see ``reduction``).
-        reduce: deprecated, as in torch (see ``reduction``).
+        {legacy_args}
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
         pos_weight: weight of the positive term, broadcast from the right (e.g. ``[C]``
             for ``[N, C]`` multi-label input); > 1 raises recall, < 1 precision.

@@ -7,12 +7,14 @@ import warnings
 import torch
 from torch import Tensor
 
+from ._docs import LEGACY_ARGS, fill_doc
 from ._reduction import reduce_loss, resolve_reduction, result_dtypes
 from ._validation import broadcast_shape, check_floating
 
 __all__ = ["kl_div"]
 
 
+@fill_doc(legacy_args=LEGACY_ARGS)
 def kl_div(
     input: Tensor,
     target: Tensor,
@@ -33,8 +35,7 @@ def kl_div(
         input: log-probabilities of the model, any shape ``[...]``.
         target: probabilities (log-probabilities when ``log_target``), broadcastable to
             ``input``.
-        size_average: deprecated, as in torch (see ``reduction``).
-        reduce: deprecated, as in torch (see ``reduction``).
+        {legacy_args}
         reduction: ``'batchmean'`` (the sum divided by the first dimension: the true KL
             per sample), ``'mean'`` (divided by every element, with torch's warning),
             ``'sum'`` or ``'none'``.

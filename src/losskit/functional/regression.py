@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from ._docs import LEGACY_ARGS, fill_doc
 from ._reduction import reduce_loss, resolve_reduction, result_dtypes
 from ._validation import broadcast_shape, check_floating, check_reduction_weight
 
 __all__ = ["l1_loss", "mse_loss"]
+
+_ARGUMENTS = f"""\
+Args:
+    input: predictions, any shape ``[...]``.
+    target: targets, the same shape (other shapes are broadcast, with a warning).
+{textwrap.indent(LEGACY_ARGS, "    ")}
+    reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+    weight: optional element weights, exactly ``input``'s shape.
+
+Returns:
+    A scalar, or the element-wise loss for ``reduction='none'``."""
 
 
 def _pointwise_loss(
@@ -47,6 +60,7 @@ def _pointwise_loss(
     return reduce_loss(loss * weight, reduction, weight.sum()).to(out)
 
 
+@fill_doc(arguments=_ARGUMENTS)
 def mse_loss(
     input: Tensor,
     target: Tensor,
@@ -61,16 +75,7 @@ def mse_loss(
         \ell_i = w_i (x_i - y_i)^2, \qquad
         \text{mean} = \frac{\sum_i \ell_i}{\sum_i w_i}
 
-    Args:
-        input: predictions, any shape ``[...]``.
-        target: targets, the same shape (other shapes are broadcast, with a warning).
-        size_average: deprecated, as in torch (see ``reduction``).
-        reduce: deprecated, as in torch (see ``reduction``).
-        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
-        weight: optional element weights, exactly ``input``'s shape.
-
-    Returns:
-        A scalar, or the element-wise loss for ``reduction='none'``.
+    {arguments}
 
     Example:
         >>> import torch
@@ -85,6 +90,7 @@ def mse_loss(
     return _pointwise_loss("mse_loss", torch.square, input, target, reduction, weight)
 
 
+@fill_doc(arguments=_ARGUMENTS)
 def l1_loss(
     input: Tensor,
     target: Tensor,
@@ -101,16 +107,7 @@ def l1_loss(
 
     The gradient at :math:`x_i = y_i` is 0, as in torch.
 
-    Args:
-        input: predictions, any shape ``[...]``.
-        target: targets, the same shape (other shapes are broadcast, with a warning).
-        size_average: deprecated, as in torch (see ``reduction``).
-        reduce: deprecated, as in torch (see ``reduction``).
-        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
-        weight: optional element weights, exactly ``input``'s shape.
-
-    Returns:
-        A scalar, or the element-wise loss for ``reduction='none'``.
+    {arguments}
 
     Example:
         >>> import torch
