@@ -81,6 +81,13 @@ def check_label_smoothing(label_smoothing: float, fn: str) -> None:
         raise ValueError(f"{fn}: label_smoothing must be between 0.0 and 1.0; got {label_smoothing}")
 
 
+def check_logit_options(lse_square_scale: float, softcap: float | None, fn: str) -> None:
+    if not lse_square_scale >= 0.0:
+        raise ValueError(f"{fn}: lse_square_scale must be >= 0; got {lse_square_scale}")
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"{fn}: softcap must be a positive number or None; got {softcap}")
+
+
 def class_dim_of(input: Tensor, fn: str) -> int:
     """Class dimension of a (C,), (N, C) or (N, C, d1, ...) input."""
     if input.dim() == 0:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._ops import log_softmax
+from ..kernels.cross_entropy import fused_applies, fused_cross_entropy
 from ._docs import LEGACY_ARGS, fill_doc
 from ._reduction import reduce_loss, resolve_reduction, result_dtypes
 from ._validation import (
@@ -20,6 +21,7 @@ from ._validation import (
     check_floating,
     check_in_unit_interval,
     check_label_smoothing,
+    check_logit_options,
     check_same_shape,
     class_dim_of,
     warn_if_probabilities,
@@ -111,6 +113,9 @@ def cross_entropy(
     reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    *,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
 ) -> Tensor:
     r"""Cross-entropy between raw logits and class indices or class probabilities.
 
@@ -132,10 +137,20 @@ def cross_entropy(
         reduction: ``'mean'`` (class indices: divided by the summed weight of the targets
             that are not ignored; nan when all are ignored), ``'sum'`` or ``'none'``.
         label_smoothing: :math:`\varepsilon` in ``[0, 1]``.
+        lse_square_scale: beyond torch: adds the z-loss
+            :math:`s \,(\log \sum_c e^{x_c})^2` of each position that counts (PaLM's
+            auxiliary loss, keeping the softmax normaliser near 1); 0 turns it off.
+        softcap: beyond torch: logits are first soft-capped to
+            :math:`\text{cap} \tanh(x / \text{cap})` (as in Gemma 2); None turns it off.
 
     Returns:
         A scalar, or for ``reduction='none'`` the per-position loss shaped ``[]``, ``[N]``
         or ``[N, d1, ...]``.
+
+    On CPU, (N, C) logits with class-index targets take a fused kernel
+    (:mod:`losskit.kernels`) that computes loss and gradient in one pass over row chunks,
+    without torch's (N, C) log-softmax buffer; other cases, and any call inside
+    ``losskit.kernels.reference_only()``, use the composed reference code.
 
     Example:
         >>> import torch
@@ -148,11 +163,14 @@ def cross_entropy(
 
     References:
         torch.nn.CrossEntropyLoss (torch 2.13); Szegedy et al., "Rethinking the Inception
-        Architecture for Computer Vision", 2016 (label smoothing).
+        Architecture for Computer Vision", 2016 (label smoothing); Chowdhery et al., "PaLM:
+        Scaling Language Modeling with Pathways", 2022 (z-loss); Gemma Team, "Gemma 2:
+        Improving Open Language Models at a Practical Size", 2024 (soft-capping).
     """
     fn = "cross_entropy"
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_label_smoothing(label_smoothing, fn)
+    check_logit_options(lse_square_scale, softcap, fn)
     class_dim = class_dim_of(input, fn)
     check_floating(input, "input", fn)
     if weight is not None:
@@ -165,15 +183,31 @@ def cross_entropy(
         if ignore_index >= 0:
             raise ValueError(f"{fn}: ignore_index ({ignore_index}) is not supported with class-probability targets")
         compute, out = result_dtypes(input, target)
-        log_probs = log_softmax(input.to(compute), class_dim)
-        loss = _probability_target_loss(log_probs, target.to(compute), weight, label_smoothing, class_dim)
+        logits = _capped(input.to(compute), softcap)
+        loss = _probability_target_loss(log_softmax(logits, class_dim), target.to(compute), weight, label_smoothing, class_dim)
+        if lse_square_scale:
+            loss = loss + lse_square_scale * torch.logsumexp(logits, class_dim).square()
         return reduce_loss(loss, reduction).to(out)
 
     check_class_targets(input, target, class_dim, ignore_index, fn)
+    if fused_applies(input, target):
+        return fused_cross_entropy(
+            input, target, weight, ignore_index, label_smoothing, reduction, lse_square_scale, softcap
+        )
     compute, out = result_dtypes(input)
-    log_probs = log_softmax(input.to(compute), class_dim)
-    loss, denominator = _class_index_loss(log_probs, target, weight, ignore_index, label_smoothing, class_dim)
+    logits = _capped(input.to(compute), softcap)
+    loss, denominator = _class_index_loss(
+        log_softmax(logits, class_dim), target, weight, ignore_index, label_smoothing, class_dim
+    )
+    if lse_square_scale:
+        z_loss = lse_square_scale * torch.logsumexp(logits, class_dim).square()
+        loss = loss + torch.where(target != ignore_index, z_loss, 0.0)
     return reduce_loss(loss, reduction, denominator).to(out)
+
+
+def _capped(logits: Tensor, softcap: float | None) -> Tensor:
+    """cap * tanh(logits / cap): smooth clipping of the logits to (-cap, cap)."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 @fill_doc(legacy_args=LEGACY_ARGS)
