@@ -68,15 +68,18 @@ def check_against_torch(
     assert got.dtype == want_dtype, f"dtype {got.dtype} != torch's {want_dtype}"
     torch.testing.assert_close(got.to(want.dtype), want, atol=atol, rtol=rtol, equal_nan=True)
 
-    leaves = [i for i, a in enumerate(ours_args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    # Every tensor argument that requires grad, positional or keyword (e.g. linear_bias).
+    ours_all = dict(enumerate(ours_args)) | ours_kwargs
+    torch_all = dict(enumerate(torch_args)) | torch_kwargs
+    leaves = [k for k, a in ours_all.items() if isinstance(a, torch.Tensor) and a.requires_grad]
     if leaves and want.requires_grad:
         grad_output = torch.randn(want.shape, generator=torch.Generator().manual_seed(1)).to(got.dtype) + 2
-        ours_grads = torch.autograd.grad(got, [ours_args[i] for i in leaves], grad_output, allow_unused=True)
+        ours_grads = torch.autograd.grad(got, [ours_all[k] for k in leaves], grad_output, allow_unused=True)
         torch_grads = torch.autograd.grad(
-            want, [torch_args[i] for i in leaves], grad_output.to(want.dtype), allow_unused=True
+            want, [torch_all[k] for k in leaves], grad_output.to(want.dtype), allow_unused=True
         )
-        for i, g_ours, g_torch in zip(leaves, ours_grads, torch_grads):
-            assert (g_ours is None) == (g_torch is None), f"gradient of argument {i}: one side has none"
+        for k, g_ours, g_torch in zip(leaves, ours_grads, torch_grads):
+            assert (g_ours is None) == (g_torch is None), f"gradient of argument {k}: one side has none"
             if g_ours is not None:
                 torch.testing.assert_close(
                     g_ours.to(g_torch.dtype),
@@ -84,7 +87,7 @@ def check_against_torch(
                     atol=atol if grad_atol is None else grad_atol,
                     rtol=rtol if grad_rtol is None else grad_rtol,
                     equal_nan=True,
-                    msg=lambda m, i=i: f"gradient of argument {i}: {m}",
+                    msg=lambda m, k=k: f"gradient of argument {k}: {m}",
                 )
     return got
 

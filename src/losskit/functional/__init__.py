@@ -7,6 +7,7 @@ from .classification import (
     nll_loss,
 )
 from .divergence import kl_div
+from .linear import linear_cross_entropy
 from .regression import l1_loss, mse_loss
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "cross_entropy",
     "kl_div",
     "l1_loss",
+    "linear_cross_entropy",
     "mse_loss",
     "nll_loss",
 ]

@@ -99,21 +99,19 @@ def class_dim_of(input: Tensor, fn: str) -> int:
 
 
 def check_class_targets(
-    input: Tensor, target: Tensor, class_dim: int, ignore_index: int, fn: str
+    target: Tensor, expected: tuple[int, ...], num_classes: int, ignore_index: int, input_shape: tuple[int, ...], fn: str
 ) -> None:
-    """Class-index targets: integer dtype, the input's shape without its class dim, in range."""
+    """Class-index targets: integer dtype, shape ``expected``, values in [0, C) or ignored."""
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(
             f"{fn}: class-index target must be an integer tensor; got {target.dtype} of shape "
-            f"{_shape(target)} (class probabilities must have the input's shape {_shape(input)})"
+            f"{_shape(target)} (class probabilities must have the logits' shape)"
         )
-    expected = input.shape[:class_dim] + input.shape[class_dim + 1 :]
-    if target.shape != expected:
+    if tuple(target.shape) != tuple(expected):
         raise ValueError(
-            f"{fn}: target shape {_shape(target)} does not fit input shape {_shape(input)}; "
-            f"class-index targets must have shape {_shape(expected)}"
+            f"{fn}: target shape {_shape(target)} does not fit input shape {tuple(input_shape)}; "
+            f"class-index targets must have shape {tuple(expected)}"
         )
-    num_classes = input.shape[class_dim]
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         where = first_index(bad)

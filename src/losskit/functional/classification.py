@@ -35,6 +35,12 @@ __all__ = [
 ]
 
 
+def check_index_targets(input: Tensor, target: Tensor, class_dim: int, ignore_index: int, fn: str) -> None:
+    """Class-index targets of (C,), (N, C) or (N, C, d1, ...) logits."""
+    expected = tuple(input.shape[:class_dim] + input.shape[class_dim + 1 :])
+    check_class_targets(target, expected, input.shape[class_dim], ignore_index, tuple(input.shape), fn)
+
+
 def _class_shape(num_dims: int, class_dim: int, num_classes: int) -> list[int]:
     """Shape that broadcasts a per-class weight along ``class_dim``."""
     shape = [1] * num_dims
@@ -189,7 +195,7 @@ def cross_entropy(
             loss = loss + lse_square_scale * torch.logsumexp(logits, class_dim).square()
         return reduce_loss(loss, reduction).to(out)
 
-    check_class_targets(input, target, class_dim, ignore_index, fn)
+    check_index_targets(input, target, class_dim, ignore_index, fn)
     if fused_applies(input, target):
         return fused_cross_entropy(
             input, target, weight, ignore_index, label_smoothing, reduction, lse_square_scale, softcap
@@ -253,7 +259,7 @@ def nll_loss(
     check_floating(input, "input", fn)
     if weight is not None:
         check_class_weight(weight, input.shape[class_dim], fn)
-    check_class_targets(input, target, class_dim, ignore_index, fn)
+    check_index_targets(input, target, class_dim, ignore_index, fn)
     compute, out = result_dtypes(input)
     loss, denominator = _class_index_loss(input.to(compute), target, weight, ignore_index, 0.0, class_dim)
     return reduce_loss(loss, reduction, denominator).to(out)

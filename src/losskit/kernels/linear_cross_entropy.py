@@ -1,0 +1,172 @@
+"""Linear layer + cross-entropy without the (tokens x classes) logits, on CPU.
+
+For each chunk of B token rows x_b (B, H) of the input:
+
+    logits_b = x_b W^T + bias                     (B, C), in a reused chunk buffer
+    dlogits_b = (RowLoss.chunk: softmax, target and smoothing terms, 'mean' scale)
+    grad_x[b] = dlogits_b W                        (B, H)
+    grad_W  += dlogits_b^T x_b                     (C, H), accumulated in place
+    grad_bias += sum over rows of dlogits_b        (C,)
+
+so the extra memory is two (B, C) buffers and the (C, H) weight gradient, instead of
+several (N, C) tensors. For a scalar loss ('mean', 'sum') the gradients are made in forward
+and backward only scales them by grad_output (no pass at all when it is 1). For
+reduction='none' the per-token grad_output is unknown in forward, so forward keeps only
+the inputs and backward recomputes each chunk's logits (one extra matmul per chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .cross_entropy import RowLoss, reduce_rows, scale_by_grad_output
+
+# Auto chunk: rows whose float32 logits fill about this many bytes. Large enough that the
+# three matmuls per chunk run near full speed, small enough that the two chunk buffers
+# stay a fraction of the weight gradient for vocabularies of 32k and more.
+LINEAR_CHUNK_BYTES = 32 << 20
+
+
+def auto_chunk_rows(num_classes: int) -> int:
+    return int(min(1024, max(16, LINEAR_CHUNK_BYTES // (4 * max(num_classes, 1)))))
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    dtype = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return dtype
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        input: Tensor,
+        linear_weight: Tensor,
+        linear_bias: Tensor | None,
+        target: Tensor,
+        weight: Tensor | None,
+        ignore_index: int,
+        label_smoothing: float,
+        lse_square_scale: float,
+        softcap: float | None,
+        reduction: str,
+        chunk_rows: int,
+    ) -> Tensor:
+        compute = _compute_dtype(input, linear_weight)
+        n = input.shape[0]
+        num_classes = linear_weight.shape[0]
+        x = input.to(compute)
+        w = linear_weight.to(compute)
+        b = None if linear_bias is None else linear_bias.to(compute)
+        rows_loss = RowLoss(
+            target, ignore_index, weight, num_classes, compute, label_smoothing, lse_square_scale, softcap, reduction
+        )
+        needs = ctx.needs_input_grad[:3]
+        precompute = reduction != "none" and any(needs)
+        grads = _zero_grads(x, w, b, needs) if precompute else (None, None, None)
+        lse = torch.empty(n, dtype=compute)
+        z_target = torch.empty(n, dtype=compute)
+        smooth_dot = torch.empty(n, dtype=compute) if label_smoothing > 0 else None
+        for rows, logits, grad_logits in _chunks(x, w, b, chunk_rows, with_grad=precompute):
+            lse[rows], z_target[rows], smooth = rows_loss.chunk(logits, rows, grad_logits)
+            if smooth_dot is not None:
+                smooth_dot[rows] = smooth
+            if precompute:
+                _accumulate(grads, grad_logits, x[rows], w, rows)
+        ctx.reduction = reduction
+        ctx.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
+        if precompute:
+            ctx.grads = grads
+        elif reduction == "none" and any(needs):
+            ctx.save_for_backward(x, w, b)
+            ctx.rows_loss, ctx.chunk_rows = rows_loss, chunk_rows
+        out = reduce_rows(rows_loss.losses(lse, z_target, smooth_dot), reduction, rows_loss.denominator)
+        return out.to(input.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        if ctx.reduction == "none":
+            grads = _recompute_grads(ctx, grad_output)
+        else:
+            grads = getattr(ctx, "grads", None)
+            if grads is None:
+                raise RuntimeError(
+                    "losskit linear_cross_entropy: backward ran twice through the same graph (retain_graph); "
+                    "its precomputed gradients are used up. Wrap the call in losskit.kernels.reference_only()."
+                )
+            ctx.grads = None
+            scale_by_grad_output([g for g in grads if g is not None], grad_output, ctx.reduction)
+        out = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return out[0], out[1], out[2], None, None, None, None, None, None, None, None
+
+
+def _zero_grads(x: Tensor, w: Tensor, b: Tensor | None, needs) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    return (
+        torch.empty_like(x) if needs[0] else None,
+        torch.zeros_like(w) if needs[1] else None,
+        torch.zeros_like(b) if needs[2] and b is not None else None,
+    )
+
+
+def _chunks(x: Tensor, w: Tensor, b: Tensor | None, chunk_rows: int, with_grad: bool):
+    """Yield (rows, logits, grad buffer) per chunk; the two (B, C) buffers are reused."""
+    n = x.shape[0]
+    size = min(chunk_rows, n)
+    logits_buf = torch.empty(size, w.shape[0], dtype=x.dtype)
+    grad_buf = torch.empty_like(logits_buf) if with_grad else None
+    w_t = w.t()
+    for start in range(0, n, size):
+        rows = slice(start, min(start + size, n))
+        count = rows.stop - rows.start
+        logits = logits_buf[:count]
+        if b is None:
+            torch.mm(x[rows], w_t, out=logits)
+        else:
+            torch.addmm(b, x[rows], w_t, out=logits)
+        yield rows, logits, None if grad_buf is None else grad_buf[:count]
+
+
+def _accumulate(grads, grad_logits: Tensor, x_rows: Tensor, w: Tensor, rows: slice) -> None:
+    grad_x, grad_w, grad_b = grads
+    if grad_x is not None:
+        torch.mm(grad_logits, w, out=grad_x[rows])
+    if grad_w is not None:
+        grad_w.addmm_(grad_logits.t(), x_rows)
+    if grad_b is not None:
+        grad_b.add_(grad_logits.sum(dim=0))
+
+
+def _recompute_grads(ctx, grad_output: Tensor):
+    """reduction='none': each chunk's logits again, rows scaled by their grad_output."""
+    x, w, b = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    grads = _zero_grads(x, w, b, needs)
+    per_row = grad_output.to(x.dtype).unsqueeze(1)
+    for rows, logits, grad_logits in _chunks(x, w, b, ctx.chunk_rows, with_grad=True):
+        ctx.rows_loss.chunk(logits, rows, grad_logits)
+        grad_logits.mul_(per_row[rows])
+        _accumulate(grads, grad_logits, x[rows], w, rows)
+    return grads
+
+
+def fused_linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+    reduction: str,
+    chunk_rows: int | None,
+) -> Tensor:
+    """Launcher: (N, H) input, (C, H) weight, (N,) class indices; the caller has validated."""
+    rows = chunk_rows if chunk_rows is not None else auto_chunk_rows(linear_weight.shape[0])
+    return LinearCrossEntropy.apply(
+        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
+        lse_square_scale, softcap, reduction, rows,
+    )
