@@ -25,7 +25,7 @@ from .cross_entropy import RowLoss, reduce_rows, scale_by_grad_output
 # Auto chunk: rows whose float32 logits fill about this many bytes. Large enough that the
 # three matmuls per chunk run near full speed, small enough that the two chunk buffers
 # stay a fraction of the weight gradient for vocabularies of 32k and more.
-LINEAR_CHUNK_BYTES = 32 << 20
+LINEAR_CHUNK_BYTES = 64 << 20
 
 
 def auto_chunk_rows(num_classes: int) -> int:

@@ -1,0 +1,221 @@
+"""`losskit bench`: losskit against the alternatives, side by side in one run.
+
+Each (op, provider, shape) runs in a subprocess of its own, so that its peak memory is its
+own: the worker builds the inputs, notes its maximum resident set size (the baseline),
+runs a warm-up and the timed repetitions, and reports the growth of the maximum RSS over
+the baseline as the peak extra memory. Rows are appended to one long CSV; charts.py draws
+the PNGs from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+CSV_FIELDS = ["provider", "op", "mode", "shape", "metric", "unit", "p20", "p50", "p80", "device", "torch", "timestamp"]
+MODES = ("forward", "backward", "full")
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # ce | bce | lce
+    shape: tuple[int, ...]  # ce/bce: (N, C); lce: (N, H, C)
+    providers: tuple[str, ...]
+    modes: tuple[str, ...] = ("full",)
+    reps: int = 5
+
+
+CE_PROVIDERS = ("torch", "torch.compile", "losskit")
+BCE_PROVIDERS = ("torch", "losskit")
+LCE_PROVIDERS = ("torch", "torch chunked", "torch.compile", "losskit")
+
+
+def plan(which: str, quick: bool) -> list[Case]:
+    """The cases of a run: the issue's headline shapes in every mode, then sweeps."""
+    cases: list[Case] = []
+    if quick:
+        if which in ("ce", "all"):
+            cases.append(Case("ce", (256, 4096), ("torch", "losskit"), MODES, 3))
+        if which in ("bce", "all"):
+            cases.append(Case("bce", (256, 4096), BCE_PROVIDERS, MODES, 3))
+        if which in ("lce", "all"):
+            cases.append(Case("lce", (128, 64, 4096), ("torch", "torch chunked", "losskit"), MODES, 3))
+        return cases
+    if which in ("ce", "all"):
+        cases.append(Case("ce", (8192, 32768), CE_PROVIDERS, MODES))
+        cases += [Case("ce", (2048, c), ("torch", "losskit")) for c in (4096, 16384, 65536, 262144)]
+        cases += [Case("ce", (n, 32768), ("torch", "losskit")) for n in (1024, 4096)]
+    if which in ("bce", "all"):
+        cases.append(Case("bce", (8192, 4096), BCE_PROVIDERS, MODES))
+    if which in ("lce", "all"):
+        cases.append(Case("lce", (2048, 512, 65536), LCE_PROVIDERS, MODES))
+        providers = ("torch", "torch chunked", "losskit")
+        cases += [Case("lce", (1024, 512, c), providers, reps=3) for c in (4096, 16384, 262144)]
+        cases += [Case("lce", (n, 512, 65536), providers, reps=3) for n in (512, 4096)]
+    return cases
+
+
+# -- the worker: runs in its own process ------------------------------------------------
+
+
+def _max_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _build(op: str, shape: tuple[int, ...], provider: str):
+    """Inputs (made in place, so that no temporary inflates the baseline) and the loss."""
+    import torch
+    import torch.nn.functional as F
+
+    import losskit.functional as LF
+
+    torch.manual_seed(0)
+    if op in ("ce", "bce"):
+        n, c = shape
+        x = torch.empty(n, c).normal_().requires_grad_()
+        if op == "ce":
+            target = torch.randint(0, c, (n,))
+            fns = {"torch": F.cross_entropy, "losskit": LF.cross_entropy}
+        else:
+            target = torch.empty(n, c).bernoulli_(0.3)
+            fns = {"torch": F.binary_cross_entropy_with_logits, "losskit": LF.binary_cross_entropy_with_logits}
+        if provider == "torch.compile":
+            fns["torch.compile"] = torch.compile(fns["torch"], dynamic=False)
+        fn = fns[provider]
+        return [x], lambda: fn(x, target)
+    n, h, c = shape
+    x = torch.empty(n, h).normal_().requires_grad_()
+    w = torch.empty(c, h).normal_(std=0.02).requires_grad_()
+    target = torch.randint(0, c, (n,))
+
+    def eager(x, w, target):
+        return F.cross_entropy(F.linear(x, w), target)
+
+    if provider == "torch":
+        fn: Callable = eager
+    elif provider == "torch.compile":
+        fn = torch.compile(eager, dynamic=False)
+    elif provider == "torch chunked":
+        options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=256)
+        fn = lambda x, w, target: F.linear_cross_entropy(x, w, target, options=options)  # noqa: E731
+    else:
+        fn = LF.linear_cross_entropy
+    return [x, w], lambda: fn(x, w, target)
+
+
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    import numpy as np
+
+    p20, p50, p80 = np.percentile(values, [20, 50, 80])
+    return float(p20), float(p50), float(p80)
+
+
+def worker(spec: dict) -> dict:
+    """Measure one (op, provider, shape): times per mode and the peak extra memory."""
+    import torch
+
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    leaves, loss_fn = _build(spec["op"], tuple(spec["shape"]), spec["provider"])
+
+    def clear() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+
+    baseline = _max_rss_bytes()
+    loss_fn().backward()  # warm-up (and compilation, for torch.compile)
+    clear()
+    times: dict[str, list[float]] = {mode: [] for mode in spec["modes"]}
+    for _ in range(spec["reps"]):
+        for mode in spec["modes"]:
+            start = time.perf_counter()
+            loss = loss_fn()
+            forward_done = time.perf_counter()
+            if mode == "forward":
+                times[mode].append(forward_done - start)
+                del loss
+                continue
+            loss.backward()
+            end = time.perf_counter()
+            times[mode].append(end - (forward_done if mode == "backward" else start))
+            clear()
+    return {"times": times, "peak_extra_bytes": max(0, _max_rss_bytes() - baseline)}
+
+
+# -- the runner ---------------------------------------------------------------------------
+
+
+def _run_worker(case: Case, provider: str, timeout: float) -> dict | str:
+    spec = {"op": case.op, "shape": list(case.shape), "provider": provider, "modes": list(case.modes), "reps": case.reps}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "losskit.cli.bench", json.dumps(spec)],
+            capture_output=True, text=True, timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s"
+    if done.returncode != 0:
+        return (done.stderr.strip().splitlines() or ["failed"])[-1]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(which: str, quick: bool, out_csv: Path, timeout: float = 600.0, progress: bool = True) -> list[dict]:
+    """Run the plan, append its rows to ``out_csv`` and return them."""
+    import torch
+
+    from tqdm import tqdm
+
+    cases = plan(which, quick)
+    jobs = [(case, provider) for case in cases for provider in case.providers]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    device = f"cpu ({torch.get_num_threads()} threads)"
+    rows: list[dict] = []
+    for case, provider in tqdm(jobs, desc="losskit bench", disable=not progress):
+        shape = "x".join(str(s) for s in case.shape)
+        result = _run_worker(case, provider, timeout)
+        if isinstance(result, str):
+            print(f"  {case.op} {shape} {provider}: skipped ({result})", file=sys.stderr)
+            continue
+        common = {"provider": provider, "op": case.op, "shape": shape, "device": device,
+                  "torch": torch.__version__, "timestamp": stamp}
+        for mode, values in result["times"].items():
+            p20, p50, p80 = _quantiles(values)
+            rows.append({**common, "mode": mode, "metric": "time", "unit": "s", "p20": p20, "p50": p50, "p80": p80})
+        mib = result["peak_extra_bytes"] / 2**20
+        rows.append({**common, "mode": "full", "metric": "peak_extra_memory", "unit": "MiB", "p20": mib, "p50": mib, "p80": mib})
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not out_csv.exists()
+    with out_csv.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """losskit's time and memory as a fraction of each alternative's, per op and shape."""
+    full = {(r["op"], r["shape"], r["provider"], r["metric"]): float(r["p50"]) for r in rows if r["mode"] == "full"}
+    lines = []
+    for (op, shape, provider, metric), value in sorted(full.items()):
+        if provider == "losskit":
+            continue
+        ours = full.get((op, shape, "losskit", metric))
+        if ours is None or value <= 0:
+            continue
+        unit = "s" if metric == "time" else "MiB"
+        lines.append(
+            f"{op} {shape} {metric}: losskit {ours:.3g} {unit} vs {provider} {value:.3g} {unit} = {ours / value:.2f}x"
+        )
+    return lines
+
+
+if __name__ == "__main__":  # the worker entry point: one JSON spec in, one JSON result out
+    print(json.dumps(worker(json.loads(sys.argv[1]))))
