@@ -109,11 +109,27 @@ def test_leading_dimensions_beyond_torch_equal_flattened_tokens():
         torch.testing.assert_close(got, want.reshape(got.shape))
 
 
-def test_peak_memory_never_holds_the_logits():
-    # The chunked kernel's buffers are two (chunk, C) blocks, whatever N is.
+def test_auto_chunk_follows_the_weight_gradient_size():
+    # One (chunk, C) buffer: as many rows as features (so it is the size of the weight
+    # gradient), or 64 MiB of float32 logits where that is more, within 16..1024 rows.
     from losskit.kernels.linear_cross_entropy import auto_chunk_rows
 
-    assert auto_chunk_rows(65536) == 256 and auto_chunk_rows(32) == 1024 and auto_chunk_rows(10**7) == 16
+    assert auto_chunk_rows(65536, 512) == 512
+    assert auto_chunk_rows(4096, 512) == 1024
+    assert auto_chunk_rows(32768, 64) == 512
+    assert auto_chunk_rows(10**7, 8) == 16
+
+
+def test_underflowing_target_probability_in_place():
+    # The chunk buffer is overwritten by the softmax; rows whose p_y underflows get their
+    # lse before that, so the loss stays exact.
+    x = torch.zeros(3, 4, dtype=torch.float32)
+    x[0, 0] = 1.0
+    w = torch.zeros(5, 4)
+    w[1, 0] = 300.0
+    w.requires_grad_()
+    target = torch.tensor([0, 2, 3])
+    check_against_torch(LF.linear_cross_entropy, TF.linear_cross_entropy, x, w, target, reduction="none")
 
 
 def test_bad_input():

@@ -84,3 +84,18 @@ def test_module_rejects_a_bad_reduction_at_construction():
     check_raises(LN.MSELoss, reduction="avg", match="reduction must be one of 'mean', 'sum', 'none'; got 'avg'")
     check_raises(LN.CrossEntropyLoss, reduction="batchmean", match="got 'batchmean'")
     assert LN.KLDivLoss(reduction="batchmean").reduction == "batchmean"
+
+
+def test_linear_cross_entropy_module_matches_torch_module():
+    torch.manual_seed(3)
+    theirs = torch.nn.LinearCrossEntropyLoss(6, 9, bias=True, label_smoothing=0.1, dtype=torch.float64)
+    ours = LN.LinearCrossEntropyLoss(6, 9, bias=True, label_smoothing=0.1, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 8, -100, 3, 3])
+    check_against_torch(ours, theirs, x, target)
+    ours(x, target).backward()
+    theirs(x, target).backward()
+    torch.testing.assert_close(ours.linear.weight.grad, theirs.linear.weight.grad)
+    torch.testing.assert_close(ours.linear.bias.grad, theirs.linear.bias.grad)
+    check_raises(LN.LinearCrossEntropyLoss, 6, 9, weight=torch.ones(4), match="one entry per class (9)")

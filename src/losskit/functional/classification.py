@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._ops import log_softmax
+from ..kernels.binary_cross_entropy import fused_bce_applies, fused_binary_cross_entropy_with_logits
 from ..kernels.cross_entropy import fused_applies, fused_cross_entropy
 from ._docs import LEGACY_ARGS, fill_doc
 from ._reduction import reduce_loss, resolve_reduction, result_dtypes
@@ -378,6 +379,9 @@ def binary_cross_entropy_with_logits(
     Returns:
         A scalar, or the element-wise loss shaped like ``input`` for ``reduction='none'``.
 
+    On CPU, when only ``input`` needs a gradient, a fused kernel computes loss and gradient
+    in one pass over chunks (:mod:`losskit.kernels.binary_cross_entropy`).
+
     Example:
         >>> import torch
         >>> from losskit.functional import binary_cross_entropy_with_logits
@@ -396,6 +400,8 @@ def binary_cross_entropy_with_logits(
     for name, extra in (("weight", weight), ("pos_weight", pos_weight)):
         if extra is not None:
             check_broadcasts_to(extra, shape, name, fn)
+    if fused_bce_applies(input, target, weight, pos_weight):
+        return fused_binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction)
     compute, out = result_dtypes(input, target)
     x, y = input.to(compute), target.to(compute)
     log_sigmoid = F.logsigmoid(x)

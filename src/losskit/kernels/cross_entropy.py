@@ -111,7 +111,8 @@ class RowLoss:
     def chunk(self, logits: Tensor, rows: slice, grad: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """(lse, z_y, sum_c w_c z_c) of the chunk's rows; dloss/dlogits into ``grad`` if given.
 
-        ``grad`` must not alias ``logits``: the rare rows whose lse is recomputed read them.
+        ``grad`` may be ``logits`` itself, when the caller owns that buffer: the gradient
+        then overwrites the logits in place.
         """
         capped = None
         z = logits
@@ -119,20 +120,32 @@ class RowLoss:
             capped = torch.tanh(logits / self.softcap)
             z = capped * self.softcap
         target = self.target[rows]
+        valid = self.valid[rows]
         z_target = z.gather(1, target).squeeze(1)
         smooth_dot = None
         if self.eps > 0.0:
             smooth_dot = z @ self.weight if self.weight is not None else z.sum(dim=1)
+        # lse = z_y - log p_y exactly, unless p_y underflows (z_y far below the row max):
+        # those rare rows get a direct logsumexp, taken before an in-place softmax destroys z.
+        # p_y >= exp(z_y - max - log C) keeps p_y a normal float when z_y - max > -60.
+        in_place = grad is not None and grad.data_ptr() == z.data_ptr()
+        risky = fallback = None
+        if in_place:
+            risky = ((z_target - z.amax(dim=1)) < -60.0) & valid
+            if bool(risky.any()):
+                fallback = torch.logsumexp(z[risky], dim=1)
         # One vectorised kernel does max, exp, sum and scale per row (aten's softmax), writing
         # p straight into the gradient buffer: a third of the passes of doing them one by one.
         probs = torch.softmax(z, 1) if grad is None else torch.ops.aten._softmax.out(z, 1, False, out=grad)
-        # lse = z_y - log p_y exactly, unless p_y underflowed (z_y far below the max): those
-        # few rows get a direct logsumexp. Ignored rows need no lse.
         p_target = probs.gather(1, target).squeeze(1)
         lse = z_target - p_target.log()
-        underflow = (p_target < 1e-30) & self.valid[rows]
-        if bool(underflow.any()):
-            lse[underflow] = torch.logsumexp(z[underflow], dim=1)
+        if in_place:
+            if fallback is not None:
+                lse[risky] = fallback
+        else:
+            underflow = (p_target < 1e-30) & valid
+            if bool(underflow.any()):
+                lse[underflow] = torch.logsumexp(z[underflow], dim=1)
         if grad is not None:
             if not self.unit_coef:
                 coef = self.coef[rows]

@@ -2,6 +2,7 @@
 
 from .classification import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, NLLLoss
 from .divergence import KLDivLoss
+from .linear import LinearCrossEntropyLoss
 from .regression import L1Loss, MSELoss
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "CrossEntropyLoss",
     "KLDivLoss",
     "L1Loss",
+    "LinearCrossEntropyLoss",
     "MSELoss",
     "NLLLoss",
 ]

@@ -1,0 +1,104 @@
+"""Fused binary cross-entropy with logits on CPU: loss and gradient in one pass over chunks.
+
+With lw = 1 + (pos_weight - 1) y and e = exp(-|x|), for each element:
+
+    log sigmoid(x) = min(x, 0) - log1p(e)
+    sigmoid(-x)    = e / (1 + e) if x >= 0 else 1 / (1 + e)
+    loss           = w [(1 - y) x - lw log sigmoid(x)]
+    dloss/dx       = w [(1 - y) - lw sigmoid(-x)]
+
+Every quantity comes from the one exp(-|x|), which never overflows, so logits of any size
+are exact. The gradient is written in forward into the buffer backward hands to autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .cross_entropy import fused_enabled, scale_by_grad_output
+
+# Elements per chunk: a chunk and its few temporaries stay in cache.
+CHUNK_ELEMENTS = 1 << 16
+
+
+class FusedBinaryCrossEntropyWithLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str
+    ) -> Tensor:
+        compute = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+        shape = input.shape
+        # Rows of the last dimension, so that a weight broadcast from the right (e.g. [C]
+        # over [N, C]) is sliced per chunk as a view and never copied to the full size.
+        cols = shape[-1] if input.dim() else 1
+        x = input.reshape(-1, cols)
+        y = target.reshape(-1, cols)
+        w = None if weight is None else weight.to(compute).expand(shape).reshape(-1, cols)
+        pw = None if pos_weight is None else pos_weight.to(compute).expand(shape).reshape(-1, cols)
+        n = input.numel()
+        loss = torch.empty(x.shape, dtype=compute)
+        grad = torch.empty(x.shape, dtype=input.dtype) if ctx.needs_input_grad[0] else None
+        scale = 1.0 / n if reduction == "mean" else 1.0  # 'mean' folded into the gradient
+        step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+        for start in range(0, x.shape[0], step):
+            part = slice(start, start + step)
+            xc = x[part].to(compute)
+            yc = y[part].to(compute)
+            e = torch.exp(-xc.abs())
+            one_plus_e = 1.0 + e
+            log_sigmoid = xc.clamp(max=0.0) - torch.log1p(e)
+            lw = 1.0 if pw is None else torch.addcmul(torch.ones_like(yc), pw[part] - 1.0, yc)
+            chunk_loss = (1.0 - yc) * xc - lw * log_sigmoid
+            if w is not None:
+                chunk_loss.mul_(w[part])
+            loss[part] = chunk_loss
+            if grad is not None:
+                sigmoid_neg = torch.where(xc >= 0, e, 1.0) / one_plus_e
+                chunk_grad = (1.0 - yc) - lw * sigmoid_neg
+                if w is not None:
+                    chunk_grad.mul_(w[part])
+                if scale != 1.0:
+                    chunk_grad.mul_(scale)
+                grad[part] = chunk_grad
+        ctx.reduction = reduction
+        ctx.grad = None if grad is None else grad.view(shape)
+        if reduction == "none":
+            return loss.view(shape).to(input.dtype)
+        total = loss.sum()
+        return (total / n if reduction == "mean" else total).to(input.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "losskit fused binary_cross_entropy_with_logits: backward ran twice through the same graph; "
+                "its gradient buffer is used up. Wrap the call in losskit.kernels.reference_only()."
+            )
+        ctx.grad = None
+        if ctx.reduction == "none":
+            grad.mul_(grad_output.to(grad.dtype))
+        else:
+            scale_by_grad_output([grad], grad_output, ctx.reduction)
+        return grad, None, None, None, None
+
+
+def fused_bce_applies(input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None) -> bool:
+    """CPU, non-empty input, a target of the input's dtype (so the result dtype needs no
+    promotion), and no gradient wanted for target, weight or pos_weight."""
+    extras = [t for t in (target, weight, pos_weight) if t is not None]
+    return (
+        fused_enabled()
+        and input.device.type == "cpu"
+        and input.numel() > 0
+        and target.dtype == input.dtype
+        and not any(t.requires_grad for t in extras)
+    )
+
+
+def fused_binary_cross_entropy_with_logits(
+    input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str
+) -> Tensor:
+    return FusedBinaryCrossEntropyWithLogits.apply(input, target, weight, pos_weight, reduction)

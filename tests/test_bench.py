@@ -1,0 +1,56 @@
+"""The benchmark harness runs end to end and records what it measured (no timing asserted)."""
+
+from __future__ import annotations
+
+import csv
+
+from losskit.cli.bench import CSV_FIELDS, Case, headline, plan, worker
+from losskit.cli.charts import draw
+from losskit.cli.main import main
+
+
+def test_worker_measures_every_mode_and_memory():
+    result = worker({"op": "lce", "shape": [8, 4, 32], "provider": "losskit", "modes": ["forward", "backward", "full"],
+                     "reps": 2})
+    assert {mode: len(values) for mode, values in result["times"].items()} == {"forward": 2, "backward": 2, "full": 2}
+    assert all(v > 0 for values in result["times"].values() for v in values)
+    assert result["peak_extra_bytes"] >= 0
+
+
+def test_plan_covers_the_headline_shapes_and_sweeps():
+    full = plan("all", quick=False)
+    assert Case("ce", (8192, 32768), ("torch", "torch.compile", "losskit"), ("forward", "backward", "full")) in full
+    assert any(c.op == "lce" and c.shape == (2048, 512, 65536) and "torch chunked" in c.providers for c in full)
+    classes = {c.shape[-1] for c in full if c.op == "ce"}
+    assert min(classes) == 4096 and max(classes) == 262144
+    assert all(c.op == "bce" for c in plan("bce", quick=True))
+
+
+def test_quick_bench_end_to_end(tmp_path, capsys):
+    assert main(["bench", "ce", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    with (tmp_path / "quick.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == CSV_FIELDS
+    seen = {(r["provider"], r["mode"], r["metric"]) for r in rows}
+    for provider in ("torch", "losskit"):
+        for mode in ("forward", "backward", "full"):
+            assert (provider, mode, "time") in seen
+        assert (provider, "full", "peak_extra_memory") in seen
+    assert all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in rows)
+    assert "ce 256x4096 time: losskit" in capsys.readouterr().out
+    assert (tmp_path / "quick-charts" / "ce_time.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_headline_and_charts_from_rows(tmp_path):
+    common = {"op": "ce", "mode": "full", "shape": "4x8", "device": "cpu", "torch": "2.13.0", "timestamp": "t"}
+    rows = [
+        {**common, "provider": "torch", "metric": "time", "unit": "s", "p20": 1.8, "p50": 2.0, "p80": 2.2},
+        {**common, "provider": "losskit", "metric": "time", "unit": "s", "p20": 0.4, "p50": 0.5, "p80": 0.6},
+    ]
+    assert headline(rows) == ["ce 4x8 time: losskit 0.5 s vs torch 2 s = 0.25x"]
+    path = tmp_path / "rows.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    assert [p.name for p in draw(path, tmp_path / "charts")] == ["ce_time.png"]
