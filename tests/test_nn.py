@@ -35,6 +35,9 @@ CASES = [
     ("L1Loss", {}),
     ("KLDivLoss", {"reduction": "batchmean", "log_target": False}),
     ("MSELoss", {"size_average": False}),  # torch's deprecated flags: size_average=False is 'sum'
+    ("SmoothL1Loss", {"beta": 0.5, "reduction": "sum"}),
+    ("HuberLoss", {"delta": 0.7, "reduction": "none"}),
+    ("PoissonNLLLoss", {"full": True}),
     ("L1Loss", {"reduce": False}),
 ]
 
@@ -99,3 +102,10 @@ def test_linear_cross_entropy_module_matches_torch_module():
     torch.testing.assert_close(ours.linear.weight.grad, theirs.linear.weight.grad)
     torch.testing.assert_close(ours.linear.bias.grad, theirs.linear.bias.grad)
     check_raises(LN.LinearCrossEntropyLoss, 6, 9, weight=torch.ones(4), match="one entry per class (9)")
+
+
+def test_gaussian_nll_module_matches_torch_module():
+    x, y = torch.randn(4, 3, dtype=torch.float64, requires_grad=True), torch.randn(4, 3, dtype=torch.float64)
+    var = (torch.rand(4, 1, dtype=torch.float64) + 0.1).requires_grad_()
+    check_against_torch(LN.GaussianNLLLoss(full=True, reduction="sum"), torch.nn.GaussianNLLLoss(full=True, reduction="sum"),
+                        x, y, var)

@@ -8,15 +8,19 @@ from .classification import (
 )
 from .divergence import kl_div
 from .linear import linear_cross_entropy
-from .regression import l1_loss, mse_loss
+from .regression import gaussian_nll_loss, huber_loss, l1_loss, mse_loss, poisson_nll_loss, smooth_l1_loss
 
 __all__ = [
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "gaussian_nll_loss",
+    "huber_loss",
     "kl_div",
     "l1_loss",
     "linear_cross_entropy",
     "mse_loss",
     "nll_loss",
+    "poisson_nll_loss",
+    "smooth_l1_loss",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 import warnings
 from collections.abc import Callable
@@ -11,9 +12,9 @@ from torch import Tensor
 
 from ._docs import LEGACY_ARGS, fill_doc
 from ._reduction import reduce_loss, resolve_reduction, result_dtypes
-from ._validation import broadcast_shape, check_floating, check_reduction_weight
+from ._validation import at_index, broadcast_shape, check_floating, check_reduction_weight, first_index
 
-__all__ = ["l1_loss", "mse_loss"]
+__all__ = ["gaussian_nll_loss", "huber_loss", "l1_loss", "mse_loss", "poisson_nll_loss", "smooth_l1_loss"]
 
 _ARGUMENTS = f"""\
 Args:
@@ -34,12 +35,14 @@ def _pointwise_loss(
     target: Tensor,
     reduction: str,
     weight: Tensor | None,
+    weighted_mean: bool = True,
 ) -> Tensor:
     """``error(input - target)``, weighted and reduced the way torch's regression losses are.
 
     Differently shaped input and target are broadcast, with a warning, as torch does; shapes
     that cannot broadcast raise a ValueError that states both. With ``weight`` (exactly the
-    input's shape) 'mean' is the weighted mean: sum(w * e) / sum(w).
+    input's shape) 'mean' is the weighted mean sum(w * e) / sum(w), or, for huber_loss
+    (``weighted_mean=False``), torch's plain mean of w * e.
     """
     check_floating(input, "input", fn)
     check_floating(target, "target", fn)
@@ -57,7 +60,7 @@ def _pointwise_loss(
         return reduce_loss(loss, reduction).to(out)
     check_reduction_weight(weight, input, fn)
     weight = weight.to(compute)
-    return reduce_loss(loss * weight, reduction, weight.sum()).to(out)
+    return reduce_loss(loss * weight, reduction, weight.sum() if weighted_mean else None).to(out)
 
 
 @fill_doc(arguments=_ARGUMENTS)
@@ -120,3 +123,226 @@ def l1_loss(
     """
     reduction = resolve_reduction(size_average, reduce, reduction)
     return _pointwise_loss("l1_loss", torch.abs, input, target, reduction, weight)
+
+
+def _smooth_l1(error: Tensor, beta: float) -> Tensor:
+    """0.5 e^2 / beta where |e| < beta, else |e| - 0.5 beta (plain |e| at beta = 0)."""
+    if beta == 0.0:
+        return error.abs()
+    magnitude = error.abs()
+    # Both branches are finite everywhere, so `where` passes clean gradients: e / beta
+    # inside, sign(e) outside, equal at |e| = beta.
+    return torch.where(magnitude < beta, (0.5 / beta) * error.square(), magnitude - 0.5 * beta)
+
+
+@fill_doc(legacy_args=LEGACY_ARGS)
+def smooth_l1_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    beta: float = 1.0,
+) -> Tensor:
+    r"""Smooth L1 loss: quadratic for small errors, linear for large ones.
+
+    .. math::
+        \ell_i = \begin{cases} 0.5\, e_i^2 / \beta & |e_i| < \beta \\
+        |e_i| - 0.5 \beta & \text{otherwise} \end{cases}, \qquad e_i = x_i - y_i
+
+    Args:
+        input: predictions, any shape ``[...]``.
+        target: targets, the same shape (other shapes are broadcast, with a warning).
+        {legacy_args}
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+        beta: where the quadratic turns linear, >= 0 (0 gives the L1 loss).
+
+    Returns:
+        A scalar, or the element-wise loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import smooth_l1_loss
+        >>> smooth_l1_loss(torch.tensor([0.5, 3.0]), torch.tensor([0.0, 0.0]))  # (0.125 + 2.5) / 2
+        tensor(1.3125)
+
+    References:
+        torch.nn.SmoothL1Loss (torch 2.13); Girshick, "Fast R-CNN", 2015.
+    """
+    fn = "smooth_l1_loss"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    if beta < 0:
+        raise ValueError(f"{fn}: beta must be >= 0; got {beta}")
+    return _pointwise_loss(fn, lambda e: _smooth_l1(e, beta), input, target, reduction, None)
+
+
+def huber_loss(
+    input: Tensor,
+    target: Tensor,
+    reduction: str = "mean",
+    delta: float = 1.0,
+    weight: Tensor | None = None,
+) -> Tensor:
+    r"""Huber loss: ``delta * smooth_l1_loss(beta=delta)``.
+
+    .. math::
+        \ell_i = w_i \begin{cases} 0.5\, e_i^2 & |e_i| < \delta \\
+        \delta (|e_i| - 0.5 \delta) & \text{otherwise} \end{cases}
+
+    Args:
+        input: predictions, any shape ``[...]``.
+        target: targets, the same shape (other shapes are broadcast, with a warning).
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``. With ``weight``, 'mean' is torch's
+            plain mean of the weighted terms (not divided by the summed weight, unlike
+            mse_loss and l1_loss).
+        delta: where the quadratic turns linear, > 0.
+        weight: optional element weights, exactly ``input``'s shape.
+
+    Returns:
+        A scalar, or the element-wise loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import huber_loss
+        >>> huber_loss(torch.tensor([0.5, 3.0]), torch.tensor([0.0, 0.0]), delta=2.0)  # (0.125 + 4) / 2
+        tensor(2.0625)
+
+    References:
+        torch.nn.HuberLoss (torch 2.13); Huber, "Robust Estimation of a Location
+        Parameter", 1964.
+    """
+    fn = "huber_loss"
+    reduction = resolve_reduction(None, None, reduction)
+    if not delta > 0:
+        raise ValueError(f"{fn}: delta must be > 0; got {delta}")
+    return _pointwise_loss(
+        fn, lambda e: delta * _smooth_l1(e, delta), input, target, reduction, weight, weighted_mean=False
+    )
+
+
+@fill_doc(legacy_args=LEGACY_ARGS)
+def poisson_nll_loss(
+    input: Tensor,
+    target: Tensor,
+    log_input: bool = True,
+    full: bool = False,
+    size_average: bool | None = None,
+    eps: float = 1e-8,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Negative log-likelihood of counts under a Poisson distribution with rate ``input``.
+
+    .. math::
+        \ell_i = e^{x_i} - y_i x_i \ \text{(log_input)}, \qquad
+        \ell_i = x_i - y_i \log(x_i + \epsilon) \ \text{(otherwise)}
+
+    plus, with ``full``, Stirling's approximation of :math:`\log y_i!`,
+    :math:`y \log y - y + \tfrac12 \log(2 \pi y)`, for targets above 1.
+
+    Args:
+        input: the rate's logarithm (``log_input``) or the rate, any shape ``[...]``.
+        target: observed counts, broadcastable to ``input``.
+        log_input: whether ``input`` is the log-rate.
+        full: add the Stirling term.
+        {legacy_args}
+        eps: keeps log(rate) finite when ``log_input`` is False.
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the element-wise loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import poisson_nll_loss
+        >>> poisson_nll_loss(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0]))  # (1 + e - 2) / 2
+        tensor(0.8591)
+
+    References:
+        torch.nn.PoissonNLLLoss (torch 2.13).
+    """
+    fn = "poisson_nll_loss"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    check_floating(input, "input", fn)
+    check_floating(target, "target", fn)
+    broadcast_shape(input, target, ("input", "target"), fn)
+    compute, out = result_dtypes(input, target)
+    x, y = input.to(compute), target.to(compute)
+    loss = torch.exp(x) - y * x if log_input else x - y * torch.log(x + eps)
+    if full:
+        # As torch: the term is formed everywhere and masked where y <= 1 (0 log 0 there).
+        stirling = y * torch.log(y) - y + 0.5 * torch.log(2 * math.pi * y)
+        loss = loss + stirling.masked_fill(y <= 1, 0)
+    return reduce_loss(loss, reduction).to(out)
+
+
+def gaussian_nll_loss(
+    input: Tensor,
+    target: Tensor,
+    var: Tensor | float,
+    full: bool = False,
+    eps: float = 1e-6,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Negative log-likelihood of ``target`` under a Gaussian with mean ``input`` and ``var``.
+
+    .. math::
+        \ell_i = \tfrac12 \left(\log \max(v_i, \epsilon) + \frac{(x_i - y_i)^2}{\max(v_i, \epsilon)}\right)
+        \ (+\ \tfrac12 \log 2\pi \text{ with full})
+
+    The clamp at ``eps`` changes the value only: the gradient reaches ``var`` as if it were
+    not clamped, as in torch.
+
+    Args:
+        input: predicted means, ``[N, *]``.
+        target: observations, same shape.
+        var: variances: shaped like ``input`` (heteroscedastic), one dimension short of it,
+            with one broadcast dimension of size 1, or a float (homoscedastic); >= 0.
+        full: add the constant term.
+        eps: floor of the variance.
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the element-wise loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import gaussian_nll_loss
+        >>> gaussian_nll_loss(torch.tensor([0.0]), torch.tensor([2.0]), torch.tensor([4.0]))  # (ln 4 + 1) / 2
+        tensor(1.1931)
+
+    References:
+        torch.nn.GaussianNLLLoss (torch 2.13); Nix and Weigend, "Estimating the Mean and
+        Variance of the Target Probability Distribution", 1994.
+    """
+    fn = "gaussian_nll_loss"
+    reduction = resolve_reduction(None, None, reduction)
+    check_floating(input, "input", fn)
+    if isinstance(var, (int, float)):
+        if var < 0:
+            raise ValueError(f"{fn}: var must be >= 0; got {var}")
+        var = torch.full_like(input, float(var))
+    else:
+        negative = var < 0
+        if bool(negative.any()):
+            where = first_index(negative)
+            raise ValueError(f"{fn}: var must be >= 0; found {float(var[where]):g}{at_index(where)}")
+    if var.shape != input.shape:
+        if tuple(input.shape[:-1]) == tuple(var.shape):
+            var = var.unsqueeze(-1)  # one variance per row of the last dimension
+        elif not (
+            input.dim() == var.dim()
+            and sum(v for i, v in zip(input.shape, var.shape) if i != v) == 1
+        ):
+            raise ValueError(
+                f"{fn}: var of shape {tuple(var.shape)} does not fit input shape {tuple(input.shape)}: it must "
+                "match it, lack its last dimension, or have size 1 in the one dimension where it differs"
+            )
+    compute, out = result_dtypes(input, target, var)
+    x, y, v = input.to(compute), target.to(compute), var.to(compute)
+    # Clamp the value, not the gradient: (clamped - v) is a constant to autograd.
+    v = v + (v.clamp(min=eps) - v).detach()
+    loss = 0.5 * (torch.log(v) + (x - y).square() / v)
+    if full:
+        loss = loss + 0.5 * math.log(2 * math.pi)
+    return reduce_loss(loss, reduction).to(out)

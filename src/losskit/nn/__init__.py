@@ -3,15 +3,19 @@
 from .classification import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, NLLLoss
 from .divergence import KLDivLoss
 from .linear import LinearCrossEntropyLoss
-from .regression import L1Loss, MSELoss
+from .regression import GaussianNLLLoss, HuberLoss, L1Loss, MSELoss, PoissonNLLLoss, SmoothL1Loss
 
 __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "GaussianNLLLoss",
+    "HuberLoss",
     "KLDivLoss",
     "L1Loss",
     "LinearCrossEntropyLoss",
     "MSELoss",
     "NLLLoss",
+    "PoissonNLLLoss",
+    "SmoothL1Loss",
 ]
