@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cross_entropy import fused_enabled, scale_by_grad_output
+from ..functional._reduction import reduce_loss
+from .cross_entropy import fused_enabled, scale_by_grad_output, take_precomputed
 
 # Elements per chunk: a chunk and its few temporaries stay in cache.
 CHUNK_ELEMENTS = 1 << 16
@@ -62,26 +63,14 @@ class FusedBinaryCrossEntropyWithLogits(torch.autograd.Function):
                     chunk_grad.mul_(scale)
                 grad[part] = chunk_grad
         ctx.reduction = reduction
-        ctx.grad = None if grad is None else grad.view(shape)
-        if reduction == "none":
-            return loss.view(shape).to(input.dtype)
-        total = loss.sum()
-        return (total / n if reduction == "mean" else total).to(input.dtype)
+        ctx.precomputed = None if grad is None else grad.view(shape)
+        return reduce_loss(loss.view(shape), reduction).to(input.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError(
-                "losskit fused binary_cross_entropy_with_logits: backward ran twice through the same graph; "
-                "its gradient buffer is used up. Wrap the call in losskit.kernels.reference_only()."
-            )
-        ctx.grad = None
-        if ctx.reduction == "none":
-            grad.mul_(grad_output.to(grad.dtype))
-        else:
-            scale_by_grad_output([grad], grad_output, ctx.reduction)
+        grad = take_precomputed(ctx, "fused binary_cross_entropy_with_logits")
+        scale_by_grad_output([grad], grad_output, ctx.reduction)
         return grad, None, None, None, None
 
 

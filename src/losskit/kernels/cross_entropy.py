@@ -25,6 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from ..functional._reduction import reduce_loss
+
 _state = threading.local()
 
 
@@ -175,23 +177,33 @@ class RowLoss:
 
 
 
+def take_precomputed(ctx, what: str):
+    """The gradient(s) forward stored on ``ctx``, handed out once.
+
+    Backward scales them in place and gives them to autograd, so a second backward through
+    the same graph (retain_graph) would see them changed: refuse it with a clear error.
+    """
+    grads = getattr(ctx, "precomputed", None)
+    if grads is None:
+        raise RuntimeError(
+            f"losskit {what}: backward ran twice through the same graph (retain_graph); its gradient, "
+            "made in forward, is used up. Wrap the call in losskit.kernels.reference_only()."
+        )
+    ctx.precomputed = None
+    return grads
+
+
 def scale_by_grad_output(grads: list[Tensor], grad_output: Tensor, reduction: str) -> None:
-    """Multiply precomputed gradients in place by grad_output, skipping the pass (over a
-    buffer as large as the logits) in the common case of a scalar grad_output of exactly 1."""
+    """Multiply precomputed gradients in place by grad_output: per element or row for
+    'none' (grad_output broadcast over the trailing dimensions it lacks), else a scalar,
+    skipping the pass (over a buffer as large as the logits) when it is exactly 1."""
     if reduction == "none":
         for grad in grads:
-            grad.mul_(grad_output.unsqueeze(1).to(grad.dtype))
+            extra = grad.dim() - grad_output.dim()
+            grad.mul_(grad_output.reshape(tuple(grad_output.shape) + (1,) * extra).to(grad.dtype))
     elif bool(grad_output != 1):
         for grad in grads:
             grad.mul_(grad_output.to(grad.dtype))
-
-
-def reduce_rows(losses: Tensor, reduction: str, denominator: Tensor) -> Tensor:
-    if reduction == "none":
-        return losses
-    if reduction == "sum":
-        return losses.sum()
-    return losses.sum() / denominator
 
 
 class FusedCrossEntropy(torch.autograd.Function):
@@ -235,19 +247,13 @@ class FusedCrossEntropy(torch.autograd.Function):
                 smooth_dot[rows] = smooth
             if grad_chunk is not None and grad.dtype != compute:
                 grad[rows] = grad_chunk
-        ctx.reduction, ctx.grad = reduction, grad
-        return reduce_rows(rows_loss.losses(lse, z_target, smooth_dot), reduction, rows_loss.denominator).to(input.dtype)
+        ctx.reduction, ctx.precomputed = reduction, grad
+        return reduce_loss(rows_loss.losses(lse, z_target, smooth_dot), reduction, rows_loss.denominator).to(input.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError(
-                "losskit fused cross_entropy: backward ran twice through the same graph (retain_graph); "
-                "its gradient buffer is used up. Wrap the call in losskit.kernels.reference_only()."
-            )
-        ctx.grad = None
+        grad = take_precomputed(ctx, "fused cross_entropy")
         scale_by_grad_output([grad], grad_output, ctx.reduction)
         return grad, None, None, None, None, None, None, None
 

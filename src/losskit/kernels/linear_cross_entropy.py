@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cross_entropy import RowLoss, reduce_rows, scale_by_grad_output
+from ..functional._reduction import reduce_loss
+from .cross_entropy import RowLoss, scale_by_grad_output, take_precomputed
 
 # Auto chunk. Every chunk reads and writes the whole (C, H) weight gradient once, so few
 # large chunks are faster (measured at N=2048, H=512, C=65536 on 2 cores: the three
@@ -80,11 +81,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
         if precompute:
-            ctx.grads = grads
+            ctx.precomputed = grads
         elif reduction == "none" and any(needs):
             ctx.save_for_backward(x, w, b)
             ctx.rows_loss, ctx.chunk_rows = rows_loss, chunk_rows
-        out = reduce_rows(rows_loss.losses(lse, z_target, smooth_dot), reduction, rows_loss.denominator)
+        out = reduce_loss(rows_loss.losses(lse, z_target, smooth_dot), reduction, rows_loss.denominator)
         return out.to(input.dtype)
 
     @staticmethod
@@ -93,13 +94,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         if ctx.reduction == "none":
             grads = _recompute_grads(ctx, grad_output)
         else:
-            grads = getattr(ctx, "grads", None)
-            if grads is None:
-                raise RuntimeError(
-                    "losskit linear_cross_entropy: backward ran twice through the same graph (retain_graph); "
-                    "its precomputed gradients are used up. Wrap the call in losskit.kernels.reference_only()."
-                )
-            ctx.grads = None
+            grads = take_precomputed(ctx, "linear_cross_entropy")
             scale_by_grad_output([g for g in grads if g is not None], grad_output, ctx.reduction)
         out = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
         return out[0], out[1], out[2], None, None, None, None, None, None, None, None
