@@ -16,6 +16,7 @@ from oracle import DTYPES, REDUCTIONS, check_against_torch
 def tiny_chunks(monkeypatch):
     """Chunks of 3 rows (at C=7), so every test crosses several chunk boundaries."""
     monkeypatch.setattr(kernel, "CHUNK_BYTES", 3 * 4 * 7)
+    assert kernel.rows_per_chunk(7) == 3
 
 
 def reference(*args, **kwargs):

@@ -55,8 +55,8 @@ def fused_enabled() -> bool:
 CHUNK_BYTES = 4 << 20
 
 
-def rows_per_chunk(num_classes: int, budget: int = CHUNK_BYTES) -> int:
-    return max(1, budget // (4 * max(num_classes, 1)))
+def rows_per_chunk(num_classes: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * max(num_classes, 1)))
 
 
 class RowLoss:
