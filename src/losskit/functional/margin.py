@@ -1,0 +1,519 @@
+"""Margin and embedding losses, with torch 2.13's signatures and semantics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._docs import LEGACY_ARGS, fill_doc
+from ._reduction import reduce_loss, resolve_reduction, result_dtypes
+from ._validation import (
+    at_index,
+    broadcast_shape,
+    check_class_weight,
+    check_floating,
+    first_index,
+)
+
+__all__ = [
+    "cosine_embedding_loss",
+    "hinge_embedding_loss",
+    "margin_ranking_loss",
+    "multi_margin_loss",
+    "multilabel_margin_loss",
+    "multilabel_soft_margin_loss",
+    "pairwise_distance",
+    "soft_margin_loss",
+    "triplet_margin_loss",
+    "triplet_margin_with_distance_loss",
+]
+
+
+def _same_ndim(fn: str, **tensors: Tensor) -> None:
+    dims = {name: t.dim() for name, t in tensors.items()}
+    if len(set(dims.values())) > 1:
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items())
+        raise ValueError(f"{fn}: all inputs must have the same number of dimensions; got {shapes}")
+
+
+def _class_rows(input: Tensor, target: Tensor, fn: str, target_like_input: bool) -> None:
+    """(C,) or (N, C) input; target (N,) / () or, for multilabel, input's own shape."""
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{fn}: input must be (C,) or (N, C); got shape {tuple(input.shape)}")
+    expected = tuple(input.shape) if target_like_input else tuple(input.shape[:-1])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{fn}: target shape {tuple(target.shape)} must be {expected} for input shape {tuple(input.shape)}")
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise TypeError(f"{fn}: target must hold integer class indices; got {target.dtype}")
+
+
+@fill_doc(legacy_args=LEGACY_ARGS)
+def soft_margin_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Two-class logistic loss :math:`\log(1 + e^{-y x})` for targets :math:`y \in \{1, -1\}`.
+
+    Computed as softplus(-y x), finite where torch's log1p(exp(-y x)) overflows to inf.
+
+    Args:
+        input: scores, any shape ``[...]``.
+        target: +1 / -1 labels, broadcastable to ``input``.
+        {legacy_args}
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the element-wise loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import soft_margin_loss
+        >>> soft_margin_loss(torch.tensor([0.0]), torch.tensor([1.0]))  # ln 2
+        tensor(0.6931)
+
+    References:
+        torch.nn.SoftMarginLoss (torch 2.13).
+    """
+    fn = "soft_margin_loss"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    check_floating(input, "input", fn)
+    broadcast_shape(input, target, ("input", "target"), fn)
+    compute, out = result_dtypes(input, target)
+    return reduce_loss(F.softplus(-target.to(compute) * input.to(compute)), reduction).to(out)
+
+
+@fill_doc(legacy_args=LEGACY_ARGS)
+def multilabel_soft_margin_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Multi-label one-versus-all logistic loss, averaged over the C classes of each sample.
+
+    .. math::
+        \ell_n = -\frac{1}{C} \sum_c w_c \left[y_{nc} \log \sigma(x_{nc}) + (1 - y_{nc}) \log \sigma(-x_{nc})\right]
+
+    Args:
+        input: scores, ``[N, C]`` (or ``[C]``).
+        target: 0/1 labels (or soft labels), same shape.
+        weight: per-class rescaling, broadcastable to ``input``.
+        {legacy_args}
+        reduction: ``'mean'``, ``'sum'`` or ``'none'`` (one value per sample).
+
+    Returns:
+        A scalar, or ``[N]`` for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import multilabel_soft_margin_loss
+        >>> multilabel_soft_margin_loss(torch.zeros(1, 3), torch.tensor([[1.0, 0.0, 1.0]]))  # ln 2
+        tensor(0.6931)
+
+    References:
+        torch.nn.MultiLabelSoftMarginLoss (torch 2.13).
+    """
+    fn = "multilabel_soft_margin_loss"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    check_floating(input, "input", fn)
+    broadcast_shape(input, target, ("input", "target"), fn)
+    compute, out = result_dtypes(input, target)
+    x, y = input.to(compute), target.to(compute)
+    loss = -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x))
+    if weight is not None:
+        broadcast_shape(loss, weight, ("input", "weight"), fn)
+        loss = loss * weight.to(compute)
+    loss = loss.sum(dim=-1) / input.shape[-1]
+    return reduce_loss(loss, reduction).to(out)
+
+
+@fill_doc(legacy_args=LEGACY_ARGS)
+def multilabel_margin_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Multi-class multi-label hinge loss.
+
+    .. math::
+        \ell_n = \frac{1}{C} \sum_{j \in J_n} \sum_{i \notin J_n} \max(0, 1 - (x_{n, j} - x_{n, i}))
+
+    where :math:`J_n` are the target classes of sample n: the entries of ``target[n]`` up to
+    its first -1 (everything after it is ignored, as in torch).
+
+    Args:
+        input: scores, ``[C]`` or ``[N, C]``.
+        target: class indices padded with -1, same shape as ``input``.
+        {legacy_args}
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the per-sample loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import multilabel_margin_loss
+        >>> x = torch.tensor([[0.1, 0.2, 0.4, 0.8]])
+        >>> multilabel_margin_loss(x, torch.tensor([[3, 0, -1, 1]]))  # torch's documented example
+        tensor(0.8500)
+
+    References:
+        torch.nn.MultiLabelMarginLoss (torch 2.13).
+    """
+    fn = "multilabel_margin_loss"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    check_floating(input, "input", fn)
+    _class_rows(input, target, fn, target_like_input=True)
+    num_classes = input.shape[-1]
+    # Targets count up to the first -1 of each row.
+    counted = (target != -1).long().cumprod(dim=-1).bool()
+    bad = counted & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        where = first_index(bad)
+        raise IndexError(f"{fn}: target {int(target[where])}{at_index(where)} is out of range for {num_classes} classes")
+    compute, out = result_dtypes(input)
+    x = input.to(compute)
+    safe = target.masked_fill(~counted, 0).long()
+    is_target = torch.zeros(target.shape, dtype=torch.long).scatter_add_(-1, safe, counted.long()) > 0
+    picked = x.gather(-1, safe)  # x at each listed target, (..., C_j)
+    hinge = (1 - (picked.unsqueeze(-1) - x.unsqueeze(-2))).clamp_min(0)  # (..., C_j, C_i)
+    pairs = counted.unsqueeze(-1) & ~is_target.unsqueeze(-2)
+    loss = torch.where(pairs, hinge, 0.0).sum(dim=(-2, -1)) / num_classes
+    return reduce_loss(loss, reduction).to(out)
+
+
+@fill_doc(legacy_args=LEGACY_ARGS)
+def multi_margin_loss(
+    input: Tensor,
+    target: Tensor,
+    p: int = 1,
+    margin: float = 1.0,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Multi-class hinge loss (one target class per sample).
+
+    .. math::
+        \ell_n = \frac{1}{C} \sum_{i \ne y_n} w_{y_n} \max(0, \text{margin} - x_{n, y_n} + x_{n, i})^p
+
+    Args:
+        input: scores, ``[C]`` or ``[N, C]``.
+        target: class indices, ``[]`` or ``[N]``.
+        p: 1 or 2.
+        margin: the margin.
+        weight: per-class rescaling ``[C]``, applied by the target class.
+        {legacy_args}
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the per-sample loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import multi_margin_loss
+        >>> x = torch.tensor([[0.1, 0.2, 0.4, 0.8]])
+        >>> multi_margin_loss(x, torch.tensor([3]))  # torch's documented example
+        tensor(0.3250)
+
+    References:
+        torch.nn.MultiMarginLoss (torch 2.13).
+    """
+    fn = "multi_margin_loss"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    if p not in (1, 2):
+        raise ValueError(f"{fn}: p must be 1 or 2; got {p}")
+    check_floating(input, "input", fn)
+    _class_rows(input, target, fn, target_like_input=False)
+    num_classes = input.shape[-1]
+    bad = (target < 0) | (target >= num_classes)
+    if bool(bad.any()):
+        where = first_index(bad)
+        raise IndexError(f"{fn}: target {int(target[where])}{at_index(where)} is out of range for {num_classes} classes")
+    if weight is not None:
+        check_class_weight(weight, num_classes, fn)
+    compute, out = result_dtypes(input)
+    x = input.to(compute)
+    index = target.long().unsqueeze(-1)
+    margins = (margin - x.gather(-1, index) + x).clamp_min(0)
+    if p == 2:
+        margins = margins.square()
+    if weight is not None:
+        margins = margins * weight.to(compute)[index]
+    not_target = torch.ones_like(x, dtype=torch.bool).scatter_(-1, index, False)
+    loss = torch.where(not_target, margins, 0.0).sum(dim=-1) / num_classes
+    return reduce_loss(loss, reduction).to(out)
+
+
+@fill_doc(legacy_args=LEGACY_ARGS)
+def margin_ranking_loss(
+    input1: Tensor,
+    input2: Tensor,
+    target: Tensor,
+    margin: float = 0,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Ranking hinge: :math:`\max(0, -y (x_1 - x_2) + \text{margin})`, y = 1 when x1 should rank higher.
+
+    Args:
+        input1: scores, any shape ``[...]``.
+        input2: scores, same number of dimensions (broadcastable).
+        target: +1 / -1, same number of dimensions (broadcastable).
+        margin: the margin.
+        {legacy_args}
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the element-wise loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import margin_ranking_loss
+        >>> margin_ranking_loss(torch.tensor([1.0, 0.2]), torch.tensor([0.5, 0.9]), torch.tensor([1.0, 1.0]))
+        tensor(0.3500)
+
+    References:
+        torch.nn.MarginRankingLoss (torch 2.13).
+    """
+    fn = "margin_ranking_loss"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    _same_ndim(fn, input1=input1, input2=input2, target=target)
+    check_floating(input1, "input1", fn)
+    broadcast_shape(input1, input2, ("input1", "input2"), fn)
+    compute, out = result_dtypes(input1, input2, target)
+    loss = (-target.to(compute) * (input1.to(compute) - input2.to(compute)) + margin).clamp_min(0)
+    return reduce_loss(loss, reduction).to(out)
+
+
+@fill_doc(legacy_args=LEGACY_ARGS)
+def hinge_embedding_loss(
+    input: Tensor,
+    target: Tensor,
+    margin: float = 1.0,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Hinge embedding loss on distances: :math:`x` where y = 1, :math:`\max(0, \text{margin} - x)`
+    where y = -1.
+
+    As in torch, a target that is neither 1 nor -1 gets both terms:
+    :math:`x + \max(0, \text{margin} - x)`.
+
+    Args:
+        input: distances (or any scores), any shape ``[...]``.
+        target: +1 / -1, broadcastable to ``input``.
+        margin: the margin.
+        {legacy_args}
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the element-wise loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import hinge_embedding_loss
+        >>> hinge_embedding_loss(torch.tensor([0.3, 0.4]), torch.tensor([1.0, -1.0]))  # (0.3 + 0.6) / 2
+        tensor(0.4500)
+
+    References:
+        torch.nn.HingeEmbeddingLoss (torch 2.13).
+    """
+    fn = "hinge_embedding_loss"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    check_floating(input, "input", fn)
+    broadcast_shape(input, target, ("input", "target"), fn)
+    compute, out = result_dtypes(input)
+    x = input.to(compute)
+    margin_term = torch.where(target != 1, (margin - x).clamp_min(0), 0.0)
+    self_term = torch.where(target != -1, x, 0.0)
+    return reduce_loss(margin_term + self_term, reduction).to(out)
+
+
+@fill_doc(legacy_args=LEGACY_ARGS)
+def cosine_embedding_loss(
+    input1: Tensor,
+    input2: Tensor,
+    target: Tensor,
+    margin: float = 0,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Cosine embedding loss: :math:`1 - \cos(x_1, x_2)` where y = 1,
+    :math:`\max(0, \cos(x_1, x_2) - \text{margin})` where y = -1, 0 otherwise.
+
+    The cosine is :math:`\frac{x_1 \cdot x_2}{\sqrt{(\|x_1\|^2 + \epsilon)(\|x_2\|^2 + \epsilon)}}`
+    with torch's :math:`\epsilon = 10^{-12}`, so zero vectors give a cosine of 0, not nan.
+
+    Args:
+        input1: embeddings, ``[N, D]`` or ``[D]``.
+        input2: embeddings, same shape.
+        target: +1 / -1, ``[N]`` or ``[]``.
+        margin: in [-1, 1]; 0 to 0.5 is typical.
+        {legacy_args}
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the per-pair loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import cosine_embedding_loss
+        >>> a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+        >>> cosine_embedding_loss(a, b, torch.tensor([1.0]))  # 1 - cos(45 degrees)
+        tensor(0.2929)
+
+    References:
+        torch.nn.CosineEmbeddingLoss (torch 2.13).
+    """
+    fn = "cosine_embedding_loss"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    check_floating(input1, "input1", fn)
+    if input1.shape != input2.shape or input1.dim() not in (1, 2) or tuple(target.shape) != tuple(input1.shape[:-1]):
+        raise ValueError(
+            f"{fn}: expected input1 and input2 of one shape, (N, D) or (D,), and target (N,) or (); got input1 "
+            f"{tuple(input1.shape)}, input2 {tuple(input2.shape)}, target {tuple(target.shape)}"
+        )
+    compute, out = result_dtypes(input1, input2)
+    a, b = input1.to(compute), input2.to(compute)
+    epsilon = 1e-12
+    cos = (a * b).sum(-1) / ((a * a).sum(-1) + epsilon).mul((b * b).sum(-1) + epsilon).sqrt()
+    loss = torch.where(target == 1, 1 - cos, 0.0) + torch.where(target == -1, (cos - margin).clamp_min(0), 0.0)
+    return reduce_loss(loss, reduction).to(out)
+
+
+def pairwise_distance(x1: Tensor, x2: Tensor, p: float = 2.0, eps: float = 1e-6, keepdim: bool = False) -> Tensor:
+    r""":math:`\|x_1 - x_2 + \epsilon\|_p` over the last dimension, as ``torch.pairwise_distance``.
+
+    The :math:`\epsilon` keeps the norm's gradient finite when the two vectors coincide.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import pairwise_distance
+        >>> pairwise_distance(torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0]]), eps=0.0)
+        tensor([5.])
+    """
+    return torch.linalg.vector_norm(x1 - x2 + eps, ord=p, dim=-1, keepdim=keepdim)
+
+
+def _triplet(
+    fn: str,
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    distance: Callable[[Tensor, Tensor], Tensor],
+    margin: float,
+    swap: bool,
+    reduction: str,
+) -> Tensor:
+    """max(d(a, p) - d(a, n) + margin, 0); with swap, d(a, n) becomes min(d(a, n), d(p, n))."""
+    _same_ndim(fn, anchor=anchor, positive=positive, negative=negative)
+    dist_pos = distance(anchor, positive)
+    dist_neg = distance(anchor, negative)
+    if swap:
+        dist_neg = torch.minimum(dist_neg, distance(positive, negative))
+    return reduce_loss((margin + dist_pos - dist_neg).clamp_min(0), reduction)
+
+
+@fill_doc(legacy_args=LEGACY_ARGS)
+def triplet_margin_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    margin: float = 1.0,
+    p: float = 2,
+    eps: float = 1e-6,
+    swap: bool = False,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Triplet loss :math:`\max(d(a, p) - d(a, n) + \text{margin}, 0)` with the p-norm distance.
+
+    Args:
+        anchor: embeddings, ``[N, D]`` or ``[D]``.
+        positive: same shape.
+        negative: same shape.
+        margin: the margin.
+        p: the norm's degree.
+        eps: added to the difference, as in torch's pairwise_distance.
+        swap: use the harder of d(a, n) and d(p, n) (Balntas et al., 2016).
+        {legacy_args}
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the per-triplet loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import triplet_margin_loss
+        >>> a, pos, neg = torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 1.0]])
+        >>> triplet_margin_loss(a, pos, neg, eps=0.0)  # 5 - 1 + 1
+        tensor(5.)
+
+    References:
+        torch.nn.TripletMarginLoss (torch 2.13); Balntas et al., "Learning local feature
+        descriptors with triplets and shallow convolutional neural networks", 2016.
+    """
+    fn = "triplet_margin_loss"
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    check_floating(anchor, "anchor", fn)
+    compute, out = result_dtypes(anchor, positive, negative)
+    a, pos, neg = (t.to(compute) for t in (anchor, positive, negative))
+    return _triplet(fn, a, pos, neg, lambda u, v: pairwise_distance(u, v, p, eps), margin, swap, reduction).to(out)
+
+
+def triplet_margin_with_distance_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    *,
+    distance_function: Callable[[Tensor, Tensor], Tensor] | None = None,
+    margin: float = 1.0,
+    swap: bool = False,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Triplet loss with any distance function (default :func:`pairwise_distance`).
+
+    Args:
+        anchor: inputs of the distance function, e.g. ``[N, D]``.
+        positive: same.
+        negative: same.
+        distance_function: non-negative, real-valued function of two tensors.
+        margin: > 0.
+        swap: use the harder of d(a, n) and d(p, n).
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the per-triplet loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import triplet_margin_with_distance_loss
+        >>> l1 = lambda x, y: (x - y).abs().sum(-1)
+        >>> a, pos, neg = torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 1.0]])
+        >>> triplet_margin_with_distance_loss(a, pos, neg, distance_function=l1)  # 7 - 1 + 1
+        tensor(7.)
+
+    References:
+        torch.nn.TripletMarginWithDistanceLoss (torch 2.13).
+    """
+    fn = "triplet_margin_with_distance_loss"
+    reduction = resolve_reduction(None, None, reduction)
+    if not margin > 0:
+        raise ValueError(f"{fn}: margin must be > 0; got {margin}")
+    return _triplet(fn, anchor, positive, negative, distance_function or pairwise_distance, margin, swap, reduction)
