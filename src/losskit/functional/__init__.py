@@ -20,6 +20,7 @@ from .margin import (
     triplet_margin_loss,
     triplet_margin_with_distance_loss,
 )
+from .sequence import ctc_loss
 from .regression import gaussian_nll_loss, huber_loss, l1_loss, mse_loss, poisson_nll_loss, smooth_l1_loss
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "cosine_embedding_loss",
     "cross_entropy",
+    "ctc_loss",
     "gaussian_nll_loss",
     "hinge_embedding_loss",
     "huber_loss",

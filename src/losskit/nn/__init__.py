@@ -14,11 +14,13 @@ from .margin import (
     TripletMarginLoss,
     TripletMarginWithDistanceLoss,
 )
+from .sequence import CTCLoss
 from .regression import GaussianNLLLoss, HuberLoss, L1Loss, MSELoss, PoissonNLLLoss, SmoothL1Loss
 
 __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
+    "CTCLoss",
     "CosineEmbeddingLoss",
     "CrossEntropyLoss",
     "GaussianNLLLoss",

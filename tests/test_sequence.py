@@ -1,0 +1,87 @@
+"""ctc_loss against torch 2.13, gradient quirk included, and against brute-force enumeration."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import losskit.functional as LF
+import losskit.nn as LN
+from oracle import REDUCTIONS, TOLERANCES, check_against_torch, check_raises
+
+
+def log_probs(steps, batch, classes, dtype=torch.float64):
+    return torch.randn(steps, batch, classes, dtype=torch.float64).log_softmax(2).to(dtype).detach().requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("blank", [0, 3])
+@pytest.mark.parametrize("layout", ["padded", "concatenated"])
+def test_ctc_matches_torch(layout, blank, reduction, dtype):
+    steps, batch, classes = 12, 4, 5
+    lengths = torch.tensor([3, 1, 0, 4])
+    padded = torch.randint(0, classes - 1, (batch, 4))
+    padded[padded >= blank] += 1  # never the blank
+    padded[1, 1] = padded[1, 0]  # a repeat beyond the length: ignored
+    padded[3, 2] = padded[3, 1]  # a repeat inside: needs a blank between
+    targets = padded if layout == "padded" else torch.cat([padded[n, :k] for n, k in enumerate(lengths.tolist())])
+    atol, rtol = TOLERANCES[dtype]
+    check_against_torch(
+        LF.ctc_loss, TF.ctc_loss, log_probs(steps, batch, classes, dtype), targets, torch.tensor([12, 9, 5, 10]),
+        lengths, blank=blank, reduction=reduction, atol=atol * 10, rtol=rtol * 10,
+    )
+
+
+def test_ctc_unbatched_and_module():
+    lp = log_probs(7, 1, 4)[:, 0].detach().requires_grad_()
+    check_against_torch(LF.ctc_loss, TF.ctc_loss, lp, torch.tensor([1, 2, 2]), torch.tensor(7), torch.tensor(3),
+                        reduction="none")
+    batched = log_probs(7, 2, 4)
+    targets, il, tl = torch.tensor([[1, 2], [3, 3]]), torch.tensor([7, 6]), torch.tensor([2, 2])
+    check_against_torch(LN.CTCLoss(reduction="sum"), torch.nn.CTCLoss(reduction="sum"), batched, targets, il, tl)
+
+
+def test_ctc_impossible_alignment_and_zero_infinity():
+    # Two repeated labels need three frames (a, blank, a); two frames cannot hold them.
+    lp = log_probs(2, 1, 3)
+    targets, il, tl = torch.tensor([[1, 1]]), torch.tensor([2]), torch.tensor([2])
+    assert torch.isinf(LF.ctc_loss(lp, targets, il, tl, reduction="sum"))
+    out = check_against_torch(LF.ctc_loss, TF.ctc_loss, lp, targets, il, tl, zero_infinity=True, reduction="sum")
+    assert out == 0
+
+
+def test_ctc_equals_brute_force_and_its_true_gradient_through_log_softmax():
+    # Sum over every path of T=5 frames that collapses to [1, 2]; gradients on the logits.
+    logits = torch.randn(5, 1, 3, dtype=torch.float64, requires_grad=True)
+
+    def collapse(path):
+        out, prev = [], None
+        for c in path:
+            if c != prev and c != 0:
+                out.append(c)
+            prev = c
+        return out
+
+    lp = logits.log_softmax(2)
+    paths = [p for p in itertools.product(range(3), repeat=5) if collapse(p) == [1, 2]]
+    brute = -torch.logsumexp(torch.stack([sum(lp[t, 0, c] for t, c in enumerate(p)) for p in paths]), 0)
+    ours = LF.ctc_loss(logits.log_softmax(2), torch.tensor([[1, 2]]), [5], [2], reduction="sum")
+    torch.testing.assert_close(ours, brute)
+    torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(brute, logits)[0])
+
+
+def test_ctc_bad_input():
+    lp = log_probs(5, 2, 4)
+    check_raises(LF.ctc_loss, lp, torch.tensor([[1, 0], [2, 3]]), [5, 5], [2, 2],
+                 match="ctc_loss: target 0 at index (0, 1) must be a class in [0, 4) other than the blank (0)")
+    check_raises(LF.ctc_loss, lp, torch.tensor([[1, 9], [2, 3]]), [5, 5], [2, 2], match="target 9 at index (0, 1)")
+    check_raises(LF.ctc_loss, lp, torch.tensor([[1, 2], [2, 3]]), [6, 5], [2, 2],
+                 match="input_lengths must lie in [0, 5]; got [6, 5]")
+    check_raises(LF.ctc_loss, lp, torch.tensor([1, 2, 3]), [5, 5], [2, 2],
+                 match="1-D targets hold 3 labels but target_lengths sum to 4")
+    check_raises(LF.ctc_loss, lp, torch.tensor([[1, 2], [2, 3]]), [5], [2, 2],
+                 match="input_lengths must have one entry per sequence (2); got 1")
