@@ -6,7 +6,8 @@ from .classification import (
     cross_entropy,
     nll_loss,
 )
-from .divergence import kl_div
+from .divergence import js_divergence, kl_div
+from .focal import poly1_cross_entropy, sigmoid_focal_loss, softmax_focal_loss
 from .linear import linear_cross_entropy
 from .margin import (
     cosine_embedding_loss,
@@ -21,6 +22,7 @@ from .margin import (
     triplet_margin_with_distance_loss,
 )
 from .sequence import ctc_loss
+from .overlap import dice_loss, tversky_loss
 from .regression import gaussian_nll_loss, huber_loss, l1_loss, mse_loss, poisson_nll_loss, smooth_l1_loss
 
 __all__ = [
@@ -29,9 +31,11 @@ __all__ = [
     "cosine_embedding_loss",
     "cross_entropy",
     "ctc_loss",
+    "dice_loss",
     "gaussian_nll_loss",
     "hinge_embedding_loss",
     "huber_loss",
+    "js_divergence",
     "kl_div",
     "l1_loss",
     "linear_cross_entropy",
@@ -43,8 +47,12 @@ __all__ = [
     "nll_loss",
     "pairwise_distance",
     "poisson_nll_loss",
+    "poly1_cross_entropy",
+    "sigmoid_focal_loss",
     "smooth_l1_loss",
     "soft_margin_loss",
+    "softmax_focal_loss",
     "triplet_margin_loss",
     "triplet_margin_with_distance_loss",
+    "tversky_loss",
 ]

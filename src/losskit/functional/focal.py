@@ -1,0 +1,171 @@
+"""Classification losses beyond torch: focal losses and poly-1 cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._ops import log_softmax
+from ._reduction import reduce_loss, resolve_reduction, result_dtypes
+from ._validation import check_class_weight, check_floating, check_same_shape, class_dim_of
+from .classification import check_index_targets
+
+__all__ = ["poly1_cross_entropy", "sigmoid_focal_loss", "softmax_focal_loss"]
+
+
+def sigmoid_focal_loss(
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> Tensor:
+    r"""Binary focal loss on logits, with torchvision's semantics and defaults.
+
+    .. math::
+        \ell = \alpha_t (1 - p_t)^\gamma \operatorname{BCE}(x, y), \quad
+        p_t = p y + (1 - p)(1 - y), \quad \alpha_t = \alpha y + (1 - \alpha)(1 - y)
+
+    with :math:`p = \sigma(x)`; a negative ``alpha`` turns the class balancing off.
+
+    Args:
+        inputs: logits, any shape ``[...]``.
+        targets: binary (or soft) labels, same shape.
+        alpha: weight of the positive class in [0, 1], or < 0 for none.
+        gamma: focusing exponent >= 0; 0 gives (alpha-balanced) BCE.
+        reduction: ``'none'`` (torchvision's default), ``'mean'`` or ``'sum'``.
+
+    Returns:
+        The element-wise loss, or its mean or sum.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import sigmoid_focal_loss
+        >>> sigmoid_focal_loss(torch.tensor([0.0]), torch.tensor([1.0]))  # 0.25 * 0.5^2 * ln 2
+        tensor([0.0433])
+
+    References:
+        Lin et al., "Focal Loss for Dense Object Detection", 2017;
+        torchvision.ops.sigmoid_focal_loss.
+    """
+    fn = "sigmoid_focal_loss"
+    reduction = resolve_reduction(None, None, reduction)
+    check_floating(inputs, "inputs", fn)
+    check_same_shape(inputs, targets, fn)
+    if gamma < 0:
+        raise ValueError(f"{fn}: gamma must be >= 0; got {gamma}")
+    compute, out = result_dtypes(inputs, targets)
+    x, y = inputs.to(compute), targets.to(compute)
+    p = torch.sigmoid(x)
+    bce = (1 - y) * x - F.logsigmoid(x)  # binary_cross_entropy_with_logits, element-wise
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = bce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+    return reduce_loss(loss, reduction).to(out)
+
+
+def _target_log_probs(input: Tensor, target: Tensor, ignore_index: int, fn: str) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(log p_y, valid mask, safe target, class dim) for class-index targets."""
+    class_dim = class_dim_of(input, fn)
+    check_floating(input, "input", fn)
+    check_index_targets(input, target, class_dim, ignore_index, fn)
+    compute, _ = result_dtypes(input)
+    valid = target != ignore_index
+    safe = target.masked_fill(~valid, 0).long()
+    log_p = log_softmax(input.to(compute), class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+    return log_p, valid, safe, class_dim
+
+
+def _mean_over_valid(loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """'mean' over the targets that are not ignored (nan when none is), as cross_entropy."""
+    return reduce_loss(torch.where(valid, loss, 0.0), reduction, valid.sum())
+
+
+def softmax_focal_loss(
+    input: Tensor,
+    target: Tensor,
+    alpha: Tensor | float | None = None,
+    gamma: float = 2.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Multi-class focal loss on logits: cross-entropy down-weighted on easy examples.
+
+    .. math::
+        \ell_i = -\alpha_{y_i} (1 - p_{i, y_i})^\gamma \log p_{i, y_i}, \quad p = \operatorname{softmax}(x)
+
+    Args:
+        input: logits, ``[C]``, ``[N, C]`` or ``[N, C, d1, ...]``.
+        target: class indices, ``input``'s shape without the class dimension.
+        alpha: per-class weights ``[C]``, one weight for every class, or None.
+        gamma: focusing exponent >= 0; 0 gives (weighted) cross-entropy.
+        ignore_index: target value that contributes nothing.
+        reduction: ``'mean'`` (over the targets not ignored), ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the per-position loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import softmax_focal_loss
+        >>> logits = torch.tensor([[0.0, 0.0]])  # p_y = 1/2
+        >>> softmax_focal_loss(logits, torch.tensor([0]))  # 0.5^2 * ln 2
+        tensor(0.1733)
+
+    References:
+        Lin et al., "Focal Loss for Dense Object Detection", 2017.
+    """
+    fn = "softmax_focal_loss"
+    reduction = resolve_reduction(None, None, reduction)
+    if gamma < 0:
+        raise ValueError(f"{fn}: gamma must be >= 0; got {gamma}")
+    log_p, valid, safe, class_dim = _target_log_probs(input, target, ignore_index, fn)
+    # (1 - p)^gamma from log p: -expm1(log p) keeps 1 - p exact when p is tiny.
+    loss = -((-torch.expm1(log_p)) ** gamma) * log_p
+    if isinstance(alpha, Tensor):
+        check_class_weight(alpha, input.shape[class_dim], fn)
+        loss = alpha.to(loss.dtype)[safe] * loss
+    elif alpha is not None:
+        loss = alpha * loss
+    return _mean_over_valid(loss, valid, reduction).to(input.dtype)
+
+
+def poly1_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    epsilon: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Poly-1 loss: cross-entropy plus :math:`\epsilon (1 - p_y)`, the first polynomial term.
+
+    .. math::
+        \ell_i = -\log p_{i, y_i} + \epsilon (1 - p_{i, y_i})
+
+    Args:
+        input: logits, ``[C]``, ``[N, C]`` or ``[N, C, d1, ...]``.
+        target: class indices, ``input``'s shape without the class dimension.
+        epsilon: weight of the poly-1 term (the paper's default 1; negative values allowed).
+        ignore_index: target value that contributes nothing.
+        reduction: ``'mean'`` (over the targets not ignored), ``'sum'`` or ``'none'``.
+
+    Returns:
+        A scalar, or the per-position loss for ``reduction='none'``.
+
+    Example:
+        >>> import torch
+        >>> from losskit.functional import poly1_cross_entropy
+        >>> poly1_cross_entropy(torch.tensor([[0.0, 0.0]]), torch.tensor([0]))  # ln 2 + 0.5
+        tensor(1.1931)
+
+    References:
+        Leng et al., "PolyLoss: A Polynomial Expansion Perspective of Classification Loss
+        Functions", 2022.
+    """
+    fn = "poly1_cross_entropy"
+    reduction = resolve_reduction(None, None, reduction)
+    log_p, valid, _, _ = _target_log_probs(input, target, ignore_index, fn)
+    loss = -log_p - epsilon * torch.expm1(log_p)
+    return _mean_over_valid(loss, valid, reduction).to(input.dtype)
