@@ -1,0 +1,222 @@
+"""Keras 3 loss functions on torch tensors: ``(y_true, y_pred)`` order, Keras semantics.
+
+Each returns Keras's per-sample losses (the last axis averaged or summed away); the
+classes in :mod:`losskit.keras.classes` reduce them. Probabilities are clipped to
+[1e-7, 1 - 1e-7] (Keras's epsilon) where Keras clips them; the cross-entropies run on
+losskit's own functional implementations, as Keras's torch backend runs on torch's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from ..functional._ops import log_softmax
+
+EPSILON = 1e-7  # keras.config.epsilon()
+
+__all__ = [
+    "EPSILON",
+    "binary_crossentropy",
+    "categorical_crossentropy",
+    "categorical_hinge",
+    "cosine_similarity",
+    "hinge",
+    "huber",
+    "kl_divergence",
+    "log_cosh",
+    "mean_absolute_error",
+    "mean_absolute_percentage_error",
+    "mean_squared_error",
+    "mean_squared_logarithmic_error",
+    "poisson",
+    "sparse_categorical_crossentropy",
+    "squared_hinge",
+]
+
+
+def same_rank(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Keras's squeeze_or_expand_to_same_rank: align ranks differing by a trailing 1."""
+    if a.dim() == b.dim() + 1 and a.shape[-1] == 1:
+        return (a, b.unsqueeze(-1)) if b.dim() == 1 else (a.squeeze(-1), b)
+    if b.dim() == a.dim() + 1 and b.shape[-1] == 1:
+        return (a.unsqueeze(-1), b) if a.dim() == 1 else (a, b.squeeze(-1))
+    return a, b
+
+
+def _pair(y_true: Tensor, y_pred: Tensor) -> tuple[Tensor, Tensor]:
+    """y_true in y_pred's dtype, ranks aligned as Keras does for the regression losses."""
+    y_pred = torch.as_tensor(y_pred)
+    return same_rank(torch.as_tensor(y_true).to(y_pred.dtype), y_pred)
+
+
+def _check_same_shape(y_true: Tensor, y_pred: Tensor, fn: str) -> None:
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"{fn}: y_true shape {tuple(y_true.shape)} must match y_pred shape {tuple(y_pred.shape)}")
+
+
+def binary_crossentropy(
+    y_true: Tensor, y_pred: Tensor, from_logits: bool = False, label_smoothing: float = 0.0, axis: int = -1
+) -> Tensor:
+    """Binary cross-entropy averaged over ``axis``; labels smoothed towards 1/2."""
+    y_pred = torch.as_tensor(y_pred)
+    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    _check_same_shape(y_true, y_pred, "binary_crossentropy")
+    if label_smoothing:
+        y_true = y_true * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    if from_logits:
+        loss = F.binary_cross_entropy_with_logits(y_pred, y_true, reduction="none")
+    else:
+        loss = F.binary_cross_entropy(y_pred.clamp(EPSILON, 1.0 - EPSILON), y_true, reduction="none")
+    return loss.mean(dim=axis)
+
+
+def categorical_crossentropy(
+    y_true: Tensor, y_pred: Tensor, from_logits: bool = False, label_smoothing: float = 0.0, axis: int = -1
+) -> Tensor:
+    """Cross-entropy of one-hot (or soft) labels; probabilities renormalised, then clipped."""
+    y_pred = torch.as_tensor(y_pred)
+    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    _check_same_shape(y_true, y_pred, "categorical_crossentropy")
+    if label_smoothing:
+        y_true = y_true * (1.0 - label_smoothing) + label_smoothing / y_true.shape[axis]
+    if from_logits:
+        log_prob = log_softmax(y_pred, axis)
+    else:
+        y_pred = y_pred / y_pred.sum(dim=axis, keepdim=True)
+        log_prob = y_pred.clamp(EPSILON, 1.0 - EPSILON).log()
+    return -(y_true * log_prob).sum(dim=axis)
+
+
+def sparse_categorical_crossentropy(
+    y_true: Tensor, y_pred: Tensor, from_logits: bool = False, ignore_class: int | None = None, axis: int = -1
+) -> Tensor:
+    """Cross-entropy of integer labels; positions labelled ``ignore_class`` get loss 0."""
+    return sparse_categorical_crossentropy_and_mask(y_true, y_pred, from_logits, ignore_class, axis)[0]
+
+
+def sparse_categorical_crossentropy_and_mask(
+    y_true: Tensor, y_pred: Tensor, from_logits: bool = False, ignore_class: int | None = None, axis: int = -1
+) -> tuple[Tensor, Tensor | None]:
+    """The losses and the mask of counted positions (None without ``ignore_class``).
+
+    Keras attaches that mask to the losses, and its reduction then divides by the number
+    of counted positions (all ignored gives 0); the class form needs it for the same.
+    """
+    fn = "sparse_categorical_crossentropy"
+    y_pred = torch.as_tensor(y_pred)
+    y_true = torch.as_tensor(y_true)
+    if y_true.dim() == y_pred.dim() and y_true.shape[axis] == 1:
+        y_true = y_true.squeeze(axis)
+    class_axis = axis % y_pred.dim()
+    expected = y_pred.shape[:class_axis] + y_pred.shape[class_axis + 1 :]
+    if y_true.shape != expected:
+        raise ValueError(f"{fn}: y_true shape {tuple(y_true.shape)} must be y_pred's without its class axis, {tuple(expected)}")
+    valid = None
+    if ignore_class is not None:
+        valid = y_true != ignore_class
+        y_true = torch.where(valid, y_true, 0)
+        y_pred = torch.where(valid.unsqueeze(class_axis), y_pred, 0.0)
+    target = y_true.long()
+    logits_like = y_pred.movedim(class_axis, 1) if y_pred.dim() > 1 else y_pred
+    if from_logits:
+        loss = F.cross_entropy(logits_like, target, reduction="none")
+    else:
+        probs = logits_like / logits_like.sum(dim=1 if logits_like.dim() > 1 else 0, keepdim=True)
+        loss = F.nll_loss(probs.clamp(EPSILON, 1.0 - EPSILON).log(), target, reduction="none")
+    if valid is not None:
+        loss = torch.where(valid, loss, 0.0)
+    return loss, valid
+
+
+def kl_divergence(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    """sum y log(y / p) over the last axis, both clipped to [1e-7, 1]."""
+    y_pred = torch.as_tensor(y_pred)
+    y_true = torch.as_tensor(y_true).to(y_pred.dtype).clamp(EPSILON, 1.0)
+    y_pred = y_pred.clamp(EPSILON, 1.0)
+    return (y_true * (y_true / y_pred).log()).sum(dim=-1)
+
+
+def poisson(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    """mean of y_pred - y_true log(y_pred + 1e-7) over the last axis."""
+    y_pred = torch.as_tensor(y_pred)
+    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    return (y_pred - y_true * (y_pred + EPSILON).log()).mean(dim=-1)
+
+
+def mean_squared_error(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    y_true, y_pred = _pair(y_true, y_pred)
+    return (y_true - y_pred).square().mean(dim=-1)
+
+
+def mean_absolute_error(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    y_true, y_pred = _pair(y_true, y_pred)
+    return (y_true - y_pred).abs().mean(dim=-1)
+
+
+def mean_absolute_percentage_error(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    """100 * mean |(y - p) / max(|y|, 1e-7)| over the last axis."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    return 100.0 * ((y_true - y_pred) / y_true.abs().clamp_min(EPSILON)).abs().mean(dim=-1)
+
+
+def mean_squared_logarithmic_error(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    """mean (log(max(p, eps) + 1) - log(max(y, eps) + 1))^2 over the last axis."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    return (torch.log1p(y_pred.clamp_min(EPSILON)) - torch.log1p(y_true.clamp_min(EPSILON))).square().mean(dim=-1)
+
+
+def huber(y_true: Tensor, y_pred: Tensor, delta: float = 1.0) -> Tensor:
+    """Keras's Huber: quadratic where |e| <= delta (torch's switches at < delta)."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    error = y_pred - y_true
+    magnitude = error.abs()
+    return torch.where(magnitude <= delta, 0.5 * error.square(), delta * magnitude - 0.5 * delta**2).mean(dim=-1)
+
+
+def log_cosh(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    """mean log(cosh(p - y)), as x + softplus(-2x) - log 2, which never overflows."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    x = y_pred - y_true
+    return (x + torch.nn.functional.softplus(-2.0 * x) - math.log(2.0)).mean(dim=-1)
+
+
+def _hinge_labels(y_true: Tensor) -> Tensor:
+    """Keras maps labels that are all 0/1 to -1/+1 and leaves other labels alone."""
+    binary = bool(((y_true == 0) | (y_true == 1)).all())
+    return 2.0 * y_true - 1.0 if binary else y_true
+
+
+def hinge(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    y_pred = torch.as_tensor(y_pred)
+    y_true = _hinge_labels(torch.as_tensor(y_true).to(y_pred.dtype))
+    return (1.0 - y_true * y_pred).clamp_min(0.0).mean(dim=-1)
+
+
+def squared_hinge(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    y_pred = torch.as_tensor(y_pred)
+    y_true = _hinge_labels(torch.as_tensor(y_true).to(y_pred.dtype))
+    return (1.0 - y_true * y_pred).clamp_min(0.0).square().mean(dim=-1)
+
+
+def categorical_hinge(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    """max(0, max_{not y} p - p_y + 1) with one-hot y_true."""
+    y_pred = torch.as_tensor(y_pred)
+    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    positive = (y_true * y_pred).sum(dim=-1)
+    negative = ((1.0 - y_true) * y_pred).amax(dim=-1)
+    return (negative - positive + 1.0).clamp_min(0.0)
+
+
+def _l2_normalize(x: Tensor, axis: int) -> Tensor:
+    # Keras: x * min(rsqrt(sum x^2), 1 / eps), so a zero vector stays zero.
+    return x * torch.rsqrt(x.square().sum(dim=axis, keepdim=True)).clamp_max(1.0 / EPSILON)
+
+
+def cosine_similarity(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
+    """Minus the cosine similarity (so that minimising it aligns the vectors)."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    return -(_l2_normalize(y_true, axis) * _l2_normalize(y_pred, axis)).sum(dim=axis)
