@@ -59,6 +59,28 @@ CASES = {
               ({}, lambda: torch.randint(0, 2, (N, C)).float() * 2 - 1, lambda: torch.randn(N, C).requires_grad_())],
     "squared_hinge": [({}, lambda: torch.randint(0, 2, (N, C)).float(), lambda: torch.randn(N, C).requires_grad_())],
     "categorical_hinge": [({}, one_hot, lambda: torch.randn(N, C).requires_grad_())],
+    "binary_focal_crossentropy": [
+        ({}, lambda: torch.randint(0, 2, (N, C)).float(), lambda: torch.rand(N, C).requires_grad_()),
+        ({"apply_class_balancing": True, "alpha": 0.4, "gamma": 1.5, "from_logits": True, "label_smoothing": 0.1},
+         lambda: torch.randint(0, 2, (N, C)).float(), lambda: (torch.randn(N, C) * 2).requires_grad_()),
+    ],
+    "categorical_focal_crossentropy": [
+        ({}, one_hot, lambda: (torch.rand(N, C) + 0.01).requires_grad_()),
+        ({"from_logits": True, "label_smoothing": 0.1, "alpha": 0.5, "gamma": 1.0}, one_hot,
+         lambda: torch.randn(N, C).requires_grad_()),
+    ],
+    "categorical_generalized_cross_entropy": [
+        ({"q": 0.5}, lambda: torch.randint(0, C, (N,)), probs),
+        ({"q": 1.0}, lambda: torch.randint(0, C, (N,)), probs),
+    ],
+    "dice": [
+        ({}, lambda: torch.randint(0, 2, (N, C)).float(), lambda: torch.rand(N, C).requires_grad_()),
+        ({"axis": 1}, lambda: torch.randint(0, 2, (N, C)).float(), lambda: torch.rand(N, C).requires_grad_()),
+    ],
+    "tversky": [
+        ({"alpha": 0.3, "beta": 0.7}, lambda: torch.randint(0, 2, (N, C)).float(), lambda: torch.rand(N, C).requires_grad_()),
+        ({"axis": 1}, lambda: torch.randint(0, 2, (N, C)).float(), lambda: torch.rand(N, C).requires_grad_()),
+    ],
     "cosine_similarity": [({}, lambda: torch.randn(N, C), lambda: torch.randn(N, C).requires_grad_()),
                           ({"axis": 0}, lambda: torch.randn(N, C), lambda: torch.randn(N, C).requires_grad_())],
 }
@@ -92,6 +114,12 @@ CLASSES = [
     ("SquaredHinge", {}, "squared_hinge", 0),
     ("CategoricalHinge", {}, "categorical_hinge", 0),
     ("CosineSimilarity", {"axis": -1}, "cosine_similarity", 0),
+    ("BinaryFocalCrossentropy", {"apply_class_balancing": True, "alpha": 0.4, "gamma": 1.5, "from_logits": True,
+                                 "label_smoothing": 0.1}, "binary_focal_crossentropy", 1),
+    ("CategoricalFocalCrossentropy", {"from_logits": True, "gamma": 1.0}, "categorical_focal_crossentropy", 1),
+    ("CategoricalGeneralizedCrossEntropy", {"q": 0.7}, "categorical_generalized_cross_entropy", 0),
+    ("Dice", {"axis": 1}, "dice", 1),
+    ("Tversky", {"alpha": 0.2, "beta": 0.8, "axis": 1}, "tversky", 1),
 ]
 REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none"]
 
@@ -150,3 +178,14 @@ def test_keras_bad_input():
     check_raises(LK.MeanSquaredError, reduction="avg", match="reduction must be one of")
     with pytest.raises(TypeError, match="unexpected argument"):
         LK.Huber(beta=1.0)
+
+
+def test_positional_arguments_follow_keras_order():
+    y_true, y_pred = torch.randint(0, 2, (N, C)).float(), torch.rand(N, C)
+    torch.testing.assert_close(LK.Dice("sum", "d", 1)(y_true, y_pred), keras.losses.Dice("sum", "d", 1)(y_true, y_pred))
+    torch.testing.assert_close(LK.Tversky(0.3, 0.7, "sum")(y_true, y_pred),
+                               keras.losses.Tversky(0.3, 0.7, "sum")(y_true, y_pred))
+    torch.testing.assert_close(LK.BinaryFocalCrossentropy(True, 0.4)(y_true, y_pred),
+                               keras.losses.BinaryFocalCrossentropy(True, 0.4)(y_true, y_pred))
+    check_raises(LK.categorical_generalized_cross_entropy, torch.tensor([0]), torch.rand(1, 3), q=0.0,
+                 match="q must be in (0, 1]; got 0.0")

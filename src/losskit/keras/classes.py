@@ -21,9 +21,13 @@ KERAS_REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "mean_with_sample_weig
 
 __all__ = [
     "BinaryCrossentropy",
+    "BinaryFocalCrossentropy",
     "CategoricalCrossentropy",
+    "CategoricalFocalCrossentropy",
+    "CategoricalGeneralizedCrossEntropy",
     "CategoricalHinge",
     "CosineSimilarity",
+    "Dice",
     "Hinge",
     "Huber",
     "KLDivergence",
@@ -36,6 +40,7 @@ __all__ = [
     "Poisson",
     "SparseCategoricalCrossentropy",
     "SquaredHinge",
+    "Tversky",
     "reduce_weighted",
 ]
 
@@ -160,6 +165,41 @@ SquaredHinge = _loss_class("SquaredHinge", K.squared_hinge, "keras.losses.Square
 CategoricalHinge = _loss_class("CategoricalHinge", K.categorical_hinge, "keras.losses.CategoricalHinge on torch tensors.")
 CosineSimilarity = _loss_class("CosineSimilarity", K.cosine_similarity, "keras.losses.CosineSimilarity on torch tensors.",
                                axis=-1)
+
+
+BinaryFocalCrossentropy = _loss_class(
+    "BinaryFocalCrossentropy", K.binary_focal_crossentropy, "keras.losses.BinaryFocalCrossentropy on torch tensors.",
+    apply_class_balancing=False, alpha=0.25, gamma=2.0, from_logits=False, label_smoothing=0.0, axis=-1,
+)
+CategoricalFocalCrossentropy = _loss_class(
+    "CategoricalFocalCrossentropy", K.categorical_focal_crossentropy,
+    "keras.losses.CategoricalFocalCrossentropy on torch tensors.",
+    alpha=0.25, gamma=2.0, from_logits=False, label_smoothing=0.0, axis=-1,
+)
+CategoricalGeneralizedCrossEntropy = _loss_class(
+    "CategoricalGeneralizedCrossEntropy", K.categorical_generalized_cross_entropy,
+    "keras.losses.CategoricalGeneralizedCrossEntropy on torch tensors.", q=0.5,
+)
+
+
+class Dice(_FunctionLoss):
+    """keras.losses.Dice on torch tensors (Keras's argument order: reduction, name, axis)."""
+
+    function = staticmethod(K.dice)
+
+    def __init__(self, reduction: str | None = "sum_over_batch_size", name: str | None = None,
+                 axis: int | tuple[int, ...] | None = None, dtype: Any = None) -> None:
+        super().__init__(reduction, name, dtype, axis=axis)
+
+
+class Tversky(_FunctionLoss):
+    """keras.losses.Tversky on torch tensors (Keras's argument order: alpha, beta, reduction, name, axis)."""
+
+    function = staticmethod(K.tversky)
+
+    def __init__(self, alpha: float = 0.5, beta: float = 0.5, reduction: str | None = "sum_over_batch_size",
+                 name: str | None = None, axis: int | tuple[int, ...] | None = None, dtype: Any = None) -> None:
+        super().__init__(reduction, name, dtype, alpha=alpha, beta=beta, axis=axis)
 
 
 class SparseCategoricalCrossentropy(Loss):

@@ -21,9 +21,13 @@ EPSILON = 1e-7  # keras.config.epsilon()
 __all__ = [
     "EPSILON",
     "binary_crossentropy",
+    "binary_focal_crossentropy",
     "categorical_crossentropy",
+    "categorical_focal_crossentropy",
+    "categorical_generalized_cross_entropy",
     "categorical_hinge",
     "cosine_similarity",
+    "dice",
     "hinge",
     "huber",
     "kl_divergence",
@@ -35,6 +39,7 @@ __all__ = [
     "poisson",
     "sparse_categorical_crossentropy",
     "squared_hinge",
+    "tversky",
 ]
 
 
@@ -220,3 +225,89 @@ def cosine_similarity(y_true: Tensor, y_pred: Tensor, axis: int = -1) -> Tensor:
     """Minus the cosine similarity (so that minimising it aligns the vectors)."""
     y_true, y_pred = _pair(y_true, y_pred)
     return -(_l2_normalize(y_true, axis) * _l2_normalize(y_pred, axis)).sum(dim=axis)
+
+
+def binary_focal_crossentropy(
+    y_true: Tensor,
+    y_pred: Tensor,
+    apply_class_balancing: bool = False,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+) -> Tensor:
+    """(1 - p_t)^gamma * BCE, alpha-balanced if asked, averaged over ``axis`` (Keras's form:
+    probabilities clipped to [1e-7, 1 - 1e-7] even from logits)."""
+    y_pred = torch.as_tensor(y_pred)
+    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    _check_same_shape(y_true, y_pred, "binary_focal_crossentropy")
+    if label_smoothing:
+        y_true = y_true * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    if from_logits:
+        y_pred = torch.sigmoid(y_pred)
+    bce = F.binary_cross_entropy(y_pred.clamp(EPSILON, 1.0 - EPSILON), y_true, reduction="none")
+    p_t = y_true * y_pred + (1 - y_true) * (1 - y_pred)
+    focal = (1.0 - p_t) ** gamma * bce
+    if apply_class_balancing:
+        focal = (y_true * alpha + (1 - y_true) * (1 - alpha)) * focal
+    return focal.mean(dim=axis)
+
+
+def categorical_focal_crossentropy(
+    y_true: Tensor,
+    y_pred: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+) -> Tensor:
+    """sum over ``axis`` of alpha (1 - p)^gamma (-y log p), p renormalised and clipped."""
+    y_pred = torch.as_tensor(y_pred)
+    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    _check_same_shape(y_true, y_pred, "categorical_focal_crossentropy")
+    if label_smoothing:
+        y_true = y_true * (1.0 - label_smoothing) + label_smoothing / y_true.shape[axis]
+    if from_logits:
+        y_pred = torch.softmax(y_pred, dim=axis)
+    p = (y_pred / y_pred.sum(dim=axis, keepdim=True)).clamp(EPSILON, 1.0 - EPSILON)
+    return (alpha * (1.0 - p) ** gamma * (-y_true * p.log())).sum(dim=axis)
+
+
+def categorical_generalized_cross_entropy(y_true: Tensor, y_pred: Tensor, q: float) -> Tensor:
+    """(1 - p_y^q) / q for integer labels y_true and probabilities y_pred (Zhang and Sabuncu,
+    2018): cross-entropy as q -> 0, MAE at q = 1, robust to noisy labels in between."""
+    y_pred = torch.as_tensor(y_pred)
+    if not 0 < q <= 1:
+        raise ValueError(f"categorical_generalized_cross_entropy: q must be in (0, 1]; got {q}")
+    p = y_pred.gather(-1, torch.as_tensor(y_true).long().unsqueeze(-1)).squeeze(-1)
+    return (1 - p**q) / q
+
+
+def _axes(axis: int | tuple[int, ...] | None) -> tuple[int, ...] | None:
+    return (axis,) if isinstance(axis, int) else axis
+
+
+def dice(y_true: Tensor, y_pred: Tensor, axis: int | tuple[int, ...] | None = None) -> Tensor:
+    """1 - 2 sum(y p) / (sum y + sum p + 1e-7), summed over ``axis`` (all axes when None)."""
+    y_pred = torch.as_tensor(y_pred)
+    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    dims = _axes(axis)
+    total = (lambda t: t.sum()) if dims is None else (lambda t: t.sum(dim=dims))
+    return 1 - 2.0 * total(y_true * y_pred) / (total(y_true) + total(y_pred) + EPSILON)
+
+
+def tversky(
+    y_true: Tensor, y_pred: Tensor, alpha: float = 0.5, beta: float = 0.5, axis: int | tuple[int, ...] | None = None
+) -> Tensor:
+    """1 - TP / (TP + alpha sum((1 - p) y) + beta sum(p (1 - y)) + 1e-7), as Keras writes it:
+    its ``alpha`` weighs missed positives and ``beta`` false alarms."""
+    y_pred = torch.as_tensor(y_pred)
+    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    dims = _axes(axis)
+    total = (lambda t: t.sum()) if dims is None else (lambda t: t.sum(dim=dims))
+    tp = total(y_true * y_pred)
+    missed = total((1 - y_pred) * y_true)
+    false_alarms = total(y_pred * (1 - y_true))
+    return 1 - tp / (tp + alpha * missed + beta * false_alarms + EPSILON)
