@@ -169,3 +169,14 @@ def test_likelihood_and_robust_loss_errors():
     check_raises(LF.huber_loss, x, x, delta=0.0, match="huber_loss: delta must be > 0; got 0.0")
     check_raises(LF.smooth_l1_loss, x, x, beta=-1.0, match="smooth_l1_loss: beta must be >= 0; got -1.0")
     check_raises(LF.poisson_nll_loss, x, torch.ones(5), match="input shape (4, 3) and target shape (5,) cannot be broadcast")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_float64_likelihood_and_robust(reduction):
+    x, y = rand((3, 4), torch.float64), rand((3, 4), torch.float64)
+    var = (torch.rand(3, 4, dtype=torch.float64) + 0.2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: LF.smooth_l1_loss(a, b, reduction=reduction, beta=0.5), (x, y))
+    assert torch.autograd.gradcheck(lambda a, b: LF.huber_loss(a, b, reduction=reduction, delta=0.8), (x, y))
+    assert torch.autograd.gradcheck(lambda a, v: LF.gaussian_nll_loss(a, y, v, reduction=reduction, full=True), (x, var))
+    counts = torch.poisson(torch.full((3, 4), 3.0, dtype=torch.float64)) + 0.5
+    assert torch.autograd.gradcheck(lambda a: LF.poisson_nll_loss(a, counts, full=True, reduction=reduction), (x,))

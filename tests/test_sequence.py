@@ -85,3 +85,13 @@ def test_ctc_bad_input():
                  match="1-D targets hold 3 labels but target_lengths sum to 4")
     check_raises(LF.ctc_loss, lp, torch.tensor([[1, 2], [2, 3]]), [5], [2, 2],
                  match="input_lengths must have one entry per sequence (2); got 1")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ctc_gradcheck_through_log_softmax(reduction):
+    # Through log_softmax, torch's (and losskit's) CTC gradient is the true one.
+    logits = torch.randn(6, 2, 4, dtype=torch.float64, requires_grad=True)
+    targets, il, tl = torch.tensor([[1, 2], [3, 3]]), torch.tensor([6, 5]), torch.tensor([2, 2])
+    assert torch.autograd.gradcheck(
+        lambda z: LF.ctc_loss(z.log_softmax(2), targets, il, tl, reduction=reduction), (logits,)
+    )
