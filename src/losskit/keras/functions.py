@@ -52,10 +52,15 @@ def same_rank(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a, b
 
 
+def _cast(y_true: Tensor, y_pred: Tensor) -> tuple[Tensor, Tensor]:
+    """Both as tensors, y_true in y_pred's dtype (Keras casts labels to the predictions')."""
+    y_pred = torch.as_tensor(y_pred)
+    return torch.as_tensor(y_true).to(y_pred.dtype), y_pred
+
+
 def _pair(y_true: Tensor, y_pred: Tensor) -> tuple[Tensor, Tensor]:
     """y_true in y_pred's dtype, ranks aligned as Keras does for the regression losses."""
-    y_pred = torch.as_tensor(y_pred)
-    return same_rank(torch.as_tensor(y_true).to(y_pred.dtype), y_pred)
+    return same_rank(*_cast(y_true, y_pred))
 
 
 def _check_same_shape(y_true: Tensor, y_pred: Tensor, fn: str) -> None:
@@ -67,8 +72,7 @@ def binary_crossentropy(
     y_true: Tensor, y_pred: Tensor, from_logits: bool = False, label_smoothing: float = 0.0, axis: int = -1
 ) -> Tensor:
     """Binary cross-entropy averaged over ``axis``; labels smoothed towards 1/2."""
-    y_pred = torch.as_tensor(y_pred)
-    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    y_true, y_pred = _cast(y_true, y_pred)
     _check_same_shape(y_true, y_pred, "binary_crossentropy")
     if label_smoothing:
         y_true = y_true * (1.0 - label_smoothing) + 0.5 * label_smoothing
@@ -83,8 +87,7 @@ def categorical_crossentropy(
     y_true: Tensor, y_pred: Tensor, from_logits: bool = False, label_smoothing: float = 0.0, axis: int = -1
 ) -> Tensor:
     """Cross-entropy of one-hot (or soft) labels; probabilities renormalised, then clipped."""
-    y_pred = torch.as_tensor(y_pred)
-    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    y_true, y_pred = _cast(y_true, y_pred)
     _check_same_shape(y_true, y_pred, "categorical_crossentropy")
     if label_smoothing:
         y_true = y_true * (1.0 - label_smoothing) + label_smoothing / y_true.shape[axis]
@@ -139,16 +142,14 @@ def sparse_categorical_crossentropy_and_mask(
 
 def kl_divergence(y_true: Tensor, y_pred: Tensor) -> Tensor:
     """sum y log(y / p) over the last axis, both clipped to [1e-7, 1]."""
-    y_pred = torch.as_tensor(y_pred)
-    y_true = torch.as_tensor(y_true).to(y_pred.dtype).clamp(EPSILON, 1.0)
-    y_pred = y_pred.clamp(EPSILON, 1.0)
+    y_true, y_pred = _cast(y_true, y_pred)
+    y_true, y_pred = y_true.clamp(EPSILON, 1.0), y_pred.clamp(EPSILON, 1.0)
     return (y_true * (y_true / y_pred).log()).sum(dim=-1)
 
 
 def poisson(y_true: Tensor, y_pred: Tensor) -> Tensor:
     """mean of y_pred - y_true log(y_pred + 1e-7) over the last axis."""
-    y_pred = torch.as_tensor(y_pred)
-    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    y_true, y_pred = _cast(y_true, y_pred)
     return (y_pred - y_true * (y_pred + EPSILON).log()).mean(dim=-1)
 
 
@@ -196,21 +197,20 @@ def _hinge_labels(y_true: Tensor) -> Tensor:
 
 
 def hinge(y_true: Tensor, y_pred: Tensor) -> Tensor:
-    y_pred = torch.as_tensor(y_pred)
-    y_true = _hinge_labels(torch.as_tensor(y_true).to(y_pred.dtype))
+    y_true, y_pred = _cast(y_true, y_pred)
+    y_true = _hinge_labels(y_true)
     return (1.0 - y_true * y_pred).clamp_min(0.0).mean(dim=-1)
 
 
 def squared_hinge(y_true: Tensor, y_pred: Tensor) -> Tensor:
-    y_pred = torch.as_tensor(y_pred)
-    y_true = _hinge_labels(torch.as_tensor(y_true).to(y_pred.dtype))
+    y_true, y_pred = _cast(y_true, y_pred)
+    y_true = _hinge_labels(y_true)
     return (1.0 - y_true * y_pred).clamp_min(0.0).square().mean(dim=-1)
 
 
 def categorical_hinge(y_true: Tensor, y_pred: Tensor) -> Tensor:
     """max(0, max_{not y} p - p_y + 1) with one-hot y_true."""
-    y_pred = torch.as_tensor(y_pred)
-    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    y_true, y_pred = _cast(y_true, y_pred)
     positive = (y_true * y_pred).sum(dim=-1)
     negative = ((1.0 - y_true) * y_pred).amax(dim=-1)
     return (negative - positive + 1.0).clamp_min(0.0)
@@ -239,8 +239,7 @@ def binary_focal_crossentropy(
 ) -> Tensor:
     """(1 - p_t)^gamma * BCE, alpha-balanced if asked, averaged over ``axis`` (Keras's form:
     probabilities clipped to [1e-7, 1 - 1e-7] even from logits)."""
-    y_pred = torch.as_tensor(y_pred)
-    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    y_true, y_pred = _cast(y_true, y_pred)
     _check_same_shape(y_true, y_pred, "binary_focal_crossentropy")
     if label_smoothing:
         y_true = y_true * (1.0 - label_smoothing) + 0.5 * label_smoothing
@@ -264,8 +263,7 @@ def categorical_focal_crossentropy(
     axis: int = -1,
 ) -> Tensor:
     """sum over ``axis`` of alpha (1 - p)^gamma (-y log p), p renormalised and clipped."""
-    y_pred = torch.as_tensor(y_pred)
-    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    y_true, y_pred = _cast(y_true, y_pred)
     _check_same_shape(y_true, y_pred, "categorical_focal_crossentropy")
     if label_smoothing:
         y_true = y_true * (1.0 - label_smoothing) + label_smoothing / y_true.shape[axis]
@@ -291,8 +289,7 @@ def _axes(axis: int | tuple[int, ...] | None) -> tuple[int, ...] | None:
 
 def dice(y_true: Tensor, y_pred: Tensor, axis: int | tuple[int, ...] | None = None) -> Tensor:
     """1 - 2 sum(y p) / (sum y + sum p + 1e-7), summed over ``axis`` (all axes when None)."""
-    y_pred = torch.as_tensor(y_pred)
-    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    y_true, y_pred = _cast(y_true, y_pred)
     dims = _axes(axis)
     total = (lambda t: t.sum()) if dims is None else (lambda t: t.sum(dim=dims))
     return 1 - 2.0 * total(y_true * y_pred) / (total(y_true) + total(y_pred) + EPSILON)
@@ -303,8 +300,7 @@ def tversky(
 ) -> Tensor:
     """1 - TP / (TP + alpha sum((1 - p) y) + beta sum(p (1 - y)) + 1e-7), as Keras writes it:
     its ``alpha`` weighs missed positives and ``beta`` false alarms."""
-    y_pred = torch.as_tensor(y_pred)
-    y_true = torch.as_tensor(y_true).to(y_pred.dtype)
+    y_true, y_pred = _cast(y_true, y_pred)
     dims = _axes(axis)
     total = (lambda t: t.sum()) if dims is None else (lambda t: t.sum(dim=dims))
     tp = total(y_true * y_pred)
