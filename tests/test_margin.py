@@ -188,3 +188,17 @@ def test_margin_bad_input():
     check_raises(LF.cosine_embedding_loss, x, x, torch.ones(4), match="cosine_embedding_loss: expected input1 and input2")
     check_raises(LF.triplet_margin_with_distance_loss, x, x, x, margin=0.0, match="margin must be > 0; got 0.0")
     check_raises(LF.triplet_margin_loss, x, x, x[0], match="triplet_margin_loss: all inputs must have the same number")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_float64_remaining_margin_losses(reduction):
+    x, z = torch.randn(4, 5, dtype=torch.float64, requires_grad=True), torch.randn(4, 5, dtype=torch.float64)
+    s = signs((4, 5))
+    assert torch.autograd.gradcheck(lambda a: LF.soft_margin_loss(a, s, reduction=reduction), (x,))
+    assert torch.autograd.gradcheck(
+        lambda a: LF.multilabel_soft_margin_loss(a, (s > 0).double(), weight=torch.rand(5, dtype=torch.float64),
+                                                 reduction=reduction), (x,))
+    assert torch.autograd.gradcheck(lambda a, b: LF.margin_ranking_loss(a, b, s, margin=0.1, reduction=reduction), (x, z.requires_grad_()))
+    assert torch.autograd.gradcheck(lambda a: LF.hinge_embedding_loss(a, s, margin=0.5, reduction=reduction), (x,))
+    assert torch.autograd.gradcheck(
+        lambda a: LF.triplet_margin_with_distance_loss(a, z, z.flip(0), swap=True, reduction=reduction), (x,))
