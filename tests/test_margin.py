@@ -194,10 +194,10 @@ def test_margin_bad_input():
 def test_gradcheck_float64_remaining_margin_losses(reduction):
     x, z = torch.randn(4, 5, dtype=torch.float64, requires_grad=True), torch.randn(4, 5, dtype=torch.float64)
     s = signs((4, 5))
+    weight = torch.rand(5, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda a: LF.soft_margin_loss(a, s, reduction=reduction), (x,))
     assert torch.autograd.gradcheck(
-        lambda a: LF.multilabel_soft_margin_loss(a, (s > 0).double(), weight=torch.rand(5, dtype=torch.float64),
-                                                 reduction=reduction), (x,))
+        lambda a: LF.multilabel_soft_margin_loss(a, (s > 0).double(), weight=weight, reduction=reduction), (x,))
     assert torch.autograd.gradcheck(lambda a, b: LF.margin_ranking_loss(a, b, s, margin=0.1, reduction=reduction), (x, z.requires_grad_()))
     assert torch.autograd.gradcheck(lambda a: LF.hinge_embedding_loss(a, s, margin=0.5, reduction=reduction), (x,))
     assert torch.autograd.gradcheck(
