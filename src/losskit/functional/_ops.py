@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -15,3 +16,13 @@ def log_softmax(x: Tensor, dim: int) -> Tensor:
     """
     shifted = x - x.amax(dim=dim, keepdim=True).detach()
     return shifted - shifted.exp().sum(dim=dim, keepdim=True).log()
+
+
+def kl_terms(log_p: Tensor, log_q: Tensor, dim: int) -> Tensor:
+    """sum_c p_c (log p_c - log q_c) along ``dim`` from log-probabilities, 0 log 0 = 0.
+
+    The difference is masked before the product, so a p of 0 passes no 0 * inf = nan to the
+    gradient; p > 0 where q = 0 gives +inf, as KL does.
+    """
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(dim)

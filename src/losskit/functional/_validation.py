@@ -112,12 +112,16 @@ def check_class_targets(
             f"{fn}: target shape {_shape(target)} does not fit input shape {tuple(input_shape)}; "
             f"class-index targets must have shape {tuple(expected)}"
         )
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    check_target_range(target, target != ignore_index, num_classes, fn)
+
+
+def check_target_range(target: Tensor, counted: Tensor, num_classes: int, fn: str) -> None:
+    """Every counted class index lies in [0, num_classes); IndexError naming the first that does not."""
+    bad = counted & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         where = first_index(bad)
-        value = int(target[where])
         raise IndexError(
-            f"{fn}: target {value}{at_index(where)} is out of range for {num_classes} classes"
+            f"{fn}: target {int(target[where])}{at_index(where)} is out of range for {num_classes} classes"
         )
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._docs import LEGACY_ARGS, fill_doc
-from ._ops import log_softmax
+from ._ops import kl_terms, log_softmax
 from ._reduction import reduce_loss, resolve_reduction, result_dtypes
 from ._validation import broadcast_shape, check_floating
 
@@ -145,17 +145,13 @@ def js_divergence(
     if from_logits:
         log_q, log_p = log_softmax(log_q, -1), log_softmax(log_p, -1)
 
-    def kl(log_a: Tensor, log_b: Tensor) -> Tensor:  # sum_c a (log a - log b), 0 where a = 0
-        a = log_a.exp()
-        return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(-1)
-
     if beta == 0.0:
-        rows = kl(log_p, log_q)
+        rows = kl_terms(log_p, log_q, -1)
     elif beta == 1.0:
-        rows = kl(log_q, log_p)
+        rows = kl_terms(log_q, log_p, -1)
     else:
         log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
-        rows = beta * kl(log_p, log_m) + (1.0 - beta) * kl(log_q, log_m)
+        rows = beta * kl_terms(log_p, log_m, -1) + (1.0 - beta) * kl_terms(log_q, log_m, -1)
     if labels is not None:
         if tuple(labels.shape) != tuple(rows.shape):
             raise ValueError(f"{fn}: labels shape {tuple(labels.shape)} must be the rows' shape {tuple(rows.shape)}")

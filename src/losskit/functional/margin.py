@@ -10,13 +10,7 @@ from torch import Tensor
 
 from ._docs import LEGACY_ARGS, fill_doc
 from ._reduction import reduce_loss, resolve_reduction, result_dtypes
-from ._validation import (
-    at_index,
-    broadcast_shape,
-    check_class_weight,
-    check_floating,
-    first_index,
-)
+from ._validation import broadcast_shape, check_class_weight, check_floating, check_target_range
 
 __all__ = [
     "cosine_embedding_loss",
@@ -177,10 +171,7 @@ def multilabel_margin_loss(
     num_classes = input.shape[-1]
     # Targets count up to the first -1 of each row.
     counted = (target != -1).long().cumprod(dim=-1).bool()
-    bad = counted & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        where = first_index(bad)
-        raise IndexError(f"{fn}: target {int(target[where])}{at_index(where)} is out of range for {num_classes} classes")
+    check_target_range(target, counted, num_classes, fn)
     compute, out = result_dtypes(input)
     x = input.to(compute)
     safe = target.masked_fill(~counted, 0).long()
@@ -237,10 +228,7 @@ def multi_margin_loss(
     check_floating(input, "input", fn)
     _class_rows(input, target, fn, target_like_input=False)
     num_classes = input.shape[-1]
-    bad = (target < 0) | (target >= num_classes)
-    if bool(bad.any()):
-        where = first_index(bad)
-        raise IndexError(f"{fn}: target {int(target[where])}{at_index(where)} is out of range for {num_classes} classes")
+    check_target_range(target, torch.ones_like(target, dtype=torch.bool), num_classes, fn)
     if weight is not None:
         check_class_weight(weight, num_classes, fn)
     compute, out = result_dtypes(input)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..functional._ops import log_softmax
+from ..functional._ops import kl_terms, log_softmax
 from ..functional._validation import (
     at_index,
     broadcast_shape,
@@ -153,7 +153,7 @@ def kl_divergence(
     broadcast_shape(p, q, ("p", "q"), fn)
     log_p = _log_probs(p, "p", fn, dim, from_logits)
     log_q = _log_probs(q, "q", fn, dim, from_logits)
-    return _in_base(_plogq(log_p, log_p, dim) - _plogq(log_p, log_q, dim), base, fn)
+    return _in_base(kl_terms(log_p, log_q, dim), base, fn)
 
 
 def js_divergence(
@@ -189,6 +189,4 @@ def js_divergence(
     log_q = _log_probs(q, "q", fn, dim, from_logits)
     # log m = log((p + q) / 2), formed in log space so that tiny probabilities keep precision.
     log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-    kl_pm = _plogq(log_p, log_p, dim) - _plogq(log_p, log_m, dim)
-    kl_qm = _plogq(log_q, log_q, dim) - _plogq(log_q, log_m, dim)
-    return _in_base(0.5 * (kl_pm + kl_qm), base, fn)
+    return _in_base(0.5 * (kl_terms(log_p, log_m, dim) + kl_terms(log_q, log_m, dim)), base, fn)

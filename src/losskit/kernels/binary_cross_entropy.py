@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional._reduction import reduce_loss
+from ..functional._reduction import reduce_loss, result_dtypes
 from .cross_entropy import fused_enabled, scale_by_grad_output, take_precomputed
 
 # Elements per chunk: a chunk and its few temporaries stay in cache.
@@ -28,7 +28,7 @@ class FusedBinaryCrossEntropyWithLogits(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str
     ) -> Tensor:
-        compute = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+        compute, _ = result_dtypes(input)
         shape = input.shape
         # Rows of the last dimension, so that a weight broadcast from the right (e.g. [C]
         # over [N, C]) is sliced per chunk as a view and never copied to the full size.

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..functional._reduction import reduce_loss
+from ..functional._reduction import reduce_loss, result_dtypes
 
 _state = threading.local()
 
@@ -226,7 +226,7 @@ class FusedCrossEntropy(torch.autograd.Function):
         softcap: float | None,
         reduction: str,
     ) -> Tensor:
-        compute = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+        compute, _ = result_dtypes(input)
         n, num_classes = input.shape
         rows_loss = RowLoss(
             target, ignore_index, weight, num_classes, compute, label_smoothing, lse_square_scale, softcap, reduction

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional._reduction import reduce_loss
+from ..functional._reduction import reduce_loss, result_dtypes
 from .cross_entropy import RowLoss, scale_by_grad_output, take_precomputed
 
 # Auto chunk. Every chunk reads and writes the whole (C, H) weight gradient once, so few
@@ -34,11 +34,6 @@ LINEAR_CHUNK_BYTES = 64 << 20
 
 def auto_chunk_rows(num_classes: int, in_features: int) -> int:
     return int(min(1024, max(16, in_features, LINEAR_CHUNK_BYTES // (4 * max(num_classes, 1)))))
-
-
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    dtype = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-    return dtype
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -57,7 +52,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         reduction: str,
         chunk_rows: int,
     ) -> Tensor:
-        compute = _compute_dtype(input, linear_weight)
+        compute, _ = result_dtypes(input, linear_weight)
         n = input.shape[0]
         num_classes = linear_weight.shape[0]
         x = input.to(compute)
