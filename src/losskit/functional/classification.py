@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._ops import log_softmax
+from .._core.ops import log_softmax
 from ..kernels.binary_cross_entropy import fused_bce_applies, fused_binary_cross_entropy_with_logits
 from ..kernels.cross_entropy import fused_applies, fused_cross_entropy
-from ._docs import LEGACY_ARGS, fill_doc
-from ._reduction import reduce_loss, resolve_reduction, result_dtypes
-from ._validation import (
+from .._core.docs import LEGACY_ARGS, fill_doc
+from .._core.dtypes import result_dtypes
+from .._core.reduction import reduce_loss, resolve_reduction
+from .._core.validation import (
     check_broadcasts_to,
     check_class_targets,
     check_class_weight,

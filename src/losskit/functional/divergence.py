@@ -8,10 +8,11 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._docs import LEGACY_ARGS, fill_doc
-from ._ops import kl_terms, log_softmax
-from ._reduction import reduce_loss, resolve_reduction, result_dtypes
-from ._validation import broadcast_shape, check_floating
+from .._core.docs import LEGACY_ARGS, fill_doc
+from .._core.ops import kl_terms, log_softmax
+from .._core.dtypes import result_dtypes
+from .._core.reduction import reduce_loss, resolve_reduction
+from .._core.validation import broadcast_shape, check_floating
 
 __all__ = ["js_divergence", "kl_div"]
 

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._ops import log_softmax
-from ._reduction import reduce_loss, resolve_reduction, result_dtypes
-from ._validation import check_class_weight, check_floating, check_same_shape, class_dim_of
+from .._core.ops import log_softmax
+from .._core.dtypes import result_dtypes
+from .._core.reduction import reduce_loss, resolve_reduction
+from .._core.validation import check_class_weight, check_floating, check_same_shape, class_dim_of
 from .classification import check_index_targets
 
 __all__ = ["poly1_cross_entropy", "sigmoid_focal_loss", "softmax_focal_loss"]

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from ..kernels.cross_entropy import fused_enabled
 from ..kernels.linear_cross_entropy import fused_linear_cross_entropy
-from ._reduction import resolve_reduction
-from ._validation import (
+from .._core.reduction import resolve_reduction
+from .._core.validation import (
     check_class_targets,
     check_class_weight,
     check_floating,

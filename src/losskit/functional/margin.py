@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._docs import LEGACY_ARGS, fill_doc
-from ._reduction import reduce_loss, resolve_reduction, result_dtypes
-from ._validation import broadcast_shape, check_class_weight, check_floating, check_target_range
+from .._core.docs import LEGACY_ARGS, fill_doc
+from .._core.dtypes import result_dtypes
+from .._core.reduction import reduce_loss, resolve_reduction
+from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range
 
 __all__ = [
     "cosine_embedding_loss",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._ops import log_softmax
-from ._reduction import resolve_reduction, result_dtypes
-from ._validation import check_class_weight, check_floating, check_in_unit_interval
+from .._core.ops import log_softmax
+from .._core.dtypes import result_dtypes
+from .._core.reduction import resolve_reduction
+from .._core.validation import check_class_weight, check_floating, check_in_unit_interval
 from .classification import check_index_targets
 
 __all__ = ["dice_loss", "tversky_loss"]

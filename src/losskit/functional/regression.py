@@ -10,9 +10,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._docs import LEGACY_ARGS, fill_doc
-from ._reduction import reduce_loss, resolve_reduction, result_dtypes
-from ._validation import at_index, broadcast_shape, check_floating, check_reduction_weight, first_index
+from .._core.docs import LEGACY_ARGS, fill_doc
+from .._core.dtypes import result_dtypes
+from .._core.reduction import reduce_loss, resolve_reduction
+from .._core.validation import at_index, broadcast_shape, check_floating, check_reduction_weight, first_index
 
 __all__ = ["gaussian_nll_loss", "huber_loss", "l1_loss", "mse_loss", "poisson_nll_loss", "smooth_l1_loss"]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._reduction import reduce_loss, resolve_reduction, result_dtypes
-from ._validation import at_index, check_floating, first_index
+from .._core.dtypes import result_dtypes
+from .._core.reduction import reduce_loss, resolve_reduction
+from .._core.validation import at_index, check_floating, first_index
 
 __all__ = ["ctc_loss"]
 

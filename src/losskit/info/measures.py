@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..functional._ops import kl_terms, log_softmax
-from ..functional._validation import (
+from .._core.ops import kl_terms, log_softmax
+from .._core.validation import (
     at_index,
     broadcast_shape,
     check_floating,

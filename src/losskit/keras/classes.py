@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..functional._reduction import reduce_loss
+from .._core.reduction import reduce_loss
 from . import functions as K
 
 KERAS_REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none", None)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..functional._ops import log_softmax
+from .._core.ops import log_softmax
 
 EPSILON = 1e-7  # keras.config.epsilon()
 

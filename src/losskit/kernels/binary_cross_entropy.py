@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional._reduction import reduce_loss, result_dtypes
+from .._core.dtypes import result_dtypes
+from .._core.reduction import reduce_loss
 from .cross_entropy import fused_enabled, scale_by_grad_output, take_precomputed
 
 # Elements per chunk: a chunk and its few temporaries stay in cache.

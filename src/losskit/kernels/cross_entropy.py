@@ -25,7 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..functional._reduction import reduce_loss, result_dtypes
+from .._core.dtypes import result_dtypes
+from .._core.reduction import reduce_loss
 
 _state = threading.local()
 

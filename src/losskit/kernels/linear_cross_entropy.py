@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional._reduction import reduce_loss, result_dtypes
+from .._core.dtypes import result_dtypes
+from .._core.reduction import reduce_loss
 from .cross_entropy import RowLoss, scale_by_grad_output, take_precomputed
 
 # Auto chunk. Every chunk reads and writes the whole (C, H) weight gradient once, so few

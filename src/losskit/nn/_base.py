@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..functional._reduction import REDUCTIONS, resolve_reduction
+from .._core.reduction import REDUCTIONS, resolve_reduction
 
 
 class Loss(nn.Module):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..functional._validation import check_class_weight, check_label_smoothing, check_logit_options
+from .._core.validation import check_class_weight, check_label_smoothing, check_logit_options
 from ._base import WeightedLoss
 
 __all__ = ["LinearCrossEntropyLoss"]
