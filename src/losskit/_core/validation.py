@@ -12,6 +12,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from .checks import check_values, full_checks
+
 
 def _shape(t: Tensor | torch.Size | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(t.shape) if isinstance(t, Tensor) else tuple(t)
@@ -117,31 +119,50 @@ def check_class_targets(
 
 def check_target_range(target: Tensor, counted: Tensor, num_classes: int, fn: str) -> None:
     """Every counted class index lies in [0, num_classes); IndexError naming the first that does not."""
-    bad = counted & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
+
+    def report(bad: Tensor) -> Exception:
         where = first_index(bad)
-        raise IndexError(
-            f"{fn}: target {int(target[where])}{at_index(where)} is out of range for {num_classes} classes"
-        )
+        return IndexError(f"{fn}: target {int(target[where])}{at_index(where)} is out of range for {num_classes} classes")
+
+    check_values(
+        target,
+        lambda: counted & ((target < 0) | (target >= num_classes)),
+        report,
+        f"{fn}: a target class index is out of range for {num_classes} classes",
+    )
 
 
 def check_in_unit_interval(t: Tensor, name: str, fn: str, hint: str = "") -> None:
     """Every element in [0, 1]; NaN counts as outside."""
-    bad = ~((t >= 0) & (t <= 1))
-    if bool(bad.any()):
+
+    def report(bad: Tensor) -> Exception:
         where = first_index(bad)
-        raise ValueError(
+        return ValueError(
             f"{fn}: {name} must hold probabilities in [0, 1]; found {float(t[where]):g}{at_index(where)}"
             + (f". {hint}" if hint else "")
         )
+
+    check_values(t, lambda: ~((t >= 0) & (t <= 1)), report, f"{fn}: {name} must hold probabilities in [0, 1]")
+
+
+def check_non_negative(t: Tensor, name: str, fn: str) -> None:
+    """Every element >= 0 (NaN passes, as torch lets it through)."""
+
+    def report(bad: Tensor) -> Exception:
+        where = first_index(bad)
+        return ValueError(f"{fn}: {name} must be >= 0; found {float(t[where]):g}{at_index(where)}")
+
+    check_values(t, lambda: t < 0, report, f"{fn}: {name} must be >= 0")
 
 
 def warn_if_probabilities(input: Tensor, class_dim: int, fn: str) -> None:
     """Warn on the classic mistake of passing softmax outputs to a loss that wants logits.
 
-    Looks at the first few rows only, so the check stays cheap at any batch size.
+    Looks at the first few rows only, so the check stays cheap at any batch size. It reads
+    the data, so it runs only where value checks run in full (CPU eager by default): a
+    warning is never worth a device synchronisation or a graph break.
     """
-    if input.numel() == 0 or input.shape[class_dim] < 2:
+    if input.numel() == 0 or input.shape[class_dim] < 2 or not full_checks(input):
         return
     rows = input.detach().movedim(class_dim, -1).reshape(-1, input.shape[class_dim])[:8].float()
     if bool((rows >= 0).all()) and bool(torch.allclose(rows.sum(-1), torch.ones(()), atol=1e-4)):

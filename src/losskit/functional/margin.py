@@ -176,7 +176,7 @@ def multilabel_margin_loss(
     compute, out = result_dtypes(input)
     x = input.to(compute)
     safe = target.masked_fill(~counted, 0).long()
-    is_target = torch.zeros(target.shape, dtype=torch.long).scatter_add_(-1, safe, counted.long()) > 0
+    is_target = torch.zeros_like(target, dtype=torch.long).scatter_add_(-1, safe, counted.long()) > 0
     picked = x.gather(-1, safe)  # x at each listed target, (..., C_j)
     hinge = (1 - (picked.unsqueeze(-1) - x.unsqueeze(-2))).clamp_min(0)  # (..., C_j, C_i)
     pairs = counted.unsqueeze(-1) & ~is_target.unsqueeze(-2)

@@ -61,7 +61,7 @@ def _reduce_classes(loss: Tensor, weight: Tensor | None, reduction: str, fn: str
         check_class_weight(weight, loss.shape[1], fn)
         w = weight.to(loss.dtype)
     else:
-        w = torch.ones(loss.shape[1], dtype=loss.dtype)
+        w = loss.new_ones(loss.shape[1])
     weighted = loss * w
     if reduction == "none":
         return weighted.to(out)

@@ -13,7 +13,7 @@ from torch import Tensor
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
-from .._core.validation import at_index, broadcast_shape, check_floating, check_reduction_weight, first_index
+from .._core.validation import broadcast_shape, check_floating, check_non_negative, check_reduction_weight
 
 __all__ = ["gaussian_nll_loss", "huber_loss", "l1_loss", "mse_loss", "poisson_nll_loss", "smooth_l1_loss"]
 
@@ -324,10 +324,7 @@ def gaussian_nll_loss(
             raise ValueError(f"{fn}: var must be >= 0; got {var}")
         var = torch.full_like(input, float(var))
     else:
-        negative = var < 0
-        if bool(negative.any()):
-            where = first_index(negative)
-            raise ValueError(f"{fn}: var must be >= 0; found {float(var[where]):g}{at_index(where)}")
+        check_non_negative(var, "var", fn)
     if var.shape != input.shape:
         if tuple(input.shape[:-1]) == tuple(var.shape):
             var = var.unsqueeze(-1)  # one variance per row of the last dimension

@@ -7,16 +7,57 @@ from torch import Tensor
 
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
+from .._core.checks import check_values
 from .._core.validation import at_index, check_floating, first_index
 
 __all__ = ["ctc_loss"]
 
 
-def _as_lengths(lengths: Tensor | list[int] | tuple[int, ...] | int, batch: int, name: str, fn: str) -> Tensor:
-    values = torch.as_tensor(lengths, dtype=torch.long).reshape(-1)
+def _as_lengths(
+    lengths: Tensor | list[int] | tuple[int, ...] | int, batch: int, name: str, fn: str, device: torch.device
+) -> Tensor:
+    values = torch.as_tensor(lengths, dtype=torch.long, device=device).reshape(-1)
     if values.numel() != batch:
         raise ValueError(f"{fn}: {name} must have one entry per sequence ({batch}); got {values.numel()}")
     return values
+
+
+def _check_lengths(lengths: Tensor, limit: int, name: str, what: str, fn: str) -> None:
+    """Each length in [0, limit]."""
+
+    def report(bad: Tensor) -> Exception:
+        return ValueError(f"{fn}: {name} must lie in [0, {limit}]; got {lengths.tolist()} ({what} is {limit})")
+
+    check_values(lengths, lambda: (lengths < 0) | (lengths > limit), report, f"{fn}: {name} must lie in [0, {limit}]")
+
+
+def _pad_concatenated(targets: Tensor, target_lengths: Tensor, given: object, fn: str) -> Tensor:
+    """(N, S) padded targets from the concatenated 1-D form, S the longest target length.
+
+    S is read from the lengths as given (``given``: free for a list or a CPU tensor, one
+    host read for a device tensor, as torch's own ctc_loss reads its lengths): the only
+    data-dependent shape in losskit. Meta tensors hold no lengths; there S is bounded by
+    the number of targets.
+    """
+    total = targets.numel()
+
+    def report(bad: Tensor) -> Exception:
+        return ValueError(f"{fn}: 1-D targets hold {total} labels but target_lengths sum to {int(target_lengths.sum())}")
+
+    check_values(target_lengths, lambda: target_lengths.sum() != total, report,
+                 f"{fn}: target_lengths must sum to the number of 1-D targets ({total})")
+    batch = target_lengths.shape[0]
+    if not batch:
+        longest = 0
+    elif isinstance(given, Tensor):
+        longest = total if given.device.type == "meta" else int(given.max())
+    else:
+        longest = int(max(torch.as_tensor(given).reshape(-1).tolist()))
+    starts = torch.cumsum(target_lengths, 0) - target_lengths
+    offsets = torch.arange(longest, device=targets.device)
+    index = (starts.unsqueeze(1) + offsets).clamp(max=max(total - 1, 0))
+    padded = targets.long()[index] if total else targets.new_zeros(batch, longest, dtype=torch.long)
+    return padded.masked_fill(offsets >= target_lengths.unsqueeze(1), 0)
 
 
 def _logsumexp(stacked: Tensor, dim: int) -> Tensor:
@@ -39,11 +80,11 @@ def _forward_recursion(log_probs: Tensor, labels: Tensor, input_lengths: Tensor,
     """
     steps, batch, _ = log_probs.shape
     width = labels.shape[1]
-    minus_inf = torch.tensor(-float("inf"), dtype=log_probs.dtype)
+    minus_inf = log_probs.new_full((), -float("inf"))
     emit = log_probs.gather(2, labels.unsqueeze(0).expand(steps, batch, width))  # (T, N, L)
-    skip = torch.zeros(batch, width, dtype=torch.bool)
+    skip = torch.zeros(batch, width, dtype=torch.bool, device=labels.device)
     skip[:, 2:] = (labels[:, 2:] != labels[:, :-2]) & (labels[:, 2:] != 0)
-    positions = torch.arange(width)
+    positions = torch.arange(width, device=labels.device)
     alpha = torch.where(positions < 2, emit[0], minus_inf)
     for t in range(1, steps):
         stay = alpha
@@ -73,7 +114,7 @@ class _CTCLoss(torch.autograd.Function):
             losses = _forward_recursion(leaf, labels, input_lengths, label_lengths)
             finite = torch.isfinite(losses)
             (true_grad,) = torch.autograd.grad(torch.where(finite, losses, 0.0).sum(), leaf)
-        inside = (torch.arange(log_probs.shape[0]).unsqueeze(1) < input_lengths).unsqueeze(2)
+        inside = (torch.arange(log_probs.shape[0], device=log_probs.device).unsqueeze(1) < input_lengths).unsqueeze(2)
         grad = torch.where(inside, log_probs.detach().exp() + true_grad, 0.0)
         if zero_infinity:
             grad = torch.where(finite.view(1, -1, 1), grad, 0.0)
@@ -150,41 +191,40 @@ def ctc_loss(
     if log_probs.dim() != 3:
         raise ValueError(f"{fn}: log_probs must be (T, N, C) or (T, C); got shape {tuple(log_probs.shape)}")
     steps, batch, num_classes = log_probs.shape
-    input_lengths = _as_lengths(input_lengths, batch, "input_lengths", fn)
-    target_lengths = _as_lengths(target_lengths, batch, "target_lengths", fn)
-    if bool((input_lengths > steps).any() or (input_lengths < 0).any()):
-        raise ValueError(f"{fn}: input_lengths must lie in [0, {steps}]; got {input_lengths.tolist()}")
+    device = log_probs.device
+    input_lengths = _as_lengths(input_lengths, batch, "input_lengths", fn, device)
+    given_target_lengths = target_lengths
+    target_lengths = _as_lengths(target_lengths, batch, "target_lengths", fn, device)
+    _check_lengths(input_lengths, steps, "input_lengths", "the number of frames", fn)
     if not 0 <= blank < num_classes:
         raise ValueError(f"{fn}: blank must be a class in [0, {num_classes}); got {blank}")
     if targets.dim() == 2:
-        longest = targets.shape[1]
-        if bool((target_lengths > longest).any()):
-            raise ValueError(f"{fn}: target_lengths {target_lengths.tolist()} exceed the padded width {longest}")
+        _check_lengths(target_lengths, targets.shape[1], "target_lengths", "the padded width", fn)
         padded = targets
     else:  # concatenated
-        if int(target_lengths.sum()) != targets.numel():
-            raise ValueError(
-                f"{fn}: 1-D targets hold {targets.numel()} labels but target_lengths sum to {int(target_lengths.sum())}"
-            )
-        longest = int(target_lengths.max()) if batch else 0
-        padded = torch.zeros(batch, longest, dtype=torch.long)
-        for n, piece in enumerate(torch.split(targets, target_lengths.tolist())):
-            padded[n, : len(piece)] = piece
-    counted = torch.arange(padded.shape[1]).unsqueeze(0) < target_lengths.unsqueeze(1)
-    bad = counted & ((padded < 0) | (padded >= num_classes) | (padded == blank))
-    if bool(bad.any()):
+        padded = _pad_concatenated(targets, target_lengths, given_target_lengths, fn)
+    counted = torch.arange(padded.shape[1], device=device).unsqueeze(0) < target_lengths.unsqueeze(1)
+
+    def bad_label(bad: Tensor) -> Exception:
         where = first_index(bad)
-        raise ValueError(
+        return ValueError(
             f"{fn}: target {int(padded[where])}{at_index(where)} must be a class in [0, {num_classes}) other than "
             f"the blank ({blank})"
         )
+
+    check_values(
+        padded,
+        lambda: counted & ((padded < 0) | (padded >= num_classes) | (padded == blank)),
+        bad_label,
+        f"{fn}: a target must be a class in [0, {num_classes}) other than the blank ({blank})",
+    )
     # Extended labels with the blank mapped to class 0's slot ordering kept: blank, y1, blank, ...
     width = 2 * padded.shape[1] + 1
-    labels = torch.full((batch, width), blank, dtype=torch.long)
+    labels = torch.full((batch, width), blank, dtype=torch.long, device=device)
     labels[:, 1::2] = padded.masked_fill(~counted, blank).long()
     compute, out = result_dtypes(log_probs)
     # The recursion treats class 0 as the blank: swap the blank class into slot 0.
-    order = torch.arange(num_classes)
+    order = torch.arange(num_classes, device=device)
     order[0], order[blank] = blank, 0
     lp = log_probs.to(compute)
     swapped = lp.index_select(2, order) if blank != 0 else lp

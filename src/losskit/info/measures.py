@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .._core.ops import kl_terms, log_softmax
+from .._core.checks import check_values
 from .._core.validation import (
     at_index,
     broadcast_shape,
@@ -31,22 +32,27 @@ def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Te
         raise ValueError(f"{fn}: {name} must have a dimension holding the distribution; got a 0-d tensor")
     if from_logits:
         # -inf is a legitimate logit (probability 0); nan and +inf are not.
-        bad = torch.isnan(x) | (x == math.inf)
-        if bool(bad.any()):
+        def bad_logit(bad: Tensor) -> Exception:
             where = first_index(bad)
-            raise ValueError(f"{fn}: {name} logits must be finite or -inf; found {float(x[where])}{at_index(where)}")
+            return ValueError(f"{fn}: {name} logits must be finite or -inf; found {float(x[where])}{at_index(where)}")
+
+        check_values(x, lambda: torch.isnan(x) | (x == math.inf), bad_logit, f"{fn}: {name} logits must be finite or -inf")
         return log_softmax(x, dim)
     check_in_unit_interval(x, name, fn)
     sums = x.sum(dim=dim)
     # float32 sums of a few thousand probabilities drift by ~1e-6; half types by far more.
     tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(x.dtype, 1e-2) * max(1, x.shape[dim]) ** 0.5
-    off = (sums - 1).abs() > tol
-    if bool(off.any()):
+
+    def not_summing_to_one(off: Tensor) -> Exception:
         where = first_index(off)
-        raise ValueError(
+        return ValueError(
             f"{fn}: {name} is not a distribution along dim {dim}: the one{at_index(where)} sums to "
             f"{float(sums[where]):.6g}, not 1 (pass from_logits=True for logits)"
         )
+
+    check_values(
+        x, lambda: (sums - 1).abs() > tol, not_summing_to_one, f"{fn}: {name} is not a distribution along dim {dim}"
+    )
     return torch.log(x)
 
 

@@ -60,12 +60,12 @@ def reduce_weighted(
             scale = torch.where(counted > 0, mask.numel() / counted, torch.zeros_like(counted))
             mask = mask * scale
         if sample_weight is not None:
-            mask, sample_weight = K.same_rank(mask, torch.as_tensor(sample_weight, dtype=values.dtype))
+            mask, sample_weight = K.same_rank(mask, torch.as_tensor(sample_weight, dtype=values.dtype, device=values.device))
             sample_weight = sample_weight * mask
         else:
             sample_weight = mask
     if sample_weight is not None:
-        values, sample_weight = K.same_rank(values, torch.as_tensor(sample_weight, dtype=values.dtype))
+        values, sample_weight = K.same_rank(values, torch.as_tensor(sample_weight, dtype=values.dtype, device=values.device))
         values = values * sample_weight
     if reduction in (None, "none") or values.dim() == 0 or tuple(values.shape) == (0,):
         return values
@@ -75,7 +75,7 @@ def reduce_weighted(
     if reduction == "mean_with_sample_weight" and sample_weight is not None:
         divisor = sample_weight.sum().to(total.dtype)
     else:
-        divisor = torch.tensor(float(values.numel()), dtype=total.dtype)
+        divisor = total.new_tensor(float(values.numel()))
     return torch.where(divisor != 0, total / divisor, torch.zeros_like(total))  # Keras's divide_no_nan
 
 
@@ -97,7 +97,7 @@ class Loss:
         y_pred = torch.as_tensor(y_pred)
         if self.dtype is not None:
             y_pred = y_pred.to(self.dtype)
-        losses, mask = self.call(torch.as_tensor(y_true), y_pred)
+        losses, mask = self.call(torch.as_tensor(y_true, device=y_pred.device), y_pred)
         return reduce_weighted(losses, sample_weight, mask, self.reduction)
 
     def get_config(self) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def same_rank(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 def _cast(y_true: Tensor, y_pred: Tensor) -> tuple[Tensor, Tensor]:
     """Both as tensors, y_true in y_pred's dtype (Keras casts labels to the predictions')."""
     y_pred = torch.as_tensor(y_pred)
-    return torch.as_tensor(y_true).to(y_pred.dtype), y_pred
+    return torch.as_tensor(y_true, device=y_pred.device).to(y_pred.dtype), y_pred
 
 
 def _pair(y_true: Tensor, y_pred: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,7 +116,7 @@ def sparse_categorical_crossentropy_and_mask(
     """
     fn = "sparse_categorical_crossentropy"
     y_pred = torch.as_tensor(y_pred)
-    y_true = torch.as_tensor(y_true)
+    y_true = torch.as_tensor(y_true, device=y_pred.device)
     if y_true.dim() == y_pred.dim() and y_true.shape[axis] == 1:
         y_true = y_true.squeeze(axis)
     class_axis = axis % y_pred.dim()
@@ -192,8 +192,8 @@ def log_cosh(y_true: Tensor, y_pred: Tensor) -> Tensor:
 
 def _hinge_labels(y_true: Tensor) -> Tensor:
     """Keras maps labels that are all 0/1 to -1/+1 and leaves other labels alone."""
-    binary = bool(((y_true == 0) | (y_true == 1)).all())
-    return 2.0 * y_true - 1.0 if binary else y_true
+    binary = ((y_true == 0) | (y_true == 1)).all()  # a 0-d tensor: no host sync, no graph break
+    return torch.where(binary, 2.0 * y_true - 1.0, y_true)
 
 
 def hinge(y_true: Tensor, y_pred: Tensor) -> Tensor:
@@ -279,7 +279,7 @@ def categorical_generalized_cross_entropy(y_true: Tensor, y_pred: Tensor, q: flo
     y_pred = torch.as_tensor(y_pred)
     if not 0 < q <= 1:
         raise ValueError(f"categorical_generalized_cross_entropy: q must be in (0, 1]; got {q}")
-    p = y_pred.gather(-1, torch.as_tensor(y_true).long().unsqueeze(-1)).squeeze(-1)
+    p = y_pred.gather(-1, torch.as_tensor(y_true, device=y_pred.device).long().unsqueeze(-1)).squeeze(-1)
     return (1 - p**q) / q
 
 

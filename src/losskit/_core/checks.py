@@ -1,0 +1,104 @@
+"""The checks mode: how losskit verifies the values of its inputs (class indices in range,
+probabilities in [0, 1], distributions summing to 1, non-negative variances, ...).
+
+Shape, dtype and option checks cost nothing and always run. A check of the values needs
+the data, and reading data on the host stalls an accelerator and breaks a compiled graph,
+so it runs in one of these modes:
+
+- ``'full'``: read the data on the host and raise a Python exception naming the first bad
+  value and its index. Free on a CPU; on an accelerator it waits for the device.
+- ``'async'``: a device-side assert (``torch._assert_async``) that never synchronises: a
+  bad value still stops the program, later, when the device gets to it, with a message
+  that says what was wrong but not where. On CUDA, as with any device-side assert, the
+  process cannot go on using the GPU afterwards.
+- ``'off'``: no value checks. An out-of-range class index still fails in the gather that
+  reads it; a probability outside [0, 1] gives a wrong number.
+- ``'auto'`` (the default): ``'full'`` for CPU tensors in eager mode, ``'async'`` on any
+  other device and whenever torch.compile is tracing.
+
+``'full'`` asked for while compiling acts as ``'async'``, which is all a graph can hold.
+Meta tensors have no values: ``'full'`` acts as ``'async'`` there, which checks nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+MODES: tuple[str, ...] = ("auto", "full", "async", "off")
+
+# One process-wide setting, as torch's own switches (set_grad_enabled, set_printoptions).
+_mode = "auto"
+
+
+class checks:
+    """Set how losskit checks input values: ``losskit.checks("async")`` sets the mode for
+    the whole process; ``with losskit.checks("off"): ...`` sets it for a block and restores
+    the previous mode afterwards.
+
+    Example:
+        >>> import losskit
+        >>> with losskit.checks("off"):
+        ...     losskit.checks_mode()
+        'off'
+        >>> losskit.checks_mode()
+        'auto'
+    """
+
+    def __init__(self, mode: str) -> None:
+        global _mode
+        if mode not in MODES:
+            raise ValueError(f"losskit.checks: mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+        self.previous, _mode = _mode, mode
+
+    def __enter__(self) -> checks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _mode
+        _mode = self.previous
+
+
+def checks_mode() -> str:
+    """The mode set by :class:`checks`: 'auto', 'full', 'async' or 'off'."""
+    return _mode
+
+
+def effective_mode(t: Tensor) -> str:
+    """'full', 'async' or 'off' for a check of tensor ``t`` here and now."""
+    if _mode == "off":
+        return "off"
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return "async"
+    if _mode == "auto":
+        return "full" if t.device.type == "cpu" else "async"
+    return _mode
+
+
+def check_values(
+    on: Tensor,
+    find_bad: Callable[[], Tensor],
+    report: Callable[[Tensor], Exception],
+    summary: str,
+) -> None:
+    """Raise if ``find_bad()`` (a boolean mask computed from ``on``) has any True element.
+
+    In 'full' mode the exception is ``report(mask)``, which names the first bad value; in
+    'async' mode a device-side assert carries ``summary``; in 'off' mode nothing is computed.
+    """
+    mode = effective_mode(on)
+    if mode == "off":
+        return
+    bad = find_bad()
+    if mode == "full":
+        if bool(bad.any()):
+            raise report(bad)
+    else:
+        torch._assert_async(~bad.any(), summary)
+
+
+def full_checks(t: Tensor) -> bool:
+    """Whether this call may read ``t`` on the host (for checks and warnings about data)."""
+    return effective_mode(t) == "full"
