@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._core.ops import log_softmax
 from ..kernels.binary_cross_entropy import fused_bce_applies, fused_binary_cross_entropy_with_logits
-from ..kernels.cross_entropy import fused_applies, fused_cross_entropy
+from ..kernels import fused_applies, fused_cross_entropy
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
@@ -155,9 +155,11 @@ def cross_entropy(
         A scalar, or for ``reduction='none'`` the per-position loss shaped ``[]``, ``[N]``
         or ``[N, d1, ...]``.
 
-    On CPU, (N, C) logits with class-index targets take a fused kernel
-    (:mod:`losskit.kernels`) that computes loss and gradient in one pass over row chunks,
-    without torch's (N, C) log-softmax buffer; other cases, and any call inside
+    (N, C) logits with class-index targets take a fused kernel (:mod:`losskit.kernels`,
+    any device, a custom op under torch.compile) that computes loss and gradient in one
+    pass over row chunks and holds one logits-sized gradient instead of torch's (N, C)
+    log-softmax; under no_grad it computes the loss only. float64 inputs, torch.func
+    transforms, vmap and forward-mode AD, and any call inside
     ``losskit.kernels.reference_only()``, use the composed reference code.
 
     Example:
@@ -198,10 +200,28 @@ def cross_entropy(
         return reduce_loss(loss, reduction).to(out)
 
     check_index_targets(input, target, class_dim, ignore_index, fn)
+    return class_index_cross_entropy(
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
+    )
+
+
+def class_index_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+) -> Tensor:
+    """cross_entropy of validated class-index targets: the fused kernel where it applies,
+    else the composed reference."""
     if fused_applies(input, target):
         return fused_cross_entropy(
             input, target, weight, ignore_index, label_smoothing, reduction, lse_square_scale, softcap
         )
+    class_dim = 0 if input.dim() == 1 else 1
     compute, out = result_dtypes(input)
     logits = _capped(input.to(compute), softcap)
     loss, denominator = _class_index_loss(

@@ -8,7 +8,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.cross_entropy import fused_enabled
+from ..kernels.common import fused_may_serve
 from ..kernels.linear_cross_entropy import fused_linear_cross_entropy
 from .._core.reduction import resolve_reduction
 from .._core.validation import (
@@ -18,7 +18,7 @@ from .._core.validation import (
     check_label_smoothing,
     check_logit_options,
 )
-from .classification import cross_entropy
+from .classification import class_index_cross_entropy, cross_entropy
 
 __all__ = ["linear_cross_entropy"]
 
@@ -41,8 +41,8 @@ def linear_cross_entropy(
     r"""Cross-entropy of ``input @ linear_weight.T + linear_bias`` against ``target``.
 
     Equal to ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)``, but
-    on CPU, for class-index targets and a ``[C, H]`` weight, the ``[N, C]`` logits are never
-    formed: they are computed, used and turned into gradients chunk by chunk over tokens
+    for class-index targets and a ``[C, H]`` weight, on any device, the ``[N, C]`` logits
+    are never formed: they are computed, used and turned into gradients chunk by chunk over tokens
     (:mod:`losskit.kernels.linear_cross_entropy`), so the extra memory is
     :math:`O(\text{chunk} \times C)` plus the weight's gradient instead of
     :math:`O(N \times C)`, and the result is the same.
@@ -121,7 +121,7 @@ def linear_cross_entropy(
         if weight is not None:
             check_class_weight(weight, num_classes, fn)
         check_class_targets(target, batch, num_classes, ignore, tuple(input.shape), fn)
-        if fused_enabled() and input.device.type == "cpu" and math.prod(batch) > 0:
+        if fused_may_serve(input, linear_weight) and math.prod(batch) > 0:
             flat = fused_linear_cross_entropy(
                 input.reshape(-1, input.shape[-1]),
                 linear_weight,
@@ -144,9 +144,14 @@ def linear_cross_entropy(
     if len(batch) > 1:  # beyond torch: (..., H) input; classes go to dim 1 for cross_entropy
         logits = logits.reshape(-1, num_classes, *out_features)
         target = target.reshape(-1, *target.shape[len(batch):])
-    loss = cross_entropy(
-        logits, target, weight=weight, ignore_index=ignore, reduction=reduction,
-        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-    )
+    if not probabilities and not out_features:  # validated above: no second pass over the targets
+        loss = class_index_cross_entropy(
+            logits, target, weight, ignore, reduction, label_smoothing, lse_square_scale, softcap
+        )
+    else:
+        loss = cross_entropy(
+            logits, target, weight=weight, ignore_index=ignore, reduction=reduction,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+        )
     return loss.reshape(*batch, *loss.shape[1:]) if reduction == "none" and len(batch) > 1 else loss
 

@@ -1,7 +1,9 @@
-"""Fast paths behind losskit.functional, each an autograd.Function checked against the
-composed reference code, which stays the oracle. Chosen per call by device, shape and
-options; ``reference_only()`` turns them off for a block of code."""
+"""Fast paths behind losskit.functional, each checked against the composed reference code,
+which stays the oracle. Chosen per call by shape, dtype and options on any device: an
+autograd.Function in eager mode, a custom op (one graph node) under torch.compile.
+``reference_only()`` turns them off for a block of code."""
 
-from .cross_entropy import fused_applies, fused_cross_entropy, reference_only
+from .common import reference_only
+from .cross_entropy import fused_applies, fused_cross_entropy
 
 __all__ = ["fused_applies", "fused_cross_entropy", "reference_only"]

@@ -9,6 +9,10 @@ With lw = 1 + (pos_weight - 1) y and e = exp(-|x|), for each element:
 
 Every quantity comes from the one exp(-|x|), which never overflows, so logits of any size
 are exact. The gradient is written in forward into the buffer backward hands to autograd.
+
+Only CPU eager calls take this kernel. The loss is element-wise, so elsewhere the composed
+reference holds no more than torch does, and under torch.compile inductor fuses it into
+one kernel of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import Tensor
 
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss
-from .cross_entropy import fused_enabled, scale_by_grad_output, take_precomputed
+from .common import compiling, fused_may_serve, scale_by_grad_output, take_precomputed, wants_grad
 
 # Elements per chunk: a chunk and its few temporaries stay in cache.
 CHUNK_ELEMENTS = 1 << 16
@@ -29,50 +33,56 @@ class FusedBinaryCrossEntropyWithLogits(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str
     ) -> Tensor:
-        compute, _ = result_dtypes(input)
-        shape = input.shape
-        # Rows of the last dimension, so that a weight broadcast from the right (e.g. [C]
-        # over [N, C]) is sliced per chunk as a view and never copied to the full size.
-        cols = shape[-1] if input.dim() else 1
-        x = input.reshape(-1, cols)
-        y = target.reshape(-1, cols)
-        w = None if weight is None else weight.to(compute).expand(shape).reshape(-1, cols)
-        pw = None if pos_weight is None else pos_weight.to(compute).expand(shape).reshape(-1, cols)
-        n = input.numel()
-        loss = torch.empty(x.shape, dtype=compute)
-        grad = torch.empty(x.shape, dtype=input.dtype) if ctx.needs_input_grad[0] else None
-        scale = 1.0 / n if reduction == "mean" else 1.0  # 'mean' folded into the gradient
-        step = max(1, CHUNK_ELEMENTS // max(cols, 1))
-        for start in range(0, x.shape[0], step):
-            part = slice(start, start + step)
-            xc = x[part].to(compute)
-            yc = y[part].to(compute)
-            e = torch.exp(-xc.abs())
-            one_plus_e = 1.0 + e
-            log_sigmoid = xc.clamp(max=0.0) - torch.log1p(e)
-            lw = 1.0 if pw is None else torch.addcmul(torch.ones_like(yc), pw[part] - 1.0, yc)
-            chunk_loss = (1.0 - yc) * xc - lw * log_sigmoid
-            if w is not None:
-                chunk_loss.mul_(w[part])
-            loss[part] = chunk_loss
-            if grad is not None:
-                sigmoid_neg = torch.where(xc >= 0, e, 1.0) / one_plus_e
-                chunk_grad = (1.0 - yc) - lw * sigmoid_neg
-                if w is not None:
-                    chunk_grad.mul_(w[part])
-                if scale != 1.0:
-                    chunk_grad.mul_(scale)
-                grad[part] = chunk_grad
-        ctx.reduction = reduction
-        ctx.precomputed = None if grad is None else grad.view(shape)
-        return reduce_loss(loss.view(shape), reduction).to(input.dtype)
+        loss, grad = bce_with_logits_forward(input, target, weight, pos_weight, reduction, with_grad=True)
+        ctx.reduction, ctx.precomputed = reduction, grad
+        return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         grad = take_precomputed(ctx, "fused binary_cross_entropy_with_logits")
-        scale_by_grad_output([grad], grad_output, ctx.reduction)
+        (grad,) = scale_by_grad_output([grad], grad_output, ctx.reduction, in_place=True)
         return grad, None, None, None, None
+
+
+def bce_with_logits_forward(
+    input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str, with_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """(loss reduced by ``reduction``, dloss/dinput scaled for 'mean' or None): the kernel."""
+    compute, _ = result_dtypes(input)
+    shape = input.shape
+    # Rows of the last dimension, so that a weight broadcast from the right (e.g. [C]
+    # over [N, C]) is sliced per chunk as a view and never copied to the full size.
+    cols = shape[-1] if input.dim() else 1
+    x = input.reshape(-1, cols)
+    y = target.reshape(-1, cols)
+    w = None if weight is None else weight.to(compute).expand(shape).reshape(-1, cols)
+    pw = None if pos_weight is None else pos_weight.to(compute).expand(shape).reshape(-1, cols)
+    n = input.numel()
+    loss = torch.empty(x.shape, dtype=compute)
+    grad = torch.empty(x.shape, dtype=input.dtype) if with_grad else None
+    scale = 1.0 / n if reduction == "mean" else 1.0  # 'mean' folded into the gradient
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, x.shape[0], step):
+        part = slice(start, start + step)
+        xc = x[part].to(compute)
+        yc = y[part].to(compute)
+        e = torch.exp(-xc.abs())
+        one_plus_e = 1.0 + e
+        log_sigmoid = xc.clamp(max=0.0) - torch.log1p(e)
+        lw = 1.0 if pw is None else torch.addcmul(torch.ones_like(yc), pw[part] - 1.0, yc)
+        chunk_loss = (1.0 - yc) * xc - lw * log_sigmoid
+        if w is not None:
+            chunk_loss.mul_(w[part])
+        loss[part] = chunk_loss
+        if grad is not None:
+            sigmoid_neg = torch.where(xc >= 0, e, 1.0) / one_plus_e
+            chunk_grad = (1.0 - yc) - lw * sigmoid_neg
+            if w is not None:
+                chunk_grad.mul_(w[part])
+            if scale != 1.0:
+                chunk_grad.mul_(scale)
+            grad[part] = chunk_grad
+    return reduce_loss(loss.view(shape), reduction).to(input.dtype), None if grad is None else grad.view(shape)
 
 
 def fused_bce_applies(input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None) -> bool:
@@ -80,7 +90,8 @@ def fused_bce_applies(input: Tensor, target: Tensor, weight: Tensor | None, pos_
     promotion), and no gradient wanted for target, weight or pos_weight."""
     extras = [t for t in (target, weight, pos_weight) if t is not None]
     return (
-        fused_enabled()
+        fused_may_serve(input)
+        and not compiling()
         and input.device.type == "cpu"
         and input.numel() > 0
         and target.dtype == input.dtype
@@ -91,4 +102,6 @@ def fused_bce_applies(input: Tensor, target: Tensor, weight: Tensor | None, pos_
 def fused_binary_cross_entropy_with_logits(
     input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str
 ) -> Tensor:
+    if not wants_grad(input):
+        return bce_with_logits_forward(input, target, weight, pos_weight, reduction, with_grad=False)[0]
     return FusedBinaryCrossEntropyWithLogits.apply(input, target, weight, pos_weight, reduction)
