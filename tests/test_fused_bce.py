@@ -11,6 +11,15 @@ from losskit.kernels import binary_cross_entropy as kernel
 from oracle import DTYPES, REDUCTIONS, check_against_torch
 from test_classification import BINARY_SHAPES, weight_shapes
 
+@pytest.fixture(autouse=True)
+def fused_float64(monkeypatch):
+    """float64 normally takes the reference path; here it runs the kernel, so that the
+    kernel is held to float64's tight tolerances."""
+    from losskit.kernels import common
+
+    monkeypatch.setattr(common, "REFERENCE_DTYPES", ())
+
+
 
 @pytest.fixture(autouse=True)
 def tiny_chunks(monkeypatch):

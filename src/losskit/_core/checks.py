@@ -92,6 +92,14 @@ def check_values(
     if mode == "off":
         return
     bad = find_bad()
+    if _transformed(bad):
+        # Inside torch.func.grad / vmap: check the values underneath the transform's
+        # wrappers (all of vmap's samples at once), where the index has no meaning.
+        bad = _unwrapped(bad)
+        if mode == "full":
+            if bool(bad.any()):
+                raise ValueError(f"{summary} (found inside a torch.func transform)")
+            return
     if mode == "full":
         if bool(bad.any()):
             raise report(bad)
@@ -99,6 +107,18 @@ def check_values(
         torch._assert_async(~bad.any(), summary)
 
 
+def _unwrapped(t: Tensor) -> Tensor:
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def full_checks(t: Tensor) -> bool:
-    """Whether this call may read ``t`` on the host (for checks and warnings about data)."""
-    return effective_mode(t) == "full"
+    """Whether this call may read ``t`` on the host (for warnings about data): full mode,
+    outside torch.func transforms."""
+    return effective_mode(t) == "full" and not _transformed(t)
+
+
+def _transformed(t: Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform (grad, vmap) in eager mode."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)

@@ -13,6 +13,9 @@ from torch import Tensor
 
 _state = threading.local()
 
+# Dtypes the fused kernels leave to the reference path (see fused_may_serve).
+REFERENCE_DTYPES: tuple[torch.dtype, ...] = (torch.float64,)
+
 
 @contextlib.contextmanager
 def reference_only() -> Iterator[None]:
@@ -44,7 +47,7 @@ def fused_may_serve(*tensors: Tensor) -> bool:
     matter more than memory), tensors wrapped by torch.func transforms or vmap, and
     forward-mode AD.
     """
-    if not fused_enabled() or any(t.dtype == torch.float64 for t in tensors):
+    if not fused_enabled() or any(t.dtype in REFERENCE_DTYPES for t in tensors):
         return False
     if compiling():  # dynamo runs torch.func transforms itself, around the custom ops
         return True

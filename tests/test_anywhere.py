@@ -1,0 +1,265 @@
+"""What a user training anywhere relies on: the checks modes, loss-only evaluation under
+no_grad, torch.func / vmap / gradcheck without knowing about reference_only(), the memory
+the fused paths keep between forward and backward, and compiled training steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch.func import grad as func_grad
+from torch.func import vmap
+
+import losskit
+import losskit.functional as LF
+import losskit.nn as lnn
+from losskit.kernels import cross_entropy as ce_kernel
+from losskit.kernels import linear_cross_entropy as lce_kernel
+
+
+# ---- checks modes -------------------------------------------------------------------
+
+def test_checks_modes_set_globally_and_per_block():
+    assert losskit.checks_mode() == "auto"
+    with losskit.checks("off"):
+        assert losskit.checks_mode() == "off"
+        with losskit.checks("async"):
+            assert losskit.checks_mode() == "async"
+        assert losskit.checks_mode() == "off"
+    assert losskit.checks_mode() == "auto"
+    losskit.checks("full")
+    try:
+        assert losskit.checks_mode() == "full"
+    finally:
+        losskit.checks("auto")
+    with pytest.raises(ValueError, match="mode must be one of 'auto', 'full', 'async', 'off'; got 'fast'"):
+        losskit.checks("fast")
+
+
+BAD_CALLS = [
+    ("class index", lambda: LF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 7, 1])), IndexError,
+     "target 7 at index (1,) is out of range for 4 classes", "a target class index is out of range for 4 classes"),
+    ("probability", lambda: LF.binary_cross_entropy(torch.tensor([0.5, 1.5]), torch.tensor([1.0, 0.0])), ValueError,
+     "found 1.5 at index (1,)", "input must hold probabilities in [0, 1]"),
+    ("variance", lambda: LF.gaussian_nll_loss(torch.zeros(2), torch.zeros(2), torch.tensor([1.0, -1.0])), ValueError,
+     "var must be >= 0; found -1 at index (1,)", "var must be >= 0"),
+    ("distribution", lambda: losskit.info.entropy(torch.tensor([0.5, 0.6])), ValueError,
+     "sums to 1.1, not 1", "is not a distribution along dim -1"),
+]
+
+
+@pytest.mark.parametrize("what, call, error, full_message, async_message", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_values_stop_the_program_in_full_and_async_mode(what, call, error, full_message, async_message):
+    with pytest.raises(error, match=pytest.importorskip("re").escape(full_message)):
+        call()
+    with losskit.checks("async"), pytest.raises(RuntimeError, match=pytest.importorskip("re").escape(async_message)):
+        call()
+
+
+def test_off_mode_checks_nothing():
+    with losskit.checks("off"):
+        LF.binary_cross_entropy(torch.tensor([0.5, 1.5]), torch.tensor([1.0, 0.0]))  # no check: a number
+        with pytest.raises((IndexError, RuntimeError)):  # the gather still refuses the index
+            LF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 7, 1]))
+
+
+def test_compiled_loss_asserts_on_bad_targets_without_a_graph_break():
+    compiled = torch.compile(LF.cross_entropy, fullgraph=True)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(compiled(x, torch.tensor([0, 3, 1])), TF.cross_entropy(x, torch.tensor([0, 3, 1])))
+    with pytest.raises(RuntimeError, match="out of range for 4 classes"):
+        compiled(x, torch.tensor([0, 7, 1]))
+
+
+def test_softmax_warning_only_where_data_may_be_read():
+    probs = torch.softmax(torch.randn(4, 5), dim=1)
+    with pytest.warns(UserWarning, match="looks like probabilities"):
+        LF.cross_entropy(probs, torch.tensor([0, 1, 2, 3]))
+    with losskit.checks("async"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            LF.cross_entropy(probs, torch.tensor([0, 1, 2, 3]))
+
+
+# ---- no_grad: the loss only -----------------------------------------------------------
+
+class Counting:
+    """Counts the gradient work of the fused kernels: chunks that write a gradient, and
+    matmuls of the linear kernel."""
+
+    def __init__(self, monkeypatch):
+        self.grad_chunks = 0
+        self.matmuls = 0
+        chunk = ce_kernel.RowLoss.chunk
+        accumulate = lce_kernel._accumulate
+
+        def counting_chunk(row_loss, logits, rows, grad, in_place=False):
+            self.grad_chunks += grad is not None
+            return chunk(row_loss, logits, rows, grad, in_place)
+
+        def counting_accumulate(*args):
+            self.matmuls += 1
+            return accumulate(*args)
+
+        monkeypatch.setattr(ce_kernel.RowLoss, "chunk", counting_chunk)
+        monkeypatch.setattr(lce_kernel, "_accumulate", counting_accumulate)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_no_grad_computes_the_loss_only(monkeypatch, context):
+    counts = Counting(monkeypatch)
+    x = torch.randn(16, 9, requires_grad=True)
+    target = torch.randint(0, 9, (16,))
+    hidden, head = torch.randn(16, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    with context():
+        ce = LF.cross_entropy(x, target, label_smoothing=0.1)
+        lce = LF.linear_cross_entropy(hidden, head, target, chunk_size=5)
+    assert counts.grad_chunks == 0 and counts.matmuls == 0
+    assert not ce.requires_grad and not lce.requires_grad
+    torch.testing.assert_close(ce, TF.cross_entropy(x.detach(), target, label_smoothing=0.1))
+    torch.testing.assert_close(lce, TF.cross_entropy(hidden.detach() @ head.detach().T, target))
+    LF.cross_entropy(x, target).backward()  # with grad mode on, the gradient is made
+    assert counts.grad_chunks > 0
+
+
+# ---- transforms, gradcheck, double backward -------------------------------------------
+
+def test_torch_func_grad_and_vmap_take_the_reference_path_by_themselves():
+    x = torch.randn(5, 7)
+    target = torch.randint(0, 7, (5,))
+    want = torch.autograd.grad(TF.cross_entropy(x.requires_grad_(), target), x)[0]
+    torch.testing.assert_close(func_grad(lambda a: LF.cross_entropy(a, target))(x.detach()), want)
+    per_sample = vmap(lambda a, t: LF.cross_entropy(a.unsqueeze(0), t.unsqueeze(0)))(x.detach(), target)
+    torch.testing.assert_close(per_sample, TF.cross_entropy(x.detach(), target, reduction="none"))
+    hidden, head = torch.randn(5, 3), torch.randn(7, 3)
+    got = func_grad(lambda h: LF.linear_cross_entropy(h, head, target))(hidden)
+    torch.testing.assert_close(got, func_grad(lambda h: TF.cross_entropy(h @ head.T, target))(hidden))
+
+
+def test_forward_mode_ad_takes_the_reference_path():
+    import torch.autograd.forward_ad as fwAD
+
+    x, tangent, target = torch.randn(4, 6), torch.randn(4, 6), torch.randint(0, 6, (4,))
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(LF.cross_entropy(fwAD.make_dual(x, tangent), target)).tangent
+        want = fwAD.unpack_dual(TF.cross_entropy(fwAD.make_dual(x, tangent), target)).tangent
+    torch.testing.assert_close(got, want)
+
+
+def test_gradcheck_and_gradgradcheck_work_without_reference_only():
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 1, -100, 3])
+    assert torch.autograd.gradcheck(lambda a: LF.cross_entropy(a, target, label_smoothing=0.1), (x,))
+    assert torch.autograd.gradgradcheck(lambda a: LF.cross_entropy(a, target), (x,))
+    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: LF.linear_cross_entropy(a, b, target.clamp_min(0)), (x, w))
+
+
+def test_double_backward_through_a_fused_path_is_a_clear_error():
+    x = torch.randn(4, 5, requires_grad=True)
+    (g,) = torch.autograd.grad(LF.cross_entropy(x, torch.tensor([0, 1, 2, 3])), x, create_graph=False)
+    assert g.shape == x.shape
+    with pytest.raises(RuntimeError, match="create_graph=True .* needs the reference path"):
+        torch.autograd.grad(LF.cross_entropy(x, torch.tensor([0, 1, 2, 3])), x, create_graph=True)
+
+
+# ---- memory between forward and backward ------------------------------------------------
+
+def _bytes_kept_for_backward(fn, *args, **kwargs) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward: saved tensors, plus what
+    a fused kernel keeps on its ctx, leaves and inputs excluded."""
+    inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in inputs:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn(*args, **kwargs)
+    precomputed = getattr(loss.grad_fn, "precomputed", None)
+    for grad in [precomputed] if isinstance(precomputed, torch.Tensor) else precomputed or []:
+        if isinstance(grad, torch.Tensor):
+            kept[grad.untyped_storage().data_ptr()] = grad.untyped_storage().nbytes()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_keeps_at_most_one_logits_between_forward_and_backward(device, dtype):
+    x = torch.randn(64, 1000, dtype=dtype, device=device, requires_grad=True)
+    target = torch.randint(0, 1000, (64,), device=device)
+    logits_bytes = x.numel() * x.element_size()
+    ours = _bytes_kept_for_backward(LF.cross_entropy, x, target, label_smoothing=0.1)
+    assert ours <= logits_bytes
+    if device == "cpu":  # torch keeps its log-softmax, the same size
+        assert _bytes_kept_for_backward(TF.cross_entropy, x, target, label_smoothing=0.1) >= logits_bytes
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_linear_cross_entropy_keeps_no_logits_on_any_device(device):
+    n, h, c = 64, 16, 1000
+    x = torch.randn(n, h, device=device, requires_grad=True)
+    w = torch.randn(c, h, device=device, requires_grad=True)
+    target = torch.randint(0, c, (n,), device=device)
+    kept = _bytes_kept_for_backward(LF.linear_cross_entropy, x, w, target, chunk_size=8)
+    assert kept <= (n * h + c * h) * 4  # the input and weight gradients, nothing of size n x c
+    kept_none = _bytes_kept_for_backward(LF.linear_cross_entropy, x, w, target, reduction="none", chunk_size=8)
+    assert kept_none < n * c * 4
+
+
+# ---- compiled training steps ------------------------------------------------------------
+
+def _train(model, loss_fn, batches, compiled: bool):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    step_fn = torch.compile(step) if compiled else step
+    losses = [float(step_fn(x, y).detach()) for x, y in batches]
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def test_compiled_training_step_with_cross_entropy_loss_matches_eager():
+    torch._dynamo.reset()
+    batches = [(torch.randn(16, 8), torch.randint(0, 5, (16,))) for _ in range(3)]
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 5)
+        loss_fn = lnn.CrossEntropyLoss(label_smoothing=0.1)
+        results.append(_train(model, loss_fn, batches, compiled))
+    torch.testing.assert_close(results[0], results[1])
+    explained = torch._dynamo.explain(lambda x, y: lnn.CrossEntropyLoss()(x, y))(torch.randn(4, 5), torch.tensor([0, 1, 2, 3]))
+    assert explained.graph_break_count == 0
+
+
+def test_compiled_training_step_with_linear_cross_entropy_loss_matches_eager():
+    torch._dynamo.reset()
+    batches = [(torch.randn(16, 8), torch.randint(0, 50, (16,))) for _ in range(3)]
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        body = torch.nn.Linear(8, 8)
+        head = lnn.LinearCrossEntropyLoss(8, 50, chunk_size=5)
+        params = list(body.parameters()) + list(head.parameters())
+        opt = torch.optim.SGD(params, lr=0.1)
+
+        def step(x, y):
+            opt.zero_grad()
+            loss = head(torch.tanh(body(x)), y)
+            loss.backward()
+            return loss
+
+        step_fn = torch.compile(step) if compiled else step
+        losses = [float(step_fn(x, y).detach()) for x, y in batches]
+        results.append((losses, [p.detach().clone() for p in params]))
+    torch.testing.assert_close(results[0], results[1])
