@@ -65,8 +65,8 @@ class Case:
     id: str
     covers: tuple[str, ...]  # the public names this call goes through, e.g. ("functional.cross_entropy",)
     build: Callable[[Maker], Call]
-    # Where torch itself has data-dependent shapes (ctc_loss reads its lengths), a compiled
-    # call may not be one graph either; fullgraph is asked of every other case.
+    # ctc_loss differentiates its recursion inside forward and reads its lengths, so a
+    # compiled call is not one graph (see its docstring); every other case is.
     fullgraph: bool = True
 
 

@@ -165,6 +165,13 @@ def ctc_loss(
     Returns:
         A scalar, or ``[N]`` (``[]`` unbatched) for ``reduction='none'``.
 
+    Devices and compile: runs on any device. Concatenated 1-D targets have a
+    data-dependent shape, as in torch's own ctc_loss: the padded width is the longest
+    target length, read on the host (free for lengths given as a list or a CPU tensor, one
+    synchronisation for device lengths). Under torch.compile the loss gives eager's values
+    and gradients but is not one graph: its forward differentiates the recursion with
+    autograd, which dynamo leaves to eager mode (graph breaks, no error).
+
     As in torch, the gradient returned for ``log_probs`` is :math:`e^{\text{log\_probs}}`
     plus the true gradient inside each input length: the gradient with respect to the logits
     of a log_softmax. Through a log_softmax, as CTC is used, it is exact.
