@@ -214,18 +214,19 @@ def test_linear_cross_entropy_keeps_no_logits_on_any_device(device):
 
 # ---- compiled training steps ------------------------------------------------------------
 
-def _train(model, loss_fn, batches, compiled: bool):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+def _train(params, loss_of, batches, compiled: bool):
+    """Three SGD steps of ``loss_of(x, y)`` over ``params``, eager or compiled whole."""
+    opt = torch.optim.SGD(params, lr=0.1)
 
     def step(x, y):
         opt.zero_grad()
-        loss = loss_fn(model(x), y)
+        loss = loss_of(x, y)
         loss.backward()
         return loss
 
     step_fn = torch.compile(step) if compiled else step
     losses = [float(step_fn(x, y).detach()) for x, y in batches]
-    return losses, [p.detach().clone() for p in model.parameters()]
+    return losses, [p.detach().clone() for p in params]
 
 
 def test_compiled_training_step_with_cross_entropy_loss_matches_eager():
@@ -236,7 +237,7 @@ def test_compiled_training_step_with_cross_entropy_loss_matches_eager():
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 5)
         loss_fn = lnn.CrossEntropyLoss(label_smoothing=0.1)
-        results.append(_train(model, loss_fn, batches, compiled))
+        results.append(_train(list(model.parameters()), lambda x, y: loss_fn(model(x), y), batches, compiled))
     torch.testing.assert_close(results[0], results[1])
     explained = torch._dynamo.explain(lambda x, y: lnn.CrossEntropyLoss()(x, y))(torch.randn(4, 5), torch.tensor([0, 1, 2, 3]))
     assert explained.graph_break_count == 0
@@ -251,15 +252,5 @@ def test_compiled_training_step_with_linear_cross_entropy_loss_matches_eager():
         body = torch.nn.Linear(8, 8)
         head = lnn.LinearCrossEntropyLoss(8, 50, chunk_size=5)
         params = list(body.parameters()) + list(head.parameters())
-        opt = torch.optim.SGD(params, lr=0.1)
-
-        def step(x, y):
-            opt.zero_grad()
-            loss = head(torch.tanh(body(x)), y)
-            loss.backward()
-            return loss
-
-        step_fn = torch.compile(step) if compiled else step
-        losses = [float(step_fn(x, y).detach()) for x, y in batches]
-        results.append((losses, [p.detach().clone() for p in params]))
+        results.append(_train(params, lambda x, y: head(torch.tanh(body(x)), y), batches, compiled))
     torch.testing.assert_close(results[0], results[1])
