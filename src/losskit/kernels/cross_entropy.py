@@ -163,12 +163,13 @@ class RowLoss:
             if bool(risky.any()):
                 fallback = torch.logsumexp(z[risky], dim=1)
         probs = torch.ops.aten._softmax.out(z, 1, False, out=grad)
-        lse = z_target - probs.gather(1, target).squeeze(1).log()
+        p_target = probs.gather(1, target).squeeze(1)
+        lse = z_target - p_target.log()
         if in_place:
             if fallback is not None:
                 lse[risky] = fallback
         else:
-            underflow = (probs.gather(1, target).squeeze(1) < 1e-30) & valid
+            underflow = (p_target < 1e-30) & valid
             if bool(underflow.any()):
                 lse[underflow] = torch.logsumexp(z[underflow], dim=1)
         return lse, probs
