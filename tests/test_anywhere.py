@@ -158,12 +158,62 @@ def test_gradcheck_and_gradgradcheck_work_without_reference_only():
     assert torch.autograd.gradcheck(lambda a, b: LF.linear_cross_entropy(a, b, target.clamp_min(0)), (x, w))
 
 
-def test_double_backward_through_a_fused_path_is_a_clear_error():
+def _fused_calls():
+    """(name, loss of the leaves, leaves) for each fused kernel, in float32."""
+    target = torch.tensor([0, 1, 2, 3])
+    logits = torch.randn(4, 5, requires_grad=True)
+    probs = torch.rand(4, 5)
+    hidden, head = torch.randn(2, 2, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    return [
+        ("cross_entropy", lambda a, ref: ref.cross_entropy(a, target, label_smoothing=0.1), (logits,)),
+        ("bce_with_logits", lambda a, ref: ref.binary_cross_entropy_with_logits(a, probs), (logits,)),
+        ("linear_cross_entropy", lambda h, w, ref: _linear(ref, h, w, target.reshape(2, 2), "mean"), (hidden, head)),
+        ("linear_cross_entropy none", lambda h, w, ref: _linear(ref, h, w, target.reshape(2, 2), "none").sum(),
+         (hidden, head)),
+    ]
+
+
+def _linear(module, h, w, target, reduction):
+    if module is TF:
+        return TF.cross_entropy((h @ w.T).movedim(-1, 1), target, reduction=reduction)
+    return LF.linear_cross_entropy(h, w, target, reduction=reduction)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_double_backward_through_a_fused_path_matches_torch(case):
+    name, fn, leaves = _fused_calls()[case]
+    got = torch.autograd.grad(fn(*leaves, LF), leaves, create_graph=True)
+    want = torch.autograd.grad(fn(*leaves, TF), leaves, create_graph=True)
+    probe = [torch.randn_like(g) for g in got]  # a Hessian-vector product of each
+    hvp_got = torch.autograd.grad(sum((g * p).sum() for g, p in zip(got, probe)), leaves)
+    hvp_want = torch.autograd.grad(sum((g * p).sum() for g, p in zip(want, probe)), leaves)
+    for a, b in zip(got + hvp_got, want + hvp_want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_retained_graph_backward_twice_gives_the_same_gradient(case):
+    name, fn, leaves = _fused_calls()[case]
+    loss = fn(*leaves, LF)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+
+
+def test_double_backward_after_the_input_is_freed_or_changed_is_a_clear_error():
     x = torch.randn(4, 5, requires_grad=True)
-    (g,) = torch.autograd.grad(LF.cross_entropy(x, torch.tensor([0, 1, 2, 3])), x, create_graph=False)
-    assert g.shape == x.shape
-    with pytest.raises(RuntimeError, match="create_graph=True .* needs the reference path"):
-        torch.autograd.grad(LF.cross_entropy(x, torch.tensor([0, 1, 2, 3])), x, create_graph=True)
+    target = torch.tensor([0, 1, 2, 3])
+    loss = LF.cross_entropy(x * 2, target)  # the logits die with the expression
+    with pytest.raises(RuntimeError, match="an input was freed or changed in place since forward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    logits = x * 2
+    loss = LF.cross_entropy(logits, target)
+    torch.autograd.grad(loss, x, retain_graph=True)
+    with torch.no_grad():
+        logits.add_(1.0)
+    with pytest.raises(RuntimeError, match="changed in place since forward"):
+        torch.autograd.grad(loss, x)
 
 
 # ---- memory between forward and backward ------------------------------------------------

@@ -13,6 +13,7 @@ from torch import Tensor
 from .._core.ops import log_softmax
 from ..kernels.binary_cross_entropy import fused_bce_applies, fused_binary_cross_entropy_with_logits
 from ..kernels import fused_applies, fused_cross_entropy
+from ..kernels.common import Replay
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
@@ -217,10 +218,30 @@ def class_index_cross_entropy(
 ) -> Tensor:
     """cross_entropy of validated class-index targets: the fused kernel where it applies,
     else the composed reference."""
+
+    def reference(logits: Tensor) -> Tensor:
+        return _reference_class_index_cross_entropy(
+            logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
+        )
+
     if fused_applies(input, target):
         return fused_cross_entropy(
-            input, target, weight, ignore_index, label_smoothing, reduction, lse_square_scale, softcap
+            input, target, weight, ignore_index, label_smoothing, reduction, lse_square_scale, softcap,
+            Replay("cross_entropy", reference, [input]),
         )
+    return reference(input)
+
+
+def _reference_class_index_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+) -> Tensor:
     class_dim = 0 if input.dim() == 1 else 1
     compute, out = result_dtypes(input)
     logits = _capped(input.to(compute), softcap)
@@ -421,14 +442,19 @@ def binary_cross_entropy_with_logits(
     for name, extra in (("weight", weight), ("pos_weight", pos_weight)):
         if extra is not None:
             check_broadcasts_to(extra, shape, name, fn)
+
+    def reference(logits: Tensor) -> Tensor:
+        compute, out = result_dtypes(logits, target)
+        x, y = logits.to(compute), target.to(compute)
+        log_sigmoid = F.logsigmoid(x)
+        if pos_weight is not None:
+            log_sigmoid = log_sigmoid * (1.0 + (pos_weight.to(compute) - 1.0) * y)
+        loss = (1.0 - y) * x - log_sigmoid
+        if weight is not None:
+            loss = loss * weight.to(compute)
+        return reduce_loss(loss, reduction).to(out)
+
     if fused_bce_applies(input, target, weight, pos_weight):
-        return fused_binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction)
-    compute, out = result_dtypes(input, target)
-    x, y = input.to(compute), target.to(compute)
-    log_sigmoid = F.logsigmoid(x)
-    if pos_weight is not None:
-        log_sigmoid = log_sigmoid * (1.0 + (pos_weight.to(compute) - 1.0) * y)
-    loss = (1.0 - y) * x - log_sigmoid
-    if weight is not None:
-        loss = loss * weight.to(compute)
-    return reduce_loss(loss, reduction).to(out)
+        replay = Replay(fn, reference, [input])
+        return fused_binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction, replay)
+    return reference(input)

@@ -8,7 +8,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.common import fused_may_serve
+from ..kernels.common import Replay, fused_may_serve
 from ..kernels.linear_cross_entropy import fused_linear_cross_entropy
 from .._core.reduction import resolve_reduction
 from .._core.validation import (
@@ -122,10 +122,18 @@ def linear_cross_entropy(
             check_class_weight(weight, num_classes, fn)
         check_class_targets(target, batch, num_classes, ignore, tuple(input.shape), fn)
         if fused_may_serve(input, linear_weight) and math.prod(batch) > 0:
+            flat_target = target.reshape(-1)
+
+            def reference(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+                return class_index_cross_entropy(
+                    F.linear(x.reshape(-1, x.shape[-1]), w, b), flat_target, weight, ignore, reduction,
+                    label_smoothing, lse_square_scale, softcap,
+                )
+
             flat = fused_linear_cross_entropy(
                 input.reshape(-1, input.shape[-1]),
                 linear_weight,
-                target.reshape(-1),
+                flat_target,
                 linear_bias,
                 weight,
                 ignore,
@@ -134,6 +142,7 @@ def linear_cross_entropy(
                 softcap,
                 reduction,
                 chunk_size,
+                Replay(fn, reference, [input, linear_weight, linear_bias]),
             )
             return flat.reshape(target.shape) if reduction == "none" else flat
 

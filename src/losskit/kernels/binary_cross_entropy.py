@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss
-from .common import compiling, fused_may_serve, scale_by_grad_output, take_precomputed, wants_grad
+from .common import Replay, compiling, fused_may_serve, scale_by_grad_output, take_precomputed, wants_grad
 
 # Elements per chunk: a chunk and its few temporaries stay in cache.
 CHUNK_ELEMENTS = 1 << 16
@@ -31,17 +31,22 @@ CHUNK_ELEMENTS = 1 << 16
 class FusedBinaryCrossEntropyWithLogits(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str
+        ctx, input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str,
+        replay: Replay,
     ) -> Tensor:
         loss, grad = bce_with_logits_forward(input, target, weight, pos_weight, reduction, with_grad=True)
         ctx.reduction, ctx.precomputed = reduction, grad
+        ctx.replay = replay
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        grad = take_precomputed(ctx, "fused binary_cross_entropy_with_logits")
-        (grad,) = scale_by_grad_output([grad], grad_output, ctx.reduction, in_place=True)
-        return grad, None, None, None, None
+        grad = take_precomputed(ctx)
+        if grad is None:
+            (grad,) = ctx.replay.gradients(grad_output, [True])
+        else:
+            (grad,) = scale_by_grad_output([grad], grad_output, ctx.reduction, in_place=True)
+        return grad, None, None, None, None, None
 
 
 def bce_with_logits_forward(
@@ -100,8 +105,15 @@ def fused_bce_applies(input: Tensor, target: Tensor, weight: Tensor | None, pos_
 
 
 def fused_binary_cross_entropy_with_logits(
-    input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    reduction: str,
+    replay: Replay,
 ) -> Tensor:
+    """Launcher; ``replay`` recomputes the loss by the composed path, for the backward
+    passes the fused gradient cannot serve."""
     if not wants_grad(input):
         return bce_with_logits_forward(input, target, weight, pos_weight, reduction, with_grad=False)[0]
-    return FusedBinaryCrossEntropyWithLogits.apply(input, target, weight, pos_weight, reduction)
+    return FusedBinaryCrossEntropyWithLogits.apply(input, target, weight, pos_weight, reduction, replay)

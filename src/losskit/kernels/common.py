@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -22,9 +23,10 @@ def reference_only() -> Iterator[None]:
     """Within this block losskit uses its composed reference code, never a fused kernel.
 
     Rarely needed: calls that the fused kernels cannot serve (float64 inputs, torch.func
-    transforms, vmap, forward-mode AD) take the reference path by themselves. What is left
-    is a second backward through a float32 or half graph (``retain_graph=True`` reuse or
-    ``create_graph=True``), which the fused kernels refuse with an error that points here.
+    transforms, vmap, forward-mode AD) take the reference path by themselves, and a second
+    backward (``retain_graph=True`` reuse or ``create_graph=True``) replays the call on it
+    (see :class:`Replay`). What is left is a second backward after the inputs were freed or
+    changed in place, which raises an error that points here.
     """
     previous = getattr(_state, "disabled", False)
     _state.disabled = True
@@ -62,26 +64,67 @@ def wants_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def take_precomputed(ctx, what: str):
-    """The gradient(s) forward stored on ``ctx``, handed out once.
+def take_precomputed(ctx):
+    """The gradient(s) forward stored on ``ctx``, handed out once; None when they cannot
+    serve this backward and the call must be replayed (:class:`Replay`).
 
     Backward scales them in place and gives them to autograd, so a second backward through
-    the same graph (retain_graph) would see them changed: refuse it with a clear error.
-    create_graph=True asks for a differentiable gradient, which a precomputed one is not.
+    the same graph (retain_graph) finds them used up. create_graph=True asks for a
+    differentiable gradient, which a precomputed one is not.
     """
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"losskit {what}: backward with create_graph=True (double backward) needs the reference path; "
-            "float64 inputs take it by themselves, or wrap the call in losskit.kernels.reference_only()."
-        )
     grads = getattr(ctx, "precomputed", None)
-    if grads is None:
-        raise RuntimeError(
-            f"losskit {what}: backward ran twice through the same graph (retain_graph); its gradient, "
-            "made in forward, is used up. Wrap the call in losskit.kernels.reference_only()."
-        )
     ctx.precomputed = None
-    return grads
+    return None if torch.is_grad_enabled() else grads
+
+
+class Replay:
+    """The reference computation of a fused call, for the backward passes its precomputed
+    gradient cannot serve: ``create_graph=True`` (double backward, Hessians, MAML) and a
+    second backward through a retained graph.
+
+    It holds the differentiable inputs weakly, so it costs no memory: a fused call keeps
+    one gradient-sized buffer, as before. If an input was freed before such a backward, or
+    changed in place since forward, the replay cannot be exact and raises instead.
+    """
+
+    def __init__(self, what: str, reference: Callable[..., Tensor], inputs: Sequence[Tensor | None]) -> None:
+        self.what, self.reference = what, reference
+        self.handles = [None if t is None else (weakref.ref(t), t._version) for t in inputs]
+
+    def inputs(self) -> list[Tensor | None]:
+        alive: list[Tensor | None] = []
+        for handle in self.handles:
+            tensor = None if handle is None else handle[0]()
+            if handle is not None and (tensor is None or tensor._version != handle[1]):
+                raise RuntimeError(
+                    f"losskit {self.what}: this backward (create_graph=True, or a second backward through the same "
+                    "graph) recomputes the loss from its inputs, but an input was freed or changed in place since "
+                    "forward. Keep a reference to the inputs until then, or compute the loss inside "
+                    "losskit.kernels.reference_only()."
+                )
+            alive.append(tensor)
+        return alive
+
+    def gradients(
+        self, grad_output: Tensor, needs: Sequence[bool], inputs: Sequence[Tensor | None] | None = None
+    ) -> list[Tensor | None]:
+        """d(loss)/d(inputs) times grad_output by the reference path, differentiable when
+        backward runs with create_graph=True (grad mode on)."""
+        tensors = list(self.inputs() if inputs is None else inputs)
+        create_graph = torch.is_grad_enabled()
+        if not create_graph:
+            tensors = [None if t is None else t.detach().requires_grad_(bool(need)) for t, need in zip(tensors, needs)]
+        wanted = [bool(need) and t is not None for t, need in zip(tensors, needs)]
+        with torch.enable_grad(), reference_only():
+            loss = self.reference(*tensors)
+        found = iter(
+            torch.autograd.grad(
+                loss, [t for t, w in zip(tensors, wanted) if w], grad_output, create_graph=create_graph,
+                allow_unused=True,
+            )
+        )
+        grads = [next(found) if w else None for w in wanted]
+        return [g if g is not None or not w else torch.zeros_like(t) for g, w, t in zip(grads, wanted, tensors)]
 
 
 def scale_by_grad_output(grads: list[Tensor], grad_output: Tensor, reduction: str, in_place: bool) -> list[Tensor]:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss
-from .common import compiling, fused_may_serve, scale_by_grad_output, take_precomputed, wants_grad
+from .common import Replay, compiling, fused_may_serve, scale_by_grad_output, take_precomputed, wants_grad
 
 # Rows per chunk are chosen so that a chunk of float32 logits is about this many bytes. On
 # the CPU a chunk stays in cache across the few passes over it, while the handful of torch
@@ -225,23 +225,28 @@ def cross_entropy_forward(
 
 class FusedCrossEntropy(torch.autograd.Function):
     """Eager form: forward keeps dloss/dx in one (N, C) buffer; backward scales it in place
-    by grad_output and hands it to autograd, so the buffer is used only once."""
+    by grad_output and hands it to autograd, so the buffer is used only once. A backward it
+    cannot serve (create_graph, or a second one) replays the call on the reference path."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, input, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap, reduction
+        ctx, input, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap, reduction, replay
     ) -> Tensor:
         loss, grad = cross_entropy_forward(
             input, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap, reduction, True
         )
         ctx.reduction, ctx.precomputed = reduction, grad
+        ctx.replay = replay
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        grad = take_precomputed(ctx, "fused cross_entropy")
-        (grad,) = scale_by_grad_output([grad], grad_output, ctx.reduction, in_place=True)
-        return grad, None, None, None, None, None, None, None
+        grad = take_precomputed(ctx)
+        if grad is None:
+            (grad,) = ctx.replay.gradients(grad_output, [True])
+        else:
+            (grad,) = scale_by_grad_output([grad], grad_output, ctx.reduction, in_place=True)
+        return grad, None, None, None, None, None, None, None, None
 
 
 @torch.library.custom_op("losskit::cross_entropy", mutates_args=())
@@ -291,20 +296,23 @@ def fused_cross_entropy(
     ignore_index: int,
     label_smoothing: float,
     reduction: str,
-    lse_square_scale: float = 0.0,
-    softcap: float | None = None,
+    lse_square_scale: float,
+    softcap: float | None,
+    replay: Replay,
 ) -> Tensor:
     """Launcher: (N, C) logits with class-index targets; the caller has validated.
 
     The custom op while compiling; in eager mode the autograd.Function, or the loss alone
     when no gradient is wanted (no_grad, inference_mode, or an input that needs none).
+    ``replay`` recomputes the loss from the logits by the composed reference path, for the
+    backward passes the fused gradient cannot serve.
     """
     options = (ignore_index, label_smoothing, lse_square_scale, softcap, reduction)
     if compiling():
         return cross_entropy_op(input, target, weight, *options, wants_grad(input))[0]
     if not wants_grad(input):
         return cross_entropy_forward(input, target, weight, *options, False)[0]
-    return FusedCrossEntropy.apply(input, target, weight, *options)
+    return FusedCrossEntropy.apply(input, target, weight, *options, replay)
 
 
 def fused_applies(input: Tensor, target: Tensor) -> bool:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss
-from .common import compiling, scale_by_grad_output, take_precomputed, wants_grad
+from .common import Replay, compiling, scale_by_grad_output, take_precomputed, wants_grad
 from .cross_entropy import RowLoss
 
 # Auto chunk. Every chunk reads and writes the whole (C, H) weight gradient once, so few
@@ -150,14 +150,16 @@ def _cast(grads, dtypes) -> list[Tensor | None]:
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Eager form: scalar losses hand out gradients made in forward (once, scaled in place);
-    reduction='none' recomputes in backward."""
+    reduction='none' recomputes in backward. A backward with create_graph=True, or a second
+    backward of a scalar loss, replays the call on the reference path."""
 
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, options):  # type: ignore[override]
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, options, replay):  # type: ignore[override]
         needs = tuple(ctx.needs_input_grad[:3])
         loss, *grads = linear_cross_entropy_forward(input, linear_weight, linear_bias, target, weight, options, needs)
         ctx.options, ctx.needs = options, needs
         ctx.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
+        ctx.replay, ctx.input_shape = replay, input.shape
         if options[4] == "none":
             ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
         else:
@@ -167,15 +169,22 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         if ctx.options[4] == "none":
+            saved = ctx.saved_tensors
             if torch.is_grad_enabled():
-                take_precomputed(ctx, "linear_cross_entropy")  # raises the double-backward error
-            grads = linear_cross_entropy_backward(*ctx.saved_tensors, ctx.options, ctx.needs, grad_output)
+                return (*ctx.replay.gradients(grad_output, ctx.needs, saved[:3]), None, None, None, None)
+            else:
+                grads = linear_cross_entropy_backward(*saved, ctx.options, ctx.needs, grad_output)
         else:
-            grads = list(take_precomputed(ctx, "linear_cross_entropy"))
+            precomputed = take_precomputed(ctx)
+            if precomputed is None:
+                grad_input, *rest = ctx.replay.gradients(grad_output, ctx.needs)
+                grad_input = None if grad_input is None else grad_input.reshape(ctx.input_shape)
+                return (grad_input, *rest, None, None, None, None)
+            grads = list(precomputed)
             present = [g for g in grads if g is not None]
             scaled = iter(scale_by_grad_output(present, grad_output, ctx.options[4], in_place=True))
             grads = [None if g is None else next(scaled) for g in grads]
-        return (*_cast(grads, ctx.dtypes), None, None, None)
+        return (*_cast(grads, ctx.dtypes), None, None, None, None)
 
 
 def _empty_for_none(t: Tensor | None, like: Tensor) -> Tensor:
@@ -279,11 +288,14 @@ def fused_linear_cross_entropy(
     softcap: float | None,
     reduction: str,
     chunk_rows: int | None,
+    replay: Replay,
 ) -> Tensor:
     """Launcher: (N, H) input, (C, H) weight, (N,) class indices; the caller has validated.
 
     The custom op while compiling; in eager mode the autograd.Function, or the loss alone
-    (one matmul per chunk, no gradient buffers) when no gradient is wanted.
+    (one matmul per chunk, no gradient buffers) when no gradient is wanted. ``replay``
+    recomputes the loss from (input, weight, bias) by the composed path, for the backward
+    passes the fused gradients cannot serve.
     """
     rows = chunk_rows if chunk_rows is not None else auto_chunk_rows(*linear_weight.shape)
     options = (ignore_index, label_smoothing, lse_square_scale, softcap, reduction, rows)
@@ -292,4 +304,4 @@ def fused_linear_cross_entropy(
         return linear_cross_entropy_op(input, linear_weight, linear_bias, target, weight, *options, needs)[0]
     if not any(needs):
         return linear_cross_entropy_forward(input, linear_weight, linear_bias, target, weight, options, (False,) * 3)[0]
-    return LinearCrossEntropy.apply(input, linear_weight, linear_bias, target, weight, options)
+    return LinearCrossEntropy.apply(input, linear_weight, linear_bias, target, weight, options, replay)
