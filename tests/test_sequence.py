@@ -76,8 +76,10 @@ def test_ctc_equals_brute_force_and_its_true_gradient_through_log_softmax():
 
 def test_ctc_bad_input():
     lp = log_probs(5, 2, 4)
-    check_raises(LF.ctc_loss, lp, torch.tensor([[1, 0], [2, 3]]), [5, 5], [2, 2],
-                 match="ctc_loss: target 0 at index (0, 1) must be a class in [0, 4) other than the blank (0)")
+    check_raises(LF.ctc_loss, lp, torch.tensor([[1, 4], [2, 3]]), [5, 5], [2, 2],
+                 match="ctc_loss: target 4 at index (0, 1) must be a class in [0, 4)")
+    check_raises(LF.ctc_loss, lp[:, 0], torch.tensor([1, 2, 3]), 5, 2,
+                 match="unbatched targets must hold exactly target_lengths labels (2); got 3")
     check_raises(LF.ctc_loss, lp, torch.tensor([[1, 9], [2, 3]]), [5, 5], [2, 2], match="target 9 at index (0, 1)")
     check_raises(LF.ctc_loss, lp, torch.tensor([[1, 2], [2, 3]]), [6, 5], [2, 2],
                  match="input_lengths must lie in [0, 5]; got [6, 5]")
@@ -95,3 +97,45 @@ def test_ctc_gradcheck_through_log_softmax(reduction):
     assert torch.autograd.gradcheck(
         lambda z: LF.ctc_loss(z.log_softmax(2), targets, il, tl, reduction=reduction), (logits,)
     )
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize(
+    "targets, input_lengths, target_lengths",
+    [
+        ([[1, 2], [2, 3]], [0, 5], [0, 2]),  # no frames, empty target: loss 0
+        ([[1, 2], [2, 3]], [0, 5], [1, 2]),  # no frames, a label: inf, gradient 0
+        ([[], []], [3, 3], [0, 0]),  # every target empty: all blanks
+        ([[0, 1], [2, 3]], [5, 5], [2, 2]),  # a target equal to the blank, as torch accepts
+        ([[3, 3], [2, 2]], [5, 2], [2, 2]),  # repeats; the second an impossible alignment
+        ([[3], [2]], [1, 1], [1, 1]),  # one frame
+    ],
+)
+def test_ctc_edge_cases_match_torch(targets, input_lengths, target_lengths, zero_infinity):
+    # An impossible alignment gives torch's nan gradient only inside the input length.
+    lp = log_probs(5, 2, 4)
+    targets = torch.tensor(targets, dtype=torch.long).reshape(2, -1)
+    for reduction in REDUCTIONS:
+        check_against_torch(LF.ctc_loss, TF.ctc_loss, lp, targets, torch.tensor(input_lengths),
+                            torch.tensor(target_lengths), reduction=reduction, zero_infinity=zero_infinity)
+
+
+def test_ctc_gradient_is_zero_not_nan_for_a_class_of_probability_zero():
+    # Documented difference: torch's gradient is nan for a log-probability of -inf.
+    lp = log_probs(4, 1, 3).detach()
+    lp[:, 0, 2] = -float("inf")
+    lp.requires_grad_()
+    loss = LF.ctc_loss(lp, torch.tensor([[1]]), [4], [1], reduction="sum")
+    (got,) = torch.autograd.grad(loss, lp)
+    assert torch.isfinite(got).all() and (got[:, 0, 2] == 0).all()
+    torch.testing.assert_close(loss, TF.ctc_loss(lp, torch.tensor([[1]]), [4], [1], reduction="sum"))
+
+
+def test_ctc_last_target_equal_to_blank_has_the_true_gradient():
+    # Documented difference: torch's kernel assumes the last two states at the last frame
+    # hold different classes and keeps one; losskit sums both, as gradcheck confirms.
+    logits = torch.randn(5, 1, 3, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[1, 0]])
+    assert torch.autograd.gradcheck(lambda z: LF.ctc_loss(z.log_softmax(2), targets, [5], [2]), (logits,))
+    lp = logits.log_softmax(2)
+    torch.testing.assert_close(LF.ctc_loss(lp, targets, [5], [2]), TF.ctc_loss(lp, targets, [5], [2]))

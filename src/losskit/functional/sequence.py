@@ -51,8 +51,10 @@ def _pad_concatenated(targets: Tensor, target_lengths: Tensor, given: object, fn
         longest = 0
     elif isinstance(given, Tensor):
         longest = total if given.device.type == "meta" else int(given.max())
+    elif isinstance(given, (list, tuple)):
+        longest = max(int(length) for length in given)
     else:
-        longest = int(max(torch.as_tensor(given).reshape(-1).tolist()))
+        longest = int(given)
     starts = torch.cumsum(target_lengths, 0) - target_lengths
     offsets = torch.arange(longest, device=targets.device)
     index = (starts.unsqueeze(1) + offsets).clamp(max=max(total - 1, 0))
@@ -61,40 +63,90 @@ def _pad_concatenated(targets: Tensor, target_lengths: Tensor, given: object, fn
 
 
 def _logsumexp(stacked: Tensor, dim: int) -> Tensor:
-    """logsumexp whose gradient is 0, not nan, where every term is -inf (unreachable states)."""
+    """logsumexp that is -inf, with no nan, where every term is -inf (unreachable states)."""
     dead = (stacked == -float("inf")).all(dim=dim, keepdim=True)
     total = torch.logsumexp(torch.where(dead, 0.0, stacked), dim=dim, keepdim=True)
     return torch.where(dead, -float("inf"), total).squeeze(dim)
 
 
-def _forward_recursion(log_probs: Tensor, labels: Tensor, input_lengths: Tensor, label_lengths: Tensor) -> Tensor:
-    """-log p(target | input) per sequence, by the CTC forward (alpha) recursion in log space.
+def _shifted(states: Tensor, by: int, value: float = -float("inf")) -> Tensor:
+    """states moved ``by`` places along dim 1 (right for by > 0), filled with ``value``."""
+    width = states.shape[1]
+    fill = states.new_full((states.shape[0], min(abs(by), width)), value)
+    if by > 0:
+        return torch.cat([fill, states[:, : width - fill.shape[1]]], dim=1)
+    return torch.cat([states[:, fill.shape[1]:], fill], dim=1)
+
+
+def _ctc_forward(
+    log_probs: Tensor, labels: Tensor, input_lengths: Tensor, target_lengths: Tensor, zero_infinity: bool
+) -> tuple[Tensor, Tensor]:
+    """(-log p(target | input) per sequence, torch's gradient with respect to log_probs).
 
     log_probs: (T, N, C); labels: (N, L) extended labels (blank, y1, blank, y2, ..., blank),
-    L = 2 S + 1; label_lengths: 2 * target_length + 1 per sequence.
+    L = 2 S + 1. In log space, with e_t(s) = lp_t(l_s):
 
-        alpha_t(s) = lp_t(l_s) + logsumexp(alpha_{t-1}(s), alpha_{t-1}(s-1), alpha_{t-1}(s-2))
+        alpha_t(s) = e_t(s) + logsumexp(alpha_{t-1}(s), alpha_{t-1}(s-1), alpha_{t-1}(s-2))
+        beta_t(s)  = e_t(s) + logsumexp(beta_{t+1}(s), beta_{t+1}(s+1), beta_{t+1}(s+2))
 
-    where the s-2 term only counts when l_s is not blank and differs from l_{s-2}. A
-    sequence's alpha stops changing after its own input length.
+    where a step of two counts only between different labels (l_s != l_{s-2}, torch's
+    rule). Sequence n starts at its first two states and ends, at frame T_n - 1, in its last
+    two (L_n = 2 S_n + 1). The occupancy of state s at frame t is
+    exp(alpha_t(s) + beta_t(s) - e_t(s) - log p); the gradient torch returns is
+    exp(lp) minus the occupancy summed per class, inside each input length, 0 beyond it.
+    Only alpha is kept per frame; beta is swept backwards once, adding the occupancy as it
+    goes. Every frame's step is the same branch-free tensor code, so the loop traces.
     """
     steps, batch, _ = log_probs.shape
     width = labels.shape[1]
-    minus_inf = log_probs.new_full((), -float("inf"))
+    minus_inf = float("-inf")
     emit = log_probs.gather(2, labels.unsqueeze(0).expand(steps, batch, width))  # (T, N, L)
-    skip = torch.zeros(batch, width, dtype=torch.bool, device=labels.device)
-    skip[:, 2:] = (labels[:, 2:] != labels[:, :-2]) & (labels[:, 2:] != 0)
+    jump_in = _shifted(labels, 2, -1) != labels  # alpha may come from s - 2
+    jump_in[:, :2] = False
+    jump_out = torch.cat([jump_in[:, 2:], jump_in.new_zeros(batch, min(2, width))], dim=1)  # beta from s + 2
     positions = torch.arange(width, device=labels.device)
-    alpha = torch.where(positions < 2, emit[0], minus_inf)
-    for t in range(1, steps):
-        stay = alpha
-        step = torch.cat([minus_inf.expand(batch, 1), alpha[:, :-1]], dim=1)
-        jump = torch.where(skip, torch.cat([minus_inf.expand(batch, 2), alpha[:, :-2]], dim=1), minus_inf)
-        new = emit[t] + _logsumexp(torch.stack([stay, step, jump]), dim=0)
-        alpha = torch.where((t < input_lengths).unsqueeze(1), new, alpha)
-    last = (label_lengths - 1).unsqueeze(1)
-    ends = torch.cat([alpha.gather(1, last), torch.where(last > 0, alpha.gather(1, (last - 1).clamp_min(0)), minus_inf)], 1)
-    return -_logsumexp(ends, dim=1)
+    last = (2 * target_lengths).unsqueeze(1)  # L_n - 1
+    ends = (positions == last) | (positions == last - 1)
+
+    alphas = []
+    alpha = torch.where(positions < 2, emit[0], minus_inf) if steps else emit.new_empty(batch, width)
+    for t in range(steps):
+        if t:
+            terms = torch.stack([alpha, _shifted(alpha, 1), torch.where(jump_in, _shifted(alpha, 2), minus_inf)])
+            alpha = emit[t] + _logsumexp(terms, 0)
+        alphas.append(alpha)
+    alphas_t = torch.stack(alphas) if steps else emit.new_empty(0, batch, width)
+    final_frame = (input_lengths - 1).clamp_min(0)
+    final = alphas_t.gather(0, final_frame.view(1, batch, 1).expand(1, batch, width))[0] if steps else emit.new_full(
+        (batch, width), minus_inf)
+    log_likelihood = _logsumexp(torch.where(ends, final, minus_inf), 1)
+    # No frames: the empty alignment has probability 1 for an empty target, 0 otherwise.
+    empty = log_likelihood.new_zeros(()).where(target_lengths == 0, minus_inf)
+    log_likelihood = torch.where(input_lengths == 0, empty, log_likelihood)
+    losses = -log_likelihood
+    finite = torch.isfinite(losses)
+    safe_loss = torch.where(finite, losses, 0.0)
+
+    grad = log_probs.exp()
+    beta = emit.new_full((batch, width), minus_inf)
+    for t in reversed(range(steps)):
+        terms = torch.stack([beta, _shifted(beta, -1), torch.where(jump_out, _shifted(beta, -2), minus_inf)])
+        continued = emit[t] + _logsumexp(terms, 0)
+        starting = torch.where(ends, emit[t], minus_inf)
+        frame = t == input_lengths - 1
+        beta = torch.where(frame.unsqueeze(1), starting, torch.where((t < input_lengths - 1).unsqueeze(1), continued,
+                                                                       minus_inf))
+        both = alphas_t[t] + beta
+        occupancy = torch.where(both == minus_inf, 0.0, (both - emit[t] + safe_loss.unsqueeze(1)).exp())
+        grad[t] = grad[t].scatter_add(1, labels, -occupancy)
+    inside = (torch.arange(steps, device=log_probs.device).unsqueeze(1) < input_lengths).unsqueeze(2)
+    # An impossible alignment: loss inf and, as in torch, a nan gradient inside the input
+    # length; zero_infinity makes both 0.
+    failed = torch.where(finite.view(1, -1, 1), grad, 0.0 if zero_infinity else float("nan"))
+    grad = torch.where(inside, failed, 0.0)
+    if zero_infinity:
+        losses = safe_loss
+    return losses, grad
 
 
 class _CTCLoss(torch.autograd.Function):
@@ -105,24 +157,14 @@ class _CTCLoss(torch.autograd.Function):
     exp(lp) + d(-log p)/d(lp), inside each input length, 0 beyond it. Through a log_softmax
     this equals the true gradient (the exp term sums to 1 per step and is removed), so
     training is unaffected; it is reproduced here so that gradients match torch exactly.
+    As torch's, it is differentiable once.
     """
 
     @staticmethod
-    def forward(ctx, log_probs, labels, input_lengths, label_lengths, zero_infinity):  # type: ignore[override]
-        with torch.enable_grad():
-            leaf = log_probs.detach().requires_grad_()
-            losses = _forward_recursion(leaf, labels, input_lengths, label_lengths)
-            finite = torch.isfinite(losses)
-            (true_grad,) = torch.autograd.grad(torch.where(finite, losses, 0.0).sum(), leaf)
-        inside = (torch.arange(log_probs.shape[0], device=log_probs.device).unsqueeze(1) < input_lengths).unsqueeze(2)
-        grad = torch.where(inside, log_probs.detach().exp() + true_grad, 0.0)
-        if zero_infinity:
-            grad = torch.where(finite.view(1, -1, 1), grad, 0.0)
-            losses = torch.where(finite, losses, 0.0)
-        else:  # torch's gradient of an impossible alignment is nan
-            grad = torch.where(finite.view(1, -1, 1), grad, float("nan"))
+    def forward(ctx, log_probs, labels, input_lengths, target_lengths, zero_infinity):  # type: ignore[override]
+        losses, grad = _ctc_forward(log_probs, labels, input_lengths, target_lengths, zero_infinity)
         ctx.save_for_backward(grad)
-        return losses.detach()
+        return losses
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -153,7 +195,8 @@ def ctc_loss(
         log_probs: log-probabilities ``[T, N, C]`` (or ``[T, C]`` unbatched), e.g. from
             log_softmax over C.
         targets: ``[N, S]`` padded, or the targets of all sequences concatenated, 1-D;
-            values in [0, C) other than ``blank``.
+            values in [0, C). A target equal to ``blank`` is, as in torch, a label like any
+            other.
         input_lengths: ``[N]``, each <= T.
         target_lengths: ``[N]``, each <= S.
         blank: the blank class.
@@ -165,12 +208,12 @@ def ctc_loss(
     Returns:
         A scalar, or ``[N]`` (``[]`` unbatched) for ``reduction='none'``.
 
-    Devices and compile: runs on any device. Concatenated 1-D targets have a
-    data-dependent shape, as in torch's own ctc_loss: the padded width is the longest
-    target length, read on the host (free for lengths given as a list or a CPU tensor, one
-    synchronisation for device lengths). Under torch.compile the loss gives eager's values
-    and gradients but is not one graph: its forward differentiates the recursion with
-    autograd, which dynamo leaves to eager mode (graph breaks, no error).
+    Devices and compile: runs on any device, and compiles with ``fullgraph=True`` for
+    padded targets, or concatenated targets with lengths given as Python lists. Concatenated
+    targets with tensor lengths have a data-dependent shape, as in torch's own ctc_loss: the
+    padded width is the longest target length, read on the host (one synchronisation for
+    device lengths; a graph break under torch.compile). The recursions run one step per
+    frame, so compiling unrolls them over T.
 
     As in torch, the gradient returned for ``log_probs`` is :math:`e^{\text{log\_probs}}`
     plus the true gradient inside each input length: the gradient with respect to the logits
@@ -193,8 +236,16 @@ def ctc_loss(
     check_floating(log_probs, "log_probs", fn)
     unbatched = log_probs.dim() == 2
     if unbatched:
+        if targets.dim() != 1:
+            raise ValueError(f"{fn}: unbatched (T, C) log_probs take 1-D targets; got shape {tuple(targets.shape)}")
+        length = torch.as_tensor(target_lengths).reshape(-1)
+        if length.numel() == 1 and length.device.type == "cpu" and int(length) != targets.shape[0]:
+            raise ValueError(
+                f"{fn}: unbatched targets must hold exactly target_lengths labels ({int(length)}); "
+                f"got {targets.shape[0]}"
+            )
         log_probs = log_probs.unsqueeze(1)
-        targets = targets.unsqueeze(0) if targets.dim() == 1 else targets
+        targets = targets.unsqueeze(0)
     if log_probs.dim() != 3:
         raise ValueError(f"{fn}: log_probs must be (T, N, C) or (T, C); got shape {tuple(log_probs.shape)}")
     steps, batch, num_classes = log_probs.shape
@@ -214,29 +265,19 @@ def ctc_loss(
 
     def bad_label(bad: Tensor) -> Exception:
         where = first_index(bad)
-        return ValueError(
-            f"{fn}: target {int(padded[where])}{at_index(where)} must be a class in [0, {num_classes}) other than "
-            f"the blank ({blank})"
-        )
+        return ValueError(f"{fn}: target {int(padded[where])}{at_index(where)} must be a class in [0, {num_classes})")
 
     check_values(
         padded,
-        lambda: counted & ((padded < 0) | (padded >= num_classes) | (padded == blank)),
+        lambda: counted & ((padded < 0) | (padded >= num_classes)),
         bad_label,
-        f"{fn}: a target must be a class in [0, {num_classes}) other than the blank ({blank})",
+        f"{fn}: a target must be a class in [0, {num_classes})",
     )
-    # Extended labels with the blank mapped to class 0's slot ordering kept: blank, y1, blank, ...
-    width = 2 * padded.shape[1] + 1
-    labels = torch.full((batch, width), blank, dtype=torch.long, device=device)
+    # Extended labels: blank, y1, blank, y2, ..., blank (padding beyond a length is blank).
+    labels = torch.full((batch, 2 * padded.shape[1] + 1), blank, dtype=torch.long, device=device)
     labels[:, 1::2] = padded.masked_fill(~counted, blank).long()
     compute, out = result_dtypes(log_probs)
-    # The recursion treats class 0 as the blank: swap the blank class into slot 0.
-    order = torch.arange(num_classes, device=device)
-    order[0], order[blank] = blank, 0
-    lp = log_probs.to(compute)
-    swapped = lp.index_select(2, order) if blank != 0 else lp
-    labels = order[labels] if blank != 0 else labels
-    losses = _CTCLoss.apply(swapped, labels, input_lengths, 2 * target_lengths + 1, zero_infinity)
+    losses = _CTCLoss.apply(log_probs.to(compute), labels, input_lengths, target_lengths, zero_infinity)
     if reduction == "mean":
         losses = losses / target_lengths.clamp_min(1).to(losses.dtype)
     loss = reduce_loss(losses, reduction)
