@@ -36,6 +36,13 @@ def check_floating(t: Tensor, name: str, fn: str) -> None:
         raise TypeError(f"{fn}: {name} must be a floating-point tensor; got {t.dtype}")
 
 
+def check_real(t: Tensor, name: str, fn: str) -> None:
+    """A real number type: floating point, or integer/bool that promotes against the input
+    (torch accepts ``mse_loss(float_input, int_target)``)."""
+    if t.is_complex():
+        raise TypeError(f"{fn}: {name} must be a real (floating-point or integer) tensor; got {t.dtype}")
+
+
 def check_same_shape(input: Tensor, target: Tensor, fn: str) -> None:
     if input.shape != target.shape:
         raise ValueError(
@@ -102,8 +109,12 @@ def class_dim_of(input: Tensor, fn: str) -> int:
 
 def check_class_targets(
     target: Tensor, expected: tuple[int, ...], num_classes: int, ignore_index: int, input_shape: tuple[int, ...], fn: str
-) -> None:
-    """Class-index targets: integer dtype, shape ``expected``, values in [0, C) or ignored."""
+) -> Tensor:
+    """Class-index targets: integer dtype, shape ``expected``, values in [0, C) or ignored.
+
+    Returns them as int64, which the caller computes with: compared with a negative
+    ``ignore_index`` in their own dtype, uint8 targets would wrap it (-100 to class 156).
+    """
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(
             f"{fn}: class-index target must be an integer tensor; got {target.dtype} of shape "
@@ -114,7 +125,9 @@ def check_class_targets(
             f"{fn}: target shape {_shape(target)} does not fit input shape {tuple(input_shape)}; "
             f"class-index targets must have shape {tuple(expected)}"
         )
+    target = target.long()
     check_target_range(target, target != ignore_index, num_classes, fn)
+    return target
 
 
 def check_target_range(target: Tensor, counted: Tensor, num_classes: int, fn: str) -> None:

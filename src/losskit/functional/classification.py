@@ -38,10 +38,15 @@ __all__ = [
 ]
 
 
-def check_index_targets(input: Tensor, target: Tensor, class_dim: int, ignore_index: int, fn: str) -> None:
-    """Class-index targets of (C,), (N, C) or (N, C, d1, ...) logits."""
+def check_index_targets(input: Tensor, target: Tensor, class_dim: int, ignore_index: int, fn: str) -> Tensor:
+    """Class-index targets of (C,), (N, C) or (N, C, d1, ...) logits, returned as int64.
+
+    As torch, unbatched (C,) logits take a target of shape () or (1,) (the loss is () for both).
+    """
     expected = tuple(input.shape[:class_dim] + input.shape[class_dim + 1 :])
-    check_class_targets(target, expected, input.shape[class_dim], ignore_index, tuple(input.shape), fn)
+    if input.dim() == 1 and tuple(target.shape) == (1,):
+        target = target.reshape(())
+    return check_class_targets(target, expected, input.shape[class_dim], ignore_index, tuple(input.shape), fn)
 
 
 def _class_shape(num_dims: int, class_dim: int, num_classes: int) -> list[int]:
@@ -148,7 +153,9 @@ def cross_entropy(
         label_smoothing: :math:`\varepsilon` in ``[0, 1]``.
         lse_square_scale: beyond torch: adds the z-loss
             :math:`s \,(\log \sum_c e^{x_c})^2` of each position that counts (PaLM's
-            auxiliary loss, keeping the softmax normaliser near 1); 0 turns it off.
+            auxiliary loss, keeping the softmax normaliser near 1); 0 turns it off. Under
+            'mean' it is averaged over the positions that count, unweighted by ``weight``
+            (a per-token regulariser, as in PaLM and Liger).
         softcap: beyond torch: logits are first soft-capped to
             :math:`\text{cap} \tanh(x / \text{cap})` (as in Gemma 2); None turns it off.
 
@@ -200,7 +207,7 @@ def cross_entropy(
             loss = loss + lse_square_scale * torch.logsumexp(logits, class_dim).square()
         return reduce_loss(loss, reduction).to(out)
 
-    check_index_targets(input, target, class_dim, ignore_index, fn)
+    target = check_index_targets(input, target, class_dim, ignore_index, fn)
     return class_index_cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
     )
@@ -248,10 +255,15 @@ def _reference_class_index_cross_entropy(
     loss, denominator = _class_index_loss(
         log_softmax(logits, class_dim), target, weight, ignore_index, label_smoothing, class_dim
     )
-    if lse_square_scale:
-        z_loss = lse_square_scale * torch.logsumexp(logits, class_dim).square()
-        loss = loss + torch.where(target != ignore_index, z_loss, 0.0)
-    return reduce_loss(loss, reduction, denominator).to(out)
+    if not lse_square_scale:
+        return reduce_loss(loss, reduction, denominator).to(out)
+    # The z-loss is a per-token regulariser: 'mean' averages it over the positions that
+    # count, unweighted, while the cross-entropy divides by the summed target weights.
+    valid = target != ignore_index
+    z_loss = torch.where(valid, lse_square_scale * torch.logsumexp(logits, class_dim).square(), 0.0)
+    if reduction == "mean":
+        return (reduce_loss(loss, reduction, denominator) + z_loss.sum() / valid.sum()).to(out)
+    return reduce_loss(loss + z_loss, reduction).to(out)
 
 
 def _capped(logits: Tensor, softcap: float | None) -> Tensor:
@@ -302,7 +314,7 @@ def nll_loss(
     check_floating(input, "input", fn)
     if weight is not None:
         check_class_weight(weight, input.shape[class_dim], fn)
-    check_index_targets(input, target, class_dim, ignore_index, fn)
+    target = check_index_targets(input, target, class_dim, ignore_index, fn)
     compute, out = result_dtypes(input)
     loss, denominator = _class_index_loss(input.to(compute), target, weight, ignore_index, 0.0, class_dim)
     return reduce_loss(loss, reduction, denominator).to(out)
@@ -382,6 +394,7 @@ def binary_cross_entropy(
     check_in_unit_interval(
         input, "input", fn, hint="For raw scores (logits) use binary_cross_entropy_with_logits"
     )
+    check_in_unit_interval(target, "target", fn)  # as torch, which raises there too
     if weight is not None:
         check_broadcasts_to(weight, tuple(input.shape), "weight", fn)
     compute, out = result_dtypes(input, target)

@@ -28,12 +28,12 @@ def sigmoid_focal_loss(
         \ell = \alpha_t (1 - p_t)^\gamma \operatorname{BCE}(x, y), \quad
         p_t = p y + (1 - p)(1 - y), \quad \alpha_t = \alpha y + (1 - \alpha)(1 - y)
 
-    with :math:`p = \sigma(x)`; a negative ``alpha`` turns the class balancing off.
+    with :math:`p = \sigma(x)`; ``alpha=-1`` turns the class balancing off.
 
     Args:
         inputs: logits, any shape ``[...]``.
         targets: binary (or soft) labels, same shape.
-        alpha: weight of the positive class in [0, 1], or < 0 for none.
+        alpha: weight of the positive class in [0, 1], or -1 for none (as torchvision).
         gamma: focusing exponent >= 0; 0 gives (alpha-balanced) BCE.
         reduction: ``'none'`` (torchvision's default), ``'mean'`` or ``'sum'``.
 
@@ -56,22 +56,35 @@ def sigmoid_focal_loss(
     check_same_shape(inputs, targets, fn)
     if gamma < 0:
         raise ValueError(f"{fn}: gamma must be >= 0; got {gamma}")
+    if not (0 <= alpha <= 1 or alpha == -1):
+        raise ValueError(f"{fn}: alpha must lie in [0, 1], or be -1 for no class balancing; got {alpha}")
     compute, out = result_dtypes(inputs, targets)
     x, y = inputs.to(compute), targets.to(compute)
     p = torch.sigmoid(x)
     bce = (1 - y) * x - F.logsigmoid(x)  # binary_cross_entropy_with_logits, element-wise
     p_t = p * y + (1 - p) * (1 - y)
-    loss = bce * (1 - p_t) ** gamma
+    loss = bce * _focusing(1 - p_t, gamma)
     if alpha >= 0:
         loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
     return reduce_loss(loss, reduction).to(out)
+
+
+def _focusing(q: Tensor, gamma: float) -> Tensor:
+    """(1 - p)^gamma of q = 1 - p, with a gradient of 0, not nan, where q is 0.
+
+    For 0 < gamma < 1 the power's derivative is infinite at q = 0 (a confident, right
+    prediction), and times the loss's 0 there it would be nan; the loss itself vanishes
+    faster than q, so its true gradient there is 0. q = 0 takes a constant instead.
+    """
+    positive = q > 0
+    return torch.where(positive, torch.where(positive, q, 1.0) ** gamma, float(gamma == 0))
 
 
 def _target_log_probs(input: Tensor, target: Tensor, ignore_index: int, fn: str) -> tuple[Tensor, Tensor, Tensor, int]:
     """(log p_y, valid mask, safe target, class dim) for class-index targets."""
     class_dim = class_dim_of(input, fn)
     check_floating(input, "input", fn)
-    check_index_targets(input, target, class_dim, ignore_index, fn)
+    target = check_index_targets(input, target, class_dim, ignore_index, fn)
     compute, _ = result_dtypes(input)
     valid = target != ignore_index
     safe = target.masked_fill(~valid, 0).long()
@@ -124,7 +137,7 @@ def softmax_focal_loss(
         raise ValueError(f"{fn}: gamma must be >= 0; got {gamma}")
     log_p, valid, safe, class_dim = _target_log_probs(input, target, ignore_index, fn)
     # (1 - p)^gamma from log p: -expm1(log p) keeps 1 - p exact when p is tiny.
-    loss = -((-torch.expm1(log_p)) ** gamma) * log_p
+    loss = -_focusing(-torch.expm1(log_p), gamma) * log_p
     if isinstance(alpha, Tensor):
         check_class_weight(alpha, input.shape[class_dim], fn)
         loss = alpha.to(loss.dtype)[safe] * loss

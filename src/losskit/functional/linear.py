@@ -120,7 +120,7 @@ def linear_cross_entropy(
     if not probabilities and not out_features:
         if weight is not None:
             check_class_weight(weight, num_classes, fn)
-        check_class_targets(target, batch, num_classes, ignore, tuple(input.shape), fn)
+        target = check_class_targets(target, batch, num_classes, ignore, tuple(input.shape), fn)
         if fused_may_serve(input, linear_weight) and math.prod(batch) > 0:
             flat_target = target.reshape(-1)
 

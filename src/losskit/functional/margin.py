@@ -34,6 +34,12 @@ def _same_ndim(fn: str, **tensors: Tensor) -> None:
         raise ValueError(f"{fn}: all inputs must have the same number of dimensions; got {shapes}")
 
 
+def _hinge(z: Tensor) -> Tensor:
+    """max(0, z) whose gradient at a tie (z exactly 0) is 0, as torch's margin kernels
+    count a term only where it is positive (clamp_min would pass 1 there)."""
+    return torch.where(z > 0, z, 0.0)
+
+
 def _class_rows(input: Tensor, target: Tensor, fn: str, target_like_input: bool) -> None:
     """(C,) or (N, C) input; target (N,) / () or, for multilabel, input's own shape."""
     if input.dim() not in (1, 2):
@@ -168,6 +174,9 @@ def multilabel_margin_loss(
     fn = "multilabel_margin_loss"
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_floating(input, "input", fn)
+    scalar = input.dim() == 0 and target.numel() == 1  # as torch: one class, a loss of shape ()
+    if scalar:
+        input, target = input.reshape(1), target.reshape(1)
     _class_rows(input, target, fn, target_like_input=True)
     num_classes = input.shape[-1]
     # Targets count up to the first -1 of each row.
@@ -178,7 +187,7 @@ def multilabel_margin_loss(
     safe = target.masked_fill(~counted, 0).long()
     is_target = torch.zeros_like(target, dtype=torch.long).scatter_add_(-1, safe, counted.long()) > 0
     picked = x.gather(-1, safe)  # x at each listed target, (..., C_j)
-    hinge = (1 - (picked.unsqueeze(-1) - x.unsqueeze(-2))).clamp_min(0)  # (..., C_j, C_i)
+    hinge = _hinge(1 - (picked.unsqueeze(-1) - x.unsqueeze(-2)))  # (..., C_j, C_i)
     pairs = counted.unsqueeze(-1) & ~is_target.unsqueeze(-2)
     loss = torch.where(pairs, hinge, 0.0).sum(dim=(-2, -1)) / num_classes
     return reduce_loss(loss, reduction).to(out)
@@ -227,6 +236,12 @@ def multi_margin_loss(
     if p not in (1, 2):
         raise ValueError(f"{fn}: p must be 1 or 2; got {p}")
     check_floating(input, "input", fn)
+    if input.dim() == 0:  # as torch: one score, one class
+        input = input.reshape(1)
+    # As torch, a (C,) input takes a target of shape () or (1,), and 'none' keeps its shape.
+    target_shape = tuple(target.shape)
+    if input.dim() == 1 and target_shape == (1,):
+        target = target.reshape(())
     _class_rows(input, target, fn, target_like_input=False)
     num_classes = input.shape[-1]
     check_target_range(target, torch.ones_like(target, dtype=torch.bool), num_classes, fn)
@@ -235,13 +250,15 @@ def multi_margin_loss(
     compute, out = result_dtypes(input)
     x = input.to(compute)
     index = target.long().unsqueeze(-1)
-    margins = (margin - x.gather(-1, index) + x).clamp_min(0)
+    margins = _hinge(margin - x.gather(-1, index) + x)
     if p == 2:
         margins = margins.square()
     if weight is not None:
         margins = margins * weight.to(compute)[index]
     not_target = torch.ones_like(x, dtype=torch.bool).scatter_(-1, index, False)
     loss = torch.where(not_target, margins, 0.0).sum(dim=-1) / num_classes
+    if reduction == "none":
+        loss = loss.reshape(target_shape)
     return reduce_loss(loss, reduction).to(out)
 
 
@@ -410,6 +427,8 @@ def _triplet(
     reduction: str,
 ) -> Tensor:
     """max(d(a, p) - d(a, n) + margin, 0); with swap, d(a, n) becomes min(d(a, n), d(p, n))."""
+    if not margin > 0:  # as torch: with margin <= 0 the loss can never ask for a gap
+        raise ValueError(f"{fn}: margin must be > 0; got {margin}")
     _same_ndim(fn, anchor=anchor, positive=positive, negative=negative)
     dist_pos = distance(anchor, positive)
     dist_neg = distance(anchor, negative)
@@ -503,6 +522,4 @@ def triplet_margin_with_distance_loss(
     """
     fn = "triplet_margin_with_distance_loss"
     reduction = resolve_reduction(None, None, reduction)
-    if not margin > 0:
-        raise ValueError(f"{fn}: margin must be > 0; got {margin}")
     return _triplet(fn, anchor, positive, negative, distance_function or pairwise_distance, margin, swap, reduction)

@@ -45,7 +45,7 @@ def _overlap(
         keep = torch.ones_like(truth[:, :1])
     else:
         ignore = -100 if ignore_index is None else ignore_index
-        check_index_targets(input, target, 1, ignore, fn)
+        target = check_index_targets(input, target, 1, ignore, fn)
         valid = target != ignore
         truth = torch.zeros_like(probs).scatter_(1, target.masked_fill(~valid, 0).long().unsqueeze(1), 1.0)
         keep = valid.unsqueeze(1).to(compute)

@@ -13,7 +13,13 @@ from torch import Tensor
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
-from .._core.validation import broadcast_shape, check_floating, check_non_negative, check_reduction_weight
+from .._core.validation import (
+    broadcast_shape,
+    check_floating,
+    check_non_negative,
+    check_real,
+    check_reduction_weight,
+)
 
 __all__ = ["gaussian_nll_loss", "huber_loss", "l1_loss", "mse_loss", "poisson_nll_loss", "smooth_l1_loss"]
 
@@ -46,7 +52,7 @@ def _pointwise_loss(
     (``weighted_mean=False``), torch's plain mean of w * e.
     """
     check_floating(input, "input", fn)
-    check_floating(target, "target", fn)
+    check_real(target, "target", fn)
     if target.shape != input.shape:
         shape = broadcast_shape(input, target, ("input", "target"), fn)
         warnings.warn(
@@ -131,9 +137,12 @@ def _smooth_l1(error: Tensor, beta: float) -> Tensor:
     if beta == 0.0:
         return error.abs()
     magnitude = error.abs()
-    # Both branches are finite everywhere, so `where` passes clean gradients: e / beta
-    # inside, sign(e) outside, equal at |e| = beta.
-    return torch.where(magnitude < beta, (0.5 / beta) * error.square(), magnitude - 0.5 * beta)
+    inside = magnitude < beta
+    # The square is formed of the inside errors only, so that an infinite error outside
+    # passes sign(e) and not inf * 0 = nan through `where`: e / beta inside, sign(e)
+    # outside, equal at |e| = beta.
+    quadratic = (0.5 / beta) * torch.where(inside, error, 0.0).square()
+    return torch.where(inside, quadratic, magnitude - 0.5 * beta)
 
 
 @fill_doc(legacy_args=LEGACY_ARGS)
@@ -265,7 +274,7 @@ def poisson_nll_loss(
     fn = "poisson_nll_loss"
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_floating(input, "input", fn)
-    check_floating(target, "target", fn)
+    check_real(target, "target", fn)
     broadcast_shape(input, target, ("input", "target"), fn)
     compute, out = result_dtypes(input, target)
     x, y = input.to(compute), target.to(compute)

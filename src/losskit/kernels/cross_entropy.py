@@ -84,7 +84,8 @@ class RowLoss:
         self.softcap = softcap
         # w_y of each row, 0 where ignored.
         self.target_weight = self.counts if weight is None else per_class[self.target.squeeze(1)] * self.counts
-        self.denominator = self.target_weight.sum()  # what 'mean' divides by
+        self.denominator = self.target_weight.sum()  # what 'mean' divides the cross-entropy by
+        self.count = self.counts.sum()  # and the z-loss: a per-token regulariser, unweighted
         # dz = scale * (p * coef - (1 - eps) w_y [c = y] - eps / C * w_c); z-loss adds 2 s lse to coef.
         # 'mean' divides the gradient too: folded in here, it costs nothing per element. All
         # targets ignored makes the mean 0/0 = nan, but its gradient 0, as in torch.
@@ -94,7 +95,9 @@ class RowLoss:
         lse_coef: Tensor | float = 2.0 * lse_square_scale
         if reduction == "mean":
             scale = torch.where(self.denominator != 0, 1.0 / self.denominator, 0.0)
-            coef, target_step, smooth_step, lse_coef = coef * scale, target_step * scale, smooth_step * scale, lse_coef * scale
+            per_token = torch.where(self.count != 0, 1.0 / self.count, 0.0)
+            coef, target_step, smooth_step = coef * scale, target_step * scale, smooth_step * scale
+            lse_coef = lse_coef * per_token
         self.coef, self.target_step, self.smooth_step, self.lse_coef = coef, target_step.unsqueeze(1), smooth_step, lse_coef
         # The common case (no weight, smoothing or z-loss, nothing ignored, 'sum'/'none'): coef is 1.
         self.unit_coef = (
@@ -174,14 +177,22 @@ class RowLoss:
                 lse[underflow] = torch.logsumexp(z[underflow], dim=1)
         return lse, probs
 
-    def losses(self, lse: Tensor, z_target: Tensor, smooth_dot: Tensor | None) -> Tensor:
-        """Per-row loss from the per-row statistics of :meth:`chunk`; 0 where ignored."""
+    def reduced(self, lse: Tensor, z_target: Tensor, smooth_dot: Tensor | None, reduction: str) -> Tensor:
+        """The loss from the per-row statistics of :meth:`chunk`, reduced; rows ignored are 0.
+
+        'mean' divides the cross-entropy by the summed target weights (as torch) and the
+        z-loss by the number of rows that count (a per-token regulariser, as in PaLM).
+        """
         loss = (1.0 - self.eps) * self.target_weight * (lse - z_target)
         if self.eps > 0.0:
             loss = loss + (self.eps / self.num_classes) * (self.total_weight * lse - smooth_dot)
-        if self.lse_square_scale:
-            loss = loss + self.lse_square_scale * lse.square()
-        return torch.where(self.valid, loss, 0.0)
+        loss = torch.where(self.valid, loss, 0.0)
+        if not self.lse_square_scale:
+            return reduce_loss(loss, reduction, self.denominator)
+        z_loss = torch.where(self.valid, self.lse_square_scale * lse.square(), 0.0)
+        if reduction == "mean":
+            return reduce_loss(loss, reduction, self.denominator) + z_loss.sum() / self.count
+        return reduce_loss(loss + z_loss, reduction)
 
 
 def cross_entropy_forward(
@@ -219,7 +230,7 @@ def cross_entropy_forward(
             smooth_dot[rows] = smooth
         if grad_chunk is not None and grad.dtype != compute:
             grad[rows] = grad_chunk
-    loss = reduce_loss(rows_loss.losses(lse, z_target, smooth_dot), reduction, rows_loss.denominator)
+    loss = rows_loss.reduced(lse, z_target, smooth_dot, reduction)
     return loss.to(input.dtype), grad
 
 

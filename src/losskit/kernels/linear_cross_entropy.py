@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from .._core.dtypes import result_dtypes
-from .._core.reduction import reduce_loss
 from .common import Replay, compiling, scale_by_grad_output, take_precomputed, wants_grad
 from .cross_entropy import RowLoss
 
@@ -84,7 +83,7 @@ def linear_cross_entropy_forward(
             smooth_dot[rows] = smooth
         if precompute:
             _accumulate(grads, grad_logits, x[rows], w, rows)
-    loss = reduce_loss(rows_loss.losses(lse, z_target, smooth_dot), reduction, rows_loss.denominator)
+    loss = rows_loss.reduced(lse, z_target, smooth_dot, reduction)
     return (loss.to(input.dtype), *grads)
 
 
