@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: tour test install clean
+.PHONY: tour test fuzz install clean
 
 install: $(STAMP)
 
@@ -19,6 +19,14 @@ tour: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The differential fuzz against torch at full size: 2000 examples per loss (FUZZ_EXAMPLES),
+# tens of thousands of calls. The seed is printed; `make fuzz SEED=...` replays a run.
+fuzz: $(STAMP)
+	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "fuzz seed: $$seed (replay with: make fuzz SEED=$$seed)"; \
+	$(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider --hypothesis-profile=fuzz \
+		--hypothesis-seed=$$seed --hypothesis-show-statistics
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info losskit-tour .pytest_cache

@@ -1,0 +1,563 @@
+"""Differential fuzz: random valid (and some invalid) calls of every torch-twin loss,
+compared with torch 2.13 in value and gradient.
+
+Each example draws a loss's options and a data seed; ``Call.build(dtype)`` then makes the
+same tensors afresh for each run (losskit, torch, and the float64 reference), views and
+all: transposed storage, expanded rows, empty batches, unbatched and K-dimensional
+inputs, all-ignored targets, uint8 targets, legacy size_average/reduce, extreme values,
+and the fused kernels' chunk edges (their chunk budget shrunk to a few rows).
+
+The rules checked for every example:
+- torch raises iff losskit raises (a dtype torch's CPU kernels do not implement, e.g.
+  half, is a documented addition: there losskit is only judged against float64);
+- float64: losskit equals torch, value and gradient;
+- float32 / float16 / bfloat16: losskit's error against torch in float64 is at most
+  twice torch's own error plus a rounding allowance of the dtype;
+- non-finite results: where torch in float64 is inf or nan, so is losskit, with the
+  documented exceptions of README "Where losskit differs from torch";
+- losskit never changes its inputs.
+
+Profiles (tests/conftest.py): ``ci`` (the default; derandomised, a few dozen examples per
+loss) and ``fuzz`` (``make fuzz``: thousands per loss, the seed printed for replay with
+``make fuzz SEED=...``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from hypothesis import given, strategies as st
+
+import losskit.functional as LF
+import losskit.kernels.binary_cross_entropy as bce_kernel
+import losskit.kernels.cross_entropy as ce_kernel
+
+HALF = (torch.float16, torch.bfloat16)
+# Rounding allowance per dtype, relative to max(1, |reference|).
+ALLOWANCE = {torch.float64: 1e-7, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+REDUCTIONS = ["mean", "sum", "none"]
+LEGACY = [(None, None), (False, None), (None, False), (True, True), (False, False)]
+
+
+@dataclass
+class Call:
+    """One call of a loss: ``build(dtype) -> (args, kwargs, leaves)`` makes fresh tensors."""
+
+    name: str
+    # build(dtype, rounded_to) -> (args, kwargs, leaves): fresh tensors of ``dtype`` holding
+    # values first rounded to ``rounded_to`` (the float64 reference of a float16 run sees
+    # the float16 inputs).
+    build: Callable[..., tuple[list[Any], dict[str, Any], list[torch.Tensor]]]
+    dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    # Where torch in float64 is non-finite and losskit is finite by design (README table).
+    finite_by_design: bool = False
+    # A documented addition: where torch raises with a message matching ``addition``,
+    # losskit computes, and ``twin`` (torch on an equivalent call) is the oracle.
+    addition: str | None = None
+    twin: Callable[..., torch.Tensor] | None = None
+
+
+class Data:
+    """Deterministic tensors from one seed: the same values for every build."""
+
+    def __init__(self, seed: int, dtype: torch.dtype, rounded_to: torch.dtype) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        self.dtype, self.rounded_to = dtype, rounded_to
+        self.leaves: list[torch.Tensor] = []
+
+    def _cast(self, values: torch.Tensor) -> torch.Tensor:
+        return values.to(self.rounded_to).to(self.dtype)
+
+    def normal(self, *shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen, dtype=torch.float64) * scale
+
+    def uniform(self, *shape: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        return low + (high - low) * torch.rand(shape, generator=self.gen, dtype=torch.float64)
+
+    def index(self, high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(0, max(high, 1), shape, generator=self.gen)
+
+    def leaf(self, values: torch.Tensor, layout: str = "contiguous", grad: bool = True) -> torch.Tensor:
+        """values in the build dtype, as a leaf that requires grad, seen through ``layout``:
+        'transposed' (same values, column-major storage) or 'expanded' (row 0 broadcast)."""
+        if layout == "expanded" and values.dim() >= 1 and values.shape[0] > 0:
+            base = self._cast(values[:1]).requires_grad_(grad)
+            if grad:
+                self.leaves.append(base)
+            return base.expand(values.shape)
+        base = self._cast(values)
+        if layout == "transposed" and values.dim() >= 2:
+            base = base.transpose(0, 1).contiguous().requires_grad_(grad)
+            if grad:
+                self.leaves.append(base)
+            return base.transpose(0, 1)
+        base = base.clone().requires_grad_(grad)
+        if grad:
+            self.leaves.append(base)
+        return base
+
+    def const(self, values: torch.Tensor, layout: str = "contiguous") -> torch.Tensor:
+        """values in the build dtype, no gradient."""
+        return self.leaf(values, layout, grad=False)
+
+
+def call(name: str, seed: int, make: Callable[[Data], tuple[list[Any], dict[str, Any]]], **extra: Any) -> Call:
+    def build(dtype: torch.dtype, rounded_to: torch.dtype | None = None):
+        data = Data(seed, dtype, rounded_to or dtype)
+        args, kwargs = make(data)
+        return args, kwargs, data.leaves
+
+    return Call(name, build, **extra)
+
+
+# ---- strategies: one per loss family --------------------------------------------------------
+
+seeds = st.integers(0, 2**31 - 1)
+batches = st.sampled_from([0, 1, 2, 3, 7])
+layouts = st.sampled_from(["contiguous", "transposed", "expanded"])
+scales = st.sampled_from([1.0, 1.0, 30.0, 1e4])  # 1e4: logits far beyond exp's range
+
+
+def _legacy(draw) -> dict[str, Any]:
+    if draw(st.integers(0, 4)):
+        return {"reduction": draw(st.sampled_from(REDUCTIONS))}
+    size_average, reduce = draw(st.sampled_from(LEGACY))
+    return {"size_average": size_average, "reduce": reduce}
+
+
+@st.composite
+def class_index_calls(draw, name: str) -> Call:
+    """cross_entropy / nll_loss: unbatched, (N, C) or (N, C, d...), index or probabilities."""
+    seed = draw(seeds)
+    num_classes = draw(st.sampled_from([1, 2, 5, 9]))
+    form = draw(st.sampled_from(["unbatched", "rows", "rows", "spatial"]))
+    n = draw(batches)
+    spatial = draw(st.sampled_from([(2,), (3, 2)])) if form == "spatial" else ()
+    shape = (num_classes,) if form == "unbatched" else (n, num_classes, *spatial)
+    target_shape = () if form == "unbatched" else (n, *spatial)
+    probabilities = name == "cross_entropy" and draw(st.integers(0, 5)) == 0
+    target_dtype = draw(st.sampled_from([torch.int64, torch.int64, torch.uint8]))
+    ignore_index = draw(st.sampled_from([-100, 0, num_classes - 1]))
+    if target_dtype == torch.uint8 and ignore_index < 0:
+        ignore_index = -100  # never matches a uint8 class: nothing ignored
+    ignored = draw(st.sampled_from(["none", "some", "all"]))
+    weighted = draw(st.booleans())
+    smoothing = draw(st.sampled_from([0.0, 0.0, 0.1, 0.7])) if name == "cross_entropy" else 0.0
+    scale = draw(scales)
+    layout = draw(layouts) if form == "rows" else "contiguous"
+    out_of_range = draw(st.integers(0, 15)) == 0  # an invalid call: both must raise
+    options = _legacy(draw)
+
+    def make(d: Data):
+        logits = d.normal(*shape, scale=scale)
+        if name == "nll_loss":
+            logits = logits.log_softmax(0 if form == "unbatched" else 1)
+        x = d.leaf(logits, layout)
+        kwargs: dict[str, Any] = dict(options)
+        if probabilities:
+            target = d.const(d.normal(*shape).softmax(0 if form == "unbatched" else 1))
+        else:
+            target = d.index(num_classes, *target_shape)
+            if ignored == "all" and (ignore_index >= 0 or target_dtype == torch.int64):
+                target = torch.full_like(target, ignore_index)
+            elif ignored == "some" and target.numel() and (ignore_index >= 0 or target_dtype == torch.int64):
+                target.view(-1)[::2] = ignore_index
+            if out_of_range and target.numel():
+                target.view(-1)[0] = num_classes
+            target = target.to(target_dtype)
+            kwargs["ignore_index"] = ignore_index
+        if weighted:
+            kwargs["weight"] = d.const(d.uniform(num_classes, low=0.1, high=2.0))
+        if smoothing:
+            kwargs["label_smoothing"] = smoothing
+        return [x, target], kwargs
+
+    def twin(input, target, *args, **kwargs):  # the same call with int64 targets
+        return getattr(TF, name)(input, target.long() if not target.is_floating_point() else target, *args, **kwargs)
+
+    return call(name, seed, make, finite_by_design=True, addition="expected scalar type Long but found Byte|Expected dtype int32/int64 for index",
+                twin=twin)
+
+
+@st.composite
+def binary_calls(draw, name: str) -> Call:
+    seed = draw(seeds)
+    shape = draw(st.sampled_from([(0,), (5,), (3, 4), (2, 3, 2), ()]))
+    weighted = draw(st.sampled_from([None, "full", "row"]))
+    pos_weighted = name == "binary_cross_entropy_with_logits" and draw(st.booleans())
+    scale = draw(scales)
+    layout = draw(layouts)
+    hard = draw(st.booleans())
+    edge = draw(st.integers(0, 5)) == 0  # probabilities of exactly 0 and 1
+    bad_target = name == "binary_cross_entropy" and draw(st.integers(0, 15)) == 0
+    options = _legacy(draw)
+
+    def make(d: Data):
+        if name == "binary_cross_entropy":
+            p = d.uniform(*shape, low=0.001, high=0.999)
+            if edge and p.numel() >= 2:
+                p.view(-1)[0], p.view(-1)[1] = 0.0, 1.0
+            x = d.leaf(p, layout)
+        else:
+            x = d.leaf(d.normal(*shape, scale=scale), layout)
+        y = d.uniform(*shape)
+        if hard:
+            y = y.round()
+        if bad_target and y.numel():
+            y.view(-1)[0] = 1.5
+        kwargs: dict[str, Any] = dict(options)
+        if weighted == "full":
+            kwargs["weight"] = d.const(d.uniform(*shape, low=0.1, high=2.0))
+        elif weighted == "row" and len(shape) >= 1:
+            kwargs["weight"] = d.const(d.uniform(shape[-1], low=0.1, high=2.0))
+        if pos_weighted and len(shape) >= 1:
+            kwargs["pos_weight"] = d.const(d.uniform(shape[-1], low=0.2, high=3.0))
+        return [x, d.const(y)], kwargs
+
+    return call(name, seed, make, finite_by_design=name != "binary_cross_entropy")
+
+
+@st.composite
+def regression_calls(draw, name: str) -> Call:
+    seed = draw(seeds)
+    shape = draw(st.sampled_from([(0,), (5,), (3, 4), (2, 3, 2), ()]))
+    layout = draw(layouts)
+    broadcast_target = draw(st.integers(0, 5)) == 0 and len(shape) >= 2
+    infinite = name in ("l1_loss", "smooth_l1_loss", "huber_loss") and draw(st.integers(0, 4)) == 0
+    integer_target = draw(st.integers(0, 5)) == 0 and name != "huber_loss"  # torch's huber backward fails on it
+    scale = draw(st.sampled_from([1.0, 1.0, 100.0]))
+    kwargs: dict[str, Any] = {}
+    if name == "smooth_l1_loss":
+        kwargs["beta"] = draw(st.sampled_from([0.0, 0.5, 1.0, 3.0]))
+    if name == "huber_loss":
+        kwargs["delta"] = draw(st.sampled_from([0.5, 1.0, 3.0]))
+        kwargs["reduction"] = draw(st.sampled_from(REDUCTIONS))
+    else:
+        kwargs.update(_legacy(draw))
+    if name == "poisson_nll_loss":
+        kwargs.update(log_input=draw(st.booleans()), full=draw(st.booleans()))
+        # torch forms the Stirling term of an integer target in float32 (log of an integer
+        # tensor); losskit promotes first (README: differences), so compare float targets.
+        integer_target = integer_target and not kwargs["full"]
+
+    def make(d: Data):
+        target_shape = (1, *shape[1:]) if broadcast_target else shape
+        if name == "poisson_nll_loss":
+            x = d.normal(*shape) if kwargs["log_input"] else d.uniform(*shape, low=0.01, high=5.0)
+            y = d.index(6, *target_shape).double()
+        else:
+            x = d.normal(*shape, scale=scale)
+            y = d.normal(*target_shape, scale=scale)
+            if integer_target:
+                y = y.round()
+            if infinite and x.numel():
+                x.view(-1)[0] = math.inf
+                if x.numel() > 1:
+                    x.view(-1)[-1] = -math.inf
+        target = y.long() if integer_target else d.const(y)
+        return [d.leaf(x, layout), target], dict(kwargs)
+
+    return call(name, seed, make)
+
+
+@st.composite
+def gaussian_calls(draw) -> Call:
+    seed = draw(seeds)
+    n, k = draw(batches), draw(st.sampled_from([1, 3]))
+    var_form = draw(st.sampled_from(["full", "last", "scalar_per_row"]))
+    kwargs = {"full": draw(st.booleans()), "eps": draw(st.sampled_from([1e-6, 1e-2])),
+              "reduction": draw(st.sampled_from(REDUCTIONS))}
+    negative = draw(st.integers(0, 15)) == 0
+
+    def make(d: Data):
+        x, y = d.leaf(d.normal(n, k)), d.const(d.normal(n, k))
+        var_shape = {"full": (n, k), "last": (n,), "scalar_per_row": (n, 1)}[var_form]
+        var = d.uniform(*var_shape, low=0.01, high=3.0)
+        if negative and var.numel():
+            var.view(-1)[0] = -1.0
+        return [x, y, d.leaf(var)], dict(kwargs)
+
+    return call("gaussian_nll_loss", seed, make)
+
+
+@st.composite
+def kl_calls(draw) -> Call:
+    seed = draw(seeds)
+    shape = draw(st.sampled_from([(0, 4), (3, 4), (2, 3, 4), (4,)]))
+    log_target = draw(st.booleans())
+    kwargs = {"log_target": log_target, "reduction": draw(st.sampled_from([*REDUCTIONS, "batchmean"]))}
+    zeros = draw(st.booleans())
+
+    def make(d: Data):
+        x = d.leaf(d.normal(*shape).log_softmax(-1))
+        q = d.normal(*shape).softmax(-1)
+        if zeros and q.numel():
+            q.view(-1)[0] = 0.0
+        target = q.log() if log_target else q
+        return [x, d.leaf(target)], dict(kwargs)
+
+    return call("kl_div", seed, make)
+
+
+@st.composite
+def margin_calls(draw, name: str) -> Call:
+    seed = draw(seeds)
+    n, c = draw(batches), draw(st.sampled_from([1, 2, 5]))
+    if name in ("multi_margin_loss", "multilabel_margin_loss") and n == 0:
+        n = 1  # torch returns uninitialised memory for an empty 'mean' (README: differences)
+    layout = draw(layouts)
+    # Values on a coarse grid: hinge terms of exactly 0. Not for the distance losses, whose
+    # eps (rounded differently in each precision) decides such ties, as it does in torch.
+    ties = draw(st.booleans()) and name not in ("triplet_margin_loss", "cosine_embedding_loss")
+    options = _legacy(draw)
+
+    def values(d: Data, *shape: int) -> torch.Tensor:
+        v = d.normal(*shape)
+        return (v * 2).round() / 4 if ties else v
+
+    def make(d: Data):
+        kwargs: dict[str, Any] = dict(options)
+        if name == "soft_margin_loss":
+            return [d.leaf(values(d, n, c), layout), d.const(d.index(2, n, c).double() * 2 - 1)], kwargs
+        if name == "multilabel_soft_margin_loss":
+            if draw_weight:
+                kwargs["weight"] = d.const(d.uniform(c, low=0.1, high=2.0))
+            return [d.leaf(values(d, n, c), layout), d.const(d.index(2, n, c).double())], kwargs
+        if name == "multi_margin_loss":
+            kwargs.update(p=p, margin=margin)
+            if draw_weight:
+                kwargs["weight"] = d.const(d.uniform(c, low=0.1, high=2.0))
+            return [d.leaf(values(d, n, c), layout), d.index(c, n)], kwargs
+        if name == "multilabel_margin_loss":
+            target = torch.stack([torch.randperm(c, generator=d.gen) for _ in range(n)]) if n else torch.zeros(
+                0, c, dtype=torch.long)
+            cut = d.index(c + 1, n)
+            target = torch.where(torch.arange(c) < cut.unsqueeze(1), target, -1) if n else target
+            return [d.leaf(values(d, n, c), layout), target], kwargs
+        if name == "margin_ranking_loss":
+            kwargs["margin"] = margin
+            return [d.leaf(values(d, n)), d.leaf(values(d, n)), d.const(d.index(2, n).double() * 2 - 1)], kwargs
+        if name == "hinge_embedding_loss":
+            kwargs["margin"] = margin
+            return [d.leaf(values(d, n, c), layout), d.const(d.index(2, n, c).double() * 2 - 1)], kwargs
+        if name == "cosine_embedding_loss":
+            kwargs["margin"] = margin - 1.0  # in [-1, 1)
+            return [d.leaf(values(d, n, c)), d.leaf(values(d, n, c)), d.const(d.index(2, n).double() * 2 - 1)], kwargs
+        kwargs.update(margin=margin, p=p, swap=swap, eps=1e-6)  # triplet_margin_loss
+        return [d.leaf(values(d, n, c)), d.leaf(values(d, n, c)), d.leaf(values(d, n, c))], kwargs
+
+    draw_weight = draw(st.booleans())
+    p = draw(st.sampled_from([1, 2]))
+    margin = draw(st.sampled_from([0.5, 1.0, 2.0]))
+    swap = draw(st.booleans())
+    return call(name, seed, make, finite_by_design=name == "soft_margin_loss")
+
+
+@st.composite
+def ctc_calls(draw) -> Call:
+    seed = draw(seeds)
+    steps, n, c = draw(st.sampled_from([1, 2, 5, 8])), draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([2, 4]))
+    longest = draw(st.sampled_from([0, 1, 3]))
+    layout = draw(st.sampled_from(["padded", "concatenated"]))
+    blank = draw(st.sampled_from([0, c - 1]))
+    kwargs = {"blank": blank, "reduction": draw(st.sampled_from(REDUCTIONS)), "zero_infinity": draw(st.booleans())}
+
+    def make(d: Data):
+        lp = d.leaf(d.normal(steps, n, c).log_softmax(2))
+        labels = d.index(c - 1, n, longest)
+        labels = labels + (labels >= blank).long()  # never the blank
+        input_lengths = d.index(steps + 1, n)
+        target_lengths = d.index(longest + 1, n)
+        if layout == "concatenated":
+            targets = torch.cat([labels[i, : int(k)] for i, k in enumerate(target_lengths)])
+            return [lp, targets, input_lengths.tolist(), target_lengths.tolist()], dict(kwargs)
+        return [lp, labels, input_lengths, target_lengths], dict(kwargs)
+
+    # Half precision log-probs: torch's CPU ctc is float/double only.
+    return call("ctc_loss", seed, make, dtypes=(torch.float64, torch.float32))
+
+
+@st.composite
+def linear_calls(draw) -> Call:
+    seed = draw(seeds)
+    batch = draw(st.sampled_from([(0,), (1,), (5,), (9,), (2, 3)]))
+    hidden, c = draw(st.sampled_from([1, 4])), draw(st.sampled_from([1, 3, 11]))
+    biased, weighted = draw(st.booleans()), draw(st.booleans())
+    ignore_index = draw(st.sampled_from([None, 0]))
+    smoothing = draw(st.sampled_from([0.0, 0.2]))
+    reduction = draw(st.sampled_from(REDUCTIONS))
+    chunk = draw(st.sampled_from([None, 1, 2, 4]))
+
+    def make(d: Data):
+        x = d.leaf(d.normal(*batch, hidden))
+        w = d.leaf(d.normal(c, hidden))
+        target = d.index(c, *batch)
+        kwargs: dict[str, Any] = {"reduction": reduction, "label_smoothing": smoothing}
+        if ignore_index is not None:
+            kwargs["ignore_index"] = ignore_index
+        if biased:
+            kwargs["linear_bias"] = d.leaf(d.normal(c))
+        if weighted:
+            kwargs["weight"] = d.const(d.uniform(c, low=0.1, high=2.0))
+        if chunk is not None:
+            from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+
+            kwargs["options"] = LinearCrossEntropyOptions(batch_chunk_size=chunk)
+        return [x, w, target], kwargs
+
+    def twin(input, linear_weight, target, **kwargs):  # (..., H) input: torch on the flattened rows
+        out = TF.linear_cross_entropy(input.reshape(-1, input.shape[-1]), linear_weight, target.reshape(-1), **kwargs)
+        return out.reshape(target.shape) if kwargs["reduction"] == "none" else out
+
+    return call("linear_cross_entropy", seed, make, finite_by_design=True,
+                addition="expected input with dimensionality 1 or 2", twin=twin)
+
+
+# ---- the check ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def small_chunks():
+    """The fused kernels' chunks shrunk to a few rows, so that batches cross chunk edges."""
+    saved = ce_kernel.CHUNK_BYTES, bce_kernel.CHUNK_ELEMENTS
+    ce_kernel.CHUNK_BYTES, bce_kernel.CHUNK_ELEMENTS = 64, 8
+    try:
+        yield
+    finally:
+        ce_kernel.CHUNK_BYTES, bce_kernel.CHUNK_ELEMENTS = saved
+
+
+def _run(fn: Callable[..., torch.Tensor], args, kwargs, leaves):
+    """(error, output, gradients of the leaves under a fixed grad_output)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = fn(*args, **kwargs)
+            grads = None
+            if leaves and out.requires_grad:
+                grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+                grads = torch.autograd.grad(out, leaves, (grad_output + 2).to(out.dtype), allow_unused=True)
+        return None, out, grads
+    except Exception as error:  # noqa: BLE001 - any error counts: both sides must agree
+        return error, None, None
+
+
+def _snapshot(values) -> list[torch.Tensor]:
+    return [v.detach().clone() for v in values if isinstance(v, torch.Tensor)]
+
+
+def _unimplemented(error: Exception | None) -> bool:
+    return error is not None and "not implemented for" in str(error)
+
+
+def _compare(what: str, ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Tensor, dtype, case: Call):
+    """ours and theirs (in ``dtype``) against reference (torch in float64)."""
+    assert ours.shape == reference.shape, f"{what}: shape {tuple(ours.shape)} != torch's {tuple(reference.shape)}"
+    ours, theirs, reference = ours.double(), theirs.double(), reference.double()
+    finite = torch.isfinite(reference)
+    if not case.finite_by_design:
+        same = (torch.isnan(ours) == torch.isnan(reference)) & ((ours == reference) | finite | torch.isnan(ours))
+        assert same.all(), f"{what}: non-finite where torch's is not (or not the same): {ours} vs {reference}"
+    # Where torch's own result in this dtype overflowed, losskit may overflow too.
+    check = finite & (torch.isfinite(ours) | ~torch.isfinite(theirs))
+    check &= torch.isfinite(ours)
+    assert (torch.isfinite(ours) | ~finite | ~torch.isfinite(theirs)).all(), f"{what}: overflow where torch has none"
+    error = (ours - reference).abs()
+    allowance = 2 * (theirs - reference).abs().nan_to_num(0, 0, 0) + ALLOWANCE[dtype] * reference.abs().clamp_min(1)
+    bad = check & (error > allowance)
+    assert not bad.any(), (
+        f"{what} in {dtype}: losskit {ours[bad][:3].tolist()} vs reference {reference[bad][:3].tolist()} "
+        f"(torch {theirs[bad][:3].tolist()})"
+    )
+
+
+def check_call(case: Call, dtype: torch.dtype) -> None:
+    ours_fn, torch_fn = getattr(LF, case.name), getattr(TF, case.name)
+    args, kwargs, leaves = case.build(dtype)
+    before = _snapshot([*args, *kwargs.values()])
+    with small_chunks():
+        error, out, grads = _run(ours_fn, args, kwargs, leaves)
+    after = _snapshot([*args, *kwargs.values()])
+    for b, a in zip(before, after):
+        assert torch.equal(b, a) or (b.isnan() == a.isnan()).all() and torch.equal(b.nan_to_num(), a.nan_to_num()), \
+            f"{case.name} changed an input"
+
+    t_args, t_kwargs, t_leaves = case.build(dtype)
+    t_error, t_out, t_grads = _run(torch_fn, t_args, t_kwargs, t_leaves)
+    if t_error is not None and case.addition and re.search(case.addition, str(t_error)):
+        torch_fn = case.twin
+        t_args, t_kwargs, t_leaves = case.build(dtype)
+        t_error, t_out, t_grads = _run(torch_fn, t_args, t_kwargs, t_leaves)
+    if _unimplemented(t_error) and dtype in HALF:  # an addition: judge against float64 alone
+        t_error = None
+        t_out = t_grads = None
+    assert (error is None) == (t_error is None), (
+        f"{case.name}({dtype}): losskit {'raised ' + repr(error) if error else 'computed'}, "
+        f"torch {'raised ' + repr(t_error) if t_error else 'computed'}"
+    )
+    if error is not None:
+        return
+    r_args, r_kwargs, r_leaves = case.build(torch.float64, dtype)
+    r_error, reference, r_grads = _run(torch_fn, r_args, r_kwargs, r_leaves)
+    assert r_error is None, f"torch in float64 raised {r_error!r}"
+    theirs = reference if t_out is None else t_out
+    assert out.dtype == theirs.dtype or t_out is None, f"dtype {out.dtype} != torch's {theirs.dtype}"
+    _compare(f"{case.name} value", out, theirs, reference, dtype, case)
+    if grads is None or r_grads is None:
+        assert (grads is None) == (r_grads is None or not any(g is not None for g in r_grads)), "gradient presence"
+        return
+    for i, (g, tg, rg) in enumerate(zip(grads, t_grads or r_grads, r_grads)):
+        assert (g is None) == (rg is None), f"{case.name}: gradient {i} present on one side only"
+        if g is not None:
+            _compare(f"{case.name} gradient {i}", g, tg, rg, dtype, case)
+
+
+# ---- the tests: one per loss ----------------------------------------------------------------
+
+STRATEGIES: dict[str, Callable[[], st.SearchStrategy[Call]]] = {
+    "cross_entropy": lambda: class_index_calls("cross_entropy"),
+    "nll_loss": lambda: class_index_calls("nll_loss"),
+    "binary_cross_entropy": lambda: binary_calls("binary_cross_entropy"),
+    "binary_cross_entropy_with_logits": lambda: binary_calls("binary_cross_entropy_with_logits"),
+    "mse_loss": lambda: regression_calls("mse_loss"),
+    "l1_loss": lambda: regression_calls("l1_loss"),
+    "smooth_l1_loss": lambda: regression_calls("smooth_l1_loss"),
+    "huber_loss": lambda: regression_calls("huber_loss"),
+    "poisson_nll_loss": lambda: regression_calls("poisson_nll_loss"),
+    "gaussian_nll_loss": gaussian_calls,
+    "kl_div": kl_calls,
+    "soft_margin_loss": lambda: margin_calls("soft_margin_loss"),
+    "multilabel_soft_margin_loss": lambda: margin_calls("multilabel_soft_margin_loss"),
+    "multi_margin_loss": lambda: margin_calls("multi_margin_loss"),
+    "multilabel_margin_loss": lambda: margin_calls("multilabel_margin_loss"),
+    "margin_ranking_loss": lambda: margin_calls("margin_ranking_loss"),
+    "hinge_embedding_loss": lambda: margin_calls("hinge_embedding_loss"),
+    "cosine_embedding_loss": lambda: margin_calls("cosine_embedding_loss"),
+    "triplet_margin_loss": lambda: margin_calls("triplet_margin_loss"),
+    "ctc_loss": ctc_calls,
+    "linear_cross_entropy": linear_calls,
+}
+
+
+def test_every_torch_twin_is_fuzzed():
+    twins = {n for n in LF.__all__ if hasattr(TF, n)} - {"pairwise_distance", "triplet_margin_with_distance_loss"}
+    assert twins <= set(STRATEGIES), f"no fuzz strategy for {sorted(twins - set(STRATEGIES))}"
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_losskit_agrees_with_torch(name):
+    @given(case=STRATEGIES[name](), dtype=st.sampled_from([torch.float64, torch.float32, torch.float16,
+                                                           torch.bfloat16]))
+    def run(case: Call, dtype: torch.dtype) -> None:
+        if dtype in case.dtypes:
+            check_call(case, dtype)
+
+    run()
