@@ -64,6 +64,9 @@ class Call:
     # losskit computes, and ``twin`` (torch on an equivalent call) is the oracle.
     addition: str | None = None
     twin: Callable[..., torch.Tensor] | None = None
+    # For losses torch lacks: the written-out definition in torch ops, run in each dtype as
+    # "torch" and in float64 as the reference.
+    oracle: Callable[..., torch.Tensor] | None = None
 
 
 class Data:
@@ -422,6 +425,102 @@ def linear_calls(draw) -> Call:
                 addition="expected input with dimensionality 1 or 2", twin=twin)
 
 
+# ---- beyond torch: the written-out definitions ------------------------------------------------
+
+def _reduce(loss: torch.Tensor, reduction: str, count: torch.Tensor | None = None) -> torch.Tensor:
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.sum() / (loss.numel() if count is None else count)
+
+
+def sigmoid_focal_definition(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
+    """torchvision.ops.sigmoid_focal_loss, line for line."""
+    p = torch.sigmoid(inputs)
+    ce = TF.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return _reduce(loss, reduction)
+
+
+def _target_log_probs(input, target, ignore_index):
+    class_dim = 0 if input.dim() == 1 else 1
+    valid = target != ignore_index
+    log_p = input.float().log_softmax(class_dim).to(input.dtype) if input.dtype in HALF else input.log_softmax(
+        class_dim)
+    picked = log_p.gather(class_dim, target.masked_fill(~valid, 0).unsqueeze(class_dim)).squeeze(class_dim)
+    return picked, valid
+
+
+def softmax_focal_definition(input, target, alpha=None, gamma=2.0, ignore_index=-100, reduction="mean"):
+    """Lin et al.'s focal loss on the softmax: -alpha_y (1 - p_y)^gamma log p_y."""
+    log_p, valid = _target_log_probs(input, target, ignore_index)
+    loss = -((1 - log_p.exp()) ** gamma) * log_p
+    if isinstance(alpha, torch.Tensor):
+        loss = alpha[target.masked_fill(~valid, 0)] * loss
+    elif alpha is not None:
+        loss = alpha * loss
+    return _reduce(torch.where(valid, loss, 0.0), reduction, valid.sum())
+
+
+def poly1_definition(input, target, epsilon=1.0, ignore_index=-100, reduction="mean"):
+    """Leng et al.'s Poly-1: -log p_y + epsilon (1 - p_y)."""
+    log_p, valid = _target_log_probs(input, target, ignore_index)
+    loss = -log_p + epsilon * (1 - log_p.exp())
+    return _reduce(torch.where(valid, loss, 0.0), reduction, valid.sum())
+
+
+@st.composite
+def sigmoid_focal_calls(draw) -> Call:
+    seed = draw(seeds)
+    shape = draw(st.sampled_from([(0,), (5,), (3, 4), (2, 3, 2)]))
+    kwargs = {"alpha": draw(st.sampled_from([0.25, 0.0, 1.0, -1])), "gamma": draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])),
+              "reduction": draw(st.sampled_from(REDUCTIONS))}
+    scale, layout, hard = draw(st.sampled_from([1.0, 1.0, 30.0])), draw(layouts), draw(st.booleans())
+
+    def make(d: Data):
+        y = d.uniform(*shape)
+        return [d.leaf(d.normal(*shape, scale=scale), layout), d.const(y.round() if hard else y)], dict(kwargs)
+
+    return call("sigmoid_focal_loss", seed, make, finite_by_design=True, oracle=sigmoid_focal_definition)
+
+
+@st.composite
+def softmax_target_calls(draw, name: str) -> Call:
+    seed = draw(seeds)
+    c = draw(st.sampled_from([1, 2, 5]))
+    form = draw(st.sampled_from(["unbatched", "rows", "spatial"]))
+    n = draw(batches)
+    shape = (c,) if form == "unbatched" else (n, c, 3) if form == "spatial" else (n, c)
+    target_shape = () if form == "unbatched" else (n, 3) if form == "spatial" else (n,)
+    ignore_index = draw(st.sampled_from([-100, 0]))
+    some_ignored = draw(st.booleans())
+    kwargs: dict[str, Any] = {"ignore_index": ignore_index, "reduction": draw(st.sampled_from(REDUCTIONS))}
+    if name == "softmax_focal_loss":
+        kwargs["gamma"] = draw(st.sampled_from([0.0, 0.5, 2.0]))
+        alpha = draw(st.sampled_from([None, 0.25, "per_class"]))
+    else:
+        kwargs["epsilon"] = draw(st.sampled_from([1.0, -0.5, 2.0]))
+        alpha = None
+    scale, layout = draw(st.sampled_from([1.0, 1.0, 30.0])), draw(layouts) if form == "rows" else "contiguous"
+
+    def make(d: Data):
+        x = d.leaf(d.normal(*shape, scale=scale), layout)
+        target = d.index(c, *target_shape)
+        if some_ignored and target.numel():
+            target.view(-1)[::2] = ignore_index
+        extra = dict(kwargs)
+        if alpha == "per_class":
+            extra["alpha"] = d.const(d.uniform(c, low=0.1, high=1.0))
+        elif alpha is not None:
+            extra["alpha"] = alpha
+        return [x, target], extra
+
+    oracle = softmax_focal_definition if name == "softmax_focal_loss" else poly1_definition
+    return call(name, seed, make, finite_by_design=True, oracle=oracle)
+
+
 # ---- the check ------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -480,7 +579,7 @@ def _compare(what: str, ours: torch.Tensor, theirs: torch.Tensor, reference: tor
 
 
 def check_call(case: Call, dtype: torch.dtype) -> None:
-    ours_fn, torch_fn = getattr(LF, case.name), getattr(TF, case.name)
+    ours_fn, torch_fn = getattr(LF, case.name), case.oracle or getattr(TF, case.name)
     args, kwargs, leaves = case.build(dtype)
     before = _snapshot([*args, *kwargs.values()])
     with small_chunks():
@@ -544,6 +643,10 @@ STRATEGIES: dict[str, Callable[[], st.SearchStrategy[Call]]] = {
     "triplet_margin_loss": lambda: margin_calls("triplet_margin_loss"),
     "ctc_loss": ctc_calls,
     "linear_cross_entropy": linear_calls,
+    # beyond torch, against their written-out definitions
+    "sigmoid_focal_loss": sigmoid_focal_calls,
+    "softmax_focal_loss": lambda: softmax_target_calls("softmax_focal_loss"),
+    "poly1_cross_entropy": lambda: softmax_target_calls("poly1_cross_entropy"),
 }
 
 
