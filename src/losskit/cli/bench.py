@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,8 +25,8 @@ MODES = ("forward", "backward", "full")
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # ce | bce | lce
-    shape: tuple[int, ...]  # ce/bce: (N, C); lce: (N, H, C)
+    op: str  # ce | bce | lce | vp (vocab-parallel linear cross-entropy over gloo processes)
+    shape: tuple[int, ...]  # ce/bce: (N, C); lce, vp: (N, H, C)
     providers: tuple[str, ...]
     modes: tuple[str, ...] = ("full",)
     reps: int = 5
@@ -34,6 +35,8 @@ class Case:
 CE_PROVIDERS = ("torch", "torch.compile", "losskit")
 BCE_PROVIDERS = ("torch", "losskit")
 LCE_PROVIDERS = ("torch", "torch chunked", "torch.compile", "losskit")
+# Vocab-parallel: the same total vocabulary split over 1, 2 and 4 gloo processes on CPU.
+VP_PROVIDERS = ("losskit 1 rank", "losskit 2 ranks", "losskit 4 ranks")
 
 
 def plan(which: str, quick: bool) -> list[Case]:
@@ -46,6 +49,8 @@ def plan(which: str, quick: bool) -> list[Case]:
             cases.append(Case("bce", (256, 4096), BCE_PROVIDERS, MODES, 3))
         if which in ("lce", "all"):
             cases.append(Case("lce", (128, 64, 4096), ("torch", "torch chunked", "losskit"), MODES, 3))
+        if which in ("vp", "all"):
+            cases.append(Case("vp", (128, 64, 4096), VP_PROVIDERS, reps=3))
         return cases
     if which in ("ce", "all"):
         cases.append(Case("ce", (8192, 32768), CE_PROVIDERS, MODES))
@@ -58,6 +63,8 @@ def plan(which: str, quick: bool) -> list[Case]:
         providers = ("torch", "torch chunked", "losskit")
         cases += [Case("lce", (1024, 512, c), providers, reps=3) for c in (4096, 16384, 262144)]
         cases += [Case("lce", (n, 512, 65536), providers, reps=3) for n in (512, 4096)]
+    if which in ("vp", "all"):
+        cases.append(Case("vp", (1024, 512, 65536), VP_PROVIDERS, reps=3))
     return cases
 
 
@@ -122,6 +129,9 @@ def worker(spec: dict) -> dict:
     """Measure one (op, provider, shape): times per mode and the peak extra memory."""
     import torch
 
+    if spec["op"] == "vp":
+        return _vocab_parallel(spec)
+
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     leaves, loss_fn = _build(spec["op"], tuple(spec["shape"]), spec["provider"])
 
@@ -147,6 +157,52 @@ def worker(spec: dict) -> dict:
             times[mode].append(end - (forward_done if mode == "backward" else start))
             clear()
     return {"times": times, "peak_extra_bytes": max(0, _max_rss_bytes() - baseline)}
+
+
+def _vocab_parallel(spec: dict) -> dict:
+    """vocab_parallel_linear_cross_entropy over ``world`` gloo processes: the slowest rank's
+    times and the largest peak extra memory of one rank."""
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    world = int(spec["provider"].split()[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        queue = mp.get_context("spawn").SimpleQueue()
+        mp.spawn(_vocab_parallel_rank, args=(world, spec, os.path.join(tmp, "store"), queue), nprocs=world, join=True)
+        results = [queue.get() for _ in range(world)]
+    times = {mode: [max(r["times"][mode][i] for r in results) for i in range(spec["reps"])] for mode in spec["modes"]}
+    return {"times": times, "peak_extra_bytes": max(r["peak_extra_bytes"] for r in results)}
+
+
+def _vocab_parallel_rank(rank: int, world: int, spec: dict, store: str, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from losskit.distributed import vocab_parallel_linear_cross_entropy
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    n, h, c = spec["shape"]
+    start, end = c * rank // world, c * (rank + 1) // world
+    torch.manual_seed(0)
+    x = torch.empty(n, h).normal_().requires_grad_()
+    w = torch.empty(end - start, h).normal_(std=0.02).requires_grad_()
+    target = torch.randint(0, c, (n,))
+    baseline = _max_rss_bytes()
+    vocab_parallel_linear_cross_entropy(x, w, target, vocab_start=start, num_classes=c).backward()  # warm-up
+    times: dict[str, list[float]] = {mode: [] for mode in spec["modes"]}
+    for _ in range(spec["reps"]):
+        for mode in spec["modes"]:
+            x.grad = w.grad = None
+            dist.barrier()
+            began = time.perf_counter()
+            vocab_parallel_linear_cross_entropy(x, w, target, vocab_start=start, num_classes=c).backward()
+            times[mode].append(time.perf_counter() - began)
+    queue.put({"times": times, "peak_extra_bytes": max(0, _max_rss_bytes() - baseline)})
+    dist.barrier()  # every rank done before the group is torn down
+    dist.destroy_process_group()
 
 
 # -- the runner ---------------------------------------------------------------------------

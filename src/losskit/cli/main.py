@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Each op, provider and shape runs in its own process (peak memory per process); "
         "rows are appended to DIR/bench.csv (DIR/quick.csv with --quick) and charts drawn beside it.",
     )
-    bench.add_argument("op", nargs="?", default="all", choices=["ce", "bce", "lce", "all"])
+    bench.add_argument("op", nargs="?", default="all", choices=["ce", "bce", "lce", "vp", "all"])
     bench.add_argument("--quick", action="store_true", help="small shapes, a minute in all: a smoke test of the harness")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default: %(default)s)")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -13,6 +13,7 @@ from torch import Tensor
 from .._core.ops import log_softmax
 from ..kernels.binary_cross_entropy import fused_bce_applies, fused_binary_cross_entropy_with_logits
 from ..kernels import fused_applies, fused_cross_entropy
+from ..distributed.dtensor import class_sharded_cross_entropy, is_class_sharded
 from ..kernels.common import Replay
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
@@ -189,6 +190,11 @@ def cross_entropy(
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_label_smoothing(label_smoothing, fn)
     check_logit_options(lse_square_scale, softcap, fn)
+    if is_class_sharded(input):  # a DTensor sharded on classes: the vocab-parallel loss, no gather
+        return class_sharded_cross_entropy(
+            input, target, fn, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+        )
     class_dim = class_dim_of(input, fn)
     check_floating(input, "input", fn)
     if weight is not None:
