@@ -158,7 +158,8 @@ class Rows:
         return out if z is None else out + z.sum() / self.count
 
     def grad(self, z: Tensor, rows: slice, grad_output: Tensor) -> Tensor:
-        """dloss/dz for this rank's classes of the given rows (z: their capped logits)."""
+        """dloss/dz for this rank's classes of the given rows, written over ``z`` (their
+        capped logits, a buffer the caller owns): no temporary the size of the chunk."""
         eps, c, reduction = self.opts.eps, self.shard.num_classes, self.opts.reduction
         if z.shape[1] == 0:
             return torch.zeros_like(z)
@@ -173,14 +174,16 @@ class Rows:
         coef = ((1.0 - eps) * tw + counts * (eps * self.total_weight / c)) * ce_scale
         if self.opts.z_scale:
             coef = coef + counts * (2.0 * self.opts.z_scale) * lse * z_scale
-        probs = torch.exp(z - lse.unsqueeze(1)) * (coef * g).unsqueeze(1)
-        probs = torch.where(valid.unsqueeze(1), probs, 0.0)
+        probs = z.sub_(lse.unsqueeze(1)).exp_().mul_((coef * g).unsqueeze(1))
+        probs.masked_fill_(~valid.unsqueeze(1), 0.0)  # ignored rows may hold inf - inf = nan
         target_step = torch.where(self.here[rows], -(1.0 - eps) * tw * ce_scale * g, 0.0)
-        probs = probs.scatter_add(1, self.index[rows], target_step.unsqueeze(1))
+        probs.scatter_add_(1, self.index[rows], target_step.unsqueeze(1))
         if eps > 0.0:
-            per_class = self.weight_slice if self.weight_slice is not None else torch.ones(
-                (), dtype=z.dtype, device=z.device)
-            probs = probs - (eps / c) * (counts * ce_scale * g).unsqueeze(1) * per_class
+            row_scale = (counts * ce_scale * g).unsqueeze(1)
+            if self.weight_slice is None:
+                probs.sub_(row_scale, alpha=eps / c)
+            else:
+                probs.addcmul_(row_scale, self.weight_slice, value=-eps / c)
         return probs
 
 
@@ -228,9 +231,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         (logits,) = ctx.saved_tensors
         rows_: Rows = ctx.rows
         z, tanh = _capped(logits.to(rows_.compute), rows_.opts.softcap)
+        if z is logits:  # grad() writes over z: never over the caller's logits
+            z = z.clone()
         grad = rows_.grad(z, slice(None), grad_output.to(z.dtype))
         if tanh is not None:
-            grad = grad * (1.0 - tanh.square())
+            grad.mul_(tanh.square_().neg_().add_(1.0))  # d cap tanh(x / cap) / dx, in place
         return grad.to(logits.dtype), None, None, None
 
 
@@ -351,7 +356,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             z, tanh = _capped(torch.nn.functional.linear(xc[part], wc, bc), rows_.opts.softcap)
             dz = rows_.grad(z, part, g)
             if tanh is not None:
-                dz = dz * (1.0 - tanh.square())
+                dz.mul_(tanh.square_().neg_().add_(1.0))  # d cap tanh(x / cap) / dx, in place
             grad_x[part] = dz @ wc
             grad_w.addmm_(dz.T, xc[part])
             if grad_b is not None:
