@@ -1,8 +1,10 @@
 """Loss Modules with the names and constructor arguments of ``torch.nn``."""
 
 from .classification import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, NLLLoss
-from .divergence import KLDivLoss
+from .divergence import JSDivergenceLoss, KLDivLoss
+from .focal import Poly1CrossEntropyLoss, SigmoidFocalLoss, SoftmaxFocalLoss
 from .linear import LinearCrossEntropyLoss
+from .overlap import DiceLoss, TverskyLoss
 from .margin import (
     CosineEmbeddingLoss,
     HingeEmbeddingLoss,
@@ -23,9 +25,11 @@ __all__ = [
     "CTCLoss",
     "CosineEmbeddingLoss",
     "CrossEntropyLoss",
+    "DiceLoss",
     "GaussianNLLLoss",
     "HingeEmbeddingLoss",
     "HuberLoss",
+    "JSDivergenceLoss",
     "KLDivLoss",
     "L1Loss",
     "LinearCrossEntropyLoss",
@@ -36,8 +40,12 @@ __all__ = [
     "MultiMarginLoss",
     "NLLLoss",
     "PoissonNLLLoss",
+    "Poly1CrossEntropyLoss",
+    "SigmoidFocalLoss",
     "SmoothL1Loss",
     "SoftMarginLoss",
+    "SoftmaxFocalLoss",
     "TripletMarginLoss",
     "TripletMarginWithDistanceLoss",
+    "TverskyLoss",
 ]
