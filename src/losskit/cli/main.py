@@ -3,8 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+
+# What each command imports beyond losskit, and the extra that installs it.
+EXTRAS = {
+    "tour": ("tqdm", "matplotlib", "sklearn"),
+    "bench": ("tqdm", "matplotlib"),
+    "explain": ("rich", "matplotlib", "plotext"),
+}
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module blocked in sys.modules
+        return False
+
+
+def missing_extra(command: str) -> str | None:
+    """One line saying what to install, or None when the command has what it needs."""
+    missing = [m for m in EXTRAS.get(command, ()) if not _available(m)]
+    if not missing:
+        return None
+    names = ", ".join("scikit-learn" if m == "sklearn" else m for m in missing)
+    return f"losskit {command} needs {names}: pip install 'losskit[{command}]'"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,11 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small shapes, a minute in all: a smoke test of the harness")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default: %(default)s)")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    explain = commands.add_parser(
+        "explain",
+        help="which loss for which problem; or one loss explained, with live numbers and a plot",
+        description="Without NAME: the table of losses by problem, with their losskit, torch and Keras names. "
+        "With NAME (any name or alias, e.g. bce, huber, sparse_categorical_crossentropy): its formula, inputs, "
+        "options, a worked example and its common mistakes computed now, and a PNG of the loss and its gradient.",
+    )
+    explain.add_argument("name", nargs="?", help="a loss, by any of its names")
+    explain.add_argument("--out", type=Path, default=Path("losskit-explain"), help="folder for the PNG (default: %(default)s)")
+    explain.add_argument("--json", action="store_true", help="print the same as JSON")
+    explain.add_argument("--no-terminal-plot", action="store_true", help="skip the plot drawn in the terminal")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    message = missing_extra(args.command)
+    if message:
+        print(message)
+        return 1
+    if args.command == "explain":
+        from .explain import run_explain
+
+        return run_explain(args.name, args.out, args.json, terminal_plots=not args.no_terminal_plot)
     if args.command == "tour":
         from .tour import run_tour
 
