@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: tour test fuzz install clean
+.PHONY: tour test fuzz docs install clean
 
 install: $(STAMP)
 
@@ -28,5 +29,17 @@ fuzz: $(STAMP)
 	$(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider --hypothesis-profile=fuzz \
 		--hypothesis-seed=$$seed --hypothesis-show-statistics
 
+# The documentation site in build/site: pages generated from losskit.catalog, formulas
+# rendered at build time (offline), warnings as errors, then every loss's section and every
+# internal link checked.
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	$(BIN)/python docs/check_site.py
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info losskit-tour .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info losskit-tour losskit-explain .pytest_cache

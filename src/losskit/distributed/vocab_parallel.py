@@ -280,12 +280,15 @@ def vocab_parallel_cross_entropy(
         target: global class indices, ``[N]`` / ``[N, d1, ...]`` / ``[]``, the same on every
             rank.
         group: the process group sharing the vocabulary (default: the world).
-        vocab_start, num_classes: this rank's first class and the vocabulary size. Found
-            from the ranks' shard sizes when not given (one more all-reduce).
+        vocab_start: this rank's first class. Found from the ranks' shard sizes when it or
+            ``num_classes`` is not given (one more all-reduce).
+        num_classes: the size of the whole vocabulary.
         weight: class weights, all ``C`` of them or this rank's ``C_r``.
-        ignore_index, reduction, label_smoothing: as ``cross_entropy``; label smoothing over
-            the whole vocabulary.
-        lse_square_scale, softcap: the z-loss and logit soft-capping of ``cross_entropy``.
+        ignore_index: target value that counts for nothing, as ``cross_entropy``.
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``, as ``cross_entropy``.
+        label_smoothing: as ``cross_entropy``, over the whole vocabulary.
+        lse_square_scale: the z-loss of ``cross_entropy``.
+        softcap: the logit soft-capping of ``cross_entropy``.
 
     Returns:
         The same on every rank: a scalar, or ``target``'s shape for ``reduction='none'``.
@@ -396,8 +399,16 @@ def vocab_parallel_linear_cross_entropy(
         weight_shard: this rank's ``[C_r, H]`` rows of the output layer.
         target: ``[...]`` global class indices, the same on every rank.
         bias_shard: this rank's ``[C_r]`` slice of the bias.
+        group: the process group sharing the vocabulary (default: the world).
+        vocab_start: as :func:`vocab_parallel_cross_entropy`.
+        num_classes: as :func:`vocab_parallel_cross_entropy`.
+        weight: as :func:`vocab_parallel_cross_entropy`.
+        ignore_index: as :func:`vocab_parallel_cross_entropy`.
+        reduction: as :func:`vocab_parallel_cross_entropy`.
+        label_smoothing: as :func:`vocab_parallel_cross_entropy`.
+        lse_square_scale: as :func:`vocab_parallel_cross_entropy`.
+        softcap: as :func:`vocab_parallel_cross_entropy`.
         chunk_size: rows of logits formed at a time (default: about 64 MiB of them).
-        Others: as :func:`vocab_parallel_cross_entropy`.
 
     Returns:
         The same on every rank: a scalar, or ``target``'s shape for ``reduction='none'``.
