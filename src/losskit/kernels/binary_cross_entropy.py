@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss
+from . import triton_support
 from .common import Replay, compiling, fused_may_serve, scale_by_grad_output, take_precomputed, wants_grad
 
 # Elements per chunk: a chunk and its few temporaries stay in cache.
@@ -52,7 +53,12 @@ class FusedBinaryCrossEntropyWithLogits(torch.autograd.Function):
 def bce_with_logits_forward(
     input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str, with_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """(loss reduced by ``reduction``, dloss/dinput scaled for 'mean' or None): the kernel."""
+    """(loss reduced by ``reduction``, dloss/dinput scaled for 'mean' or None): the kernel,
+    in Triton where it serves the input (:mod:`losskit.kernels.triton_binary_cross_entropy`)."""
+    if triton_support.serves(input):
+        from .triton_binary_cross_entropy import bce_with_logits
+
+        return bce_with_logits(input, target, weight, pos_weight, reduction, with_grad)
     compute, _ = result_dtypes(input)
     shape = input.shape
     # Rows of the last dimension, so that a weight broadcast from the right (e.g. [C]
@@ -91,13 +97,14 @@ def bce_with_logits_forward(
 
 
 def fused_bce_applies(input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None) -> bool:
-    """CPU, non-empty input, a target of the input's dtype (so the result dtype needs no
-    promotion), and no gradient wanted for target, weight or pos_weight."""
+    """CPU, or CUDA with Triton; eager mode (compiled, inductor fuses the reference); non-empty
+    input, a target of the input's dtype (so the result dtype needs no promotion), and no
+    gradient wanted for target, weight or pos_weight."""
     extras = [t for t in (target, weight, pos_weight) if t is not None]
     return (
         fused_may_serve(input)
         and not compiling()
-        and input.device.type == "cpu"
+        and (input.device.type == "cpu" or triton_support.serves(input))
         and input.numel() > 0
         and target.dtype == input.dtype
         and not any(t.requires_grad for t in extras)

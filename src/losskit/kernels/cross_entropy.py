@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss
+from . import triton_support
 from .common import Replay, compiling, fused_may_serve, scale_by_grad_output, take_precomputed, wants_grad
 
 # Rows per chunk are chosen so that a chunk of float32 logits is about this many bytes. On
@@ -111,7 +112,13 @@ class RowLoss:
 
         ``grad`` is a contiguous buffer of the chunk's shape, or, with ``in_place``, the
         logits themselves (a buffer the caller owns), which the gradient then overwrites.
+        Where Triton serves the logits (CUDA), one kernel does it all
+        (:mod:`losskit.kernels.triton_cross_entropy`).
         """
+        if triton_support.serves(logits):
+            from .triton_cross_entropy import cross_entropy_rows
+
+            return cross_entropy_rows(self, logits, rows, grad)
         capped = None
         z = logits
         if self.softcap is not None:
@@ -215,6 +222,9 @@ def cross_entropy_forward(
     # The gradient buffer is contiguous whatever the input's strides: softmax into a
     # strided out= buffer gives wrong numbers, and autograd accepts any layout.
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device) if with_grad else None
+    if triton_support.serves(input):  # one kernel over every row, in the logits' own dtype and strides
+        lse, z_target, smooth_dot = rows_loss.chunk(input, slice(None), grad)
+        return rows_loss.reduced(lse, z_target, smooth_dot, reduction).to(input.dtype), grad
     lse = input.new_empty(n, dtype=compute)
     z_target = input.new_empty(n, dtype=compute)
     smooth_dot = input.new_empty(n, dtype=compute) if label_smoothing > 0 else None

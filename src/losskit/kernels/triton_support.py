@@ -1,0 +1,52 @@
+"""When the Triton kernels serve a call.
+
+They serve CUDA tensors when Triton is installed (``pip install 'losskit[gpu]'``); Triton is
+never needed to import losskit. With ``TRITON_INTERPRET=1`` (Triton's interpreter, set
+before the kernels are first used) :func:`on_cpu` makes them serve CPU tensors too: that
+is how the tests run every kernel on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Iterator
+
+from torch import Tensor
+
+_state = threading.local()
+
+
+@functools.cache
+def available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def on_cpu() -> Iterator[None]:
+    """Within this block the Triton kernels serve CPU tensors through Triton's interpreter."""
+    if not (available() and interpreting()):
+        raise RuntimeError("losskit: the Triton kernels run on CPU only under TRITON_INTERPRET=1 with triton installed")
+    previous = getattr(_state, "cpu", False)
+    _state.cpu = True
+    try:
+        yield
+    finally:
+        _state.cpu = previous
+
+
+def serves(tensor: Tensor) -> bool:
+    """Whether a Triton kernel computes for this tensor."""
+    if tensor.device.type == "cuda":
+        return available()
+    return tensor.device.type == "cpu" and getattr(_state, "cpu", False)
