@@ -54,3 +54,33 @@ def test_headline_and_charts_from_rows(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     assert [p.name for p in draw(path, tmp_path / "charts")] == ["ce_time.png"]
+
+
+def test_cuda_plan_has_the_llm_shapes_in_bfloat16_and_every_alternative():
+    cases = plan("all", quick=False, device="cuda")
+    assert all(c.device == "cuda" and c.dtype == "bfloat16" for c in cases)
+    ce = next(c for c in cases if c.op == "ce" and c.shape == (8192, 131072))
+    assert set(ce.providers) == {"torch", "torch.compile", "liger", "losskit"} and ce.modes == ("forward", "backward", "full")
+    lce = next(c for c in cases if c.op == "lce" and c.shape == (8192, 4096, 131072))
+    assert {"torch chunked", "liger", "cce"} <= set(lce.providers)
+    assert {c.shape[-1] for c in cases if c.op == "lce"} >= {32768, 262144}  # the vocabulary sweep
+
+
+def test_cuda_bench_without_a_gpu_says_so(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    assert main(["bench", "--device", "cuda"]) == 1
+    assert "no CUDA device here" in capsys.readouterr().out
+
+
+def test_a_missing_alternative_is_skipped_with_a_note(monkeypatch):
+    import sys
+
+    import pytest
+
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    with pytest.raises(SystemExit, match="Liger-Kernel is not installed"):
+        worker({"op": "ce", "shape": [4, 8], "provider": "liger", "modes": ["full"], "reps": 1})

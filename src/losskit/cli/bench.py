@@ -30,6 +30,8 @@ class Case:
     providers: tuple[str, ...]
     modes: tuple[str, ...] = ("full",)
     reps: int = 5
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 CE_PROVIDERS = ("torch", "torch.compile", "losskit")
@@ -39,8 +41,15 @@ LCE_PROVIDERS = ("torch", "torch chunked", "torch.compile", "losskit")
 VP_PROVIDERS = ("losskit 1 rank", "losskit 2 ranks", "losskit 4 ranks")
 
 
-def plan(which: str, quick: bool) -> list[Case]:
+# On CUDA, in bfloat16: Liger-Kernel and Apple's cut-cross-entropy join when installed.
+CUDA_CE_PROVIDERS = ("torch", "torch.compile", "liger", "losskit")
+CUDA_LCE_PROVIDERS = ("torch", "torch.compile", "torch chunked", "liger", "cce", "losskit")
+
+
+def plan(which: str, quick: bool, device: str = "cpu") -> list[Case]:
     """The cases of a run: the issue's headline shapes in every mode, then sweeps."""
+    if device == "cuda":
+        return _cuda_plan(which, quick)
     cases: list[Case] = []
     if quick:
         if which in ("ce", "all"):
@@ -68,6 +77,26 @@ def plan(which: str, quick: bool) -> list[Case]:
     return cases
 
 
+def _cuda_plan(which: str, quick: bool) -> list[Case]:
+    """CE at N=8192, C=131072 and LCE at N=8192, H=4096, C=131072 in bfloat16, then sweeps
+    over the vocabulary; --quick shrinks everything to a smoke test."""
+    bf16 = {"device": "cuda", "dtype": "bfloat16"}
+    cases: list[Case] = []
+    if which in ("ce", "all"):
+        head = (1024, 8192) if quick else (8192, 131072)
+        cases.append(Case("ce", head, CUDA_CE_PROVIDERS, MODES, 3 if quick else 10, **bf16))
+        if not quick:
+            cases += [Case("ce", (8192, c), CUDA_CE_PROVIDERS, reps=10, **bf16) for c in (32768, 65536, 262144)]
+    if which in ("bce", "all"):
+        cases.append(Case("bce", (1024, 1024) if quick else (8192, 4096), BCE_PROVIDERS, MODES, 10, **bf16))
+    if which in ("lce", "all"):
+        head = (512, 256, 8192) if quick else (8192, 4096, 131072)
+        cases.append(Case("lce", head, CUDA_LCE_PROVIDERS, MODES, 3 if quick else 10, **bf16))
+        if not quick:
+            cases += [Case("lce", (8192, 4096, c), CUDA_LCE_PROVIDERS, reps=5, **bf16) for c in (32768, 65536, 262144)]
+    return cases
+
+
 # -- the worker: runs in its own process ------------------------------------------------
 
 
@@ -77,7 +106,7 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _build(op: str, shape: tuple[int, ...], provider: str):
+def _build(op: str, shape: tuple[int, ...], provider: str, device: str = "cpu", dtype: str = "float32"):
     """Inputs (made in place, so that no temporary inflates the baseline) and the loss."""
     import torch
     import torch.nn.functional as F
@@ -85,23 +114,26 @@ def _build(op: str, shape: tuple[int, ...], provider: str):
     import losskit.functional as LF
 
     torch.manual_seed(0)
+    make = {"device": device, "dtype": getattr(torch, dtype)}
     if op in ("ce", "bce"):
         n, c = shape
-        x = torch.empty(n, c).normal_().requires_grad_()
+        x = torch.empty(n, c, **make).normal_().requires_grad_()
         if op == "ce":
-            target = torch.randint(0, c, (n,))
+            target = torch.randint(0, c, (n,), device=device)
             fns = {"torch": F.cross_entropy, "losskit": LF.cross_entropy}
+            if provider == "liger":
+                fns["liger"] = _liger().LigerCrossEntropyLoss()
         else:
-            target = torch.empty(n, c).bernoulli_(0.3)
+            target = torch.empty(n, c, **make).bernoulli_(0.3)
             fns = {"torch": F.binary_cross_entropy_with_logits, "losskit": LF.binary_cross_entropy_with_logits}
         if provider == "torch.compile":
             fns["torch.compile"] = torch.compile(fns["torch"], dynamic=False)
         fn = fns[provider]
         return [x], lambda: fn(x, target)
     n, h, c = shape
-    x = torch.empty(n, h).normal_().requires_grad_()
-    w = torch.empty(c, h).normal_(std=0.02).requires_grad_()
-    target = torch.randint(0, c, (n,))
+    x = torch.empty(n, h, **make).normal_().requires_grad_()
+    w = torch.empty(c, h, **make).normal_(std=0.02).requires_grad_()
+    target = torch.randint(0, c, (n,), device=device)
 
     def eager(x, w, target):
         return F.cross_entropy(F.linear(x, w), target)
@@ -113,9 +145,26 @@ def _build(op: str, shape: tuple[int, ...], provider: str):
     elif provider == "torch chunked":
         options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=256)
         fn = lambda x, w, target: F.linear_cross_entropy(x, w, target, options=options)  # noqa: E731
+    elif provider == "liger":
+        liger_loss = _liger().LigerFusedLinearCrossEntropyLoss()
+        fn = lambda x, w, target: liger_loss(w, x, target)  # noqa: E731
+    elif provider == "cce":
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce
+        except ImportError:
+            raise SystemExit("skipped: cut-cross-entropy is not installed (pip install cut-cross-entropy)") from None
+        fn = cce
     else:
         fn = LF.linear_cross_entropy
     return [x, w], lambda: fn(x, w, target)
+
+
+def _liger():
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError:
+        raise SystemExit("skipped: Liger-Kernel is not installed (pip install liger-kernel)") from None
+    return liger
 
 
 def _quantiles(values: list[float]) -> tuple[float, float, float]:
@@ -133,30 +182,44 @@ def worker(spec: dict) -> dict:
         return _vocab_parallel(spec)
 
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
-    leaves, loss_fn = _build(spec["op"], tuple(spec["shape"]), spec["provider"])
+    device = spec.get("device", "cpu")
+    leaves, loss_fn = _build(spec["op"], tuple(spec["shape"]), spec["provider"], device, spec.get("dtype", "float32"))
+    cuda = device == "cuda"
 
     def clear() -> None:
         for leaf in leaves:
             leaf.grad = None
 
-    baseline = _max_rss_bytes()
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    if cuda:  # the device's own accounting: peak allocated beyond the inputs
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _max_rss_bytes()
     loss_fn().backward()  # warm-up (and compilation, for torch.compile)
     clear()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times: dict[str, list[float]] = {mode: [] for mode in spec["modes"]}
     for _ in range(spec["reps"]):
         for mode in spec["modes"]:
-            start = time.perf_counter()
+            start = now()
             loss = loss_fn()
-            forward_done = time.perf_counter()
+            forward_done = now()
             if mode == "forward":
                 times[mode].append(forward_done - start)
                 del loss
                 continue
             loss.backward()
-            end = time.perf_counter()
+            end = now()
             times[mode].append(end - (forward_done if mode == "backward" else start))
             clear()
-    return {"times": times, "peak_extra_bytes": max(0, _max_rss_bytes() - baseline)}
+    peak = torch.cuda.max_memory_allocated() if cuda else _max_rss_bytes()
+    return {"times": times, "peak_extra_bytes": max(0, peak - baseline)}
 
 
 def _vocab_parallel(spec: dict) -> dict:
@@ -209,7 +272,8 @@ def _vocab_parallel_rank(rank: int, world: int, spec: dict, store: str, queue) -
 
 
 def _run_worker(case: Case, provider: str, timeout: float) -> dict | str:
-    spec = {"op": case.op, "shape": list(case.shape), "provider": provider, "modes": list(case.modes), "reps": case.reps}
+    spec = {"op": case.op, "shape": list(case.shape), "provider": provider, "modes": list(case.modes),
+            "reps": case.reps, "device": case.device, "dtype": case.dtype}
     try:
         done = subprocess.run(
             [sys.executable, "-m", "losskit.cli.bench", json.dumps(spec)],
@@ -222,16 +286,21 @@ def _run_worker(case: Case, provider: str, timeout: float) -> dict | str:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(which: str, quick: bool, out_csv: Path, timeout: float = 600.0, progress: bool = True) -> list[dict]:
+def run(
+    which: str, quick: bool, out_csv: Path, timeout: float = 600.0, progress: bool = True, device: str = "cpu"
+) -> list[dict]:
     """Run the plan, append its rows to ``out_csv`` and return them."""
     import torch
 
     from tqdm import tqdm
 
-    cases = plan(which, quick)
+    cases = plan(which, quick, device)
     jobs = [(case, provider) for case in cases for provider in case.providers]
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    device = f"cpu ({torch.get_num_threads()} threads)"
+    if device == "cuda":
+        device = f"{torch.cuda.get_device_name()} (bfloat16)"
+    else:
+        device = f"cpu ({torch.get_num_threads()} threads)"
     rows: list[dict] = []
     for case, provider in tqdm(jobs, desc="losskit bench", disable=not progress):
         shape = "x".join(str(s) for s in case.shape)

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small shapes, a minute in all: a smoke test of the harness")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default: %(default)s)")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="cuda: bfloat16, with Liger-Kernel and cut-cross-entropy when installed; rows go to "
+                            "DIR/bench-cuda.csv")
     explain = commands.add_parser(
         "explain",
         help="which loss for which problem; or one loss explained, with live numbers and a plot",
@@ -85,11 +88,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench import headline, run
         from .charts import draw
 
-        csv_path = args.out / ("quick.csv" if args.quick else "bench.csv")
-        rows = run(args.op, args.quick, csv_path, progress=not args.no_progress)
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                print("losskit bench --device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+                return 1
+            if args.op == "vp":
+                print("losskit bench --device cuda: vp runs on CPU processes only")
+                return 1
+        suffix = "" if args.device == "cpu" else f"-{args.device}"
+        csv_path = args.out / (f"quick{suffix}.csv" if args.quick else f"bench{suffix}.csv")
+        rows = run(args.op, args.quick, csv_path, progress=not args.no_progress, device=args.device)
         for line in headline(rows):
             print(line)
-        charts = draw(csv_path, args.out / ("quick-charts" if args.quick else "charts"))
+        charts = draw(csv_path, args.out / (f"quick-charts{suffix}" if args.quick else f"charts{suffix}"))
         print(f"{len(rows)} rows appended to {csv_path}; charts: {', '.join(str(p) for p in charts)}")
         return 0 if rows else 1
     raise AssertionError(f"unhandled command {args.command}")  # argparse allows no other
