@@ -7,37 +7,10 @@ import torch
 import torch.nn.functional as TF
 
 import losskit.functional as LF
+from definitions import poly1_definition as written_poly1
+from definitions import sigmoid_focal_definition as torchvision_sigmoid_focal
+from definitions import softmax_focal_definition as written_softmax_focal
 from oracle import DTYPES, REDUCTIONS, check_against_torch, check_raises
-
-
-def torchvision_sigmoid_focal(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
-    """torchvision.ops.sigmoid_focal_loss, written out (torchvision has no CPU wheel here)."""
-    p = torch.sigmoid(inputs)
-    ce = TF.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
-
-
-def written_softmax_focal(input, target, alpha=None, gamma=2.0, ignore_index=-100, reduction="mean"):
-    log_p = TF.log_softmax(input, 1)
-    valid = target != ignore_index
-    log_pt = log_p.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)
-    loss = -(1 - log_pt.exp()) ** gamma * log_pt
-    if alpha is not None:
-        loss = alpha[target.clamp_min(0)] * loss
-    loss = torch.where(valid, loss, 0.0)
-    return {"none": loss, "mean": loss.sum() / valid.sum(), "sum": loss.sum()}[reduction]
-
-
-def written_poly1(input, target, epsilon=1.0, ignore_index=-100, reduction="mean"):
-    ce = TF.cross_entropy(input, target, ignore_index=ignore_index, reduction="none")
-    valid = target != ignore_index
-    p_t = torch.softmax(input, 1).gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)
-    loss = torch.where(valid, ce + epsilon * (1 - p_t), 0.0)
-    return {"none": loss, "mean": loss.sum() / valid.sum(), "sum": loss.sum()}[reduction]
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)

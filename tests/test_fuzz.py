@@ -40,6 +40,7 @@ from hypothesis import given, strategies as st
 import losskit.functional as LF
 import losskit.kernels.binary_cross_entropy as bce_kernel
 import losskit.kernels.cross_entropy as ce_kernel
+from definitions import poly1_definition, sigmoid_focal_definition, softmax_focal_definition
 
 HALF = (torch.float16, torch.bfloat16)
 # Rounding allowance per dtype, relative to max(1, |reference|).
@@ -425,51 +426,7 @@ def linear_calls(draw) -> Call:
                 addition="expected input with dimensionality 1 or 2", twin=twin)
 
 
-# ---- beyond torch: the written-out definitions ------------------------------------------------
-
-def _reduce(loss: torch.Tensor, reduction: str, count: torch.Tensor | None = None) -> torch.Tensor:
-    if reduction == "none":
-        return loss
-    return loss.sum() if reduction == "sum" else loss.sum() / (loss.numel() if count is None else count)
-
-
-def sigmoid_focal_definition(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
-    """torchvision.ops.sigmoid_focal_loss, line for line."""
-    p = torch.sigmoid(inputs)
-    ce = TF.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return _reduce(loss, reduction)
-
-
-def _target_log_probs(input, target, ignore_index):
-    class_dim = 0 if input.dim() == 1 else 1
-    valid = target != ignore_index
-    log_p = input.float().log_softmax(class_dim).to(input.dtype) if input.dtype in HALF else input.log_softmax(
-        class_dim)
-    picked = log_p.gather(class_dim, target.masked_fill(~valid, 0).unsqueeze(class_dim)).squeeze(class_dim)
-    return picked, valid
-
-
-def softmax_focal_definition(input, target, alpha=None, gamma=2.0, ignore_index=-100, reduction="mean"):
-    """Lin et al.'s focal loss on the softmax: -alpha_y (1 - p_y)^gamma log p_y."""
-    log_p, valid = _target_log_probs(input, target, ignore_index)
-    loss = -((1 - log_p.exp()) ** gamma) * log_p
-    if isinstance(alpha, torch.Tensor):
-        loss = alpha[target.masked_fill(~valid, 0)] * loss
-    elif alpha is not None:
-        loss = alpha * loss
-    return _reduce(torch.where(valid, loss, 0.0), reduction, valid.sum())
-
-
-def poly1_definition(input, target, epsilon=1.0, ignore_index=-100, reduction="mean"):
-    """Leng et al.'s Poly-1: -log p_y + epsilon (1 - p_y)."""
-    log_p, valid = _target_log_probs(input, target, ignore_index)
-    loss = -log_p + epsilon * (1 - log_p.exp())
-    return _reduce(torch.where(valid, loss, 0.0), reduction, valid.sum())
-
+# ---- beyond torch: against the written-out definitions (tests/definitions.py) ----------------
 
 @st.composite
 def sigmoid_focal_calls(draw) -> Call:
