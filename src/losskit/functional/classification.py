@@ -233,9 +233,22 @@ def class_index_cross_entropy(
     else the composed reference."""
 
     def reference(logits: Tensor) -> Tensor:
-        return _reference_class_index_cross_entropy(
-            logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
+        """The composed form: also what a fused call replays for a second backward."""
+        class_dim = 0 if logits.dim() == 1 else 1
+        compute, out = result_dtypes(logits)
+        z = _capped(logits.to(compute), softcap)
+        loss, denominator = _class_index_loss(
+            log_softmax(z, class_dim), target, weight, ignore_index, label_smoothing, class_dim
         )
+        if not lse_square_scale:
+            return reduce_loss(loss, reduction, denominator).to(out)
+        # The z-loss is a per-token regulariser: 'mean' averages it over the positions that
+        # count, unweighted, while the cross-entropy divides by the summed target weights.
+        valid = target != ignore_index
+        z_loss = torch.where(valid, lse_square_scale * torch.logsumexp(z, class_dim).square(), 0.0)
+        if reduction == "mean":
+            return (reduce_loss(loss, reduction, denominator) + z_loss.sum() / valid.sum()).to(out)
+        return reduce_loss(loss + z_loss, reduction).to(out)
 
     if fused_applies(input, target):
         return fused_cross_entropy(
@@ -243,33 +256,6 @@ def class_index_cross_entropy(
             Replay("cross_entropy", reference, [input]),
         )
     return reference(input)
-
-
-def _reference_class_index_cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    lse_square_scale: float,
-    softcap: float | None,
-) -> Tensor:
-    class_dim = 0 if input.dim() == 1 else 1
-    compute, out = result_dtypes(input)
-    logits = _capped(input.to(compute), softcap)
-    loss, denominator = _class_index_loss(
-        log_softmax(logits, class_dim), target, weight, ignore_index, label_smoothing, class_dim
-    )
-    if not lse_square_scale:
-        return reduce_loss(loss, reduction, denominator).to(out)
-    # The z-loss is a per-token regulariser: 'mean' averages it over the positions that
-    # count, unweighted, while the cross-entropy divides by the summed target weights.
-    valid = target != ignore_index
-    z_loss = torch.where(valid, lse_square_scale * torch.logsumexp(logits, class_dim).square(), 0.0)
-    if reduction == "mean":
-        return (reduce_loss(loss, reduction, denominator) + z_loss.sum() / valid.sum()).to(out)
-    return reduce_loss(loss + z_loss, reduction).to(out)
 
 
 def _capped(logits: Tensor, softcap: float | None) -> Tensor:

@@ -28,12 +28,19 @@ def reference_only() -> Iterator[None]:
     (see :class:`Replay`). What is left is a second backward after the inputs were freed or
     changed in place, which raises an error that points here.
     """
-    previous = getattr(_state, "disabled", False)
-    _state.disabled = True
+    with thread_flag(_state, "disabled"):
+        yield
+
+
+@contextlib.contextmanager
+def thread_flag(state: threading.local, name: str) -> Iterator[None]:
+    """Set ``state.name`` to True for this thread within the block, restoring it after."""
+    previous = getattr(state, name, False)
+    setattr(state, name, True)
     try:
         yield
     finally:
-        _state.disabled = previous
+        setattr(state, name, previous)
 
 
 def fused_enabled() -> bool:

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
+from .common import thread_flag
+
 _state = threading.local()
 
 
@@ -37,12 +39,8 @@ def on_cpu() -> Iterator[None]:
     """Within this block the Triton kernels serve CPU tensors through Triton's interpreter."""
     if not (available() and interpreting()):
         raise RuntimeError("losskit: the Triton kernels run on CPU only under TRITON_INTERPRET=1 with triton installed")
-    previous = getattr(_state, "cpu", False)
-    _state.cpu = True
-    try:
+    with thread_flag(_state, "cpu"):
         yield
-    finally:
-        _state.cpu = previous
 
 
 def serves(tensor: Tensor) -> bool:
