@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as TF
 from torch.func import grad as func_grad
 from torch.func import vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import losskit
 import losskit.functional as LF
 import losskit.nn as lnn
-from losskit.kernels import cross_entropy as ce_kernel
-from losskit.kernels import linear_cross_entropy as lce_kernel
 
 
 # ---- checks modes -------------------------------------------------------------------
@@ -86,43 +85,39 @@ def test_softmax_warning_only_where_data_may_be_read():
 
 # ---- no_grad: the loss only -----------------------------------------------------------
 
-class Counting:
-    """Counts the gradient work of the fused kernels: chunks that write a gradient, and
-    matmuls of the linear kernel."""
+class Counting(TorchDispatchMode):
+    """Counts the gradient work of the fused kernels as the ops they dispatch: a softmax
+    written into a gradient buffer (``_softmax.out``), and the weight-gradient matmuls of
+    the linear kernel (``addmm_``)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self):
+        super().__init__()
         self.grad_chunks = 0
         self.matmuls = 0
-        chunk = ce_kernel.RowLoss.chunk
-        accumulate = lce_kernel._accumulate
 
-        def counting_chunk(row_loss, logits, rows, grad, in_place=False):
-            self.grad_chunks += grad is not None
-            return chunk(row_loss, logits, rows, grad, in_place)
-
-        def counting_accumulate(*args):
-            self.matmuls += 1
-            return accumulate(*args)
-
-        monkeypatch.setattr(ce_kernel.RowLoss, "chunk", counting_chunk)
-        monkeypatch.setattr(lce_kernel, "_accumulate", counting_accumulate)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.grad_chunks += func is torch.ops.aten._softmax.out
+        self.matmuls += func is torch.ops.aten.addmm_.default
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
-def test_no_grad_computes_the_loss_only(monkeypatch, context):
-    counts = Counting(monkeypatch)
+def test_no_grad_computes_the_loss_only(context):
+    counts = Counting()
     x = torch.randn(16, 9, requires_grad=True)
     target = torch.randint(0, 9, (16,))
     hidden, head = torch.randn(16, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
-    with context():
+    with context(), counts:
         ce = LF.cross_entropy(x, target, label_smoothing=0.1)
         lce = LF.linear_cross_entropy(hidden, head, target, chunk_size=5)
     assert counts.grad_chunks == 0 and counts.matmuls == 0
     assert not ce.requires_grad and not lce.requires_grad
     torch.testing.assert_close(ce, TF.cross_entropy(x.detach(), target, label_smoothing=0.1))
     torch.testing.assert_close(lce, TF.cross_entropy(hidden.detach() @ head.detach().T, target))
-    LF.cross_entropy(x, target).backward()  # with grad mode on, the gradient is made
-    assert counts.grad_chunks > 0
+    with counts:
+        LF.cross_entropy(x, target).backward()  # with grad mode on, the gradient is made
+        LF.linear_cross_entropy(hidden, head, target, chunk_size=5).backward()
+    assert counts.grad_chunks > 0 and counts.matmuls > 0
 
 
 # ---- transforms, gradcheck, double backward -------------------------------------------

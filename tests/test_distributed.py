@@ -39,6 +39,7 @@ CE_SCENARIOS: list[dict[str, Any]] = [
     {"all_ignored": True},
     {"unbatched": True, "reduction": "none"},
     {"given_bounds": True, "reduction": "sum"},
+    {"temperature": 0.7, "label_smoothing": 0.1, "weight": "local", "ignored": True},
 ]
 
 LCE_SCENARIOS: list[dict[str, Any]] = [
@@ -46,6 +47,7 @@ LCE_SCENARIOS: list[dict[str, Any]] = [
     {"bias": True, "chunk_size": 3, "ignored": True, "label_smoothing": 0.1, "weight": "global"},
     {"reduction": "none", "sequence": True, "chunk_size": 4},
     {"reduction": "sum", "lse_square_scale": 1e-2, "softcap": 5.0, "weight": "local", "bias": True},
+    {"reduction": "none", "temperature": 1.5, "softcap": 4.0, "ignored": True},
 ]
 
 
@@ -72,7 +74,8 @@ class Counter:
 def _options(scenario: dict[str, Any], world: int, rank: int, num_classes: int, compute) -> tuple[dict, dict]:
     """(kwargs for the single-process loss, kwargs for the sharded one)."""
     start, end = _bounds(world, rank)
-    common = {k: scenario[k] for k in ("reduction", "label_smoothing", "lse_square_scale", "softcap") if k in scenario}
+    common = {k: scenario[k] for k in ("reduction", "label_smoothing", "lse_square_scale", "softcap", "temperature")
+              if k in scenario}
     full, sharded = dict(common), dict(common)
     if "weight" in scenario:
         weight = torch.linspace(0.5, 2.0, num_classes, dtype=compute)
@@ -170,7 +173,10 @@ def _check_lce(world: int, rank: int, scenario: dict[str, Any], counter: Counter
     _close(got_grads[1], want_grads[1][start:end], what + " weight gradient", torch.float32)
     if b_full is not None:
         _close(got_grads[2], want_grads[2][start:end], what + " bias gradient", torch.float32)
-    assert forward_calls == 3 and backward_calls == 1, f"{what}: {forward_calls} + {backward_calls} collectives"
+    # The shard bounds (1), the logsumexp (2), the input's gradient summed over the ranks (1): all in forward for
+    # a scalar loss; reduction='none' makes the gradients in backward, repeating the first three.
+    expected = (3, 4) if scenario.get("reduction") == "none" else (4, 0)
+    assert (forward_calls, backward_calls) == expected, f"{what}: {forward_calls} + {backward_calls} collectives"
 
 
 def _check_dtensor(world: int, rank: int, counter: Counter) -> None:
@@ -198,6 +204,39 @@ def _check_dtensor(world: int, rank: int, counter: Counter) -> None:
         _close(got_grad.full_tensor(), want_grad, f"rank {rank}/{world} DTensor {options} gradient", torch.float32)
 
 
+def _check_compiled(world: int, rank: int) -> None:
+    """Both losses under torch.compile(fullgraph=True) over the gloo group, with and without
+    the slice bounds: one graph (a graph break would raise), eager's values and gradients."""
+    from losskit.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(11)
+    start, end = _bounds(world, rank)
+    logits, target = torch.randn(9, 11, generator=gen), torch.randint(0, 11, (9,), generator=gen)
+    target[::4] = -100
+    hidden, head = torch.randn(9, 4, generator=gen), torch.randn(11, 4, generator=gen)[start:end]
+    options = {"label_smoothing": 0.1, "temperature": 0.8, "softcap": 6.0}
+
+    def ce(shard, bounds):
+        return vocab_parallel_cross_entropy(shard, target, **bounds, **options)
+
+    def lce(x, w, bounds):
+        return vocab_parallel_linear_cross_entropy(x, w, target, chunk_size=4, **bounds, **options)
+
+    for bounds in ({}, {"vocab_start": start, "num_classes": 11}):
+        for fn, inputs in ((ce, [logits[:, start:end]]), (lce, [hidden, head])):
+            eager_leaves = [t.clone().requires_grad_() for t in inputs]
+            want = fn(*eager_leaves, bounds)
+            want_grads = torch.autograd.grad(want, eager_leaves)
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves, bounds)
+            got_grads = torch.autograd.grad(got, leaves)
+            what = f"rank {rank}/{world} compiled {fn.__name__} {bounds}"
+            _close(got, want, what + " value", torch.float32)
+            for g, w in zip(got_grads, want_grads):
+                _close(g, w, what + " gradient", torch.float32)
+
+
 def _check_errors(world: int, rank: int) -> None:
     """Bad input raises the same clear error on every rank, before any rank waits on another."""
     from losskit.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
@@ -215,7 +254,9 @@ def _check_errors(world: int, rank: int) -> None:
         (lambda: vocab_parallel_cross_entropy(shard, torch.tensor([0, 1, 2, 3]), vocab_start=9, num_classes=11),
          ValueError, "do not lie in the 11 classes"),
         (lambda: vocab_parallel_cross_entropy(shard, torch.tensor([0, 1, 2, 3]), label_smoothing=1.5), ValueError,
-         "label_smoothing must lie in [0, 1]"),
+         "vocab_parallel_cross_entropy: label_smoothing must be between 0.0 and 1.0; got 1.5"),
+        (lambda: vocab_parallel_cross_entropy(shard, torch.tensor([0, 1, 2, 3]), temperature=0.0), ValueError,
+         "vocab_parallel_cross_entropy: temperature must be a positive, finite number; got 0.0"),
         (lambda: vocab_parallel_linear_cross_entropy(torch.randn(4, 3), torch.randn(end - start, 5),
                                                      torch.tensor([0, 1, 2, 3])), ValueError,
          "weight_shard must be (C_r, H) with H = input's last dimension (3)"),
@@ -238,6 +279,8 @@ def _worker(rank: int, world: int, init_file: str) -> None:
             _check_lce(world, rank, scenario, counter)
         _check_dtensor(world, rank, counter)
         _check_errors(world, rank)
+        if world == 2:
+            _check_compiled(world, rank)
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()

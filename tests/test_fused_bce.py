@@ -7,23 +7,24 @@ import torch
 import torch.nn.functional as TF
 
 import losskit.functional as LF
-from losskit.kernels import binary_cross_entropy as kernel
+from losskit.kernels import fused_only
+from losskit._core.switches import chunk_sizes
 from oracle import DTYPES, REDUCTIONS, check_against_torch
 from test_classification import BINARY_SHAPES, weight_shapes
 
 @pytest.fixture(autouse=True)
-def fused_float64(monkeypatch):
+def fused_float64():
     """float64 normally takes the reference path; here it runs the kernel, so that the
     kernel is held to float64's tight tolerances."""
-    from losskit.kernels import common
-
-    monkeypatch.setattr(common, "REFERENCE_DTYPES", ())
+    with fused_only():
+        yield
 
 
 
 @pytest.fixture(autouse=True)
-def tiny_chunks(monkeypatch):
-    monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 4)
+def tiny_chunks():
+    with chunk_sizes(bce_elements=4):
+        yield
 
 
 def test_fused_path_is_taken_only_when_target_needs_no_gradient():

@@ -8,24 +8,25 @@ import torch.nn.functional as TF
 
 import losskit.functional as LF
 from losskit.kernels import cross_entropy as kernel
-from losskit.kernels import reference_only
+from losskit._core.switches import chunk_sizes
+from losskit.kernels import fused_only, reference_only
 from oracle import DTYPES, REDUCTIONS, check_against_torch
 
 @pytest.fixture(autouse=True)
-def fused_float64(monkeypatch):
+def fused_float64():
     """float64 normally takes the reference path; here it runs the kernel, so that the
     kernel is held to float64's tight tolerances."""
-    from losskit.kernels import common
-
-    monkeypatch.setattr(common, "REFERENCE_DTYPES", ())
+    with fused_only():
+        yield
 
 
 
 @pytest.fixture
-def tiny_chunks(monkeypatch):
+def tiny_chunks():
     """Chunks of 3 rows (at C=7), so every test crosses several chunk boundaries."""
-    monkeypatch.setattr(kernel, "CHUNK_BYTES", 3 * 4 * 7)
-    assert kernel.rows_per_chunk(7) == 3
+    with chunk_sizes(cross_entropy_bytes=3 * 4 * 7):
+        assert kernel.rows_per_chunk(7) == 3
+        yield
 
 
 def reference(*args, **kwargs):

@@ -38,8 +38,7 @@ import torch.nn.functional as TF
 from hypothesis import given, strategies as st
 
 import losskit.functional as LF
-import losskit.kernels.binary_cross_entropy as bce_kernel
-import losskit.kernels.cross_entropy as ce_kernel
+from losskit._core.switches import chunk_sizes
 from definitions import poly1_definition, sigmoid_focal_definition, softmax_focal_definition
 
 HALF = (torch.float16, torch.bfloat16)
@@ -483,12 +482,8 @@ def softmax_target_calls(draw, name: str) -> Call:
 @contextlib.contextmanager
 def small_chunks():
     """The fused kernels' chunks shrunk to a few rows, so that batches cross chunk edges."""
-    saved = ce_kernel.CHUNK_BYTES, bce_kernel.CHUNK_ELEMENTS
-    ce_kernel.CHUNK_BYTES, bce_kernel.CHUNK_ELEMENTS = 64, 8
-    try:
+    with chunk_sizes(cross_entropy_bytes=64, bce_elements=8):
         yield
-    finally:
-        ce_kernel.CHUNK_BYTES, bce_kernel.CHUNK_ELEMENTS = saved
 
 
 def _run(fn: Callable[..., torch.Tensor], args, kwargs, leaves):

@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 import losskit.functional as LF  # noqa: E402
 from losskit.kernels import triton_support  # noqa: E402
-from losskit.kernels.common import reference_only  # noqa: E402
+from losskit.kernels import reference_only  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

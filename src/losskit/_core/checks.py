@@ -27,54 +27,20 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-MODES: tuple[str, ...] = ("auto", "full", "async", "off")
-
-# One process-wide setting, as torch's own switches (set_grad_enabled, set_printoptions).
-_mode = "auto"
-
-
-class checks:
-    """Set how losskit checks input values: ``losskit.checks("async")`` sets the mode for
-    the whole process; ``with losskit.checks("off"): ...`` sets it for a block and restores
-    the previous mode afterwards.
-
-    Example:
-        >>> import losskit
-        >>> with losskit.checks("off"):
-        ...     losskit.checks_mode()
-        'off'
-        >>> losskit.checks_mode()
-        'auto'
-    """
-
-    def __init__(self, mode: str) -> None:
-        global _mode
-        if mode not in MODES:
-            raise ValueError(f"losskit.checks: mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
-        self.previous, _mode = _mode, mode
-
-    def __enter__(self) -> checks:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        global _mode
-        _mode = self.previous
-
-
-def checks_mode() -> str:
-    """The mode set by :class:`checks`: 'auto', 'full', 'async' or 'off'."""
-    return _mode
+from . import switches
+from .switches import MODES, checks, checks_mode  # noqa: F401  (re-exported: losskit.checks)
 
 
 def effective_mode(t: Tensor) -> str:
     """'full', 'async' or 'off' for a check of tensor ``t`` here and now."""
-    if _mode == "off":
+    mode = switches.checks_mode()
+    if mode == "off":
         return "off"
     if torch.compiler.is_compiling() or t.device.type == "meta":
         return "async"
-    if _mode == "auto":
+    if mode == "auto":
         return "full" if t.device.type == "cpu" else "async"
-    return _mode
+    return mode
 
 
 def check_values(

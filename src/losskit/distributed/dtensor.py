@@ -24,13 +24,13 @@ def is_class_sharded(input: Tensor) -> bool:
     return any(isinstance(p, module.Shard) and p.dim == class_dim for p in input.placements)
 
 
-def class_sharded_cross_entropy(input: Tensor, target: Any, fn: str, **options: Any) -> Tensor:
+def class_sharded_cross_entropy(input: Tensor, target: Any, fn: str, weight: Any, options: Any) -> Tensor:
     """The vocabulary-parallel loss of the local shard: a plain tensor, the same on every
     rank of the mesh, whose gradient reaches ``input`` as a DTensor sharded like it."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from .vocab_parallel import vocab_parallel_cross_entropy
+    from .vocab_parallel import sharded_cross_entropy
 
     class_dim = 0 if input.dim() == 1 else 1
     mesh = input.device_mesh
@@ -45,11 +45,10 @@ def class_sharded_cross_entropy(input: Tensor, target: Any, fn: str, **options: 
         target = target.to_local()
     if target.is_floating_point():
         raise NotImplementedError(f"{fn}: class-probability targets of a class-sharded DTensor are not supported")
-    weight = options.pop("weight", None)
     if isinstance(weight, DTensor):
         weight = weight.full_tensor()
     _, offset = compute_local_shape_and_global_offset(input.shape, mesh, input.placements)
-    return vocab_parallel_cross_entropy(
-        input.to_local(), target, group=mesh.get_group(0), vocab_start=int(offset[class_dim]),
-        num_classes=int(input.shape[class_dim]), weight=weight, **options,
+    return sharded_cross_entropy(
+        input.to_local(), target, mesh.get_group(0), int(offset[class_dim]), int(input.shape[class_dim]), weight,
+        options,
     )

@@ -1,23 +1,32 @@
 """Cross-entropy over a vocabulary sharded across the ranks of a torch.distributed group.
 
 Rank r holds the logits (or the output-layer rows) of classes [start_r, start_r + C_r),
-the slices in rank order, of any sizes. For a row with target y (global index), class
-weights w, label smoothing eps, z-loss scale s and C = sum_r C_r classes:
+the slices in rank order, of any sizes. The loss and gradient of a row are those of
+losskit.functional.cross_entropy over all C = sum_r C_r classes, for every option (weights,
+ignore_index, label smoothing over the global C and W, z-loss, soft-capping,
+temperature), with the per-row coefficients derived once in :mod:`losskit.kernels.rows`:
 
     lse     = log sum_c exp z_c                   (over every rank's classes)
-    loss    = (1 - eps) w_y (lse - z_y) + eps / C (W lse - sum_c w_c z_c) + s lse^2
-    dz_c    = p_c [(1 - eps) w_y + eps W / C + 2 s lse] - (1 - eps) w_y [c = y] - eps / C w_c
+    dx_c    = [p_c (coef + lse_coef lse) + target_step [c = y] + smooth_step w_c] (1 - tanh^2)
 
-with p = exp(z - lse) and W = sum_c w_c: exactly losskit.functional.cross_entropy, whose
-label smoothing uses the global C and W (Megatron's uses each rank's own). Forward needs
-two all-reduces: the row maxima (MAX), then one packed SUM of each row's sum of
-exp(z - max), target logit (from the one rank that holds it), smoothing dot product and
-target weight. Backward needs none for the logits: each rank's gradient is its own slice.
+(Megatron's label smoothing uses each rank's own C and W; ours equals the single-process
+loss.) Forward needs two all-reduces: the row maxima (MAX), then one packed SUM of each
+row's sum of exp(z - max), target logit (from the one rank that holds it), smoothing dot
+product and target weight; the slice bounds, when not given, take one more. The gradient
+is made in forward, into one logits-sized buffer, and backward only scales it: no
+collective in backward.
 
 The linear form never forms more than one chunk of logits: a first pass over chunks finds
-each row's local logsumexp, two all-reduces combine them (MAX, then the packed SUM), and a
-second pass makes the gradients; the input's gradient, a sum over every rank's classes, is
-one more all-reduce.
+each row's local logsumexp, two all-reduces combine them, and a second pass makes the
+gradients (each chunk's logits are formed twice, since the gradient needs the global lse);
+the input's gradient, a sum over every rank's classes, is one more all-reduce. For a
+scalar loss all of that runs in forward; for reduction='none' the per-row grad_output is
+known only in backward, which then repeats the first pass and its all-reduces.
+
+Both are fused ops of :class:`~losskit.kernels.fused_op.FusedOp`: under torch.compile each
+is one custom op (``losskit::vocab_parallel_cross_entropy``, ...) whose collectives run
+inside it, so a compiled graph holds it whole (``fullgraph=True``), with or without the
+slice bounds given.
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._core.dtypes import result_dtypes
-from .._core.reduction import resolve_reduction
-from .._core.validation import check_floating, check_logit_options, check_target_range
+from .._core.options import CrossEntropyOptions
+from .._core.validation import check_floating, check_target_range
+from ..kernels.fused_op import FusedOp
+from ..kernels.rows import RowTerms, apply_gradient, transform_logits
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -40,6 +51,19 @@ def all_reduce(tensor: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | Non
     """The one door to the collectives (tests count the calls through it)."""
     dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+def _group_name(group: dist.ProcessGroup | None) -> str:
+    return (group if group is not None else dist.group.WORLD).group_name
+
+
+def _group(name: str) -> dist.ProcessGroup:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+UNKNOWN = -1  # vocab_start / num_classes not given: found from what each rank holds
 
 
 @dataclass(frozen=True)
@@ -51,17 +75,17 @@ class Shard:
     num_classes: int
 
     @staticmethod
-    def find(size: int, vocab_start: int | None, num_classes: int | None, group, device, fn: str) -> "Shard":
-        """From what each rank holds (one all-gather of the sizes), unless both are given."""
-        if vocab_start is not None and num_classes is not None:
+    def find(size: int, vocab_start: int, num_classes: int, group, device, fn: str) -> Shard:
+        """From what each rank holds (one all-reduce of the sizes), unless both are given."""
+        if vocab_start != UNKNOWN and num_classes != UNKNOWN:
             shard = Shard(vocab_start, size, num_classes)
         else:
             world, rank = dist.get_world_size(group), dist.get_rank(group)
             sizes = torch.zeros(world, dtype=torch.long, device=device)
             sizes[rank] = size
             sizes = all_reduce(sizes, dist.ReduceOp.SUM, group).tolist()
-            start = sum(sizes[:rank]) if vocab_start is None else vocab_start
-            shard = Shard(start, size, sum(sizes) if num_classes is None else num_classes)
+            start = sum(sizes[:rank]) if vocab_start == UNKNOWN else vocab_start
+            shard = Shard(start, size, sum(sizes) if num_classes == UNKNOWN else num_classes)
         if not (0 <= shard.start and shard.start + shard.size <= shard.num_classes):
             raise ValueError(
                 f"{fn}: this rank's classes [{shard.start}, {shard.start + shard.size}) do not lie in the "
@@ -70,32 +94,18 @@ class Shard:
         return shard
 
 
-class Options:
-    """The cross-entropy options, checked once."""
+class ShardRows:
+    """What this rank knows of a batch of rows before the all-reduces: where each row's
+    target lies among its classes, and its slice of the class weights."""
 
-    def __init__(self, ignore_index, label_smoothing, lse_square_scale, softcap, reduction, fn) -> None:
-        check_logit_options(lse_square_scale, softcap, fn)
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"{fn}: label_smoothing must lie in [0, 1]; got {label_smoothing}")
-        self.ignore_index, self.eps = ignore_index, float(label_smoothing)
-        self.z_scale, self.softcap = float(lse_square_scale), softcap
-        self.reduction = resolve_reduction(None, None, reduction)
-
-
-class Rows:
-    """Per-row quantities of a batch of flattened rows and this rank's part of them."""
-
-    def __init__(self, target: Tensor, shard: Shard, weight: Tensor | None, compute: torch.dtype, opts: Options,
-                 fn: str) -> None:
-        self.shard, self.opts, self.compute = shard, opts, compute
-        self.valid = target != opts.ignore_index
-        check_target_range(target, self.valid, shard.num_classes, fn)  # as cross_entropy, under losskit.checks
-        self.safe_target = torch.where(self.valid, target, 0)  # global class index, 0 where ignored
-        self.here = self.valid & (target >= shard.start) & (target < shard.start + shard.size)
+    def __init__(self, target: Tensor, valid: Tensor, shard: Shard, weight: Tensor | None, compute: torch.dtype,
+                 options: CrossEntropyOptions, fn: str) -> None:
+        self.shard, self.options, self.valid = shard, options, valid
+        check_target_range(target, valid, shard.num_classes, fn)  # as cross_entropy, under losskit.checks
+        self.safe_target = torch.where(valid, target, 0)  # global class index, 0 where ignored
+        self.here = valid & (target >= shard.start) & (target < shard.start + shard.size)
         self.index = torch.where(self.here, target - shard.start, 0).unsqueeze(1)  # (N, 1), local
-        self.counts = self.valid.to(compute)
-        self.weight_slice = None
-        self.global_weight = None
+        self.weight_slice = self.global_weight = None
         if weight is not None:
             check_floating(weight, "weight", fn)
             if weight.dim() != 1 or weight.shape[0] not in (shard.num_classes, shard.size):
@@ -108,6 +118,8 @@ class Rows:
                 self.weight_slice = self.global_weight[shard.start: shard.start + shard.size]
             else:
                 self.weight_slice = weight.to(compute)
+        # The target weight and the total weight need the other ranks' slices too.
+        self.weight_from_ranks = self.weight_slice is not None and self.global_weight is None
 
     def packed(self, sum_exp: Tensor, z_target: Tensor, smooth_dot: Tensor | None) -> Tensor:
         """The local columns the SUM all-reduce combines, (N * k + extra,) flattened."""
@@ -115,83 +127,40 @@ class Rows:
         if smooth_dot is not None:
             cols.append(smooth_dot)
         extra = []
-        if self.weight_slice is not None and self.global_weight is None:
+        if self.weight_from_ranks:
             cols.append(_picked(self.weight_slice.expand(self.index.shape[0], -1), self.index) * self.here)
-            if self.opts.eps > 0.0:
+            if self.options.label_smoothing > 0.0:
                 extra.append(self.weight_slice.sum().reshape(1))
         return torch.cat([torch.stack(cols, 1).reshape(-1), *extra])
 
-    def unpack(self, packed: Tensor, row_max: Tensor, has_smooth: bool) -> None:
+    def unpack(self, packed: Tensor, row_max: Tensor, smoothing: bool) -> tuple[RowTerms, Tensor, Tensor, Tensor | None]:
+        """(the rows' terms, lse, z_y, smoothing dot) from the all-reduced columns."""
         n = row_max.shape[0]
-        k = 2 + has_smooth + (self.weight_slice is not None and self.global_weight is None)
+        k = 2 + smoothing + self.weight_from_ranks
         cols = packed[: n * k].reshape(n, k).unbind(1)
-        self.lse = row_max + cols[0].log()
-        self.z_target = cols[1]
-        self.smooth_dot = cols[2] if has_smooth else None
+        lse, z_target = row_max + cols[0].log(), cols[1]
+        smooth_dot = cols[2] if smoothing else None
+        num_classes = self.shard.num_classes
         if self.weight_slice is None:
-            self.target_weight = self.counts
-            self.total_weight = torch.tensor(float(self.shard.num_classes), dtype=row_max.dtype, device=row_max.device)
+            terms = RowTerms(self.options, num_classes, self.valid, self.valid.to(lse.dtype), float(num_classes),
+                             None, False)
         elif self.global_weight is not None:
-            self.target_weight = self.global_weight[self.safe_target] * self.counts
-            self.total_weight = self.global_weight.sum()
+            target_weight = torch.where(self.valid, self.global_weight[self.safe_target], 0.0)
+            terms = RowTerms(self.options, num_classes, self.valid, target_weight, self.global_weight.sum(),
+                             self.weight_slice, True)
         else:
-            self.target_weight = cols[k - 1] * self.counts
-            self.total_weight = packed[n * k] if self.opts.eps > 0.0 else packed.new_zeros(())
-        self.denominator = self.target_weight.sum()
-        self.count = self.counts.sum()
+            total = packed[n * k] if smoothing else packed.new_zeros(())
+            terms = RowTerms(self.options, num_classes, self.valid, torch.where(self.valid, cols[k - 1], 0.0), total,
+                             self.weight_slice, True)
+        return terms, lse, z_target, smooth_dot
 
-    def loss(self) -> Tensor:
-        """Reduced as losskit.functional.cross_entropy: the cross-entropy over the summed
-        target weights, the z-loss over the rows that count."""
-        eps, c = self.opts.eps, self.shard.num_classes
-        ce = (1.0 - eps) * self.target_weight * (self.lse - self.z_target)
-        if eps > 0.0:
-            ce = ce + (eps / c) * (self.total_weight * self.lse - self.smooth_dot)
-        ce = torch.where(self.valid, ce, 0.0)
-        z = torch.where(self.valid, self.opts.z_scale * self.lse.square(), 0.0) if self.opts.z_scale else None
-        reduction = self.opts.reduction
-        if reduction == "none":
-            return ce if z is None else ce + z
-        if reduction == "sum":
-            return (ce if z is None else ce + z).sum()
-        out = ce.sum() / self.denominator
-        return out if z is None else out + z.sum() / self.count
-
-    def grad(self, z: Tensor, rows: slice, grad_output: Tensor) -> Tensor:
-        """dloss/dz for this rank's classes of the given rows, written over ``z`` (their
-        capped logits, a buffer the caller owns): no temporary the size of the chunk."""
-        eps, c, reduction = self.opts.eps, self.shard.num_classes, self.opts.reduction
+    def gradient(self, z: Tensor, terms: RowTerms, coefficients, rows: slice, lse: Tensor, tanh: Tensor | None) -> Tensor:
+        """dloss/dx for this rank's classes of the given rows, written over ``z`` (their
+        transformed logits, a buffer the caller owns): no temporary the size of the chunk."""
         if z.shape[1] == 0:
-            return torch.zeros_like(z)
-        lse, valid = self.lse[rows], self.valid[rows]
-        tw, counts = self.target_weight[rows], self.counts[rows]
-        ce_scale: Tensor | float = 1.0
-        z_scale: Tensor | float = 1.0
-        if reduction == "mean":
-            ce_scale = torch.where(self.denominator != 0, 1.0 / self.denominator, 0.0)
-            z_scale = torch.where(self.count != 0, 1.0 / self.count, 0.0)
-        g = grad_output[rows] if reduction == "none" else grad_output
-        coef = ((1.0 - eps) * tw + counts * (eps * self.total_weight / c)) * ce_scale
-        if self.opts.z_scale:
-            coef = coef + counts * (2.0 * self.opts.z_scale) * lse * z_scale
-        probs = z.sub_(lse.unsqueeze(1)).exp_().mul_((coef * g).unsqueeze(1))
-        probs.masked_fill_(~valid.unsqueeze(1), 0.0)  # ignored rows may hold inf - inf = nan
-        target_step = torch.where(self.here[rows], -(1.0 - eps) * tw * ce_scale * g, 0.0)
-        probs.scatter_add_(1, self.index[rows], target_step.unsqueeze(1))
-        if eps > 0.0:
-            row_scale = (counts * ce_scale * g).unsqueeze(1)
-            if self.weight_slice is None:
-                probs.sub_(row_scale, alpha=eps / c)
-            else:
-                probs.addcmul_(row_scale, self.weight_slice, value=-eps / c)
-        return probs
-
-
-def _capped(x: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
-    if softcap is None:
-        return x, None
-    t = torch.tanh(x / softcap)
-    return softcap * t, t
+            return z
+        probs = z.sub_(lse.unsqueeze(1)).exp_()
+        return apply_gradient(probs, terms, coefficients, rows, lse, self.index[rows], tanh, self.here[rows])
 
 
 def _picked(z: Tensor, index: Tensor) -> Tensor:
@@ -207,36 +176,60 @@ def _row_max(z: Tensor) -> Tensor:
     return z.amax(dim=1)
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, rows_: Rows, group) -> Tensor:  # type: ignore[override]
-        opts = rows_.opts
-        z, tanh = _capped(logits.to(rows_.compute), opts.softcap)
-        row_max = all_reduce(_row_max(z), dist.ReduceOp.MAX, group)
-        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-        sum_exp = torch.exp(z - row_max.unsqueeze(1)).sum(1)
-        z_target = _picked(z, rows_.index)
-        smooth = None
-        if opts.eps > 0.0:
-            smooth = z @ rows_.weight_slice if rows_.weight_slice is not None else z.sum(1)
-        packed = all_reduce(rows_.packed(sum_exp, z_target, smooth), dist.ReduceOp.SUM, group)
-        rows_.unpack(packed, row_max, smooth is not None)
-        ctx.rows = rows_
-        ctx.save_for_backward(logits)
-        return rows_.loss()
+def _combine(rows: ShardRows, local_max: Tensor, sum_exp_at, z_target: Tensor, smooth: Tensor | None, group):
+    """The two all-reduces of forward: (terms, lse, z_y, smoothing dot) of every row.
+    ``sum_exp_at(row_max)`` gives the local sum of exp(z - row_max)."""
+    row_max = all_reduce(local_max, dist.ReduceOp.MAX, group)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    packed = all_reduce(rows.packed(sum_exp_at(row_max), z_target, smooth), dist.ReduceOp.SUM, group)
+    return rows.unpack(packed, row_max, smooth is not None)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        (logits,) = ctx.saved_tensors
-        rows_: Rows = ctx.rows
-        z, tanh = _capped(logits.to(rows_.compute), rows_.opts.softcap)
-        if z is logits:  # grad() writes over z: never over the caller's logits
-            z = z.clone()
-        grad = rows_.grad(z, slice(None), grad_output.to(z.dtype))
-        if tanh is not None:
-            grad.mul_(tanh.square_().neg_().add_(1.0))  # d cap tanh(x / cap) / dx, in place
-        return grad.to(logits.dtype), None, None, None
+
+def _smoothing_dot(z: Tensor, rows: ShardRows) -> Tensor:
+    return z @ rows.weight_slice if rows.weight_slice is not None else z.sum(1)
+
+
+def _vocab_parallel_forward(
+    logits: Tensor, target: Tensor, valid: Tensor, weight: Tensor | None, *, options: CrossEntropyOptions,
+    needs: tuple[bool], group_name: str, vocab_start: int, num_classes: int,
+) -> tuple[Tensor, tuple[Tensor | None]]:
+    """(loss, (dloss/dlogits or None,)) of (N, C_r) logit rows: the kernel of
+    ``losskit::vocab_parallel_cross_entropy``."""
+    fn = "vocab_parallel_cross_entropy"
+    group = _group(group_name)
+    compute, _ = result_dtypes(logits)
+    shard = Shard.find(logits.shape[1], vocab_start, num_classes, group, logits.device, fn)
+    rows = ShardRows(target, valid, shard, weight, compute, options, fn)
+    x = logits.to(compute)
+    z, tanh = transform_logits(x, options, owned=False)
+    smooth = _smoothing_dot(z, rows) if options.label_smoothing > 0.0 else None
+    terms, lse, z_target, smooth_dot = _combine(
+        rows, _row_max(z), lambda row_max: torch.exp(z - row_max.unsqueeze(1)).sum(1), _picked(z, rows.index), smooth,
+        group,
+    )
+    loss = terms.loss(lse, z_target, smooth_dot)
+    grad = None
+    if needs[0]:
+        buffer = z.clone() if z is logits else z  # never over the caller's logits
+        grad = rows.gradient(buffer, terms, terms.coefficients(), slice(None), lse, tanh).to(logits.dtype)
+    return loss, (grad,)
+
+
+def _loss_shape(input: Tensor, *tensors: Tensor | None, options: CrossEntropyOptions) -> tuple[int, ...]:
+    return (input.shape[0],) if options.reduction == "none" else ()
+
+
+_BOUNDS = (("str", "group_name"), ("int", "vocab_start"), ("int", "num_classes"))
+
+_fused_vocab_parallel = FusedOp(
+    "vocab_parallel_cross_entropy",
+    tensors=("logits", "target", "valid", "weight?"),
+    differentiable=1,
+    options=CrossEntropyOptions,
+    extras=_BOUNDS,
+    forward=_vocab_parallel_forward,
+    loss_shape=_loss_shape,
+)
 
 
 def _flatten(input: Tensor, target: Tensor, fn: str) -> tuple[Tensor, Tensor, tuple[int, ...]]:
@@ -255,6 +248,10 @@ def _flatten(input: Tensor, target: Tensor, fn: str) -> tuple[Tensor, Tensor, tu
     return rows, target.reshape(-1), expected
 
 
+def _bounds(vocab_start: int | None, num_classes: int | None) -> tuple[int, int]:
+    return (UNKNOWN if vocab_start is None else int(vocab_start), UNKNOWN if num_classes is None else int(num_classes))
+
+
 def vocab_parallel_cross_entropy(
     logits_shard: Tensor,
     target: Tensor,
@@ -268,6 +265,7 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     lse_square_scale: float = 0.0,
     softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> Tensor:
     r"""Cross-entropy of logits sharded by class over the ranks of ``group``.
 
@@ -289,12 +287,14 @@ def vocab_parallel_cross_entropy(
         label_smoothing: as ``cross_entropy``, over the whole vocabulary.
         lse_square_scale: the z-loss of ``cross_entropy``.
         softcap: the logit soft-capping of ``cross_entropy``.
+        temperature: the logit temperature of ``cross_entropy``.
 
     Returns:
         The same on every rank: a scalar, or ``target``'s shape for ``reduction='none'``.
 
     Collectives: two all-reduces in forward (row maxima; one packed sum), none in backward.
-    float16/bfloat16 logits are computed and reduced in float32.
+    float16/bfloat16 logits are computed and reduced in float32. Compiles with
+    ``fullgraph=True``: the loss is one custom op whose collectives run inside it.
 
     Example (each of two ranks)::
 
@@ -306,69 +306,111 @@ def vocab_parallel_cross_entropy(
     check_floating(logits_shard, "logits_shard", fn)
     if target.is_floating_point():
         raise TypeError(f"{fn}: target must hold class indices (an integer tensor); got {target.dtype}")
-    opts = Options(ignore_index, label_smoothing, lse_square_scale, softcap, reduction, fn)
+    options = CrossEntropyOptions.checked(
+        fn, ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        softcap=softcap, temperature=temperature, reduction=reduction,
+    )
+    return sharded_cross_entropy(logits_shard, target, group, vocab_start, num_classes, weight, options)
+
+
+def sharded_cross_entropy(
+    logits_shard: Tensor, target: Tensor, group: dist.ProcessGroup | None, vocab_start: int | None,
+    num_classes: int | None, weight: Tensor | None, options: CrossEntropyOptions,
+) -> Tensor:
+    """:func:`vocab_parallel_cross_entropy` with its options checked (also the DTensor path)."""
+    fn = "vocab_parallel_cross_entropy"
     rows, flat_target, out_shape = _flatten(logits_shard, target.long(), fn)
-    compute, out = result_dtypes(logits_shard)
-    shard = Shard.find(rows.shape[1], vocab_start, num_classes, group, rows.device, fn)
-    rows_ = Rows(flat_target, shard, weight, compute, opts, fn)
-    loss = _VocabParallelCrossEntropy.apply(rows, flat_target, rows_, group)
-    if opts.reduction == "none":
+    _, out = result_dtypes(logits_shard)
+    loss = _fused_vocab_parallel(
+        rows, flat_target, flat_target != options.ignore_index, weight, options=options,
+        group_name=_group_name(group), **dict(zip(("vocab_start", "num_classes"), _bounds(vocab_start, num_classes))),
+    )
+    if options.reduction == "none":
         loss = loss.reshape(out_shape)
     return loss.to(out)
 
 
-class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, rows_: Rows, group, chunk) -> Tensor:  # type: ignore[override]
-        opts, compute = rows_.opts, rows_.compute
-        n = x.shape[0]
-        local_lse = x.new_empty(n, dtype=compute)
-        z_target = x.new_zeros(n, dtype=compute)
-        smooth = x.new_zeros(n, dtype=compute) if opts.eps > 0.0 else None
-        xc, wc = x.to(compute), w.to(compute)
-        bc = None if b is None else b.to(compute)
-        for start in range(0, n, chunk):
-            part = slice(start, start + chunk)
-            z, _ = _capped(torch.nn.functional.linear(xc[part], wc, bc), opts.softcap)
-            local_lse[part] = torch.logsumexp(z, 1) if z.shape[1] else -math.inf
-            z_target[part] = _picked(z, rows_.index[part])
-            if smooth is not None:
-                smooth[part] = z @ rows_.weight_slice if rows_.weight_slice is not None else z.sum(1)
-        row_max = all_reduce(local_lse.clone(), dist.ReduceOp.MAX, group)
-        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-        packed = all_reduce(rows_.packed(torch.exp(local_lse - row_max), z_target, smooth), dist.ReduceOp.SUM, group)
-        rows_.unpack(packed, row_max, smooth is not None)
-        ctx.rows, ctx.group, ctx.chunk = rows_, group, chunk
-        ctx.save_for_backward(x, w, b)
-        return rows_.loss()
+def _linear_first_pass(x: Tensor, w: Tensor, b: Tensor | None, rows: ShardRows, options: CrossEntropyOptions,
+                       chunk: int, group):
+    """Every row's (terms, lse, z_y, smoothing dot), one chunk of logits at a time."""
+    n = x.shape[0]
+    local_lse = x.new_empty(n)
+    z_target = x.new_zeros(n)
+    smooth = x.new_zeros(n) if options.label_smoothing > 0.0 else None
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        z, _ = transform_logits(torch.nn.functional.linear(x[part], w, b), options, owned=True)
+        local_lse[part] = torch.logsumexp(z, 1) if z.shape[1] else -math.inf
+        z_target[part] = _picked(z, rows.index[part])
+        if smooth is not None:
+            smooth[part] = _smoothing_dot(z, rows)
+    return _combine(rows, local_lse.clone(), lambda row_max: torch.exp(local_lse - row_max), z_target, smooth, group)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        x, w, b = ctx.saved_tensors
-        rows_: Rows = ctx.rows
-        compute = rows_.compute
-        xc, wc = x.to(compute), w.to(compute)
-        bc = None if b is None else b.to(compute)
-        g = grad_output.to(compute)
-        grad_x = torch.zeros_like(xc)
-        grad_w = torch.zeros_like(wc)
-        grad_b = None if b is None else torch.zeros_like(bc)
-        for start in range(0, x.shape[0], ctx.chunk):
-            part = slice(start, start + ctx.chunk)
-            z, tanh = _capped(torch.nn.functional.linear(xc[part], wc, bc), rows_.opts.softcap)
-            dz = rows_.grad(z, part, g)
-            if tanh is not None:
-                dz.mul_(tanh.square_().neg_().add_(1.0))  # d cap tanh(x / cap) / dx, in place
-            grad_x[part] = dz @ wc
-            grad_w.addmm_(dz.T, xc[part])
-            if grad_b is not None:
-                grad_b += dz.sum(0)
-        # The input meets every rank's classes: its gradient is the sum over the ranks.
-        if ctx.needs_input_grad[0]:
-            all_reduce(grad_x, dist.ReduceOp.SUM, ctx.group)
-        return (grad_x.to(x.dtype), grad_w.to(w.dtype), None if b is None else grad_b.to(b.dtype),
-                None, None, None)
+
+def _linear_gradients(x, w, b, rows: ShardRows, terms: RowTerms, coefficients, lse: Tensor, chunk: int,
+                      needs, group):
+    """The second pass: (grad_x summed over the ranks, grad_w, grad_b), in the compute dtype."""
+    grad_x = torch.zeros_like(x) if needs[0] else None
+    grad_w = torch.zeros_like(w) if needs[1] else None
+    grad_b = torch.zeros_like(b) if needs[2] and b is not None else None
+    for start in range(0, x.shape[0], chunk):
+        part = slice(start, start + chunk)
+        z, tanh = transform_logits(torch.nn.functional.linear(x[part], w, b), rows.options, owned=True)
+        dz = rows.gradient(z, terms, coefficients, part, lse[part], tanh)
+        if grad_x is not None:
+            grad_x[part] = dz @ w
+        if grad_w is not None:
+            grad_w.addmm_(dz.T, x[part])
+        if grad_b is not None:
+            grad_b += dz.sum(0)
+    # The input meets every rank's classes: its gradient is the sum over the ranks.
+    if grad_x is not None:
+        all_reduce(grad_x, dist.ReduceOp.SUM, group)
+    return grad_x, grad_w, grad_b
+
+
+def _linear_setup(x, w, b, target, valid, weight, options, group_name, vocab_start, num_classes):
+    fn = "vocab_parallel_linear_cross_entropy"
+    group = _group(group_name)
+    compute, _ = result_dtypes(x, w)
+    shard = Shard.find(w.shape[0], vocab_start, num_classes, group, x.device, fn)
+    rows = ShardRows(target, valid, shard, weight, compute, options, fn)
+    return group, rows, x.to(compute), w.to(compute), None if b is None else b.to(compute)
+
+
+def _linear_forward(x, w, b, target, valid, weight, *, options, needs, group_name, vocab_start, num_classes, chunk_rows):
+    group, rows, xc, wc, bc = _linear_setup(x, w, b, target, valid, weight, options, group_name, vocab_start,
+                                            num_classes)
+    terms, lse, z_target, smooth_dot = _linear_first_pass(xc, wc, bc, rows, options, chunk_rows, group)
+    loss = terms.loss(lse, z_target, smooth_dot)
+    grads = (None, None, None)
+    if any(needs):
+        grads = _linear_gradients(xc, wc, bc, rows, terms, terms.coefficients(), lse, chunk_rows, needs, group)
+    return loss, grads
+
+
+def _linear_recompute(x, w, b, target, valid, weight, *, options, needs, grad_output, group_name, vocab_start,
+                      num_classes, chunk_rows):
+    """reduction='none': the first pass and its all-reduces again, then the gradients with
+    each row's coefficients times its grad_output."""
+    group, rows, xc, wc, bc = _linear_setup(x, w, b, target, valid, weight, options, group_name, vocab_start,
+                                            num_classes)
+    terms, lse, _, _ = _linear_first_pass(xc, wc, bc, rows, options, chunk_rows, group)
+    coefficients = terms.coefficients(row_factor=grad_output.reshape(-1).to(xc.dtype))
+    return _linear_gradients(xc, wc, bc, rows, terms, coefficients, lse, chunk_rows, needs, group)
+
+
+_fused_vocab_parallel_linear = FusedOp(
+    "vocab_parallel_linear_cross_entropy",
+    tensors=("input", "weight_shard", "bias_shard?", "target", "valid", "weight?"),
+    differentiable=3,
+    options=CrossEntropyOptions,
+    extras=(*_BOUNDS, ("int", "chunk_rows")),
+    forward=_linear_forward,
+    loss_shape=_loss_shape,
+    precomputes=lambda options: options.reduction != "none",
+    recompute=_linear_recompute,
+)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -386,6 +428,7 @@ def vocab_parallel_linear_cross_entropy(
     label_smoothing: float = 0.0,
     lse_square_scale: float = 0.0,
     softcap: float | None = None,
+    temperature: float = 1.0,
     chunk_size: int | None = None,
 ) -> Tensor:
     r"""Linear layer + cross-entropy with the output layer sharded by class over ``group``.
@@ -408,14 +451,17 @@ def vocab_parallel_linear_cross_entropy(
         label_smoothing: as :func:`vocab_parallel_cross_entropy`.
         lse_square_scale: as :func:`vocab_parallel_cross_entropy`.
         softcap: as :func:`vocab_parallel_cross_entropy`.
+        temperature: as :func:`vocab_parallel_cross_entropy`.
         chunk_size: rows of logits formed at a time (default: about 64 MiB of them).
 
     Returns:
         The same on every rank: a scalar, or ``target``'s shape for ``reduction='none'``.
 
-    Collectives: two all-reduces in forward; in backward one, summing the input's
-    gradient over the ranks (each rank's weight gradient is its own). Memory per rank: the
-    weight slice and its gradient, the input's gradient and one chunk of logits.
+    Collectives: for a scalar loss, forward makes everything (two all-reduces for the
+    logsumexp, one summing the input's gradient over the ranks; each rank's weight gradient
+    is its own) and backward none; for reduction='none' forward needs two and backward
+    three (it repeats the first pass). Memory per rank: the weight slice and its gradient,
+    the input's gradient and one chunk of logits. Compiles with ``fullgraph=True``.
     """
     fn = "vocab_parallel_linear_cross_entropy"
     check_floating(input, "input", fn)
@@ -434,13 +480,19 @@ def vocab_parallel_linear_cross_entropy(
         raise TypeError(f"{fn}: target must hold class indices (an integer tensor); got {target.dtype}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be a positive number of rows; got {chunk_size}")
-    opts = Options(ignore_index, label_smoothing, lse_square_scale, softcap, reduction, fn)
-    compute, out = result_dtypes(input, weight_shard)
+    options = CrossEntropyOptions.checked(
+        fn, ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        softcap=softcap, temperature=temperature, reduction=reduction,
+    )
+    _, out = result_dtypes(input, weight_shard)
     x = input.reshape(-1, input.shape[-1])
-    shard = Shard.find(weight_shard.shape[0], vocab_start, num_classes, group, x.device, fn)
-    rows_ = Rows(target.reshape(-1).long(), shard, weight, compute, opts, fn)
-    chunk = chunk_size or max(16, min(4096, (64 << 20) // (4 * max(shard.size, 1))))
-    loss = _VocabParallelLinearCrossEntropy.apply(x, weight_shard, bias_shard, rows_, group, chunk)
-    if opts.reduction == "none":
+    flat_target = target.reshape(-1).long()
+    chunk = chunk_size or max(16, min(4096, (64 << 20) // (4 * max(weight_shard.shape[0], 1))))
+    start, classes = _bounds(vocab_start, num_classes)
+    loss = _fused_vocab_parallel_linear(
+        x, weight_shard, bias_shard, flat_target, flat_target != ignore_index, weight, options=options,
+        group_name=_group_name(group), vocab_start=start, num_classes=classes, chunk_rows=chunk,
+    )
+    if options.reduction == "none":
         loss = loss.reshape(target.shape)
     return loss.to(out)

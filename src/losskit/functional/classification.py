@@ -10,26 +10,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core.ops import log_softmax
-from ..kernels.binary_cross_entropy import fused_bce_applies, fused_binary_cross_entropy_with_logits
-from ..kernels import fused_applies, fused_cross_entropy
-from ..distributed.dtensor import class_sharded_cross_entropy, is_class_sharded
-from ..kernels.common import Replay
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
+from .._core.ops import log_softmax
+from .._core.options import CrossEntropyOptions
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import (
+    ClassTargets,
     check_broadcasts_to,
     check_class_targets,
     check_class_weight,
     check_floating,
     check_in_unit_interval,
-    check_label_smoothing,
-    check_logit_options,
     check_same_shape,
     class_dim_of,
     warn_if_probabilities,
 )
+from ..distributed.dtensor import class_sharded_cross_entropy, is_class_sharded
+from ..kernels import Replay, fused_applies, fused_bce_applies, fused_bce_with_logits, fused_cross_entropy
+from ..kernels.binary_cross_entropy import ReductionOption
 
 __all__ = [
     "binary_cross_entropy",
@@ -39,8 +38,9 @@ __all__ = [
 ]
 
 
-def check_index_targets(input: Tensor, target: Tensor, class_dim: int, ignore_index: int, fn: str) -> Tensor:
-    """Class-index targets of (C,), (N, C) or (N, C, d1, ...) logits, returned as int64.
+def check_index_targets(input: Tensor, target: Tensor, class_dim: int, ignore_index: int, fn: str) -> ClassTargets:
+    """Class-index targets of (C,), (N, C) or (N, C, d1, ...) logits, validated once: as
+    int64, with their ``valid`` mask.
 
     As torch, unbatched (C,) logits take a target of shape () or (1,) (the loss is () for both).
     """
@@ -59,24 +59,23 @@ def _class_shape(num_dims: int, class_dim: int, num_classes: int) -> list[int]:
 
 def _class_index_loss(
     log_probs: Tensor,
-    target: Tensor,
+    targets: ClassTargets,
     weight: Tensor | None,
-    ignore_index: int,
     label_smoothing: float,
     class_dim: int,
 ) -> tuple[Tensor, Tensor]:
     """Per-position loss of class-index targets and the 'mean' denominator.
 
     loss_i = w_{y_i} * (1 - eps) * (-log p_{i, y_i}) + eps / C * sum_c w_c * (-log p_{i, c}),
-    0 where y_i == ignore_index; the denominator is sum_i w_{y_i} over positions not ignored
+    0 where y_i is ignored; the denominator is sum_i w_{y_i} over positions not ignored
     (their count when there is no weight), which is how torch normalises both terms.
     """
     num_classes = log_probs.shape[class_dim]
-    valid = target != ignore_index
+    valid = targets.valid
     # Ignored positions may hold any value (-100 by default): gather at class 0 instead and
     # mask afterwards with `where`, never a multiplication, so that a -inf log-probability
     # at an ignored position cannot turn into 0 * inf = nan, in the value or the gradient.
-    safe_target = target.masked_fill(~valid, 0).long()
+    safe_target = targets.safe()
     nll = -log_probs.gather(class_dim, safe_target.unsqueeze(class_dim)).squeeze(class_dim)
     if weight is None:
         target_weight = valid.to(log_probs.dtype)
@@ -131,6 +130,7 @@ def cross_entropy(
     *,
     lse_square_scale: float = 0.0,
     softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> Tensor:
     r"""Cross-entropy between raw logits and class indices or class probabilities.
 
@@ -159,10 +159,20 @@ def cross_entropy(
             (a per-token regulariser, as in PaLM and Liger).
         softcap: beyond torch: logits are first soft-capped to
             :math:`\text{cap} \tanh(x / \text{cap})` (as in Gemma 2); None turns it off.
+        temperature: beyond torch: the (soft-capped) logits are divided by :math:`T > 0`
+            before the softmax, as sampling with a temperature does (RL log-probs,
+            distillation): equal to ``cross_entropy(input / T, ...)``, values and gradients.
 
     Returns:
         A scalar, or for ``reduction='none'`` the per-position loss shaped ``[]``, ``[N]``
         or ``[N, d1, ...]``.
+
+    Shape:
+        - input: ``[C]``, ``[N, C]`` or ``[N, C, d1, ...]``.
+        - target: ``[]``, ``[N]`` or ``[N, d1, ...]`` (class indices), or ``input``'s shape
+          (class probabilities).
+        - output: ``[]``, or for ``reduction='none'`` ``target``'s shape without the class
+          dimension.
 
     (N, C) logits with class-index targets take a fused kernel (:mod:`losskit.kernels`,
     any device, a custom op under torch.compile) that computes loss and gradient in one
@@ -188,13 +198,12 @@ def cross_entropy(
     """
     fn = "cross_entropy"
     reduction = resolve_reduction(size_average, reduce, reduction)
-    check_label_smoothing(label_smoothing, fn)
-    check_logit_options(lse_square_scale, softcap, fn)
+    options = CrossEntropyOptions.checked(
+        fn, ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        softcap=softcap, temperature=temperature, reduction=reduction,
+    )
     if is_class_sharded(input):  # a DTensor sharded on classes: the vocab-parallel loss, no gather
-        return class_sharded_cross_entropy(
-            input, target, fn, weight=weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-        )
+        return class_sharded_cross_entropy(input, target, fn, weight=weight, options=options)
     class_dim = class_dim_of(input, fn)
     check_floating(input, "input", fn)
     if weight is not None:
@@ -207,27 +216,18 @@ def cross_entropy(
         if ignore_index >= 0:
             raise ValueError(f"{fn}: ignore_index ({ignore_index}) is not supported with class-probability targets")
         compute, out = result_dtypes(input, target)
-        logits = _capped(input.to(compute), softcap)
+        logits = _transformed(input.to(compute), options)
         loss = _probability_target_loss(log_softmax(logits, class_dim), target.to(compute), weight, label_smoothing, class_dim)
         if lse_square_scale:
             loss = loss + lse_square_scale * torch.logsumexp(logits, class_dim).square()
         return reduce_loss(loss, reduction).to(out)
 
-    target = check_index_targets(input, target, class_dim, ignore_index, fn)
-    return class_index_cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
-    )
+    targets = check_index_targets(input, target, class_dim, ignore_index, fn)
+    return class_index_cross_entropy(input, targets, weight, options)
 
 
 def class_index_cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    lse_square_scale: float,
-    softcap: float | None,
+    input: Tensor, targets: ClassTargets, weight: Tensor | None, options: CrossEntropyOptions
 ) -> Tensor:
     """cross_entropy of validated class-index targets: the fused kernel where it applies,
     else the composed reference."""
@@ -236,31 +236,34 @@ def class_index_cross_entropy(
         """The composed form: also what a fused call replays for a second backward."""
         class_dim = 0 if logits.dim() == 1 else 1
         compute, out = result_dtypes(logits)
-        z = _capped(logits.to(compute), softcap)
+        z = _transformed(logits.to(compute), options)
         loss, denominator = _class_index_loss(
-            log_softmax(z, class_dim), target, weight, ignore_index, label_smoothing, class_dim
+            log_softmax(z, class_dim), targets, weight, options.label_smoothing, class_dim
         )
-        if not lse_square_scale:
+        reduction, scale = options.reduction, options.lse_square_scale
+        if not scale:
             return reduce_loss(loss, reduction, denominator).to(out)
         # The z-loss is a per-token regulariser: 'mean' averages it over the positions that
         # count, unweighted, while the cross-entropy divides by the summed target weights.
-        valid = target != ignore_index
-        z_loss = torch.where(valid, lse_square_scale * torch.logsumexp(z, class_dim).square(), 0.0)
+        z_loss = torch.where(targets.valid, scale * torch.logsumexp(z, class_dim).square(), 0.0)
         if reduction == "mean":
-            return (reduce_loss(loss, reduction, denominator) + z_loss.sum() / valid.sum()).to(out)
+            return (reduce_loss(loss, reduction, denominator) + z_loss.sum() / targets.valid.sum()).to(out)
         return reduce_loss(loss + z_loss, reduction).to(out)
 
-    if fused_applies(input, target):
+    if fused_applies(input, targets.target):
         return fused_cross_entropy(
-            input, target, weight, ignore_index, label_smoothing, reduction, lse_square_scale, softcap,
-            Replay("cross_entropy", reference, [input]),
+            input, targets.target, targets.valid, weight, options=options,
+            replay=Replay("cross_entropy", reference, [input]),
         )
     return reference(input)
 
 
-def _capped(logits: Tensor, softcap: float | None) -> Tensor:
-    """cap * tanh(logits / cap): smooth clipping of the logits to (-cap, cap)."""
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+def _transformed(logits: Tensor, options: CrossEntropyOptions) -> Tensor:
+    """cap * tanh(logits / cap) / T: smooth clipping of the logits to (-cap, cap), then the
+    temperature."""
+    if options.softcap is not None:
+        logits = options.softcap * torch.tanh(logits / options.softcap)
+    return logits if options.temperature == 1.0 else logits / options.temperature
 
 
 @fill_doc(legacy_args=LEGACY_ARGS)
@@ -306,9 +309,9 @@ def nll_loss(
     check_floating(input, "input", fn)
     if weight is not None:
         check_class_weight(weight, input.shape[class_dim], fn)
-    target = check_index_targets(input, target, class_dim, ignore_index, fn)
+    targets = check_index_targets(input, target, class_dim, ignore_index, fn)
     compute, out = result_dtypes(input)
-    loss, denominator = _class_index_loss(input.to(compute), target, weight, ignore_index, 0.0, class_dim)
+    loss, denominator = _class_index_loss(input.to(compute), targets, weight, 0.0, class_dim)
     return reduce_loss(loss, reduction, denominator).to(out)
 
 
@@ -460,6 +463,7 @@ def binary_cross_entropy_with_logits(
         return reduce_loss(loss, reduction).to(out)
 
     if fused_bce_applies(input, target, weight, pos_weight):
-        replay = Replay(fn, reference, [input])
-        return fused_binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction, replay)
+        return fused_bce_with_logits(
+            input, target, weight, pos_weight, options=ReductionOption(reduction), replay=Replay(fn, reference, [input])
+        )
     return reference(input)

@@ -84,10 +84,9 @@ def _target_log_probs(input: Tensor, target: Tensor, ignore_index: int, fn: str)
     """(log p_y, valid mask, safe target, class dim) for class-index targets."""
     class_dim = class_dim_of(input, fn)
     check_floating(input, "input", fn)
-    target = check_index_targets(input, target, class_dim, ignore_index, fn)
+    targets = check_index_targets(input, target, class_dim, ignore_index, fn)
     compute, _ = result_dtypes(input)
-    valid = target != ignore_index
-    safe = target.masked_fill(~valid, 0).long()
+    valid, safe = targets.valid, targets.safe()
     log_p = log_softmax(input.to(compute), class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
     return log_p, valid, safe, class_dim
 

@@ -8,16 +8,10 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.common import Replay, fused_may_serve
-from ..kernels.linear_cross_entropy import fused_linear_cross_entropy
+from .._core.options import CrossEntropyOptions
 from .._core.reduction import resolve_reduction
-from .._core.validation import (
-    check_class_targets,
-    check_class_weight,
-    check_floating,
-    check_label_smoothing,
-    check_logit_options,
-)
+from .._core.validation import ClassTargets, check_class_targets, check_class_weight, check_floating
+from ..kernels import Replay, auto_chunk_rows, fused_linear_cross_entropy, fused_may_serve
 from .classification import class_index_cross_entropy, cross_entropy
 
 __all__ = ["linear_cross_entropy"]
@@ -36,6 +30,7 @@ def linear_cross_entropy(
     options: Any = None,
     lse_square_scale: float = 0.0,
     softcap: float | None = None,
+    temperature: float = 1.0,
     chunk_size: int | None = None,
 ) -> Tensor:
     r"""Cross-entropy of ``input @ linear_weight.T + linear_bias`` against ``target``.
@@ -66,11 +61,19 @@ def linear_cross_entropy(
             ``batch_chunk_size`` sets the chunk when ``chunk_size`` is not given.
         lse_square_scale: z-loss scale, as in :func:`cross_entropy`.
         softcap: logit soft-cap, as in :func:`cross_entropy`.
+        temperature: the (soft-capped) logits are divided by it before the softmax, as in
+            :func:`cross_entropy`.
         chunk_size: tokens per chunk; by default chosen from ``C`` so that a chunk's logits
             are about 64 MiB (256 tokens at 65k classes), which needs no tuning on CPU.
 
     Returns:
         A scalar, or the per-token loss for ``reduction='none'``.
+
+    Shape:
+        - input: ``[H]``, ``[N, H]`` or ``[..., H]``.
+        - linear_weight: ``[C, H]``.
+        - target: ``input``'s shape without ``H``.
+        - output: ``[]``, or ``target``'s shape for ``reduction='none'``.
 
     Example:
         >>> import torch
@@ -86,8 +89,12 @@ def linear_cross_entropy(
     """
     fn = "linear_cross_entropy"
     reduction = resolve_reduction(None, None, reduction)
-    check_label_smoothing(label_smoothing, fn)
-    check_logit_options(lse_square_scale, softcap, fn)
+    options_given = ignore_index is not None  # kept apart: ignore_index must stay None with probabilities
+    ignore = -100 if ignore_index is None else ignore_index
+    ce_options = CrossEntropyOptions.checked(
+        fn, ignore_index=ignore, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        softcap=softcap, temperature=temperature, reduction=reduction,
+    )
     check_floating(input, "input", fn)
     check_floating(linear_weight, "linear_weight", fn)
     if input.dim() < 1:
@@ -113,38 +120,25 @@ def linear_cross_entropy(
     batch = tuple(input.shape[:-1])
     logits_shape = (*batch, num_classes, *out_features)
     probabilities = target.shape == logits_shape
-    if probabilities and ignore_index is not None:
+    if probabilities and options_given:
         raise ValueError(f"{fn}: ignore_index cannot be given when target holds class probabilities")
-    ignore = -100 if ignore_index is None else ignore_index
 
     if not probabilities and not out_features:
         if weight is not None:
             check_class_weight(weight, num_classes, fn)
-        target = check_class_targets(target, batch, num_classes, ignore, tuple(input.shape), fn)
+        targets = check_class_targets(target, batch, num_classes, ignore, tuple(input.shape), fn)
         if fused_may_serve(input, linear_weight) and math.prod(batch) > 0:
-            flat_target = target.reshape(-1)
+            flat = ClassTargets(targets.target.reshape(-1), targets.valid.reshape(-1))
 
             def reference(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-                return class_index_cross_entropy(
-                    F.linear(x.reshape(-1, x.shape[-1]), w, b), flat_target, weight, ignore, reduction,
-                    label_smoothing, lse_square_scale, softcap,
-                )
+                return class_index_cross_entropy(F.linear(x.reshape(-1, x.shape[-1]), w, b), flat, weight, ce_options)
 
-            flat = fused_linear_cross_entropy(
-                input.reshape(-1, input.shape[-1]),
-                linear_weight,
-                flat_target,
-                linear_bias,
-                weight,
-                ignore,
-                label_smoothing,
-                lse_square_scale,
-                softcap,
-                reduction,
-                chunk_size,
-                Replay(fn, reference, [input, linear_weight, linear_bias]),
+            loss = fused_linear_cross_entropy(
+                input.reshape(-1, input.shape[-1]), linear_weight, linear_bias, flat.target, flat.valid, weight,
+                options=ce_options, replay=Replay(fn, reference, [input, linear_weight, linear_bias]),
+                chunk_rows=chunk_size if chunk_size is not None else auto_chunk_rows(*linear_weight.shape),
             )
-            return flat.reshape(target.shape) if reduction == "none" else flat
+            return loss.reshape(target.shape) if reduction == "none" else loss
 
     # The composed reference: linear, then cross_entropy (torch's K-dimensional layout).
     logits = F.linear(input, linear_weight.reshape(-1, linear_weight.shape[-1]),
@@ -154,13 +148,13 @@ def linear_cross_entropy(
         logits = logits.reshape(-1, num_classes, *out_features)
         target = target.reshape(-1, *target.shape[len(batch):])
     if not probabilities and not out_features:  # validated above: no second pass over the targets
-        loss = class_index_cross_entropy(
-            logits, target, weight, ignore, reduction, label_smoothing, lse_square_scale, softcap
-        )
+        flat = ClassTargets(targets.target.reshape(target.shape), targets.valid.reshape(target.shape))
+        loss = class_index_cross_entropy(logits, flat, weight, ce_options)
     else:
         loss = cross_entropy(
             logits, target, weight=weight, ignore_index=ignore, reduction=reduction,
             label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+            temperature=temperature,
         )
     return loss.reshape(*batch, *loss.shape[1:]) if reduction == "none" and len(batch) > 1 else loss
 

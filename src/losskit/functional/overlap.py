@@ -45,9 +45,9 @@ def _overlap(
         keep = torch.ones_like(truth[:, :1])
     else:
         ignore = -100 if ignore_index is None else ignore_index
-        target = check_index_targets(input, target, 1, ignore, fn)
-        valid = target != ignore
-        truth = torch.zeros_like(probs).scatter_(1, target.masked_fill(~valid, 0).long().unsqueeze(1), 1.0)
+        targets = check_index_targets(input, target, 1, ignore, fn)
+        valid = targets.valid
+        truth = torch.zeros_like(probs).scatter_(1, targets.safe().unsqueeze(1), 1.0)
         keep = valid.unsqueeze(1).to(compute)
     probs, truth = probs * keep, truth * keep
     dims = tuple(range(2, input.dim()))

@@ -10,55 +10,46 @@ With lw = 1 + (pos_weight - 1) y and e = exp(-|x|), for each element:
 Every quantity comes from the one exp(-|x|), which never overflows, so logits of any size
 are exact. The gradient is written in forward into the buffer backward hands to autograd.
 
-Only CPU eager calls take this kernel. The loss is element-wise, so elsewhere the composed
-reference holds no more than torch does, and under torch.compile inductor fuses it into
-one kernel of its own.
+CPU eager calls take this kernel, and CUDA eager calls its Triton twin
+(:mod:`losskit.kernels.triton_binary_cross_entropy`). Under torch.compile the composed
+reference serves instead: the loss is element-wise, and inductor fuses it into one kernel
+of its own. The autograd and replay machinery comes from
+:class:`~losskit.kernels.fused_op.FusedOp`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from .._core import switches
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss
 from . import triton_support
-from .common import Replay, compiling, fused_may_serve, scale_by_grad_output, take_precomputed, wants_grad
-
-# Elements per chunk: a chunk and its few temporaries stay in cache.
-CHUNK_ELEMENTS = 1 << 16
+from .fused_op import FusedOp, compiling, fused_may_serve
 
 
-class FusedBinaryCrossEntropyWithLogits(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str,
-        replay: Replay,
-    ) -> Tensor:
-        loss, grad = bce_with_logits_forward(input, target, weight, pos_weight, reduction, with_grad=True)
-        ctx.reduction, ctx.precomputed = reduction, grad
-        ctx.replay = replay
-        return loss
+@dataclass(frozen=True)
+class ReductionOption:
+    """The one option of the fused BCE-with-logits."""
 
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        grad = take_precomputed(ctx)
-        if grad is None:
-            (grad,) = ctx.replay.gradients(grad_output, [True])
-        else:
-            (grad,) = scale_by_grad_output([grad], grad_output, ctx.reduction, in_place=True)
-        return grad, None, None, None, None, None
+    reduction: str
 
 
 def bce_with_logits_forward(
-    input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, reduction: str, with_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    """(loss reduced by ``reduction``, dloss/dinput scaled for 'mean' or None): the kernel,
-    in Triton where it serves the input (:mod:`losskit.kernels.triton_binary_cross_entropy`)."""
+    input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, *, options: ReductionOption,
+    needs: tuple[bool],
+) -> tuple[Tensor, tuple[Tensor | None]]:
+    """(loss reduced by ``reduction``, (dloss/dinput scaled for 'mean' or None,)): the
+    kernel, in Triton where it serves the input."""
+    reduction, with_grad = options.reduction, needs[0]
     if triton_support.serves(input):
         from .triton_binary_cross_entropy import bce_with_logits
 
-        return bce_with_logits(input, target, weight, pos_weight, reduction, with_grad)
+        loss, grad = bce_with_logits(input, target, weight, pos_weight, reduction, with_grad)
+        return loss, (grad,)
     compute, _ = result_dtypes(input)
     shape = input.shape
     # Rows of the last dimension, so that a weight broadcast from the right (e.g. [C]
@@ -69,10 +60,10 @@ def bce_with_logits_forward(
     w = None if weight is None else weight.to(compute).expand(shape).reshape(-1, cols)
     pw = None if pos_weight is None else pos_weight.to(compute).expand(shape).reshape(-1, cols)
     n = input.numel()
-    loss = torch.empty(x.shape, dtype=compute)
-    grad = torch.empty(x.shape, dtype=input.dtype) if with_grad else None
+    loss = torch.empty(x.shape, dtype=compute, device=input.device)
+    grad = torch.empty(x.shape, dtype=input.dtype, device=input.device) if with_grad else None
     scale = 1.0 / n if reduction == "mean" else 1.0  # 'mean' folded into the gradient
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    step = max(1, switches.chunks().bce_elements // max(cols, 1))
     for start in range(0, x.shape[0], step):
         part = slice(start, start + step)
         xc = x[part].to(compute)
@@ -93,7 +84,17 @@ def bce_with_logits_forward(
             if scale != 1.0:
                 chunk_grad.mul_(scale)
             grad[part] = chunk_grad
-    return reduce_loss(loss.view(shape), reduction).to(input.dtype), None if grad is None else grad.view(shape)
+    return reduce_loss(loss.view(shape), reduction).to(input.dtype), (None if grad is None else grad.view(shape),)
+
+
+fused_bce_with_logits = FusedOp(
+    "binary_cross_entropy_with_logits",
+    tensors=("input", "target", "weight?", "pos_weight?"),
+    differentiable=1,
+    options=ReductionOption,
+    forward=bce_with_logits_forward,
+    loss_shape=lambda input, *tensors, options: tuple(input.shape) if options.reduction == "none" else (),
+)
 
 
 def fused_bce_applies(input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None) -> bool:
@@ -109,18 +110,3 @@ def fused_bce_applies(input: Tensor, target: Tensor, weight: Tensor | None, pos_
         and target.dtype == input.dtype
         and not any(t.requires_grad for t in extras)
     )
-
-
-def fused_binary_cross_entropy_with_logits(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    pos_weight: Tensor | None,
-    reduction: str,
-    replay: Replay,
-) -> Tensor:
-    """Launcher; ``replay`` recomputes the loss by the composed path, for the backward
-    passes the fused gradient cannot serve."""
-    if not wants_grad(input):
-        return bce_with_logits_forward(input, target, weight, pos_weight, reduction, with_grad=False)[0]
-    return FusedBinaryCrossEntropyWithLogits.apply(input, target, weight, pos_weight, reduction, replay)

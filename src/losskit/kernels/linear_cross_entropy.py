@@ -3,52 +3,49 @@
 For each chunk of B token rows x_b (B, H) of the input:
 
     logits_b = x_b W^T + bias                     (B, C), in a reused chunk buffer
-    dlogits_b = (RowLoss.chunk: softmax, target and smoothing terms, 'mean' scale)
+    dlogits_b = (logits_chunk: softmax, then the coefficients of kernels.rows)
     grad_x[b] = dlogits_b W                        (B, H)
     grad_W  += dlogits_b^T x_b                     (C, H), accumulated in place
     grad_bias += sum over rows of dlogits_b        (C,)
 
 so the extra memory is one (B, C) buffer (the gradient overwrites the logits in place)
-and the (C, H) weight gradient, instead of several (N, C) tensors. For a scalar loss ('mean', 'sum') the gradients are made in forward
+and the (C, H) weight gradient, instead of several (N, C) tensors. The per-row
+coefficients, for every option, come from :mod:`losskit.kernels.rows`, as in the fused
+cross-entropy. For a scalar loss ('mean', 'sum') the gradients are made in forward
 and backward only scales them by grad_output (no pass at all when it is 1). For
 reduction='none' the per-token grad_output is unknown in forward, so forward keeps only
 the inputs and backward recomputes each chunk's logits (one extra matmul per chunk).
 Under no_grad / inference_mode only the loss is computed: one matmul per chunk, no
 gradient buffers. Half-precision inputs are computed, and the weight gradient
-accumulated, in float32. Under torch.compile the kernel is the custom ops
-``losskit::linear_cross_entropy`` (and its ``_backward`` for reduction='none').
+accumulated, in float32. The autograd, custom-op (``losskit::linear_cross_entropy`` and
+its ``_backward`` for reduction='none') and replay machinery comes from
+:class:`~losskit.kernels.fused_op.FusedOp`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
+from .._core import switches
 from .._core.dtypes import result_dtypes
-from .common import Replay, compiling, scale_by_grad_output, take_precomputed, wants_grad
-from .cross_entropy import RowLoss
+from .._core.options import CrossEntropyOptions
+from .._core.validation import ClassTargets
+from .cross_entropy import logits_chunk
+from .fused_op import FusedOp
+from .rows import RowTerms
 
 # Auto chunk. Every chunk reads and writes the whole (C, H) weight gradient once, so few
 # large chunks are faster (measured at N=2048, H=512, C=65536 on 2 cores: the three
 # matmuls take 3.17 s in chunks of 128 rows, 2.89 s of 256, 2.54 s of 512). The chunk
-# buffer may therefore be as large as the weight gradient itself (B = H rows), or 64 MiB
-# where that is more, within 16 to 1024 rows: peak extra memory stays about twice the
-# weight gradient, whatever the number of tokens.
-LINEAR_CHUNK_BYTES = 64 << 20
+# buffer may therefore be as large as the weight gradient itself (B = H rows), or
+# switches.chunks().linear_bytes (64 MiB) where that is more, within 16 to 1024 rows: peak
+# extra memory stays about twice the weight gradient, whatever the number of tokens.
 
 
 def auto_chunk_rows(num_classes: int, in_features: int) -> int:
-    return int(min(1024, max(16, in_features, LINEAR_CHUNK_BYTES // (4 * max(num_classes, 1)))))
-
-
-Options = tuple  # (ignore_index, label_smoothing, lse_square_scale, softcap, reduction, chunk_rows)
-
-
-def _row_loss(target: Tensor, weight: Tensor | None, num_classes: int, dtype: torch.dtype, options: Options) -> RowLoss:
-    ignore_index, label_smoothing, lse_square_scale, softcap, reduction, _ = options
-    return RowLoss(target, ignore_index, weight, num_classes, dtype, label_smoothing, lse_square_scale, softcap, reduction)
+    budget = switches.chunks().linear_bytes
+    return int(min(1024, max(16, in_features, budget // (4 * max(num_classes, 1)))))
 
 
 def _compute_copies(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None):
@@ -61,50 +58,60 @@ def linear_cross_entropy_forward(
     linear_weight: Tensor,
     linear_bias: Tensor | None,
     target: Tensor,
+    valid: Tensor,
     weight: Tensor | None,
-    options: Options,
+    *,
+    options: CrossEntropyOptions,
     needs: tuple[bool, bool, bool],
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """(loss, grad_input, grad_weight, grad_bias): the gradients, in the compute dtype, made
-    here for a scalar loss when ``needs`` asks for them; None otherwise."""
-    reduction, chunk_rows = options[4], options[5]
+    chunk_rows: int,
+) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """(loss, (grad_input, grad_weight, grad_bias)): the gradients, in the compute dtype,
+    made here when ``needs`` asks for them; None otherwise."""
     compute, x, w, b = _compute_copies(input, linear_weight, linear_bias)
     n, num_classes = x.shape[0], w.shape[0]
-    rows_loss = _row_loss(target, weight, num_classes, compute, options)
-    precompute = reduction != "none" and any(needs)
+    terms = RowTerms.local(ClassTargets(target, valid), weight, num_classes, compute, options)
+    safe_target = torch.where(valid, target, 0).unsqueeze(1)
+    precompute = any(needs)
+    coefficients = terms.coefficients() if precompute else None
     grads = _zero_grads(x, w, b, needs) if precompute else (None, None, None)
     lse = x.new_empty(n)
     z_target = x.new_empty(n)
-    smooth_dot = x.new_empty(n) if options[1] > 0 else None
+    smooth_dot = x.new_empty(n) if options.label_smoothing > 0 else None
     for rows, logits in _chunks(x, w, b, chunk_rows):
         grad_logits = logits if precompute else None
-        lse[rows], z_target[rows], smooth = rows_loss.chunk(logits, rows, grad_logits, in_place=True)
+        lse[rows], z_target[rows], smooth = logits_chunk(
+            logits, terms, coefficients, rows, safe_target[rows], grad_logits, owned=True, all_valid=False
+        )
         if smooth_dot is not None:
             smooth_dot[rows] = smooth
         if precompute:
             _accumulate(grads, grad_logits, x[rows], w, rows)
-    loss = rows_loss.reduced(lse, z_target, smooth_dot, reduction)
-    return (loss.to(input.dtype), *grads)
+    loss = terms.loss(lse, z_target, smooth_dot)
+    return loss.to(input.dtype), grads
 
 
-def linear_cross_entropy_backward(
+def linear_cross_entropy_recompute(
     input: Tensor,
     linear_weight: Tensor,
     linear_bias: Tensor | None,
     target: Tensor,
+    valid: Tensor,
     weight: Tensor | None,
-    options: Options,
+    *,
+    options: CrossEntropyOptions,
     needs: tuple[bool, bool, bool],
     grad_output: Tensor,
+    chunk_rows: int,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """reduction='none': each chunk's logits again, rows scaled by their grad_output."""
+    """reduction='none': each chunk's logits again, each row's coefficients times its
+    grad_output (folded into the coefficients, so no extra pass over the chunk)."""
     compute, x, w, b = _compute_copies(input, linear_weight, linear_bias)
-    rows_loss = _row_loss(target, weight, w.shape[0], compute, options)
+    terms = RowTerms.local(ClassTargets(target, valid), weight, w.shape[0], compute, options)
+    coefficients = terms.coefficients(row_factor=grad_output.reshape(-1).to(compute))
+    safe_target = torch.where(valid, target, 0).unsqueeze(1)
     grads = _zero_grads(x, w, b, needs)
-    per_row = grad_output.to(compute).unsqueeze(1)
-    for rows, logits in _chunks(x, w, b, options[5]):
-        rows_loss.chunk(logits, rows, logits, in_place=True)
-        logits.mul_(per_row[rows])
+    for rows, logits in _chunks(x, w, b, chunk_rows):
+        logits_chunk(logits, terms, coefficients, rows, safe_target[rows], logits, owned=True, all_valid=False)
         _accumulate(grads, logits, x[rows], w, rows)
     return grads
 
@@ -143,164 +150,20 @@ def _accumulate(grads, grad_logits: Tensor, x_rows: Tensor, w: Tensor, rows: sli
         grad_b.add_(grad_logits.sum(dim=0))
 
 
-def _cast(grads, dtypes) -> list[Tensor | None]:
-    return [None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes)]
+def _loss_shape(input: Tensor, *tensors: Tensor | None, options: CrossEntropyOptions) -> tuple[int, ...]:
+    return (input.shape[0],) if options.reduction == "none" else ()
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Eager form: scalar losses hand out gradients made in forward (once, scaled in place);
-    reduction='none' recomputes in backward. A backward with create_graph=True, or a second
-    backward of a scalar loss, replays the call on the reference path."""
-
-    @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, options, replay):  # type: ignore[override]
-        needs = tuple(ctx.needs_input_grad[:3])
-        loss, *grads = linear_cross_entropy_forward(input, linear_weight, linear_bias, target, weight, options, needs)
-        ctx.options, ctx.needs = options, needs
-        ctx.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
-        ctx.replay, ctx.input_shape = replay, input.shape
-        if options[4] == "none":
-            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
-        else:
-            ctx.precomputed = grads
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        if ctx.options[4] == "none":
-            saved = ctx.saved_tensors
-            if torch.is_grad_enabled():
-                return (*ctx.replay.gradients(grad_output, ctx.needs, saved[:3]), None, None, None, None)
-            else:
-                grads = linear_cross_entropy_backward(*saved, ctx.options, ctx.needs, grad_output)
-        else:
-            precomputed = take_precomputed(ctx)
-            if precomputed is None:
-                grad_input, *rest = ctx.replay.gradients(grad_output, ctx.needs)
-                grad_input = None if grad_input is None else grad_input.reshape(ctx.input_shape)
-                return (grad_input, *rest, None, None, None, None)
-            grads = list(precomputed)
-            present = [g for g in grads if g is not None]
-            scaled = iter(scale_by_grad_output(present, grad_output, ctx.options[4], in_place=True))
-            grads = [None if g is None else next(scaled) for g in grads]
-        return (*_cast(grads, ctx.dtypes), None, None, None, None)
-
-
-def _empty_for_none(t: Tensor | None, like: Tensor) -> Tensor:
-    return like.new_empty(0) if t is None else t
-
-
-@torch.library.custom_op("losskit::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy_op(
-    input: Tensor,
-    linear_weight: Tensor,
-    linear_bias: Optional[Tensor],
-    target: Tensor,
-    weight: Optional[Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    lse_square_scale: float,
-    softcap: Optional[float],
-    reduction: str,
-    chunk_rows: int,
-    needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Compiled form: (loss, grad_input, grad_weight, grad_bias), each gradient empty where
-    not made here (not needed, or reduction='none')."""
-    options = (ignore_index, label_smoothing, lse_square_scale, softcap, reduction, chunk_rows)
-    loss, *grads = linear_cross_entropy_forward(input, linear_weight, linear_bias, target, weight, options, tuple(needs))
-    originals = (input, linear_weight, input if linear_bias is None else linear_bias)
-    return (loss, *(_empty_for_none(None if g is None else g.to(o.dtype), o) for g, o in zip(grads, originals)))
-
-
-@linear_cross_entropy_op.register_fake
-def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap,
-      reduction, chunk_rows, needs):
-    loss = input.new_empty((input.shape[0],) if reduction == "none" else ())
-    made = reduction != "none"
-    shapes = (input, linear_weight, linear_bias)
-    grads = [t.new_empty(t.shape) if made and need and t is not None else input.new_empty(0) for t, need in zip(shapes, needs)]
-    return (loss, *grads)
-
-
-@torch.library.custom_op("losskit::linear_cross_entropy_backward", mutates_args=())
-def linear_cross_entropy_backward_op(
-    input: Tensor,
-    linear_weight: Tensor,
-    linear_bias: Optional[Tensor],
-    target: Tensor,
-    weight: Optional[Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    lse_square_scale: float,
-    softcap: Optional[float],
-    chunk_rows: int,
-    needs: list[bool],
-    grad_output: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    options = (ignore_index, label_smoothing, lse_square_scale, softcap, "none", chunk_rows)
-    grads = linear_cross_entropy_backward(input, linear_weight, linear_bias, target, weight, options, tuple(needs), grad_output)
-    originals = (input, linear_weight, input if linear_bias is None else linear_bias)
-    return tuple(_empty_for_none(None if g is None else g.to(o.dtype), o) for g, o in zip(grads, originals))
-
-
-@linear_cross_entropy_backward_op.register_fake
-def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap,
-      chunk_rows, needs, grad_output):
-    shapes = (input, linear_weight, linear_bias)
-    return tuple(t.new_empty(t.shape) if need and t is not None else input.new_empty(0) for t, need in zip(shapes, needs))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.args = inputs[5:]  # the options, chunk_rows and needs
-    ctx.save_for_backward(*inputs[:5], *output[1:])
-
-
-def _backward(ctx, grad_loss: Tensor, *_unused: Tensor):
-    input, linear_weight, linear_bias, target, weight, *made = ctx.saved_tensors
-    ignore_index, label_smoothing, lse_square_scale, softcap, reduction, chunk_rows, needs = ctx.args
-    if reduction == "none":
-        grads = linear_cross_entropy_backward_op(
-            input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, lse_square_scale,
-            softcap, chunk_rows, needs, grad_loss,
-        )
-    else:
-        grads = scale_by_grad_output(list(made), grad_loss, reduction, in_place=False)
-    grads = [g if need else None for g, need in zip(grads, needs)]
-    if linear_bias is None:
-        grads[2] = None
-    return (*grads, None, None, None, None, None, None, None, None, None)
-
-
-linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def fused_linear_cross_entropy(
-    input: Tensor,
-    linear_weight: Tensor,
-    target: Tensor,
-    linear_bias: Tensor | None,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    lse_square_scale: float,
-    softcap: float | None,
-    reduction: str,
-    chunk_rows: int | None,
-    replay: Replay,
-) -> Tensor:
-    """Launcher: (N, H) input, (C, H) weight, (N,) class indices; the caller has validated.
-
-    The custom op while compiling; in eager mode the autograd.Function, or the loss alone
-    (one matmul per chunk, no gradient buffers) when no gradient is wanted. ``replay``
-    recomputes the loss from (input, weight, bias) by the composed path, for the backward
-    passes the fused gradients cannot serve.
-    """
-    rows = chunk_rows if chunk_rows is not None else auto_chunk_rows(*linear_weight.shape)
-    options = (ignore_index, label_smoothing, lse_square_scale, softcap, reduction, rows)
-    needs = [wants_grad(input), wants_grad(linear_weight), wants_grad(linear_bias)]
-    if compiling():
-        return linear_cross_entropy_op(input, linear_weight, linear_bias, target, weight, *options, needs)[0]
-    if not any(needs):
-        return linear_cross_entropy_forward(input, linear_weight, linear_bias, target, weight, options, (False,) * 3)[0]
-    return LinearCrossEntropy.apply(input, linear_weight, linear_bias, target, weight, options, replay)
+fused_linear_cross_entropy = FusedOp(
+    "linear_cross_entropy",
+    tensors=("input", "linear_weight", "linear_bias?", "target", "valid", "weight?"),
+    differentiable=3,
+    options=CrossEntropyOptions,
+    extras=(("int", "chunk_rows"),),
+    forward=linear_cross_entropy_forward,
+    loss_shape=_loss_shape,
+    # A per-row grad_output is unknown in forward, and the weight's gradient sums rows:
+    # reduction='none' keeps the inputs and makes the gradients in backward.
+    precomputes=lambda options: options.reduction != "none",
+    recompute=linear_cross_entropy_recompute,
+)

@@ -11,14 +11,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import threading
 from collections.abc import Iterator
 
 from torch import Tensor
 
-from .common import thread_flag
-
-_state = threading.local()
+from .._core import switches
 
 
 @functools.cache
@@ -39,7 +36,7 @@ def on_cpu() -> Iterator[None]:
     """Within this block the Triton kernels serve CPU tensors through Triton's interpreter."""
     if not (available() and interpreting()):
         raise RuntimeError("losskit: the Triton kernels run on CPU only under TRITON_INTERPRET=1 with triton installed")
-    with thread_flag(_state, "cpu"):
+    with switches.triton_on_cpu():
         yield
 
 
@@ -47,4 +44,4 @@ def serves(tensor: Tensor) -> bool:
     """Whether a Triton kernel computes for this tensor."""
     if tensor.device.type == "cuda":
         return available()
-    return tensor.device.type == "cpu" and getattr(_state, "cpu", False)
+    return tensor.device.type == "cpu" and switches.triton_serves_cpu()

@@ -5,13 +5,16 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import functional as F
+from .._core.options import CrossEntropyOptions
 from ._base import WeightedLoss
 
 __all__ = ["BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "NLLLoss"]
 
 
 class CrossEntropyLoss(WeightedLoss):
-    """Module form of :func:`losskit.functional.cross_entropy`, as ``torch.nn.CrossEntropyLoss``.
+    """Module form of :func:`losskit.functional.cross_entropy`, as ``torch.nn.CrossEntropyLoss``,
+    with the options beyond torch (``lse_square_scale``, ``softcap``, ``temperature``) as
+    keyword-only arguments.
 
     Example:
         >>> import torch
@@ -28,10 +31,20 @@ class CrossEntropyLoss(WeightedLoss):
         reduce: bool | None = None,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
+        *,
+        lse_square_scale: float = 0.0,
+        softcap: float | None = None,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__(weight, size_average, reduce, reduction)
+        # Checked here once, with the messages of the functional form.
+        CrossEntropyOptions.checked(
+            "CrossEntropyLoss", ignore_index=ignore_index, label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale, softcap=softcap, temperature=temperature, reduction=self.reduction,
+        )
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        self.lse_square_scale, self.softcap, self.temperature = lse_square_scale, softcap, temperature
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(
@@ -41,6 +54,9 @@ class CrossEntropyLoss(WeightedLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
+            lse_square_scale=self.lse_square_scale,
+            softcap=self.softcap,
+            temperature=self.temperature,
         )
 
 

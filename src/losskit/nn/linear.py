@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._core.validation import check_class_weight, check_label_smoothing, check_logit_options
+from .._core.options import CrossEntropyOptions
+from .._core.validation import check_class_weight
 from ._base import WeightedLoss
 
 __all__ = ["LinearCrossEntropyLoss"]
@@ -18,7 +19,7 @@ __all__ = ["LinearCrossEntropyLoss"]
 class LinearCrossEntropyLoss(WeightedLoss):
     """Module form of :func:`losskit.functional.linear_cross_entropy`, as
     ``torch.nn.LinearCrossEntropyLoss``: it owns the ``linear`` layer (weight stored flat,
-    ``[C * prod(out_features), H]``) and never forms its logits on CPU.
+    ``[C * prod(out_features), H]``) and never forms its logits, on any device.
 
     Example:
         >>> import torch
@@ -45,13 +46,16 @@ class LinearCrossEntropyLoss(WeightedLoss):
         options: Any = None,
         lse_square_scale: float = 0.0,
         softcap: float | None = None,
+        temperature: float = 1.0,
         chunk_size: int | None = None,
     ) -> None:
         fn = "LinearCrossEntropyLoss"
         if weight is not None:
             check_class_weight(weight, num_classes, fn)
-        check_label_smoothing(label_smoothing, fn)
-        check_logit_options(lse_square_scale, softcap, fn)
+        CrossEntropyOptions.checked(
+            fn, ignore_index=-100 if ignore_index is None else ignore_index, label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale, softcap=softcap, temperature=temperature, reduction=reduction,
+        )
         super().__init__(weight, reduction=reduction)
         self.num_classes = num_classes
         self.out_features = tuple(out_features)
@@ -60,6 +64,7 @@ class LinearCrossEntropyLoss(WeightedLoss):
         self.options = options
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
+        self.temperature = temperature
         self.chunk_size = chunk_size
         self.linear = nn.Linear(
             in_features, math.prod(self.out_features, start=num_classes), bias=bias, device=device, dtype=dtype
@@ -80,6 +85,7 @@ class LinearCrossEntropyLoss(WeightedLoss):
             options=self.options,
             lse_square_scale=self.lse_square_scale,
             softcap=self.softcap,
+            temperature=self.temperature,
             chunk_size=self.chunk_size,
         )
 

@@ -1,0 +1,337 @@
+"""The one factory of fused ops: a kernel supplies its math, :class:`FusedOp` builds the rest.
+
+A fused kernel computes a loss and, in the same pass, the gradients of its differentiable
+inputs; backward then only scales them by grad_output. Around that math every kernel needs
+the same machinery, built here once:
+
+- eager mode: an autograd.Function whose forward keeps the precomputed gradients (or the
+  inputs, for a kernel that recomputes them in backward) and whose backward hands them to
+  autograd once, scaled in place;
+- no gradient wanted (no_grad, inference_mode, inputs that need none): the loss alone;
+- under torch.compile: a custom op ``losskit::NAME`` (and ``losskit::NAME_backward`` for a
+  kernel that recomputes), one node in the graph, with its fake implementation and its
+  autograd formula, its schema spelled from the kernel's options dataclass;
+- double backward and a second backward through a retained graph: the call is replayed
+  on the composed reference path (:class:`Replay`).
+
+A kernel is three functions of its tensors (by name), its options object and the
+gradients it is asked for (``needs``): ``forward`` -> (loss, gradients), optionally
+``recompute`` (gradients from grad_output, for the losses whose gradients cannot be made
+in forward) and ``loss_shape``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._core import switches
+from .._core.options import op_schema
+
+# Dtypes left to the reference path (see fused_may_serve), unless switches.fused_only().
+REFERENCE_DTYPES: tuple[torch.dtype, ...] = (torch.float64,)
+
+
+def compiling() -> bool:
+    """True while torch.compile (dynamo or its autograd tracing) traces this code."""
+    return torch.compiler.is_compiling()
+
+
+def fused_may_serve(*tensors: Tensor) -> bool:
+    """Whether a fused kernel may serve a call on these tensors.
+
+    The fused kernels make the first-order gradient in forward and hand it out once, so
+    they leave to the reference path what needs more: float64 (the dtype of gradcheck,
+    gradgradcheck and numerical checking, where exactness and every autograd feature
+    matter more than memory; :func:`losskit._core.switches.fused_only` lets tests through),
+    tensors wrapped by torch.func transforms or vmap, and forward-mode AD.
+    """
+    path = switches.path()
+    if path == "reference":
+        return False
+    if path != "fused" and any(t.dtype in REFERENCE_DTYPES for t in tensors):
+        return False
+    if compiling():  # dynamo runs torch.func transforms itself, around the custom ops
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        return False
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def wants_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will ask for a gradient of any of these: grad mode on and one of
+    them requires grad. Under no_grad or inference_mode the kernels compute the loss only."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class Replay:
+    """The reference computation of a fused call, for the backward passes its precomputed
+    gradient cannot serve: ``create_graph=True`` (double backward, Hessians, MAML) and a
+    second backward through a retained graph.
+
+    It holds the differentiable inputs weakly, so it costs no memory: a fused call keeps
+    one gradient-sized buffer, as before. If an input was freed before such a backward, or
+    changed in place since forward, the replay cannot be exact and raises instead.
+    """
+
+    def __init__(self, what: str, reference: Callable[..., Tensor], inputs: Sequence[Tensor | None]) -> None:
+        self.what, self.reference = what, reference
+        self.handles = [None if t is None else (weakref.ref(t), t._version) for t in inputs]
+
+    def inputs(self) -> list[Tensor | None]:
+        alive: list[Tensor | None] = []
+        for handle in self.handles:
+            tensor = None if handle is None else handle[0]()
+            if handle is not None and (tensor is None or tensor._version != handle[1]):
+                raise RuntimeError(
+                    f"losskit {self.what}: this backward (create_graph=True, or a second backward through the same "
+                    "graph) recomputes the loss from its inputs, but an input was freed or changed in place since "
+                    "forward. Keep a reference to the inputs until then, or compute the loss inside "
+                    "losskit.kernels.reference_only()."
+                )
+            alive.append(tensor)
+        return alive
+
+    def gradients(self, grad_output: Tensor, needs: Sequence[bool], create_graph: bool) -> list[Tensor | None]:
+        """d(loss)/d(inputs) times grad_output by the reference path, differentiable when
+        ``create_graph``."""
+        tensors = self.inputs()
+        if not create_graph:
+            tensors = [None if t is None else t.detach().requires_grad_(bool(need)) for t, need in zip(tensors, needs)]
+        wanted = [bool(need) and t is not None for t, need in zip(tensors, needs)]
+        with torch.enable_grad(), switches.reference_only():
+            loss = self.reference(*tensors)
+        found = iter(
+            torch.autograd.grad(
+                loss, [t for t, w in zip(tensors, wanted) if w], grad_output, create_graph=create_graph,
+                allow_unused=True,
+            )
+        )
+        grads = [next(found) if w else None for w in wanted]
+        return [g if g is not None or not w else torch.zeros_like(t) for g, w, t in zip(grads, wanted, tensors)]
+
+
+def scale_by_grad_output(grads: Sequence[Tensor | None], grad_output: Tensor, per_row: bool, in_place: bool) -> list:
+    """Precomputed gradients times grad_output: per row for ``per_row`` (reduction='none':
+    grad_output broadcast over the trailing dimensions it lacks), else a scalar.
+
+    In place in eager mode, where the buffers are handed out once; on the CPU a scalar
+    grad_output of exactly 1 skips the pass over a buffer as large as the logits (reading
+    it costs nothing there; elsewhere it would wait for the device). Out of place while
+    compiling, where the graph owns the buffers.
+    """
+    skip = in_place and not per_row and grad_output.device.type == "cpu" and bool(grad_output == 1)
+    out = []
+    for grad in grads:
+        if grad is None or skip:
+            out.append(grad)
+            continue
+        factor = grad_output.reshape(tuple(grad_output.shape) + (1,) * (grad.dim() - grad_output.dim())) if per_row \
+            else grad_output
+        factor = factor.to(grad.dtype)
+        out.append(grad.mul_(factor) if in_place else grad * factor)
+    return out
+
+
+def _needed(grads: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor | None]:
+    return [g if need else None for g, need in zip(grads, needs)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What one call passes besides its tensors (kept on the autograd context)."""
+
+    options: Any
+    extras: dict[str, Any]
+    replay: Replay | None
+
+
+class FusedOp:
+    """A fused op from a kernel's math.
+
+    Args:
+        name: the custom op is ``losskit::name``.
+        tensors: the tensor arguments in order, optional ones ending in ``?`` (``weight?``).
+        differentiable: how many of the leading tensors may receive a gradient.
+        options: the frozen dataclass of the kernel's options (its fields become schema
+            arguments).
+        extras: further non-tensor arguments as ``(schema type, name)``, e.g.
+            ``("int", "chunk_rows")``.
+        forward: ``forward(*tensors, options=, needs=, **extras) -> (loss, gradients)``,
+            one gradient (or None) per differentiable tensor, made here when ``needs`` asks
+            and ``precomputes(options)``; when it does not, only the loss matters.
+        loss_shape: ``loss_shape(*tensors, options=) -> shape`` of the loss.
+        precomputes: whether ``forward`` makes the gradients for these options (default:
+            always); where not, ``recompute`` makes them in backward.
+        recompute: ``recompute(*tensors, options=, needs=, grad_output=, **extras) ->
+            gradients``.
+        per_row: whether grad_output is per row for these options (reduction='none').
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        tensors: Sequence[str],
+        differentiable: int,
+        options: type,
+        forward: Callable[..., tuple[Tensor, Sequence[Tensor | None]]],
+        loss_shape: Callable[..., Sequence[int]],
+        extras: Sequence[tuple[str, str]] = (),
+        precomputes: Callable[[Any], bool] = lambda options: True,
+        recompute: Callable[..., Sequence[Tensor | None]] | None = None,
+        per_row: Callable[[Any], bool] = lambda options: options.reduction == "none",
+    ) -> None:
+        self.name, self.options_type = name, options
+        self.tensor_names = [t.rstrip("?") for t in tensors]
+        self.n_tensors, self.n_diff = len(tensors), differentiable
+        self.extra_names = [n for _, n in extras]
+        self.option_names = [f.name for f in dataclasses.fields(options)]
+        self.forward, self.loss_shape, self.recompute = forward, loss_shape, recompute
+        self.precomputes, self.per_row = precomputes, per_row
+        tensor_schema = ", ".join(f"Tensor{'?' if t.endswith('?') else ''} {t.rstrip('?')}" for t in tensors)
+        args = ", ".join(filter(None, [tensor_schema, op_schema(options), ", ".join(f"{t} {n}" for t, n in extras)]))
+        outputs = ", ".join(["Tensor"] * (1 + differentiable))
+        self.op = torch.library.custom_op(
+            f"losskit::{name}", self._op_forward, mutates_args=(), schema=f"({args}, bool[] needs) -> ({outputs})"
+        )
+        self.op.register_fake(self._op_fake)
+        self.backward_op = None
+        if recompute is not None:
+            grads = ", ".join(["Tensor"] * differentiable)
+            self.backward_op = torch.library.custom_op(
+                f"losskit::{name}_backward", self._op_recompute, mutates_args=(),
+                schema=f"({args}, bool[] needs, Tensor grad_output) -> ({grads})",
+            )
+            self.backward_op.register_fake(self._op_recompute_fake)
+        self.op.register_autograd(self._compiled_backward, setup_context=self._compiled_setup)
+        # Named as it shows in grad_fn: FusedCrossEntropyBackward, ...
+        self.eager = type("Fused" + name.title().replace("_", ""), (_EagerFunction,), {"fused": self})
+
+    # ---- the call ----------------------------------------------------------------------------
+    def __call__(self, *tensors: Tensor | None, options: Any, replay: Replay | None = None, **extras: Any) -> Tensor:
+        """The loss; its gradients reach autograd as described in the module docstring.
+        ``replay`` serves the backward passes the precomputed gradients cannot."""
+        needs = [wants_grad(t) for t in tensors[: self.n_diff]]
+        if compiling():
+            return self.op(*tensors, *options.flat(), *self._extra_values(extras), needs)[0]
+        if not any(needs):
+            return self.forward(*tensors, options=options, needs=(False,) * self.n_diff, **extras)[0]
+        return self.eager.apply(_Call(options, extras, replay), *tensors)
+
+    def _extra_values(self, extras: dict[str, Any]) -> list[Any]:
+        return [extras[n] for n in self.extra_names]
+
+    def _split(self, args: Sequence[Any]) -> tuple[list, Any, dict[str, Any], list[bool]]:
+        """(tensors, options, extras, needs) of a custom op's flat arguments, by the schema."""
+        k, m = self.n_tensors, len(self.option_names)
+        tensors, option_values = list(args[:k]), args[k: k + m]
+        extras = dict(zip(self.extra_names, args[k + m: k + m + len(self.extra_names)]))
+        needs = list(args[k + m + len(self.extra_names)])
+        return tensors, self.options_type(**dict(zip(self.option_names, option_values))), extras, needs
+
+    # ---- custom op (torch.compile) ---------------------------------------------------------
+    def _op_forward(self, *args: Any) -> tuple[Tensor, ...]:
+        tensors, options, extras, needs = self._split(args)
+        precompute = self.precomputes(options)
+        loss, grads = self.forward(*tensors, options=options, needs=tuple(needs) if precompute else (False,) * self.n_diff,
+                                   **extras)
+        made = [None if g is None or not precompute else g.to(t.dtype) for g, t in zip(grads, tensors)]
+        return (loss, *(_empty_for_none(g, tensors[0]) for g in made))
+
+    def _op_fake(self, *args: Any) -> tuple[Tensor, ...]:
+        tensors, options, _, needs = self._split(args)
+        loss = tensors[0].new_empty(tuple(self.loss_shape(*tensors, options=options)))
+        made = self.precomputes(options)
+        grads = [t.new_empty(t.shape) if made and need and t is not None else tensors[0].new_empty(0)
+                 for t, need in zip(tensors, needs)]
+        return (loss, *grads)
+
+    def _op_recompute(self, *args: Any) -> tuple[Tensor, ...]:
+        *rest, grad_output = args
+        tensors, options, extras, needs = self._split(rest)
+        grads = self.recompute(*tensors, options=options, needs=tuple(needs), grad_output=grad_output, **extras)
+        return tuple(_empty_for_none(None if g is None else g.to(t.dtype), tensors[0]) for g, t in zip(grads, tensors))
+
+    def _op_recompute_fake(self, *args: Any) -> tuple[Tensor, ...]:
+        *rest, _ = args
+        tensors, _, _, needs = self._split(rest)
+        return tuple(t.new_empty(t.shape) if need and t is not None else tensors[0].new_empty(0)
+                     for t, need in zip(tensors, needs))
+
+    def _compiled_setup(self, ctx, inputs, output) -> None:
+        ctx.args = inputs[self.n_tensors:]
+        ctx.save_for_backward(*inputs[: self.n_tensors], *output[1:])
+
+    def _compiled_backward(self, ctx, grad_loss: Tensor, *_unused: Tensor):
+        saved = ctx.saved_tensors
+        tensors, made = saved[: self.n_tensors], saved[self.n_tensors:]
+        _, options, _, needs = self._split([*tensors, *ctx.args])
+        if self.precomputes(options):
+            grads = scale_by_grad_output(list(made), grad_loss, self.per_row(options), in_place=False)
+        else:
+            grads = self.backward_op(*tensors, *ctx.args, grad_loss)
+        grads = [None if t is None else g for g, t in zip(_needed(grads, needs), tensors)]
+        return (*grads, *([None] * (self.n_tensors - self.n_diff + len(ctx.args))))
+
+
+def _empty_for_none(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+class _EagerFunction(torch.autograd.Function):
+    """The eager form of every fused op (subclassed per op with ``fused`` set).
+
+    Forward keeps the precomputed gradients (or, for a kernel that recomputes, the
+    inputs); backward hands the precomputed ones to autograd once, scaled in place by
+    grad_output. Inside backward, grad mode is on exactly when autograd was asked for a
+    differentiable gradient (``create_graph=True``): that, and a second backward that
+    finds the precomputed gradients used up, replay the call on the reference path.
+    """
+
+    fused: FusedOp
+
+    @staticmethod
+    def forward(ctx, call: _Call, *tensors: Tensor | None) -> Tensor:  # type: ignore[override]
+        fused: FusedOp = ctx._forward_cls.fused
+        needs = tuple(ctx.needs_input_grad[1: 1 + fused.n_diff])
+        ctx.fused, ctx.call, ctx.needs = fused, call, needs
+        ctx.dtypes = [None if t is None else t.dtype for t in tensors[: fused.n_diff]]
+        ctx.shapes = [None if t is None else t.shape for t in tensors[: fused.n_diff]]
+        precompute = fused.precomputes(call.options)
+        loss, grads = fused.forward(*tensors, options=call.options, needs=needs if precompute else (False,) * fused.n_diff,
+                                    **call.extras)
+        if precompute:
+            ctx.precomputed = list(grads)
+        else:
+            ctx.precomputed = None
+            ctx.save_for_backward(*tensors)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        fused: FusedOp = ctx.fused
+        call: _Call = ctx.call
+        create_graph = torch.is_grad_enabled()
+        precomputed, ctx.precomputed = ctx.precomputed, None
+        if create_graph or (precomputed is None and fused.precomputes(call.options)):
+            if call.replay is None:
+                raise RuntimeError(
+                    f"losskit {fused.name}: a second backward through the same graph, or create_graph=True, is not "
+                    "supported by this loss"
+                )
+            # The reference takes the caller's tensors, which the op may see reshaped.
+            grads = [None if g is None else g.reshape(shape)
+                     for g, shape in zip(call.replay.gradients(grad_output, ctx.needs, create_graph), ctx.shapes)]
+        elif precomputed is not None:
+            grads = scale_by_grad_output(precomputed, grad_output, fused.per_row(call.options), in_place=True)
+        else:
+            grads = fused.recompute(*ctx.saved_tensors, options=call.options, needs=ctx.needs,
+                                    grad_output=grad_output, **call.extras)
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(_needed(grads, ctx.needs), ctx.dtypes)]
+        return (None, *grads, *([None] * (fused.n_tensors - fused.n_diff)))

@@ -1,0 +1,239 @@
+"""The one derivation of cross-entropy's per-row loss and gradient coefficients, shared by
+every fast path: the fused CPU kernel, the Triton kernel, linear cross-entropy and the
+vocabulary-parallel losses. (The composed reference in losskit.functional stays separate
+on purpose: it is the oracle these are tested against.)
+
+For a row with raw logits x, target y (not ignored), class weights w (1 without weight),
+W = sum_c w_c over all C classes, label smoothing eps, z-loss scale s, soft-cap cap and
+temperature T, the logits the softmax sees are
+
+    z = cap tanh(x / cap) / T          (without softcap: z = x / T)
+
+and with p = softmax(z), lse = log sum_c exp z_c:
+
+    loss   = (1 - eps) w_y (lse - z_y) + eps / C (W lse - sum_c w_c z_c) + s lse^2
+    dx_c   = [p_c (coef + lse_coef lse) + target_step [c = y] + smooth_step w_c] (1 - tanh^2(x_c / cap))
+
+    coef        = ((1 - eps) w_y + eps W / C) a        a = scale / T
+    target_step = -(1 - eps) w_y a
+    smooth_step = -eps / C a
+    lse_coef    = 2 s z_scale / T
+
+where 'mean' divides the cross-entropy by the summed target weights (scale = 1 / sum w_y, as
+torch) and the z-loss by the number of rows that count (z_scale = 1 / count, a per-token
+regulariser as in PaLM), and 'sum' / 'none' take 1 for both. An ignored row has loss 0 and
+gradient 0; all rows ignored makes 'mean' 0/0 = nan, with a gradient of 0, as torch. The
+1 / T of the chain rule and the 'mean' divisor are folded into the coefficients, so that
+they cost nothing per element.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._core.options import CrossEntropyOptions
+from .._core.reduction import reduce_loss
+from .._core.validation import ClassTargets
+
+
+class Coefficients(NamedTuple):
+    """Per-row factors of the gradient (N,), see the module docstring; None where the
+    option that makes them is off."""
+
+    coef: Tensor
+    target_step: Tensor
+    smooth_step: Tensor | None
+    lse_coef: Tensor | None
+
+
+class RowTerms:
+    """The per-row quantities of a batch of rows that every fast path derives the same way.
+
+    Args:
+        options: the cross-entropy options.
+        num_classes: C, the size of the whole vocabulary (all ranks' classes together).
+        valid: (N,) rows that count.
+        target_weight: (N,) w_y, 0 where ignored; None when every row counts with weight 1
+            (no class weights, nothing ignored: the common case, which then costs no
+            per-row tensor at all).
+        total_weight: W, the sum of every class weight (C without weight).
+        class_weight: the weights of the classes this caller's logits hold (for the
+            smoothing step), None without weight.
+        weighted: whether class weights are given (else target_weight counts the rows).
+    """
+
+    def __init__(
+        self,
+        options: CrossEntropyOptions,
+        num_classes: int,
+        valid: Tensor,
+        target_weight: Tensor | None,
+        total_weight: Tensor | float,
+        class_weight: Tensor | None,
+        weighted: bool,
+    ) -> None:
+        self.options, self.num_classes, self.valid = options, num_classes, valid
+        self.total_weight, self.class_weight, self.weighted = total_weight, class_weight, weighted
+        self.uniform = target_weight is None
+        if self.uniform:
+            self.target_weight: Tensor | float = 1.0
+            self.counts: Tensor | float = 1.0
+            self.denominator: Tensor | float = float(valid.shape[0])
+            self.count: Tensor | float = self.denominator
+        else:
+            self.target_weight = target_weight
+            self.counts = valid.to(target_weight.dtype) if weighted else target_weight
+            self.denominator = target_weight.sum()  # what 'mean' divides the cross-entropy by
+            # ... and the z-loss, unweighted: the same number without class weights
+            self.count = self.counts.sum() if weighted else self.denominator
+
+    @staticmethod
+    def local(
+        targets: ClassTargets,
+        weight: Tensor | None,
+        num_classes: int,
+        dtype: torch.dtype,
+        options: CrossEntropyOptions,
+        all_valid: bool = False,
+    ) -> RowTerms:
+        """The terms of rows whose logits hold every class (one process). ``all_valid``
+        says that no row is ignored (known for free on the CPU)."""
+        valid = targets.valid
+        if weight is None:
+            return RowTerms(options, num_classes, valid, None if all_valid else valid.to(dtype),
+                            float(num_classes), None, False)
+        weight = weight.to(dtype)
+        target_weight = torch.where(valid, weight[targets.safe()], 0.0)
+        return RowTerms(options, num_classes, valid, target_weight, weight.sum(), weight, True)
+
+    def scales(self) -> tuple[Tensor | float, Tensor | float]:
+        """(divisor of the cross-entropy, of the z-loss) as factors: 1 / sum w_y and
+        1 / count for 'mean' (0 where nothing counts), else 1."""
+        if self.options.reduction != "mean":
+            return 1.0, 1.0
+        if self.uniform:
+            return 1.0 / self.denominator, 1.0 / self.count
+        ce = torch.where(self.denominator != 0, self.denominator, torch.inf).reciprocal()
+        if not self.weighted:
+            return ce, ce
+        return ce, torch.where(self.count != 0, self.count, torch.inf).reciprocal()
+
+    def coefficients(self, row_factor: Tensor | None = None) -> Coefficients:
+        """The gradient's per-row factors, times ``row_factor`` (a per-row or scalar
+        grad_output) when given. Each is a (N,) tensor, or a number or 0-d tensor where
+        every row has the same (``uniform`` terms)."""
+        opts = self.options
+        eps, inv_t = opts.label_smoothing, 1.0 / opts.temperature
+        ce_scale, z_scale = self.scales()
+        a = ce_scale * inv_t if inv_t != 1.0 else ce_scale
+        if row_factor is not None:
+            a = a * row_factor
+        target_part = self.target_weight * (a if eps == 0.0 else (1.0 - eps) * a)
+        coef = target_part
+        smooth_step = None
+        if eps > 0.0:
+            smooth_a = self.counts * a
+            coef = target_part + smooth_a * (eps * self.total_weight / self.num_classes)
+            smooth_step = smooth_a * (-eps / self.num_classes)
+        lse_coef = None
+        if opts.lse_square_scale:
+            b = z_scale * (2.0 * opts.lse_square_scale * inv_t)
+            if row_factor is not None:
+                b = b * row_factor
+            lse_coef = self.counts * b
+        return Coefficients(coef, -target_part, smooth_step, lse_coef)
+
+    def loss(self, lse: Tensor, z_target: Tensor, smooth_dot: Tensor | None) -> Tensor:
+        """The loss from each row's lse, z_y and sum_c w_c z_c, reduced by the options'
+        reduction; rows ignored are 0."""
+        opts = self.options
+        eps = opts.label_smoothing
+        loss = lse - z_target
+        if not self.uniform:
+            loss = self.target_weight * loss
+        if eps > 0.0:
+            loss = (1.0 - eps) * loss + (eps / self.num_classes) * (self.total_weight * lse - smooth_dot)
+        if not self.uniform:
+            loss = torch.where(self.valid, loss, 0.0)
+        if not opts.lse_square_scale:
+            return reduce_loss(loss, opts.reduction, self.denominator)
+        z_loss = opts.lse_square_scale * lse.square()
+        if not self.uniform:
+            z_loss = torch.where(self.valid, z_loss, 0.0)
+        if opts.reduction == "mean":
+            return loss.sum() / self.denominator + z_loss.sum() / self.count
+        return reduce_loss(loss + z_loss, opts.reduction)
+
+
+def per_row(value: Tensor | float, rows: slice) -> Tensor | float:
+    """The rows' part of a coefficient: a slice of a (N,) tensor; a number or 0-d tensor
+    serves every row as it is."""
+    return value[rows] if isinstance(value, Tensor) and value.dim() else value
+
+
+def transform_logits(x: Tensor, options: CrossEntropyOptions, owned: bool) -> tuple[Tensor, Tensor | None]:
+    """(z, tanh(x / cap) or None): the logits the softmax sees, cap tanh(x / cap) / T.
+
+    With ``owned`` the caller's buffer ``x`` may be overwritten; otherwise a new tensor is
+    made whenever z differs from x. The tanh is kept for the soft-cap's derivative.
+    """
+    tanh = None
+    z = x
+    if options.softcap is not None:
+        tanh = torch.tanh(x / options.softcap)
+        z = torch.mul(tanh, options.softcap, out=x) if owned else tanh * options.softcap
+        owned = True
+    if options.temperature != 1.0:
+        # A division, not a multiplication by 1 / T: bit for bit what logits / T gives.
+        z = z.div_(options.temperature) if owned else z / options.temperature
+    return z, tanh
+
+
+def apply_gradient(
+    probs: Tensor,
+    terms: RowTerms,
+    coefficients: Coefficients,
+    rows: slice,
+    lse: Tensor,
+    index: Tensor,
+    tanh: Tensor | None,
+    target_here: Tensor | None = None,
+    all_valid: bool = False,
+) -> Tensor:
+    """Turn ``probs`` (B, C_local), the softmax of rows ``rows``, into their gradient, in
+    place: dx = [p (coef + lse_coef lse) + target_step [c = y] + smooth_step w] (1 - tanh^2).
+
+    ``index`` (B, 1) is each row's target column in these logits; ``target_here`` (B,)
+    says which rows hold their target among them (all, in one process). ``all_valid``
+    skips masking the ignored rows (whose logits may be -inf and their p nan).
+    """
+    coef = per_row(coefficients.coef, rows)
+    if coefficients.lse_coef is not None:
+        coef = coef + per_row(coefficients.lse_coef, rows) * lse
+    if isinstance(coef, Tensor) and coef.dim():
+        probs.mul_(coef.unsqueeze(1))
+    elif not (isinstance(coef, float) and coef == 1.0):
+        probs.mul_(coef)
+    if not all_valid:
+        probs.masked_fill_(~terms.valid[rows].unsqueeze(1), 0.0)
+    step = per_row(coefficients.target_step, rows)
+    if not isinstance(step, Tensor) or not step.dim():
+        step = probs.new_full((), step).expand(probs.shape[0]) if not isinstance(step, Tensor) else step.expand(probs.shape[0])
+    if target_here is not None:
+        step = torch.where(target_here, step, 0.0)
+    probs.scatter_add_(1, index, step.unsqueeze(1).to(probs.dtype))
+    if coefficients.smooth_step is not None:
+        smooth = per_row(coefficients.smooth_step, rows)
+        smooth = smooth.unsqueeze(1) if isinstance(smooth, Tensor) and smooth.dim() else smooth
+        if terms.class_weight is None:
+            probs.add_(smooth)
+        elif isinstance(smooth, Tensor):
+            probs.addcmul_(smooth, terms.class_weight)
+        else:
+            probs.add_(terms.class_weight, alpha=smooth)
+    if tanh is not None:
+        probs.mul_(1.0 - tanh.square())
+    return probs
