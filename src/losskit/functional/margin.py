@@ -183,14 +183,76 @@ def multilabel_margin_loss(
     counted = (target != -1).long().cumprod(dim=-1).bool()
     check_target_range(target, counted, num_classes, fn)
     compute, out = result_dtypes(input)
-    x = input.to(compute)
-    safe = target.masked_fill(~counted, 0).long()
-    is_target = torch.zeros_like(target, dtype=torch.long).scatter_add_(-1, safe, counted.long()) > 0
-    picked = x.gather(-1, safe)  # x at each listed target, (..., C_j)
-    hinge = _hinge(1 - (picked.unsqueeze(-1) - x.unsqueeze(-2)))  # (..., C_j, C_i)
-    pairs = counted.unsqueeze(-1) & ~is_target.unsqueeze(-2)
-    loss = torch.where(pairs, hinge, 0.0).sum(dim=(-2, -1)) / num_classes
-    return reduce_loss(loss, reduction).to(out)
+    unbatched = input.dim() == 1
+    x, target, counted = (t.unsqueeze(0) for t in (input.to(compute), target, counted)) if unbatched else (
+        input.to(compute), target, counted)
+    loss = _MultilabelMargin.apply(x, target.masked_fill(~counted, 0).long(), counted)
+    return reduce_loss(loss.squeeze(0) if unbatched else loss, reduction).to(out)
+
+
+def _multilabel_margin_rows(x: Tensor, safe: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
+    """(per-row loss, d(loss)/dx) of multilabel_margin_loss, in O(N C) memory.
+
+    For a listed target value a and the non-target values v of its row, torch counts the
+    term z = (1 - a) + v where z > 0, i.e. where v > fl(a - 1) exactly (a rounded sum is 0
+    only where the exact one is). With the row sorted in descending order, those v are a
+    prefix: one searchsorted finds it, and prefix sums give the term count k(a) and the sum
+    of those v, so the listed target's share is k(a) (1 - a) + sum v, and its gradient -k(a).
+    A non-target v gets +1 for every listed target whose fl(a - 1) < v, counted from the
+    same sorted row. Ties (z exactly 0) count for neither, as in torch; a listed target
+    that appears twice counts twice, as in torch; a nan makes its terms nan, which torch
+    skips (nan > 0 is false), so they are skipped here too. The prefix sums run in float64
+    (where the device has it), so the per-term rounding torch does is the only one left.
+    """
+    rows, classes = x.shape
+    acc = torch.float64 if x.dtype in (torch.float32, torch.float64) and x.device.type != "mps" else x.dtype
+    is_target = torch.zeros_like(safe).scatter_add_(1, safe, counted.long()) > 0
+    nan = torch.isnan(x)
+    valid = ~(is_target | nan)  # the non-target values that form terms
+    # Descending order as the ascending order of -x; nan at the end of the descending row.
+    neg_key = torch.where(nan, -float("inf"), -x)
+    neg_sorted, order = neg_key.sort(dim=1)
+    valid_sorted = valid.gather(1, order)
+    zero = counted.new_zeros(rows, 1, dtype=torch.long)
+    count_prefix = torch.cat([zero, valid_sorted.long().cumsum(1)], 1)
+    value_prefix = torch.cat([zero.to(acc), torch.where(valid_sorted, -neg_sorted, 0.0).to(acc).cumsum(1)], 1)
+
+    picked = x.gather(1, safe)  # a, per listed position
+    live = counted & ~torch.isnan(picked)
+    # v > fl(a - 1)  <=>  -v < -fl(a - 1): the first `reach` entries of the descending row.
+    query = torch.where(live, -(picked - 1), -float("inf"))
+    reach = torch.searchsorted(neg_sorted, query, side="left")
+    terms = count_prefix.gather(1, reach)
+    share = terms.to(acc) * (1 - picked).to(acc) + value_prefix.gather(1, reach)
+    loss = torch.where(live & (terms > 0), share, 0.0).sum(1).to(x.dtype) / classes
+
+    # Gradient: -k(a) at each listed target; at a non-target v the number of listed targets
+    # with fl(a - 1) < v, i.e. all of them but those with fl(1 - a) <= -v (fl(1 - a) runs
+    # up the sorted row as -fl(a - 1)).
+    grad = torch.zeros_like(x).scatter_add_(1, safe, torch.where(live, -terms, 0).to(x.dtype))
+    multiplicity = torch.zeros_like(safe).scatter_add_(1, safe, live.long())
+    listed_prefix = torch.cat([zero, multiplicity.gather(1, order).cumsum(1)], 1)
+    below = torch.searchsorted(1 + neg_sorted, neg_key, side="right")
+    above = listed_prefix[:, -1:] - listed_prefix.gather(1, below)
+    grad = grad + torch.where(valid, above, 0).to(x.dtype)
+    return loss, grad / classes
+
+
+class _MultilabelMargin(torch.autograd.Function):
+    """Per-row multilabel margin loss; its gradient, formed in forward, is scaled by
+    grad_output in backward. Differentiable once, as torch's."""
+
+    @staticmethod
+    def forward(ctx, x, safe, counted):  # type: ignore[override]
+        loss, grad = _multilabel_margin_rows(x, safe, counted)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.unsqueeze(1), None, None
 
 
 @fill_doc(legacy_args=LEGACY_ARGS)
