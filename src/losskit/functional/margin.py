@@ -311,17 +311,39 @@ def multi_margin_loss(
         check_class_weight(weight, num_classes, fn)
     compute, out = result_dtypes(input)
     x = input.to(compute)
-    index = target.long().unsqueeze(-1)
-    margins = _hinge(margin - x.gather(-1, index) + x)
-    if p == 2:
-        margins = margins.square()
-    if weight is not None:
-        margins = margins * weight.to(compute)[index]
-    not_target = torch.ones_like(x, dtype=torch.bool).scatter_(-1, index, False)
-    loss = torch.where(not_target, margins, 0.0).sum(dim=-1) / num_classes
+    rows = x.unsqueeze(0) if x.dim() == 1 else x
+    index = target.long().reshape(-1, 1)
+    row_weight = None if weight is None else weight.to(compute)[index]
+    loss = _MultiMargin.apply(rows, index, row_weight, p, margin)
     if reduction == "none":
-        loss = loss.reshape(target_shape)
+        return loss.reshape(target_shape).to(out)
     return reduce_loss(loss, reduction).to(out)
+
+
+class _MultiMargin(torch.autograd.Function):
+    """Per-row multi-class hinge loss and its gradient, formed together in forward (torch's
+    arithmetic: z = (margin - x_y) + x_i, counted where z > 0, the target class skipped);
+    backward scales the stored gradient by grad_output. Differentiable once, as torch's."""
+
+    @staticmethod
+    def forward(ctx, x, index, row_weight, p, margin):  # type: ignore[override]
+        hinge = torch.add(x, margin - x.gather(1, index)).clamp_min_(0).scatter_(1, index, 0.0)
+        if p == 1:
+            loss = hinge.sum(1, keepdim=True)
+            grad = (hinge > 0).to(x.dtype)
+        else:
+            grad = hinge * 2.0
+            loss = hinge.square_().sum(1, keepdim=True)
+        grad.scatter_(1, index, grad.sum(1, keepdim=True).neg_())
+        scale = 1.0 / x.shape[1] if row_weight is None else row_weight / x.shape[1]
+        ctx.save_for_backward(grad.mul_(scale))
+        return loss.mul_(scale).squeeze(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.unsqueeze(1), None, None, None, None
 
 
 @fill_doc(legacy_args=LEGACY_ARGS)
