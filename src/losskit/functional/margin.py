@@ -11,6 +11,7 @@ from torch import Tensor
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
+from .._core.checks import full_checks
 from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range
 
 __all__ = [
@@ -38,6 +39,16 @@ def _hinge(z: Tensor) -> Tensor:
     """max(0, z) whose gradient at a tie (z exactly 0) is 0, as torch's margin kernels
     count a term only where it is positive (clamp_min would pass 1 there)."""
     return torch.where(z > 0, z, 0.0)
+
+
+def _check_classes(target: Tensor, counted: Tensor | bool, num_classes: int, fn: str, lowest: int) -> None:
+    """check_target_range, after a one-op look at the extremes where checks read values on
+    the host: targets within [lowest, num_classes) need no element-wise mask."""
+    if full_checks(target) and target.numel():
+        low, high = torch.aminmax(target)
+        if int(low) >= lowest and int(high) < num_classes:
+            return
+    check_target_range(target, target.new_ones((), dtype=torch.bool) & counted, num_classes, fn)
 
 
 def _class_rows(input: Tensor, target: Tensor, fn: str, target_like_input: bool) -> None:
@@ -181,7 +192,7 @@ def multilabel_margin_loss(
     num_classes = input.shape[-1]
     # Targets count up to the first -1 of each row.
     counted = (target != -1).long().cumprod(dim=-1).bool()
-    check_target_range(target, counted, num_classes, fn)
+    _check_classes(target, counted, num_classes, fn, lowest=-1)
     compute, out = result_dtypes(input)
     unbatched = input.dim() == 1
     x, target, counted = (t.unsqueeze(0) for t in (input.to(compute), target, counted)) if unbatched else (
@@ -306,18 +317,17 @@ def multi_margin_loss(
         target = target.reshape(())
     _class_rows(input, target, fn, target_like_input=False)
     num_classes = input.shape[-1]
-    check_target_range(target, torch.ones_like(target, dtype=torch.bool), num_classes, fn)
+    _check_classes(target, True, num_classes, fn, lowest=0)
     if weight is not None:
         check_class_weight(weight, num_classes, fn)
     compute, out = result_dtypes(input)
-    x = input.to(compute)
+    x = input if input.dtype == compute else input.to(compute)
     rows = x.unsqueeze(0) if x.dim() == 1 else x
     index = target.long().reshape(-1, 1)
     row_weight = None if weight is None else weight.to(compute)[index]
     loss = _MultiMargin.apply(rows, index, row_weight, p, margin)
-    if reduction == "none":
-        return loss.reshape(target_shape).to(out)
-    return reduce_loss(loss, reduction).to(out)
+    loss = loss.reshape(target_shape) if reduction == "none" else reduce_loss(loss, reduction)
+    return loss if loss.dtype == out else loss.to(out)
 
 
 class _MultiMargin(torch.autograd.Function):
