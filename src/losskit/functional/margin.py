@@ -11,6 +11,7 @@ from torch import Tensor
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
+from .._core.checks import full_checks
 from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range
 
 __all__ = [
@@ -38,6 +39,16 @@ def _hinge(z: Tensor) -> Tensor:
     """max(0, z) whose gradient at a tie (z exactly 0) is 0, as torch's margin kernels
     count a term only where it is positive (clamp_min would pass 1 there)."""
     return torch.where(z > 0, z, 0.0)
+
+
+def _check_classes(target: Tensor, counted: Tensor | bool, num_classes: int, fn: str, lowest: int) -> None:
+    """check_target_range, after a one-op look at the extremes where checks read values on
+    the host: targets within [lowest, num_classes) need no element-wise mask."""
+    if full_checks(target) and target.numel():
+        low, high = torch.aminmax(target)
+        if int(low) >= lowest and int(high) < num_classes:
+            return
+    check_target_range(target, target.new_ones((), dtype=torch.bool) & counted, num_classes, fn)
 
 
 def _class_rows(input: Tensor, target: Tensor, fn: str, target_like_input: bool) -> None:
@@ -181,16 +192,78 @@ def multilabel_margin_loss(
     num_classes = input.shape[-1]
     # Targets count up to the first -1 of each row.
     counted = (target != -1).long().cumprod(dim=-1).bool()
-    check_target_range(target, counted, num_classes, fn)
+    _check_classes(target, counted, num_classes, fn, lowest=-1)
     compute, out = result_dtypes(input)
-    x = input.to(compute)
-    safe = target.masked_fill(~counted, 0).long()
-    is_target = torch.zeros_like(target, dtype=torch.long).scatter_add_(-1, safe, counted.long()) > 0
-    picked = x.gather(-1, safe)  # x at each listed target, (..., C_j)
-    hinge = _hinge(1 - (picked.unsqueeze(-1) - x.unsqueeze(-2)))  # (..., C_j, C_i)
-    pairs = counted.unsqueeze(-1) & ~is_target.unsqueeze(-2)
-    loss = torch.where(pairs, hinge, 0.0).sum(dim=(-2, -1)) / num_classes
-    return reduce_loss(loss, reduction).to(out)
+    unbatched = input.dim() == 1
+    x, target, counted = (t.unsqueeze(0) for t in (input.to(compute), target, counted)) if unbatched else (
+        input.to(compute), target, counted)
+    loss = _MultilabelMargin.apply(x, target.masked_fill(~counted, 0).long(), counted)
+    return reduce_loss(loss.squeeze(0) if unbatched else loss, reduction).to(out)
+
+
+def _multilabel_margin_rows(x: Tensor, safe: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
+    """(per-row loss, d(loss)/dx) of multilabel_margin_loss, in O(N C) memory.
+
+    For a listed target value a and the non-target values v of its row, torch counts the
+    term z = (1 - a) + v where z > 0, i.e. where v > fl(a - 1) exactly (a rounded sum is 0
+    only where the exact one is). With the row sorted in descending order, those v are a
+    prefix: one searchsorted finds it, and prefix sums give the term count k(a) and the sum
+    of those v, so the listed target's share is k(a) (1 - a) + sum v, and its gradient -k(a).
+    A non-target v gets +1 for every listed target whose fl(a - 1) < v, counted from the
+    same sorted row. Ties (z exactly 0) count for neither, as in torch; a listed target
+    that appears twice counts twice, as in torch; a nan makes its terms nan, which torch
+    skips (nan > 0 is false), so they are skipped here too. The prefix sums run in float64
+    (where the device has it), so the per-term rounding torch does is the only one left.
+    """
+    rows, classes = x.shape
+    acc = torch.float64 if x.dtype in (torch.float32, torch.float64) and x.device.type != "mps" else x.dtype
+    is_target = torch.zeros_like(safe).scatter_add_(1, safe, counted.long()) > 0
+    nan = torch.isnan(x)
+    valid = ~(is_target | nan)  # the non-target values that form terms
+    # Descending order as the ascending order of -x; nan at the end of the descending row.
+    neg_key = torch.where(nan, -float("inf"), -x)
+    neg_sorted, order = neg_key.sort(dim=1)
+    valid_sorted = valid.gather(1, order)
+    zero = counted.new_zeros(rows, 1, dtype=torch.long)
+    count_prefix = torch.cat([zero, valid_sorted.long().cumsum(1)], 1)
+    value_prefix = torch.cat([zero.to(acc), torch.where(valid_sorted, -neg_sorted, 0.0).to(acc).cumsum(1)], 1)
+
+    picked = x.gather(1, safe)  # a, per listed position
+    live = counted & ~torch.isnan(picked)
+    # v > fl(a - 1)  <=>  -v < -fl(a - 1): the first `reach` entries of the descending row.
+    query = torch.where(live, -(picked - 1), -float("inf"))
+    reach = torch.searchsorted(neg_sorted, query, side="left")
+    terms = count_prefix.gather(1, reach)
+    share = terms.to(acc) * (1 - picked).to(acc) + value_prefix.gather(1, reach)
+    loss = torch.where(live & (terms > 0), share, 0.0).sum(1).to(x.dtype) / classes
+
+    # Gradient: -k(a) at each listed target; at a non-target v the number of listed targets
+    # with fl(a - 1) < v, i.e. all of them but those with fl(1 - a) <= -v (fl(1 - a) runs
+    # up the sorted row as -fl(a - 1)).
+    grad = torch.zeros_like(x).scatter_add_(1, safe, torch.where(live, -terms, 0).to(x.dtype))
+    multiplicity = torch.zeros_like(safe).scatter_add_(1, safe, live.long())
+    listed_prefix = torch.cat([zero, multiplicity.gather(1, order).cumsum(1)], 1)
+    below = torch.searchsorted(1 + neg_sorted, neg_key, side="right")
+    above = listed_prefix[:, -1:] - listed_prefix.gather(1, below)
+    grad = grad + torch.where(valid, above, 0).to(x.dtype)
+    return loss, grad / classes
+
+
+class _MultilabelMargin(torch.autograd.Function):
+    """Per-row multilabel margin loss; its gradient, formed in forward, is scaled by
+    grad_output in backward. Differentiable once, as torch's."""
+
+    @staticmethod
+    def forward(ctx, x, safe, counted):  # type: ignore[override]
+        loss, grad = _multilabel_margin_rows(x, safe, counted)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.unsqueeze(1), None, None
 
 
 @fill_doc(legacy_args=LEGACY_ARGS)
@@ -244,22 +317,43 @@ def multi_margin_loss(
         target = target.reshape(())
     _class_rows(input, target, fn, target_like_input=False)
     num_classes = input.shape[-1]
-    check_target_range(target, torch.ones_like(target, dtype=torch.bool), num_classes, fn)
+    _check_classes(target, True, num_classes, fn, lowest=0)
     if weight is not None:
         check_class_weight(weight, num_classes, fn)
     compute, out = result_dtypes(input)
-    x = input.to(compute)
-    index = target.long().unsqueeze(-1)
-    margins = _hinge(margin - x.gather(-1, index) + x)
-    if p == 2:
-        margins = margins.square()
-    if weight is not None:
-        margins = margins * weight.to(compute)[index]
-    not_target = torch.ones_like(x, dtype=torch.bool).scatter_(-1, index, False)
-    loss = torch.where(not_target, margins, 0.0).sum(dim=-1) / num_classes
-    if reduction == "none":
-        loss = loss.reshape(target_shape)
-    return reduce_loss(loss, reduction).to(out)
+    x = input if input.dtype == compute else input.to(compute)
+    rows = x.unsqueeze(0) if x.dim() == 1 else x
+    index = target.long().reshape(-1, 1)
+    row_weight = None if weight is None else weight.to(compute)[index]
+    loss = _MultiMargin.apply(rows, index, row_weight, p, margin)
+    loss = loss.reshape(target_shape) if reduction == "none" else reduce_loss(loss, reduction)
+    return loss if loss.dtype == out else loss.to(out)
+
+
+class _MultiMargin(torch.autograd.Function):
+    """Per-row multi-class hinge loss and its gradient, formed together in forward (torch's
+    arithmetic: z = (margin - x_y) + x_i, counted where z > 0, the target class skipped);
+    backward scales the stored gradient by grad_output. Differentiable once, as torch's."""
+
+    @staticmethod
+    def forward(ctx, x, index, row_weight, p, margin):  # type: ignore[override]
+        hinge = torch.add(x, margin - x.gather(1, index)).clamp_min_(0).scatter_(1, index, 0.0)
+        if p == 1:
+            loss = hinge.sum(1, keepdim=True)
+            grad = (hinge > 0).to(x.dtype)
+        else:
+            grad = hinge * 2.0
+            loss = hinge.square_().sum(1, keepdim=True)
+        grad.scatter_(1, index, grad.sum(1, keepdim=True).neg_())
+        scale = 1.0 / x.shape[1] if row_weight is None else row_weight / x.shape[1]
+        ctx.save_for_backward(grad.mul_(scale))
+        return loss.mul_(scale).squeeze(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.unsqueeze(1), None, None, None, None
 
 
 @fill_doc(legacy_args=LEGACY_ARGS)
