@@ -77,12 +77,15 @@ class ChunkSizes:
     linear_bytes: the automatic chunk of linear cross-entropy (see
         :func:`losskit.kernels.linear_cross_entropy.auto_chunk_rows`).
     bce_elements: elements per chunk of the fused BCE-with-logits on the CPU.
+    pointwise_elements: elements per chunk of the fused regression losses (mse, l1,
+        smooth_l1, huber): a chunk's temporaries stay in cache.
     """
 
     cross_entropy_bytes: int = 4 << 20
     device_bytes: int = 256 << 20
     linear_bytes: int = 64 << 20
     bce_elements: int = 1 << 16
+    pointwise_elements: int = 1 << 18
 
 
 _DEFAULT_CHUNKS = ChunkSizes()

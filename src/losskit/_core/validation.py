@@ -8,7 +8,6 @@ expected. Checks never change a value that torch would accept.
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -96,17 +95,42 @@ def class_dim_of(input: Tensor, fn: str) -> int:
     return 0 if input.dim() == 1 else 1
 
 
-class ClassTargets(NamedTuple):
-    """Class-index targets, validated once: ``target`` as int64, and ``valid``, where it
-    is not ``ignore_index``. Everything downstream uses this mask; nothing rebuilds it."""
+class ClassTargets:
+    """Class-index targets, validated once: ``target`` as int64 and ``valid``, where it is
+    not the ignore index. Everything downstream uses this mask; nothing rebuilds it.
 
-    target: Tensor
-    valid: Tensor
+    ``all_valid`` records that no target is ignored, where validation learnt that for free
+    (the range check on the CPU reads the smallest and largest target): then ``valid`` is
+    made only if someone asks for it, and a fast path skips the masking altogether.
+    """
+
+    __slots__ = ("target", "all_valid", "_valid", "_ignore_index")
+
+    def __init__(self, target: Tensor, valid: Tensor | None = None, *, ignore_index: int | None = None,
+                 all_valid: bool = False) -> None:
+        if valid is None and ignore_index is None:
+            raise TypeError("ClassTargets needs the valid mask or the ignore index it comes from")
+        self.target, self._valid, self._ignore_index, self.all_valid = target, valid, ignore_index, all_valid
+
+    @property
+    def valid(self) -> Tensor:
+        if self._valid is None:
+            self._valid = self.target != self._ignore_index
+        return self._valid
+
+    @property
+    def valid_or_none(self) -> Tensor | None:
+        """The mask, or None when every target counts."""
+        return None if self.all_valid else self.valid
 
     def safe(self) -> Tensor:
         """The targets with ignored positions read as class 0, safe to gather with (the
         caller masks those positions by ``valid`` afterwards)."""
-        return torch.where(self.valid, self.target, 0)
+        return self.target if self.all_valid else torch.where(self.valid, self.target, 0)
+
+    def reshape(self, *shape: int) -> ClassTargets:
+        return ClassTargets(self.target.reshape(*shape), None if self._valid is None else self._valid.reshape(*shape),
+                            ignore_index=self._ignore_index, all_valid=self.all_valid)
 
 
 def check_class_targets(
@@ -116,6 +140,9 @@ def check_class_targets(
 
     Returns them as int64 with their ``valid`` mask: compared with a negative
     ``ignore_index`` in their own dtype, uint8 targets would wrap it (-100 to class 156).
+    Where values are checked in full, one pass reads the smallest and largest target:
+    when both lie in [0, C) and the ignore index between them is impossible, every target
+    is valid and in range, and nothing more is computed.
     """
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(
@@ -128,9 +155,14 @@ def check_class_targets(
             f"class-index targets must have shape {tuple(expected)}"
         )
     target = target.long()
+    if target.numel() and num_classes > 0 and effective_mode(target) == "full" and not _transformed(target):
+        low, high = target.aminmax()
+        low, high = int(low), int(high)
+        if 0 <= low and high < num_classes and not low <= ignore_index <= high:
+            return ClassTargets(target, ignore_index=ignore_index, all_valid=True)
     valid = target != ignore_index
     check_target_range(target, valid, num_classes, fn)
-    return ClassTargets(target, valid)
+    return ClassTargets(target, valid, ignore_index=ignore_index)
 
 
 def check_target_range(target: Tensor, counted: Tensor, num_classes: int, fn: str) -> None:
@@ -193,16 +225,18 @@ def warn_if_probabilities(input: Tensor, class_dim: int, fn: str) -> None:
     if input.numel() == 0 or input.shape[class_dim] < 2 or not full_checks(input):
         return
     head = input.detach()
-    if head.dim() > 2:  # the positions of the first sample only: never a copy of the batch
-        head = head[:1]
-    rows = head.movedim(class_dim, -1).reshape(-1, input.shape[class_dim])[:8]
-    # Two reductions and one read on the host: the smallest value and the largest distance
-    # of a row sum from 1 (torch.allclose's atol=1e-4, rtol=1e-5 at 1).
-    low, off = torch.stack((rows.amin().float(), (rows.sum(-1, dtype=torch.float32) - 1).abs().amax())).tolist()
-    if low >= 0 and off <= 1.1e-4:
-        warnings.warn(
-            f"{fn}: input looks like probabilities (non-negative, rows sum to 1) but {fn} expects "
-            "raw logits; applying softmax first squashes the loss and its gradient",
-            UserWarning,
-            stacklevel=3,
-        )
+    if head.dim() == 1:
+        head = head.unsqueeze(0)
+    elif head.dim() > 2:  # the positions of the first sample only: never a copy of the batch
+        head = head[:1].movedim(class_dim, -1).reshape(-1, input.shape[class_dim])
+    rows = head[:8]
+    # Logits almost always have a negative value: one reduction and one read decide. Only
+    # rows with none go on to the sums (torch.allclose's atol=1e-4, rtol=1e-5 at 1).
+    if rows.amin().item() < 0 or not bool(((rows.sum(-1, dtype=torch.float32) - 1).abs() <= 1.1e-4).all()):
+        return
+    warnings.warn(
+        f"{fn}: input looks like probabilities (non-negative, rows sum to 1) but {fn} expects "
+        "raw logits; applying softmax first squashes the loss and its gradient",
+        UserWarning,
+        stacklevel=3,
+    )

@@ -63,7 +63,7 @@ def _class_index_loss(
     weight: Tensor | None,
     label_smoothing: float,
     class_dim: int,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | float]:
     """Per-position loss of class-index targets and the 'mean' denominator.
 
     loss_i = w_{y_i} * (1 - eps) * (-log p_{i, y_i}) + eps / C * sum_c w_c * (-log p_{i, c}),
@@ -71,6 +71,10 @@ def _class_index_loss(
     (their count when there is no weight), which is how torch normalises both terms.
     """
     num_classes = log_probs.shape[class_dim]
+    if targets.all_valid and weight is None and label_smoothing == 0.0:
+        # Every position counts with weight 1 (validation saw it for free): the plain mean.
+        nll = -log_probs.gather(class_dim, targets.target.unsqueeze(class_dim)).squeeze(class_dim)
+        return nll, float(nll.numel())
     valid = targets.valid
     # Ignored positions may hold any value (-100 by default): gather at class 0 instead and
     # mask afterwards with `where`, never a multiplication, so that a -inf log-probability
@@ -252,7 +256,7 @@ def class_index_cross_entropy(
 
     if fused_applies(input, targets.target):
         return fused_cross_entropy(
-            input, targets.target, targets.valid, weight, options=options,
+            input, targets.target, targets.valid_or_none, weight, options=options,
             replay=Replay("cross_entropy", reference, [input]),
         )
     return reference(input)

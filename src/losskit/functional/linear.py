@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .._core.options import CrossEntropyOptions
 from .._core.reduction import resolve_reduction
-from .._core.validation import ClassTargets, check_class_targets, check_class_weight, check_floating
+from .._core.validation import check_class_targets, check_class_weight, check_floating
 from ..kernels import Replay, auto_chunk_rows, fused_linear_cross_entropy, fused_may_serve
 from .classification import class_index_cross_entropy, cross_entropy
 
@@ -128,13 +128,13 @@ def linear_cross_entropy(
             check_class_weight(weight, num_classes, fn)
         targets = check_class_targets(target, batch, num_classes, ignore, tuple(input.shape), fn)
         if fused_may_serve(input, linear_weight) and math.prod(batch) > 0:
-            flat = ClassTargets(targets.target.reshape(-1), targets.valid.reshape(-1))
+            flat = targets.reshape(-1)
 
             def reference(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
                 return class_index_cross_entropy(F.linear(x.reshape(-1, x.shape[-1]), w, b), flat, weight, ce_options)
 
             loss = fused_linear_cross_entropy(
-                input.reshape(-1, input.shape[-1]), linear_weight, linear_bias, flat.target, flat.valid, weight,
+                input.reshape(-1, input.shape[-1]), linear_weight, linear_bias, flat.target, flat.valid_or_none, weight,
                 options=ce_options, replay=Replay(fn, reference, [input, linear_weight, linear_bias]),
                 chunk_rows=chunk_size if chunk_size is not None else auto_chunk_rows(*linear_weight.shape),
             )
@@ -148,7 +148,7 @@ def linear_cross_entropy(
         logits = logits.reshape(-1, num_classes, *out_features)
         target = target.reshape(-1, *target.shape[len(batch):])
     if not probabilities and not out_features:  # validated above: no second pass over the targets
-        flat = ClassTargets(targets.target.reshape(target.shape), targets.valid.reshape(target.shape))
+        flat = targets.reshape(*target.shape)
         loss = class_index_cross_entropy(logits, flat, weight, ce_options)
     else:
         loss = cross_entropy(

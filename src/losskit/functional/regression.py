@@ -11,12 +11,10 @@ want a gradient: with e = input - target and, for each loss, its written-out der
     huber      loss c (e - c / 2),        c = clamp(e, -delta, delta) g = c
 
 (c (e - c/2) is e^2 / 2 inside the clamp and beta (|e| - beta / 2) outside it, the two
-branches of torch's definition). Loss and gradient are formed in one sweep over chunks of
-the input, whose temporaries stay in cache; the gradient, already scaled by the weights and
-the 'mean' divisor, is the only full-size buffer written, and backward only scales it by
-grad_output. float64 (gradcheck's dtype), torch.func transforms, forward-mode AD and
-torch.compile (where inductor fuses the composed form by itself) take the composed form,
-which autograd differentiates.
+branches of torch's definition), computed by :mod:`losskit.kernels.pointwise`. float64
+(gradcheck's dtype), torch.func transforms, forward-mode AD and torch.compile (where
+inductor fuses the composed form by itself) take the composed form, which autograd
+differentiates.
 """
 
 from __future__ import annotations
@@ -30,7 +28,8 @@ import torch
 from torch import Tensor
 
 from .._core.docs import LEGACY_ARGS, fill_doc
-from ..kernels.common import Replay, compiling, fused_may_serve, take_precomputed
+from ..kernels import Replay
+from ..kernels.pointwise import PointwiseOptions, fused_pointwise, fused_pointwise_applies
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import (
@@ -53,11 +52,6 @@ Args:
 
 Returns:
     A scalar, or the element-wise loss for ``reduction='none'``."""
-
-
-# Elements per chunk of the fused path: a chunk's temporaries stay in cache, and only the
-# gradient buffer is written at full size.
-CHUNK_ELEMENTS = 1 << 18
 
 
 def _pointwise_loss(
@@ -90,13 +84,12 @@ def _pointwise_loss(
         )
     if weight is not None:
         check_reduction_weight(weight, input, fn)
-    if fused is not None and _fused_applies(input, target, weight):
-        replay = Replay(
-            fn,
-            lambda a, b: _composed(error, a, b, reduction, weight, weighted_mean),
-            [input, target],
+    if fused is not None and fused_pointwise_applies(input, target, weight):
+        kind, param = fused
+        return fused_pointwise(
+            input, target, weight, options=PointwiseOptions(kind, float(param), reduction, weighted_mean),
+            replay=Replay(fn, lambda a, b: _composed(error, a, b, reduction, weight, weighted_mean), [input, target]),
         )
-        return _FusedPointwise.apply(input, target, weight, fused, reduction, weighted_mean, replay)
     return _composed(error, input, target, reduction, weight, weighted_mean)
 
 
@@ -115,132 +108,6 @@ def _composed(
         return reduce_loss(loss, reduction).to(out)
     weight = weight.to(compute)
     return reduce_loss(loss * weight, reduction, weight.sum() if weighted_mean else None).to(out)
-
-
-def _fused_applies(input: Tensor, target: Tensor, weight: Tensor | None) -> bool:
-    """Eager calls that want a first-order gradient, with input and target of one shape and
-    no gradient wanted for the weight (what the fused sweep computes)."""
-    return (
-        torch.is_grad_enabled()
-        and (input.requires_grad or target.requires_grad)
-        and not compiling()
-        and input.shape == target.shape
-        and fused_may_serve(input, target)
-        and (weight is None or (not weight.requires_grad and fused_may_serve(weight)))
-    )
-
-
-def _fused_sweep(
-    input: Tensor, target: Tensor, weight: Tensor | None, kind: str, param: float, reduction: str, weighted_mean: bool
-) -> tuple[Tensor, Tensor]:
-    """(the loss reduced by ``reduction``, d(loss)/d(input) in the compute dtype).
-
-    Terms and gradient carry the weights and one factor k (1 / beta for smooth_l1, times
-    1 / the 'mean' divisor: the summed weight or the number of elements), so that the sum of
-    the terms is the loss and backward only multiplies the gradient by grad_output.
-    """
-    compute, out = result_dtypes(input, target)
-    n = input.numel()
-    k: float | Tensor = 1.0 / param if kind == "smooth_l1" and param > 0 else 1.0
-    if reduction == "mean":
-        k = k / weight.to(compute).sum() if weight is not None and weighted_mean else k / n
-    if n <= CHUNK_ELEMENTS:  # one chunk: no slicing, no gathering of partial sums
-        x = input if input.dtype == compute else input.to(compute)
-        e = x - (target if target.dtype == compute else target.to(compute))
-        w = None if weight is None else weight.to(compute)
-        loss, grad = _terms(e, w, kind, param, k, None)
-        if reduction != "none":
-            loss = loss.sum()
-    else:
-        x, y = input.reshape(-1), target.reshape(-1)
-        w = None if weight is None else weight.reshape(-1)
-        grad = torch.empty(input.shape, dtype=compute, device=input.device)
-        flat_grad = grad.view(-1)
-        elementwise = torch.empty(n, dtype=compute, device=input.device) if reduction == "none" else None
-        partials = []
-        for start in range(0, n, CHUNK_ELEMENTS):
-            part = slice(start, start + CHUNK_ELEMENTS)
-            e = torch.sub(x[part].to(compute), y[part].to(compute))
-            wc = None if w is None else w[part].to(compute)
-            chunk, _ = _terms(e, wc, kind, param, k, flat_grad[part])
-            if elementwise is not None:
-                elementwise[part] = chunk
-            else:
-                partials.append(chunk.sum())
-        loss = elementwise.view(input.shape) if elementwise is not None else torch.stack(partials).sum()
-    return (loss if loss.dtype == out else loss.to(out)), grad
-
-
-def _terms(
-    e: Tensor, w: Tensor | None, kind: str, param: float, k: float | Tensor, g: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """(loss terms times w k, formed in place of the errors ``e``; their gradient times w k,
-    written into ``g`` when given)."""
-    unit = isinstance(k, float) and k == 1.0
-    if kind == "mse":
-        # e (e k) = e^2 k; the gradient 2 e k.
-        g = torch.mul(e, k, out=g)
-        if w is not None:
-            g.mul_(w)
-        loss = e.mul_(g)
-        g.mul_(2.0)
-        return loss, g
-    if kind == "l1" or param == 0.0:  # smooth_l1 at beta = 0 is the L1 loss
-        g = torch.sign(e, out=g)
-    else:
-        # c (e - c / 2) with c = clamp(e, -param, param): e^2 / 2 inside, param (|e| -
-        # param / 2) outside, and at e = +-inf an inf, never inf * 0 = nan.
-        g = torch.clamp(e, -param, param, out=g)
-        e.sub_(g, alpha=0.5)
-    if w is not None:
-        g.mul_(w)
-    if not unit:
-        g.mul_(k)
-    # l1: e sign(e) = |e|, exactly; smooth_l1 / huber: (e - c / 2) c.
-    return e.mul_(g), g
-
-
-class _FusedPointwise(torch.autograd.Function):
-    """Loss and gradient of one fused sweep; backward hands out the stored gradient once,
-    scaled by grad_output (a second backward, or one with create_graph, replays the call
-    on the composed form)."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, fused, reduction, weighted_mean, replay):  # type: ignore[override]
-        kind, param = fused
-        if input.numel() == 0:
-            loss, grad = _composed_empty(input, target, reduction)
-        else:
-            loss, grad = _fused_sweep(input, target, weight, kind, param, reduction, weighted_mean)
-        ctx.precomputed, ctx.reduction, ctx.replay = grad, reduction, replay
-        ctx.dtypes = input.dtype, target.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        grad = take_precomputed(ctx)
-        needs = ctx.needs_input_grad[:2]
-        if grad is None:
-            grad_input, grad_target = ctx.replay.gradients(grad_output, needs)
-            return grad_input, grad_target, None, None, None, None, None
-        # In place: the buffer is handed out once. A large one is not swept for a
-        # grad_output of exactly 1 (the usual backward of a scalar loss) on the CPU, where
-        # reading grad_output costs nothing.
-        if ctx.reduction == "none" or grad.numel() <= CHUNK_ELEMENTS or grad_output.device.type != "cpu":
-            grad.mul_(grad_output)
-        elif bool(grad_output != 1):
-            grad.mul_(grad_output)
-        input_dtype, target_dtype = ctx.dtypes
-        grad_target = -grad.to(target_dtype) if needs[1] and target_dtype.is_floating_point else None
-        grad_input = grad.to(input_dtype) if needs[0] else None
-        return grad_input, grad_target, None, None, None, None, None
-
-
-def _composed_empty(input: Tensor, target: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
-    """An empty input: 'mean' is 0/0 = nan, 'sum' 0, 'none' empty; the gradient is empty."""
-    compute, out = result_dtypes(input, target)
-    empty = input.new_empty(input.shape, dtype=compute)
-    return reduce_loss(empty, reduction).to(out), empty
 
 
 @fill_doc(arguments=_ARGUMENTS)

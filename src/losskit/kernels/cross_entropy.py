@@ -25,6 +25,8 @@ machinery comes from :class:`~losskit.kernels.fused_op.FusedOp`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -52,7 +54,6 @@ def logits_chunk(
     safe_target: Tensor,
     grad: Tensor | None,
     owned: bool,
-    all_valid: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(lse, z_y, sum_c w_c z_c) of a chunk of rows of raw logits; their gradient into
     ``grad`` (a contiguous buffer of the chunk's shape) when given.
@@ -73,17 +74,18 @@ def logits_chunk(
     if grad is None:  # the loss only: no probabilities needed
         return torch.logsumexp(z, dim=1), z_target, smooth_dot
     if z.device.type == "cpu":
-        lse, probs = _cpu_softmax(z, z_target, safe_target, terms.valid[rows], grad, in_place=grad is z)
+        valid = None if terms.valid is None else terms.valid[rows]
+        lse, probs = _cpu_softmax(z, z_target, safe_target, valid, grad, in_place=grad is z)
     else:
         # Branch-free: one logsumexp, then p = exp(z - lse) written into the buffer.
         lse = torch.logsumexp(z, dim=1)
         probs = torch.sub(z, lse.unsqueeze(1), out=grad).exp_()
-    apply_gradient(probs, terms, coefficients, rows, lse, safe_target, tanh, all_valid=all_valid)
+    apply_gradient(probs, terms, coefficients, rows, lse, safe_target, tanh)
     return lse, z_target, smooth_dot
 
 
 def _cpu_softmax(
-    z: Tensor, z_target: Tensor, target: Tensor, valid: Tensor, grad: Tensor, in_place: bool
+    z: Tensor, z_target: Tensor, target: Tensor, valid: Tensor | None, grad: Tensor, in_place: bool
 ) -> tuple[Tensor, Tensor]:
     """(lse, p written into ``grad``) with aten's vectorised softmax, a third of the
     passes of max, exp, sum and scale one by one.
@@ -94,7 +96,9 @@ def _cpu_softmax(
     """
     risky = fallback = None
     if in_place:
-        risky = ((z_target - z.amax(dim=1)) < -60.0) & valid
+        risky = (z_target - z.amax(dim=1)) < -60.0
+        if valid is not None:
+            risky &= valid
         if bool(risky.any()):
             fallback = torch.logsumexp(z[risky], dim=1)
     probs = torch.ops.aten._softmax.out(z, 1, False, out=grad)
@@ -104,44 +108,69 @@ def _cpu_softmax(
         if fallback is not None:
             lse[risky] = fallback
     else:
-        underflow = (p_target < 1e-30) & valid
+        underflow = p_target < 1e-30
+        if valid is not None:
+            underflow &= valid
         if bool(underflow.any()):
             lse[underflow] = torch.logsumexp(z[underflow], dim=1)
     return lse, probs
 
 
-def _all_valid(valid: Tensor) -> bool:
-    """Whether no row is ignored: read on the host only where that is free (the CPU);
-    elsewhere assume some row may be."""
+def _plain_cpu(x: Tensor, terms: RowTerms, coefficients: Coefficients, safe_target: Tensor, grad: Tensor) -> Tensor:
+    """The bare cross-entropy of one chunk on the CPU, every row counting with weight 1
+    (a classifier's everyday batch): the loss is -log p_y, read off the softmax that
+    becomes the gradient, so neither lse nor z_y is formed. A row whose p_y underflows
+    (z_y far below the row max) makes the loss infinite; only then are those rows redone
+    by a direct logsumexp."""
+    probs = torch.ops.aten._softmax.out(x, 1, False, out=grad)
+    nll = probs.gather(1, safe_target).squeeze(1).log_().neg_()
+    loss = terms.loss(None, None, None, nll=nll)
+    if not math.isfinite(loss.item() if loss.dim() == 0 else float(nll.sum())):
+        underflow = nll == math.inf
+        if bool(underflow.any()):
+            rows = x[underflow]
+            nll[underflow] = torch.logsumexp(rows, 1) - rows.gather(1, safe_target[underflow]).squeeze(1)
+            loss = terms.loss(None, None, None, nll=nll)
+    apply_gradient(probs, terms, coefficients, slice(None), None, safe_target, None)
+    return loss
+
+
+def _all_valid(valid: Tensor | None) -> bool:
+    """Whether no row is ignored: None says so; otherwise read on the host only where that
+    is free (the CPU, eager); elsewhere assume some row may be."""
+    if valid is None:
+        return True
     return valid.device.type == "cpu" and not torch.compiler.is_compiling() and bool(valid.all())
 
 
 def cross_entropy_forward(
-    input: Tensor, target: Tensor, valid: Tensor, weight: Tensor | None, *, options: CrossEntropyOptions,
+    input: Tensor, target: Tensor, valid: Tensor | None, weight: Tensor | None, *, options: CrossEntropyOptions,
     needs: tuple[bool, ...],
 ) -> tuple[Tensor, tuple[Tensor | None]]:
     """(loss, (dloss/dinput or None,)): the kernel of ``losskit::cross_entropy``, for (N, C)
-    logits and their validated class-index targets."""
+    logits and their validated class-index targets (``valid`` None when all count)."""
     compute, _ = result_dtypes(input)
     n, num_classes = input.shape
-    all_valid = _all_valid(valid)
-    terms = RowTerms.local(ClassTargets(target, valid), weight, num_classes, compute, options, all_valid)
-    safe_target = (target if all_valid else torch.where(valid, target, 0)).unsqueeze(1)
+    targets = ClassTargets(target, valid, ignore_index=options.ignore_index, all_valid=_all_valid(valid))
+    terms = RowTerms.local(targets, weight, num_classes, compute, options)
+    safe_target = targets.safe().unsqueeze(1)
     with_grad = needs[0]
     coefficients = terms.coefficients() if with_grad else None
     # The gradient buffer is contiguous whatever the input's strides: softmax into a
     # strided out= buffer gives wrong numbers, and autograd accepts any layout.
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device) if with_grad else None
     if triton_support.serves(input):  # one kernel over every row, in the logits' own dtype and strides
-        lse, z_target, smooth_dot = logits_chunk(input, terms, coefficients, slice(None), safe_target, grad, False,
-                                                 all_valid)
+        lse, z_target, smooth_dot = logits_chunk(input, terms, coefficients, slice(None), safe_target, grad, False)
         return terms.loss(lse, z_target, smooth_dot).to(input.dtype), (grad,)
     step = rows_per_chunk(num_classes, input.device.type)
+    if grad is not None and step >= n and terms.uniform and options.is_plain and input.dtype == compute \
+            and input.device.type == "cpu":
+        return _plain_cpu(input.contiguous(), terms, coefficients, safe_target, grad), (grad,)
     if step >= n:  # one chunk: no per-row buffers to fill
         x = input.to(compute).contiguous()
         grad_chunk = None if grad is None else (grad if grad.dtype == compute else torch.empty_like(x))
         lse, z_target, smooth_dot = logits_chunk(x, terms, coefficients, slice(None), safe_target, grad_chunk,
-                                                 input.dtype != compute, all_valid)
+                                                 input.dtype != compute)
         if grad_chunk is not None and grad_chunk is not grad:
             grad.copy_(grad_chunk)
         return terms.loss(lse, z_target, smooth_dot).to(input.dtype), (grad,)
@@ -155,7 +184,7 @@ def cross_entropy_forward(
         if grad is not None:
             grad_chunk = grad[rows] if grad.dtype == compute else torch.empty_like(chunk)
         lse[rows], z_target[rows], smooth = logits_chunk(
-            chunk, terms, coefficients, rows, safe_target[rows], grad_chunk, input.dtype != compute, all_valid
+            chunk, terms, coefficients, rows, safe_target[rows], grad_chunk, input.dtype != compute
         )
         if smooth_dot is not None:
             smooth_dot[rows] = smooth
@@ -170,7 +199,7 @@ def _loss_shape(input: Tensor, target: Tensor, valid: Tensor, weight: Tensor | N
 
 fused_cross_entropy = FusedOp(
     "cross_entropy",
-    tensors=("input", "target", "valid", "weight?"),
+    tensors=("input", "target", "valid?", "weight?"),
     differentiable=1,
     options=CrossEntropyOptions,
     forward=cross_entropy_forward,

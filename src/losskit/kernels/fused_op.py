@@ -125,7 +125,7 @@ def scale_by_grad_output(grads: Sequence[Tensor | None], grad_output: Tensor, pe
     it costs nothing there; elsewhere it would wait for the device). Out of place while
     compiling, where the graph owns the buffers.
     """
-    skip = in_place and not per_row and grad_output.device.type == "cpu" and bool(grad_output == 1)
+    skip = in_place and not per_row and grad_output.device.type == "cpu" and grad_output.item() == 1.0
     out = []
     for grad in grads:
         if grad is None or skip:

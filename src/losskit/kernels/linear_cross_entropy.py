@@ -58,7 +58,7 @@ def linear_cross_entropy_forward(
     linear_weight: Tensor,
     linear_bias: Tensor | None,
     target: Tensor,
-    valid: Tensor,
+    valid: Tensor | None,
     weight: Tensor | None,
     *,
     options: CrossEntropyOptions,
@@ -69,8 +69,9 @@ def linear_cross_entropy_forward(
     made here when ``needs`` asks for them; None otherwise."""
     compute, x, w, b = _compute_copies(input, linear_weight, linear_bias)
     n, num_classes = x.shape[0], w.shape[0]
-    terms = RowTerms.local(ClassTargets(target, valid), weight, num_classes, compute, options)
-    safe_target = torch.where(valid, target, 0).unsqueeze(1)
+    targets = ClassTargets(target, valid, ignore_index=options.ignore_index, all_valid=valid is None)
+    terms = RowTerms.local(targets, weight, num_classes, compute, options)
+    safe_target = targets.safe().unsqueeze(1)
     precompute = any(needs)
     coefficients = terms.coefficients() if precompute else None
     grads = _zero_grads(x, w, b, needs) if precompute else (None, None, None)
@@ -80,7 +81,7 @@ def linear_cross_entropy_forward(
     for rows, logits in _chunks(x, w, b, chunk_rows):
         grad_logits = logits if precompute else None
         lse[rows], z_target[rows], smooth = logits_chunk(
-            logits, terms, coefficients, rows, safe_target[rows], grad_logits, owned=True, all_valid=False
+            logits, terms, coefficients, rows, safe_target[rows], grad_logits, owned=True
         )
         if smooth_dot is not None:
             smooth_dot[rows] = smooth
@@ -95,7 +96,7 @@ def linear_cross_entropy_recompute(
     linear_weight: Tensor,
     linear_bias: Tensor | None,
     target: Tensor,
-    valid: Tensor,
+    valid: Tensor | None,
     weight: Tensor | None,
     *,
     options: CrossEntropyOptions,
@@ -106,12 +107,13 @@ def linear_cross_entropy_recompute(
     """reduction='none': each chunk's logits again, each row's coefficients times its
     grad_output (folded into the coefficients, so no extra pass over the chunk)."""
     compute, x, w, b = _compute_copies(input, linear_weight, linear_bias)
-    terms = RowTerms.local(ClassTargets(target, valid), weight, w.shape[0], compute, options)
+    targets = ClassTargets(target, valid, ignore_index=options.ignore_index, all_valid=valid is None)
+    terms = RowTerms.local(targets, weight, w.shape[0], compute, options)
     coefficients = terms.coefficients(row_factor=grad_output.reshape(-1).to(compute))
-    safe_target = torch.where(valid, target, 0).unsqueeze(1)
+    safe_target = targets.safe().unsqueeze(1)
     grads = _zero_grads(x, w, b, needs)
     for rows, logits in _chunks(x, w, b, chunk_rows):
-        logits_chunk(logits, terms, coefficients, rows, safe_target[rows], logits, owned=True, all_valid=False)
+        logits_chunk(logits, terms, coefficients, rows, safe_target[rows], logits, owned=True)
         _accumulate(grads, logits, x[rows], w, rows)
     return grads
 
@@ -156,7 +158,7 @@ def _loss_shape(input: Tensor, *tensors: Tensor | None, options: CrossEntropyOpt
 
 fused_linear_cross_entropy = FusedOp(
     "linear_cross_entropy",
-    tensors=("input", "linear_weight", "linear_bias?", "target", "valid", "weight?"),
+    tensors=("input", "linear_weight", "linear_bias?", "target", "valid?", "weight?"),
     differentiable=3,
     options=CrossEntropyOptions,
     extras=(("int", "chunk_rows"),),

@@ -55,7 +55,7 @@ class RowTerms:
     Args:
         options: the cross-entropy options.
         num_classes: C, the size of the whole vocabulary (all ranks' classes together).
-        valid: (N,) rows that count.
+        valid: (N,) rows that count; None when every row does.
         target_weight: (N,) w_y, 0 where ignored; None when every row counts with weight 1
             (no class weights, nothing ignored: the common case, which then costs no
             per-row tensor at all).
@@ -63,17 +63,19 @@ class RowTerms:
         class_weight: the weights of the classes this caller's logits hold (for the
             smoothing step), None without weight.
         weighted: whether class weights are given (else target_weight counts the rows).
+        num_rows: N, needed when neither ``valid`` nor ``target_weight`` says it.
     """
 
     def __init__(
         self,
         options: CrossEntropyOptions,
         num_classes: int,
-        valid: Tensor,
+        valid: Tensor | None,
         target_weight: Tensor | None,
         total_weight: Tensor | float,
         class_weight: Tensor | None,
         weighted: bool,
+        num_rows: int | None = None,
     ) -> None:
         self.options, self.num_classes, self.valid = options, num_classes, valid
         self.total_weight, self.class_weight, self.weighted = total_weight, class_weight, weighted
@@ -81,32 +83,28 @@ class RowTerms:
         if self.uniform:
             self.target_weight: Tensor | float = 1.0
             self.counts: Tensor | float = 1.0
-            self.denominator: Tensor | float = float(valid.shape[0])
+            self.denominator: Tensor | float = float(num_rows if valid is None else valid.shape[0])
             self.count: Tensor | float = self.denominator
         else:
             self.target_weight = target_weight
-            self.counts = valid.to(target_weight.dtype) if weighted else target_weight
+            counted = valid if valid is not None else torch.ones_like(target_weight, dtype=torch.bool)
+            self.counts = counted.to(target_weight.dtype) if weighted else target_weight
             self.denominator = target_weight.sum()  # what 'mean' divides the cross-entropy by
             # ... and the z-loss, unweighted: the same number without class weights
             self.count = self.counts.sum() if weighted else self.denominator
 
     @staticmethod
     def local(
-        targets: ClassTargets,
-        weight: Tensor | None,
-        num_classes: int,
-        dtype: torch.dtype,
-        options: CrossEntropyOptions,
-        all_valid: bool = False,
+        targets: ClassTargets, weight: Tensor | None, num_classes: int, dtype: torch.dtype, options: CrossEntropyOptions
     ) -> RowTerms:
-        """The terms of rows whose logits hold every class (one process). ``all_valid``
-        says that no row is ignored (known for free on the CPU)."""
-        valid = targets.valid
+        """The terms of rows whose logits hold every class (one process)."""
+        valid = targets.valid_or_none
         if weight is None:
-            return RowTerms(options, num_classes, valid, None if all_valid else valid.to(dtype),
-                            float(num_classes), None, False)
+            return RowTerms(options, num_classes, valid, None if valid is None else valid.to(dtype),
+                            float(num_classes), None, False, num_rows=targets.target.shape[0])
         weight = weight.to(dtype)
-        target_weight = torch.where(valid, weight[targets.safe()], 0.0)
+        picked = weight[targets.safe()]
+        target_weight = picked if valid is None else torch.where(valid, picked, 0.0)
         return RowTerms(options, num_classes, valid, target_weight, weight.sum(), weight, True)
 
     def scales(self) -> tuple[Tensor | float, Tensor | float]:
@@ -146,22 +144,24 @@ class RowTerms:
             lse_coef = self.counts * b
         return Coefficients(coef, -target_part, smooth_step, lse_coef)
 
-    def loss(self, lse: Tensor, z_target: Tensor, smooth_dot: Tensor | None) -> Tensor:
+    def loss(self, lse: Tensor | None, z_target: Tensor | None, smooth_dot: Tensor | None,
+             nll: Tensor | None = None) -> Tensor:
         """The loss from each row's lse, z_y and sum_c w_c z_c, reduced by the options'
-        reduction; rows ignored are 0."""
+        reduction; rows ignored are 0. A kernel that has -log p_y = lse - z_y at hand
+        passes it as ``nll`` (and lse only where smoothing or the z-loss need it)."""
         opts = self.options
         eps = opts.label_smoothing
-        loss = lse - z_target
+        loss = lse - z_target if nll is None else nll
         if not self.uniform:
             loss = self.target_weight * loss
         if eps > 0.0:
             loss = (1.0 - eps) * loss + (eps / self.num_classes) * (self.total_weight * lse - smooth_dot)
-        if not self.uniform:
+        if self.valid is not None:
             loss = torch.where(self.valid, loss, 0.0)
         if not opts.lse_square_scale:
             return reduce_loss(loss, opts.reduction, self.denominator)
         z_loss = opts.lse_square_scale * lse.square()
-        if not self.uniform:
+        if self.valid is not None:
             z_loss = torch.where(self.valid, z_loss, 0.0)
         if opts.reduction == "mean":
             return loss.sum() / self.denominator + z_loss.sum() / self.count
@@ -201,14 +201,13 @@ def apply_gradient(
     index: Tensor,
     tanh: Tensor | None,
     target_here: Tensor | None = None,
-    all_valid: bool = False,
 ) -> Tensor:
     """Turn ``probs`` (B, C_local), the softmax of rows ``rows``, into their gradient, in
     place: dx = [p (coef + lse_coef lse) + target_step [c = y] + smooth_step w] (1 - tanh^2).
 
     ``index`` (B, 1) is each row's target column in these logits; ``target_here`` (B,)
-    says which rows hold their target among them (all, in one process). ``all_valid``
-    skips masking the ignored rows (whose logits may be -inf and their p nan).
+    says which rows hold their target among them (all, in one process). Ignored rows are
+    masked (their logits may be -inf and their p nan) unless every row counts.
     """
     coef = per_row(coefficients.coef, rows)
     if coefficients.lse_coef is not None:
@@ -217,14 +216,17 @@ def apply_gradient(
         probs.mul_(coef.unsqueeze(1))
     elif not (isinstance(coef, float) and coef == 1.0):
         probs.mul_(coef)
-    if not all_valid:
+    if terms.valid is not None:
         probs.masked_fill_(~terms.valid[rows].unsqueeze(1), 0.0)
     step = per_row(coefficients.target_step, rows)
-    if not isinstance(step, Tensor) or not step.dim():
-        step = probs.new_full((), step).expand(probs.shape[0]) if not isinstance(step, Tensor) else step.expand(probs.shape[0])
-    if target_here is not None:
-        step = torch.where(target_here, step, 0.0)
-    probs.scatter_add_(1, index, step.unsqueeze(1).to(probs.dtype))
+    if isinstance(step, float) and target_here is None:  # the same step for every row: no tensor of it
+        probs.scatter_(1, index, step, reduce="add")
+    else:
+        if not isinstance(step, Tensor) or not step.dim():
+            step = torch.as_tensor(step, dtype=probs.dtype, device=probs.device).expand(probs.shape[0])
+        if target_here is not None:
+            step = torch.where(target_here, step, 0.0)
+        probs.scatter_add_(1, index, step.unsqueeze(1).to(probs.dtype))
     if coefficients.smooth_step is not None:
         smooth = per_row(coefficients.smooth_step, rows)
         smooth = smooth.unsqueeze(1) if isinstance(smooth, Tensor) and smooth.dim() else smooth

@@ -131,7 +131,8 @@ def cross_entropy_rows(terms, coefficients, logits: Tensor, rows: slice, safe_ta
         return torch.as_tensor(value, **f32).expand(n).contiguous()
 
     target = safe_target.reshape(-1).contiguous()
-    valid = terms.valid[rows].to(torch.float32).contiguous()
+    valid = (terms.valid[rows].to(torch.float32).contiguous() if terms.valid is not None
+             else torch.ones(n, **f32))
     weight = terms.class_weight.to(torch.float32).contiguous() if terms.class_weight is not None else lse
     with_grad = grad is not None
     coef = per_row(coefficients.coef) if with_grad else lse
