@@ -1,14 +1,12 @@
 """Fused binary cross-entropy with logits on CPU: loss and gradient in one pass over chunks.
 
-With lw = 1 + (pos_weight - 1) y and e = exp(-|x|), for each element:
+With lw = 1 + (pos_weight - 1) y = (1 - y) + pos_weight y, for each element:
 
-    log sigmoid(x) = min(x, 0) - log1p(e)
-    sigmoid(-x)    = e / (1 + e) if x >= 0 else 1 / (1 + e)
-    loss           = w [(1 - y) x - lw log sigmoid(x)]
-    dloss/dx       = w [(1 - y) - lw sigmoid(-x)]
+    loss      = w [(1 - y) x - lw log sigmoid(x)]
+    dloss/dx  = w [(1 - y) - lw sigmoid(-x)]
 
-Every quantity comes from the one exp(-|x|), which never overflows, so logits of any size
-are exact. The gradient is written in forward into the buffer backward hands to autograd.
+aten's log_sigmoid (min(x, 0) - log1p(exp(-|x|))) and sigmoid never overflow, so logits of
+any size are exact; a chunk's handful of element-wise passes stay in cache. The gradient is written in forward into the buffer backward hands to autograd.
 
 CPU eager calls take this kernel, and CUDA eager calls its Triton twin
 (:mod:`losskit.kernels.triton_binary_cross_entropy`). Under torch.compile the composed
@@ -68,17 +66,18 @@ def bce_with_logits_forward(
         part = slice(start, start + step)
         xc = x[part].to(compute)
         yc = y[part].to(compute)
-        e = torch.exp(-xc.abs())
-        one_plus_e = 1.0 + e
-        log_sigmoid = xc.clamp(max=0.0) - torch.log1p(e)
-        lw = 1.0 if pw is None else torch.addcmul(torch.ones_like(yc), pw[part] - 1.0, yc)
-        chunk_loss = (1.0 - yc) * xc - lw * log_sigmoid
+        not_y = 1.0 - yc
+        # lw = 1 + (pos_weight - 1) y
+        lw = None if pw is None else torch.addcmul(not_y, pw[part], yc)
+        # aten's log_sigmoid and sigmoid are exact at any magnitude: min(x, 0) - log1p(e^-|x|).
+        log_sigmoid = torch.nn.functional.logsigmoid(xc)
+        chunk_loss = torch.mul(not_y, xc).sub_(log_sigmoid if lw is None else log_sigmoid.mul_(lw))
         if w is not None:
             chunk_loss.mul_(w[part])
         loss[part] = chunk_loss
         if grad is not None:
-            sigmoid_neg = torch.where(xc >= 0, e, 1.0) / one_plus_e
-            chunk_grad = (1.0 - yc) - lw * sigmoid_neg
+            sigmoid_neg = torch.sigmoid(xc.neg())
+            chunk_grad = not_y.sub_(sigmoid_neg if lw is None else sigmoid_neg.mul_(lw))
             if w is not None:
                 chunk_grad.mul_(w[part])
             if scale != 1.0:
