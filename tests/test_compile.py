@@ -8,7 +8,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 import losskit.nn as lnn
-from cases import CASES, Maker
+from cases import CASES
+from inputs import Inputs as Maker  # the factory once named cases.Maker
 
 
 def _grad_inputs(args, kwargs) -> list[torch.Tensor]:

@@ -9,7 +9,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cases import CASES, Maker, covered_names, public_losses
+from cases import CASES, covered_names, public_losses
+from inputs import Inputs as Maker  # the factory once named cases.Maker
 
 
 class NoCpuMixing(TorchDispatchMode):

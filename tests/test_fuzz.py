@@ -41,6 +41,7 @@ import losskit.functional as LF
 import losskit.kernels.binary_cross_entropy as bce_kernel
 import losskit.kernels.cross_entropy as ce_kernel
 from definitions import poly1_definition, sigmoid_focal_definition, softmax_focal_definition
+from inputs import Inputs
 
 HALF = (torch.float16, torch.bfloat16)
 # Rounding allowance per dtype, relative to max(1, |reference|).
@@ -70,53 +71,9 @@ class Call:
     oracle: Callable[..., torch.Tensor] | None = None
 
 
-class Data:
-    """Deterministic tensors from one seed: the same values for every build."""
-
-    def __init__(self, seed: int, dtype: torch.dtype, rounded_to: torch.dtype) -> None:
-        self.gen = torch.Generator().manual_seed(seed)
-        self.dtype, self.rounded_to = dtype, rounded_to
-        self.leaves: list[torch.Tensor] = []
-
-    def _cast(self, values: torch.Tensor) -> torch.Tensor:
-        return values.to(self.rounded_to).to(self.dtype)
-
-    def normal(self, *shape: int, scale: float = 1.0) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen, dtype=torch.float64) * scale
-
-    def uniform(self, *shape: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
-        return low + (high - low) * torch.rand(shape, generator=self.gen, dtype=torch.float64)
-
-    def index(self, high: int, *shape: int) -> torch.Tensor:
-        return torch.randint(0, max(high, 1), shape, generator=self.gen)
-
-    def leaf(self, values: torch.Tensor, layout: str = "contiguous", grad: bool = True) -> torch.Tensor:
-        """values in the build dtype, as a leaf that requires grad, seen through ``layout``:
-        'transposed' (same values, column-major storage) or 'expanded' (row 0 broadcast)."""
-        if layout == "expanded" and values.dim() >= 1 and values.shape[0] > 0:
-            base = self._cast(values[:1]).requires_grad_(grad)
-            if grad:
-                self.leaves.append(base)
-            return base.expand(values.shape)
-        base = self._cast(values)
-        if layout == "transposed" and values.dim() >= 2:
-            base = base.transpose(0, 1).contiguous().requires_grad_(grad)
-            if grad:
-                self.leaves.append(base)
-            return base.transpose(0, 1)
-        base = base.clone().requires_grad_(grad)
-        if grad:
-            self.leaves.append(base)
-        return base
-
-    def const(self, values: torch.Tensor, layout: str = "contiguous") -> torch.Tensor:
-        """values in the build dtype, no gradient."""
-        return self.leaf(values, layout, grad=False)
-
-
-def call(name: str, seed: int, make: Callable[[Data], tuple[list[Any], dict[str, Any]]], **extra: Any) -> Call:
+def call(name: str, seed: int, make: Callable[[Inputs], tuple[list[Any], dict[str, Any]]], **extra: Any) -> Call:
     def build(dtype: torch.dtype, rounded_to: torch.dtype | None = None):
-        data = Data(seed, dtype, rounded_to or dtype)
+        data = Inputs("cpu", dtype, seed, rounded_to)
         args, kwargs = make(data)
         return args, kwargs, data.leaves
 
@@ -161,7 +118,7 @@ def class_index_calls(draw, name: str) -> Call:
     out_of_range = draw(st.integers(0, 15)) == 0  # an invalid call: both must raise
     options = _legacy(draw)
 
-    def make(d: Data):
+    def make(d: Inputs):
         logits = d.normal(*shape, scale=scale)
         if name == "nll_loss":
             logits = logits.log_softmax(0 if form == "unbatched" else 1)
@@ -205,7 +162,7 @@ def binary_calls(draw, name: str) -> Call:
     bad_target = name == "binary_cross_entropy" and draw(st.integers(0, 15)) == 0
     options = _legacy(draw)
 
-    def make(d: Data):
+    def make(d: Inputs):
         if name == "binary_cross_entropy":
             p = d.uniform(*shape, low=0.001, high=0.999)
             if edge and p.numel() >= 2:
@@ -253,7 +210,7 @@ def regression_calls(draw, name: str) -> Call:
         # tensor); losskit promotes first (README: differences), so compare float targets.
         integer_target = integer_target and not kwargs["full"]
 
-    def make(d: Data):
+    def make(d: Inputs):
         target_shape = (1, *shape[1:]) if broadcast_target else shape
         if name == "poisson_nll_loss":
             x = d.normal(*shape) if kwargs["log_input"] else d.uniform(*shape, low=0.01, high=5.0)
@@ -282,7 +239,7 @@ def gaussian_calls(draw) -> Call:
               "reduction": draw(st.sampled_from(REDUCTIONS))}
     negative = draw(st.integers(0, 15)) == 0
 
-    def make(d: Data):
+    def make(d: Inputs):
         x, y = d.leaf(d.normal(n, k)), d.const(d.normal(n, k))
         var_shape = {"full": (n, k), "last": (n,), "scalar_per_row": (n, 1)}[var_form]
         var = d.uniform(*var_shape, low=0.01, high=3.0)
@@ -301,7 +258,7 @@ def kl_calls(draw) -> Call:
     kwargs = {"log_target": log_target, "reduction": draw(st.sampled_from([*REDUCTIONS, "batchmean"]))}
     zeros = draw(st.booleans())
 
-    def make(d: Data):
+    def make(d: Inputs):
         x = d.leaf(d.normal(*shape).log_softmax(-1))
         q = d.normal(*shape).softmax(-1)
         if zeros and q.numel():
@@ -324,11 +281,11 @@ def margin_calls(draw, name: str) -> Call:
     ties = draw(st.booleans()) and name not in ("triplet_margin_loss", "cosine_embedding_loss")
     options = _legacy(draw)
 
-    def values(d: Data, *shape: int) -> torch.Tensor:
+    def values(d: Inputs, *shape: int) -> torch.Tensor:
         v = d.normal(*shape)
         return (v * 2).round() / 4 if ties else v
 
-    def make(d: Data):
+    def make(d: Inputs):
         kwargs: dict[str, Any] = dict(options)
         if name == "soft_margin_loss":
             return [d.leaf(values(d, n, c), layout), d.const(d.index(2, n, c).double() * 2 - 1)], kwargs
@@ -375,7 +332,7 @@ def ctc_calls(draw) -> Call:
     blank = draw(st.sampled_from([0, c - 1]))
     kwargs = {"blank": blank, "reduction": draw(st.sampled_from(REDUCTIONS)), "zero_infinity": draw(st.booleans())}
 
-    def make(d: Data):
+    def make(d: Inputs):
         lp = d.leaf(d.normal(steps, n, c).log_softmax(2))
         labels = d.index(c - 1, n, longest)
         labels = labels + (labels >= blank).long()  # never the blank
@@ -401,7 +358,7 @@ def linear_calls(draw) -> Call:
     reduction = draw(st.sampled_from(REDUCTIONS))
     chunk = draw(st.sampled_from([None, 1, 2, 4]))
 
-    def make(d: Data):
+    def make(d: Inputs):
         x = d.leaf(d.normal(*batch, hidden))
         w = d.leaf(d.normal(c, hidden))
         target = d.index(c, *batch)
@@ -436,7 +393,7 @@ def sigmoid_focal_calls(draw) -> Call:
               "reduction": draw(st.sampled_from(REDUCTIONS))}
     scale, layout, hard = draw(st.sampled_from([1.0, 1.0, 30.0])), draw(layouts), draw(st.booleans())
 
-    def make(d: Data):
+    def make(d: Inputs):
         y = d.uniform(*shape)
         return [d.leaf(d.normal(*shape, scale=scale), layout), d.const(y.round() if hard else y)], dict(kwargs)
 
@@ -462,7 +419,7 @@ def softmax_target_calls(draw, name: str) -> Call:
         alpha = None
     scale, layout = draw(st.sampled_from([1.0, 1.0, 30.0])), draw(layouts) if form == "rows" else "contiguous"
 
-    def make(d: Data):
+    def make(d: Inputs):
         x = d.leaf(d.normal(*shape, scale=scale), layout)
         target = d.index(c, *target_shape)
         if some_ignored and target.numel():
