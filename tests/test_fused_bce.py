@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 
 import losskit.functional as LF
 from losskit.kernels import binary_cross_entropy as kernel
-from oracle import DTYPES, REDUCTIONS, check_against_torch
+from compare import DTYPES, REDUCTIONS, check_against_torch
 from test_classification import BINARY_SHAPES, weight_shapes
 
 @pytest.fixture(autouse=True)

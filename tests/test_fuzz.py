@@ -40,7 +40,7 @@ from hypothesis import given, strategies as st
 import losskit.functional as LF
 import losskit.kernels.binary_cross_entropy as bce_kernel
 import losskit.kernels.cross_entropy as ce_kernel
-from definitions import poly1_definition, sigmoid_focal_definition, softmax_focal_definition
+from oracles_beyond_torch import poly1_definition, sigmoid_focal_definition, softmax_focal_definition
 from inputs import Inputs
 
 HALF = (torch.float16, torch.bfloat16)
@@ -383,7 +383,7 @@ def linear_calls(draw) -> Call:
                 addition="expected input with dimensionality 1 or 2", twin=twin)
 
 
-# ---- beyond torch: against the written-out definitions (tests/definitions.py) ----------------
+# ---- beyond torch: against the written-out definitions (tests/oracles_beyond_torch.py) -------
 
 @st.composite
 def sigmoid_focal_calls(draw) -> Call:
