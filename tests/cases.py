@@ -1,9 +1,9 @@
 """One sample call of every public loss, on any device: the catalog the device, compile and
 grad-mode tests run over.
 
-A case builds its call from a ``Maker`` bound to a device and dtype, so the same call runs
-on CPU, on ``meta`` tensors and under torch.compile. ``covered_names`` lists what the cases
-reach, and a test fails when a public loss has no case.
+A case builds its call from an ``Inputs`` (tests/inputs.py) bound to a device and dtype, so
+the same call runs on CPU, on ``meta`` tensors and under torch.compile. ``covered_names``
+lists what the cases reach, and a test fails when a public loss has no case.
 """
 
 from __future__ import annotations
@@ -16,45 +16,8 @@ import numpy as np
 import torch
 
 import losskit.functional as LF
+from inputs import Inputs
 from losskit import info, keras, nn
-
-
-@dataclass
-class Maker:
-    device: str
-    dtype: torch.dtype = torch.float32
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed)
-
-    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
-        # Draw on the CPU (so that every device sees the same numbers), then move.
-        return t.to(self.device)
-
-    def x(self, *shape: int, scale: float = 1.0, grad: bool = True) -> torch.Tensor:
-        """A float input that requires grad."""
-        t = self._on_device((torch.randn(shape, generator=self.generator, dtype=torch.float64) * scale).to(self.dtype))
-        return t.requires_grad_(grad)
-
-    def const(self, *shape: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
-        """A float tensor that needs no gradient, uniform in [low, high)."""
-        t = torch.rand(shape, generator=self.generator, dtype=torch.float64) * (high - low) + low
-        return self._on_device(t.to(self.dtype))
-
-    def probs(self, *shape: int, grad: bool = False) -> torch.Tensor:
-        t = torch.randn(shape, generator=self.generator, dtype=torch.float64).softmax(-1).to(self.dtype)
-        return self._on_device(t).requires_grad_(grad)
-
-    def index(self, high: int, *shape: int, ignore: int | None = None) -> torch.Tensor:
-        t = torch.randint(0, high, shape, generator=self.generator)
-        if ignore is not None and t.numel() > 1:
-            t.view(-1)[1] = ignore
-        return self._on_device(t)
-
-    def sign(self, *shape: int) -> torch.Tensor:
-        t = torch.randint(0, 2, shape, generator=self.generator).to(self.dtype) * 2 - 1
-        return self._on_device(t)
 
 
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -64,7 +27,7 @@ Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 class Case:
     id: str
     covers: tuple[str, ...]  # the public names this call goes through, e.g. ("functional.cross_entropy",)
-    build: Callable[[Maker], Call]
+    build: Callable[[Inputs], Call]
     # ctc_loss with concatenated targets and tensor lengths reads the longest length on the
     # host (a data-dependent shape, as torch's own ctc_loss), so that compiled call is not
     # one graph (see its docstring); every other case is.
@@ -75,18 +38,18 @@ def _fn(name: str) -> str:
     return f"functional.{name}"
 
 
-def _ctc_padded(m: Maker) -> Call:
+def _ctc_padded(m: Inputs) -> Call:
     lp = m.x(6, 2, 4).log_softmax(-1).detach().requires_grad_()
     return LF.ctc_loss, (lp, m.index(3, 2, 3) + 1, torch.tensor([6, 5]), torch.tensor([3, 2])), {}
 
 
-def _ctc_concatenated(m: Maker) -> Call:
+def _ctc_concatenated(m: Inputs) -> Call:
     lp = m.x(6, 2, 4).log_softmax(-1).detach().requires_grad_()
     # blank = 3, labels in {0, 1, 2}; lengths as Python lists, as torch allows
     return LF.ctc_loss, (lp, m.index(3, 5), [6, 4], [3, 2]), {"blank": 3, "reduction": "sum"}
 
 
-def _ctc_concatenated_tensor_lengths(m: Maker) -> Call:
+def _ctc_concatenated_tensor_lengths(m: Inputs) -> Call:
     lp = m.x(6, 2, 4).log_softmax(-1).detach().requires_grad_()
     lengths = torch.tensor([3, 2], device=m.device)
     return LF.ctc_loss, (lp, m.index(3, 5) + 1, torch.tensor([6, 4], device=m.device), lengths), {}
@@ -101,31 +64,31 @@ CASES: list[Case] = [
     Case("cross_entropy-fused", (_fn("cross_entropy"),), lambda m: (LF.cross_entropy, (m.x(6, 5), m.index(5, 6)), {})),
     Case("cross_entropy-fused-options", (_fn("cross_entropy"),), lambda m: (
         LF.cross_entropy, (m.x(6, 5), m.index(5, 6, ignore=-100)),
-        {"weight": m.const(5, low=0.5, high=2.0), "label_smoothing": 0.1, "lse_square_scale": 1e-3, "softcap": 4.0},
+        {"weight": m.rand(5, low=0.5, high=2.0), "label_smoothing": 0.1, "lse_square_scale": 1e-3, "softcap": 4.0},
     )),
     Case("cross_entropy-fused-none", (_fn("cross_entropy"),), lambda m: (
         LF.cross_entropy, (m.x(6, 5), m.index(5, 6, ignore=2)), {"ignore_index": 2, "reduction": "none"},
     )),
     Case("cross_entropy-kdim", (_fn("cross_entropy"),), lambda m: (
         LF.cross_entropy, (m.x(2, 5, 3), m.index(5, 2, 3, ignore=-100)),
-        {"weight": m.const(5, low=0.5), "label_smoothing": 0.2, "lse_square_scale": 1e-3},
+        {"weight": m.rand(5, low=0.5), "label_smoothing": 0.2, "lse_square_scale": 1e-3},
     )),
     Case("cross_entropy-probabilities", (_fn("cross_entropy"),), lambda m: (
         LF.cross_entropy, (m.x(4, 5), m.probs(4, 5)), {"label_smoothing": 0.1, "softcap": 3.0},
     )),
     Case("nll_loss", (_fn("nll_loss"),), lambda m: (
-        LF.nll_loss, (m.x(4, 5), m.index(5, 4, ignore=-100)), {"weight": m.const(5, low=0.5)},
+        LF.nll_loss, (m.x(4, 5), m.index(5, 4, ignore=-100)), {"weight": m.rand(5, low=0.5)},
     )),
     Case("binary_cross_entropy", (_fn("binary_cross_entropy"),), lambda m: (
-        LF.binary_cross_entropy, (m.const(4, 3, low=0.05, high=0.95).requires_grad_(), m.const(4, 3)),
-        {"weight": m.const(3)},
+        LF.binary_cross_entropy, (m.rand(4, 3, low=0.05, high=0.95).requires_grad_(), m.rand(4, 3)),
+        {"weight": m.rand(3)},
     )),
     Case("bce_with_logits-fused", (_fn("binary_cross_entropy_with_logits"),), lambda m: (
-        LF.binary_cross_entropy_with_logits, (m.x(4, 3), m.const(4, 3)), {"pos_weight": m.const(3, low=1, high=3)},
+        LF.binary_cross_entropy_with_logits, (m.x(4, 3), m.rand(4, 3)), {"pos_weight": m.rand(3, low=1, high=3)},
     )),
     Case("bce_with_logits-reference", (_fn("binary_cross_entropy_with_logits"),), lambda m: (
-        LF.binary_cross_entropy_with_logits, (m.x(4, 3), m.const(4, 3).requires_grad_()),
-        {"weight": m.const(3), "reduction": "sum"},
+        LF.binary_cross_entropy_with_logits, (m.x(4, 3), m.rand(4, 3).requires_grad_()),
+        {"weight": m.rand(3), "reduction": "sum"},
     )),
     Case("linear_cross_entropy", (_fn("linear_cross_entropy"),), lambda m: (
         LF.linear_cross_entropy, (m.x(7, 4), m.x(9, 4), m.index(9, 7, ignore=-100)),
@@ -133,23 +96,23 @@ CASES: list[Case] = [
     )),
     Case("linear_cross_entropy-none", (_fn("linear_cross_entropy"),), lambda m: (
         LF.linear_cross_entropy, (m.x(7, 4), m.x(9, 4), m.index(9, 7)),
-        {"weight": m.const(9, low=0.5), "reduction": "none", "chunk_size": 4, "lse_square_scale": 1e-2},
+        {"weight": m.rand(9, low=0.5), "reduction": "none", "chunk_size": 4, "lse_square_scale": 1e-2},
     )),
     Case("linear_cross_entropy-kdim", (_fn("linear_cross_entropy"),), lambda m: (
         LF.linear_cross_entropy, (m.x(2, 3, 4), m.x(9, 4), m.index(9, 2, 3)), {},
     )),
     # regression
-    Case("mse_loss", (_fn("mse_loss"),), lambda m: (LF.mse_loss, (m.x(4, 3), m.x(4, 3)), {"weight": m.const(4, 3)})),
+    Case("mse_loss", (_fn("mse_loss"),), lambda m: (LF.mse_loss, (m.x(4, 3), m.x(4, 3)), {"weight": m.rand(4, 3)})),
     Case("l1_loss", (_fn("l1_loss"),), lambda m: (LF.l1_loss, (m.x(4, 3), m.x(4, 3)), {"reduction": "sum"})),
     Case("smooth_l1_loss", (_fn("smooth_l1_loss"),), lambda m: (LF.smooth_l1_loss, (m.x(4, 3), m.x(4, 3)), {"beta": 0.5})),
     Case("huber_loss", (_fn("huber_loss"),), lambda m: (
-        LF.huber_loss, (m.x(4, 3), m.x(4, 3)), {"delta": 0.7, "weight": m.const(4, 3)},
+        LF.huber_loss, (m.x(4, 3), m.x(4, 3)), {"delta": 0.7, "weight": m.rand(4, 3)},
     )),
     Case("poisson_nll_loss", (_fn("poisson_nll_loss"),), lambda m: (
-        LF.poisson_nll_loss, (m.x(4, 3), m.const(4, 3, high=4.0)), {"full": True},
+        LF.poisson_nll_loss, (m.x(4, 3), m.rand(4, 3, high=4.0)), {"full": True},
     )),
     Case("gaussian_nll_loss", (_fn("gaussian_nll_loss"),), lambda m: (
-        LF.gaussian_nll_loss, (m.x(4, 3), m.x(4, 3), m.const(4, 1, low=0.1, high=2.0).requires_grad_()), {"full": True},
+        LF.gaussian_nll_loss, (m.x(4, 3), m.x(4, 3), m.rand(4, 1, low=0.1, high=2.0).requires_grad_()), {"full": True},
     )),
     Case("gaussian_nll_loss-float-var", (_fn("gaussian_nll_loss"),), lambda m: (
         LF.gaussian_nll_loss, (m.x(4, 3), m.x(4, 3), 0.5), {},
@@ -167,13 +130,13 @@ CASES: list[Case] = [
     # margin and embedding
     Case("soft_margin_loss", (_fn("soft_margin_loss"),), lambda m: (LF.soft_margin_loss, (m.x(4, 3), m.sign(4, 3)), {})),
     Case("multilabel_soft_margin_loss", (_fn("multilabel_soft_margin_loss"),), lambda m: (
-        LF.multilabel_soft_margin_loss, (m.x(4, 3), m.const(4, 3).round()), {"weight": m.const(3)},
+        LF.multilabel_soft_margin_loss, (m.x(4, 3), m.rand(4, 3).round()), {"weight": m.rand(3)},
     )),
     Case("multilabel_margin_loss", (_fn("multilabel_margin_loss"),), lambda m: (
         LF.multilabel_margin_loss, (m.x(2, 4), torch.tensor([[3, 0, -1, 1], [1, 2, 0, 3]], device=m.device)), {},
     )),
     Case("multi_margin_loss", (_fn("multi_margin_loss"),), lambda m: (
-        LF.multi_margin_loss, (m.x(4, 5), m.index(5, 4)), {"p": 2, "margin": 0.5, "weight": m.const(5)},
+        LF.multi_margin_loss, (m.x(4, 5), m.index(5, 4)), {"p": 2, "margin": 0.5, "weight": m.rand(5)},
     )),
     Case("margin_ranking_loss", (_fn("margin_ranking_loss"),), lambda m: (
         LF.margin_ranking_loss, (m.x(5), m.x(5), m.sign(5)), {"margin": 0.2},
@@ -199,10 +162,10 @@ CASES: list[Case] = [
          fullgraph=False),
     # beyond torch
     Case("sigmoid_focal_loss", (_fn("sigmoid_focal_loss"),), lambda m: (
-        LF.sigmoid_focal_loss, (m.x(4, 3), m.const(4, 3).round()), {"reduction": "mean"},
+        LF.sigmoid_focal_loss, (m.x(4, 3), m.rand(4, 3).round()), {"reduction": "mean"},
     )),
     Case("softmax_focal_loss", (_fn("softmax_focal_loss"),), lambda m: (
-        LF.softmax_focal_loss, (m.x(4, 5), m.index(5, 4, ignore=-100)), {"alpha": m.const(5), "gamma": 1.5},
+        LF.softmax_focal_loss, (m.x(4, 5), m.index(5, 4, ignore=-100)), {"alpha": m.rand(5), "gamma": 1.5},
     )),
     Case("poly1_cross_entropy", (_fn("poly1_cross_entropy"),), lambda m: (
         LF.poly1_cross_entropy, (m.x(2, 5, 3), m.index(5, 2, 3, ignore=-100)), {"epsilon": 2.0},
@@ -210,7 +173,7 @@ CASES: list[Case] = [
     Case("dice_loss", (_fn("dice_loss"),), lambda m: (LF.dice_loss, (m.x(2, 3, 4), m.index(3, 2, 4, ignore=-100)), {})),
     Case("dice_loss-probabilities", (_fn("dice_loss"),), lambda m: (
         LF.dice_loss, (m.probs(2, 4, 3).transpose(1, 2).requires_grad_(), m.probs(2, 4, 3).transpose(1, 2)),
-        {"from_logits": False, "weight": m.const(3)},
+        {"from_logits": False, "weight": m.rand(3)},
     )),
     Case("tversky_loss", (_fn("tversky_loss"),), lambda m: (
         LF.tversky_loss, (m.x(2, 3, 4), m.index(3, 2, 4)), {"alpha": 0.3, "beta": 0.7, "reduction": "none"},
@@ -231,36 +194,36 @@ CASES: list[Case] = [
 
 
 # nn Modules: each runs the functional case of the same loss through its Module.
-def _module_case(cls_name: str, ctor: Callable[[Maker], dict[str, Any]], args: Callable[[Maker], tuple[Any, ...]],
+def _module_case(cls_name: str, ctor: Callable[[Inputs], dict[str, Any]], args: Callable[[Inputs], tuple[Any, ...]],
                  fullgraph: bool = True) -> Case:
-    def build(m: Maker) -> Call:
+    def build(m: Inputs) -> Call:
         module = getattr(nn, cls_name)(**ctor(m))
         return module, args(m), {}
 
     return Case(f"nn.{cls_name}", (f"nn.{cls_name}",), build, fullgraph)
 
 
-def _none(m: Maker) -> dict[str, Any]:
+def _none(m: Inputs) -> dict[str, Any]:
     return {}
 
 
 CASES += [
-    _module_case("CrossEntropyLoss", lambda m: {"weight": m.const(5, low=0.5), "label_smoothing": 0.1},
+    _module_case("CrossEntropyLoss", lambda m: {"weight": m.rand(5, low=0.5), "label_smoothing": 0.1},
                  lambda m: (m.x(6, 5), m.index(5, 6, ignore=-100))),
     _module_case("NLLLoss", _none, lambda m: (m.x(4, 5).log_softmax(-1), m.index(5, 4))),
-    _module_case("BCELoss", _none, lambda m: (m.const(4, 3, low=0.05, high=0.95).requires_grad_(), m.const(4, 3))),
-    _module_case("BCEWithLogitsLoss", lambda m: {"pos_weight": m.const(3, low=1, high=2)}, lambda m: (m.x(4, 3), m.const(4, 3))),
+    _module_case("BCELoss", _none, lambda m: (m.rand(4, 3, low=0.05, high=0.95).requires_grad_(), m.rand(4, 3))),
+    _module_case("BCEWithLogitsLoss", lambda m: {"pos_weight": m.rand(3, low=1, high=2)}, lambda m: (m.x(4, 3), m.rand(4, 3))),
     _module_case("LinearCrossEntropyLoss", lambda m: {"in_features": 4, "num_classes": 9, "device": m.device},
                  lambda m: (m.x(7, 4), m.index(9, 7))),
     _module_case("MSELoss", _none, lambda m: (m.x(4, 3), m.x(4, 3))),
     _module_case("L1Loss", _none, lambda m: (m.x(4, 3), m.x(4, 3))),
     _module_case("SmoothL1Loss", _none, lambda m: (m.x(4, 3), m.x(4, 3))),
     _module_case("HuberLoss", _none, lambda m: (m.x(4, 3), m.x(4, 3))),
-    _module_case("PoissonNLLLoss", _none, lambda m: (m.x(4, 3), m.const(4, 3, high=3.0))),
-    _module_case("GaussianNLLLoss", _none, lambda m: (m.x(4, 3), m.x(4, 3), m.const(4, 3, low=0.1))),
+    _module_case("PoissonNLLLoss", _none, lambda m: (m.x(4, 3), m.rand(4, 3, high=3.0))),
+    _module_case("GaussianNLLLoss", _none, lambda m: (m.x(4, 3), m.x(4, 3), m.rand(4, 3, low=0.1))),
     _module_case("KLDivLoss", lambda m: {"reduction": "batchmean"}, lambda m: (m.x(4, 5).log_softmax(-1), m.probs(4, 5))),
     _module_case("SoftMarginLoss", _none, lambda m: (m.x(4, 3), m.sign(4, 3))),
-    _module_case("MultiLabelSoftMarginLoss", _none, lambda m: (m.x(4, 3), m.const(4, 3).round())),
+    _module_case("MultiLabelSoftMarginLoss", _none, lambda m: (m.x(4, 3), m.rand(4, 3).round())),
     _module_case("MultiLabelMarginLoss", _none, lambda m: (m.x(1, 4), torch.tensor([[3, 0, -1, 1]], device=m.device))),
     _module_case("MultiMarginLoss", _none, lambda m: (m.x(4, 5), m.index(5, 4))),
     _module_case("MarginRankingLoss", _none, lambda m: (m.x(5), m.x(5), m.sign(5))),
@@ -270,12 +233,12 @@ CASES += [
     _module_case("TripletMarginWithDistanceLoss", lambda m: {"distance_function": _triplet_distance},
                  lambda m: (m.x(4, 3), m.x(4, 3), m.x(4, 3))),
     _module_case("SigmoidFocalLoss", lambda m: {"gamma": 0.5, "reduction": "mean"},
-                 lambda m: (m.x(4, 3), m.const(4, 3).round())),
-    _module_case("SoftmaxFocalLoss", lambda m: {"alpha": m.const(5), "gamma": 1.5},
+                 lambda m: (m.x(4, 3), m.rand(4, 3).round())),
+    _module_case("SoftmaxFocalLoss", lambda m: {"alpha": m.rand(5), "gamma": 1.5},
                  lambda m: (m.x(4, 5), m.index(5, 4, ignore=-100))),
     _module_case("Poly1CrossEntropyLoss", lambda m: {"epsilon": 2.0}, lambda m: (m.x(4, 5), m.index(5, 4, ignore=-100))),
     _module_case("DiceLoss", lambda m: {"ignore_index": -100}, lambda m: (m.x(2, 3, 4), m.index(3, 2, 4, ignore=-100))),
-    _module_case("TverskyLoss", lambda m: {"alpha": 0.3, "beta": 0.7, "weight": m.const(3, low=0.5)},
+    _module_case("TverskyLoss", lambda m: {"alpha": 0.3, "beta": 0.7, "weight": m.rand(3, low=0.5)},
                  lambda m: (m.x(2, 3, 4), m.index(3, 2, 4))),
     _module_case("JSDivergenceLoss", lambda m: {"from_logits": True, "beta": 0.3}, lambda m: (m.x(4, 5), m.x(4, 5))),
     _module_case("CTCLoss", _none, lambda m: (
@@ -285,14 +248,14 @@ CASES += [
 
 
 # Keras: y_true as a tensor, a list or a NumPy array (Keras users pass all three).
-def _keras_case(name: str, y_true: Callable[[Maker], Any], y_pred: Callable[[Maker], Any],
+def _keras_case(name: str, y_true: Callable[[Inputs], Any], y_pred: Callable[[Inputs], Any],
                 ctor: dict[str, Any] | None = None, sample_weight: bool = False) -> list[Case]:
     function = getattr(keras, _KERAS_FUNCTIONS[name])
 
-    def call_function(m: Maker) -> Call:
+    def call_function(m: Inputs) -> Call:
         return function, (y_true(m), y_pred(m)), dict(ctor or {})
 
-    def call_class(m: Maker) -> Call:
+    def call_class(m: Inputs) -> Call:
         kwargs = {"sample_weight": np.linspace(0.5, 1.5, 4).astype(np.float32)} if sample_weight else {}
         return getattr(keras, name)(**(ctor or {})), (y_true(m), y_pred(m)), kwargs
 
@@ -326,28 +289,28 @@ _KERAS_FUNCTIONS = {
 }
 
 
-def _one_hot_list(m: Maker) -> list[list[float]]:
+def _one_hot_list(m: Inputs) -> list[list[float]]:
     return [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
 
 
-def _binary_numpy(m: Maker) -> np.ndarray:
+def _binary_numpy(m: Inputs) -> np.ndarray:
     return np.array([[1, 0, 1], [0, 0, 1], [1, 1, 0], [0, 1, 0]], dtype=np.float32)
 
 
-def _probs(m: Maker) -> torch.Tensor:
+def _probs(m: Inputs) -> torch.Tensor:
     return m.probs(4, 3, grad=True)
 
 
-def _sigmoids(m: Maker) -> torch.Tensor:
-    return m.const(4, 3, low=0.05, high=0.95).requires_grad_()
+def _sigmoids(m: Inputs) -> torch.Tensor:
+    return m.rand(4, 3, low=0.05, high=0.95).requires_grad_()
 
 
-def _reals(m: Maker) -> torch.Tensor:
+def _reals(m: Inputs) -> torch.Tensor:
     return m.x(4, 3)
 
 
-def _positives(m: Maker) -> torch.Tensor:
-    return m.const(4, 3, low=0.5, high=2.0).requires_grad_()
+def _positives(m: Inputs) -> torch.Tensor:
+    return m.rand(4, 3, low=0.5, high=2.0).requires_grad_()
 
 
 for _name, _true, _pred, _options, _weighted in [
@@ -364,10 +327,10 @@ for _name, _true, _pred, _options, _weighted in [
     ("KLDivergence", _one_hot_list, _probs, None, False),
     ("LogCosh", lambda m: m.x(4, 3, grad=False), _reals, None, False),
     ("MeanAbsoluteError", lambda m: m.x(4, 3, grad=False), _reals, None, True),
-    ("MeanAbsolutePercentageError", lambda m: m.const(4, 3, low=1, high=2), _reals, None, False),
+    ("MeanAbsolutePercentageError", lambda m: m.rand(4, 3, low=1, high=2), _reals, None, False),
     ("MeanSquaredError", lambda m: m.x(4, 3, grad=False), _reals, None, True),
-    ("MeanSquaredLogarithmicError", lambda m: m.const(4, 3, high=2), _positives, None, False),
-    ("Poisson", lambda m: m.const(4, 3, high=3), _positives, None, False),
+    ("MeanSquaredLogarithmicError", lambda m: m.rand(4, 3, high=2), _positives, None, False),
+    ("Poisson", lambda m: m.rand(4, 3, high=3), _positives, None, False),
     ("SparseCategoricalCrossentropy", lambda m: np.array([0, 2, 1, 0]), _reals, {"from_logits": True, "ignore_class": 1},
      True),
     ("SquaredHinge", _binary_numpy, _reals, None, False),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as TF
 
 import losskit.functional as LF
-from oracle import DTYPES, REDUCTIONS, TOLERANCES, check_against_torch
+from compare import DTYPES, REDUCTIONS, TOLERANCES, check_against_torch
 
 # (C,) unbatched, (N, C), K-dimensional (N, C, d1) and (N, C, d1, d2), and an odd size.
 SHAPES = [(5,), (4, 5), (3, 7, 5), (2, 4, 3, 2), (13, 31)]

@@ -8,7 +8,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 import losskit.nn as lnn
-from cases import CASES, Maker
+from cases import CASES
+from inputs import Inputs
 
 
 def _grad_inputs(args, kwargs) -> list[torch.Tensor]:
@@ -32,10 +33,10 @@ def _fresh_dynamo():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_compiled_equals_eager(case):
     torch.manual_seed(0)  # Modules draw their parameters from the global generator
-    fn, args, kwargs = case.build(Maker("cpu"))
+    fn, args, kwargs = case.build(Inputs("cpu"))
     want, want_grads = _run(fn, args, kwargs)
     torch.manual_seed(0)
-    fn, args, kwargs = case.build(Maker("cpu"))  # fresh leaves, same numbers
+    fn, args, kwargs = case.build(Inputs("cpu"))  # fresh leaves, same numbers
     compiled = torch.compile(fn, fullgraph=case.fullgraph, backend="inductor")
     got, got_grads = _run(compiled, args, kwargs)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

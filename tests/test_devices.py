@@ -9,7 +9,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cases import CASES, Maker, covered_names, public_losses
+from cases import CASES, covered_names, public_losses
+from inputs import Inputs
 
 
 class NoCpuMixing(TorchDispatchMode):
@@ -37,7 +38,7 @@ def _grad_leaves(args, kwargs) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_forward_and_backward_on_meta(case):
-    fn, args, kwargs = case.build(Maker("meta"))
+    fn, args, kwargs = case.build(Inputs("meta"))
     with NoCpuMixing():
         loss = fn(*args, **kwargs)
         assert loss.device.type == "meta"

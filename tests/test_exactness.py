@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 
 import losskit.functional as LF
 from losskit.kernels import reference_only
-from oracle import REDUCTIONS, check_against_torch, check_raises
+from compare import REDUCTIONS, check_against_torch, check_raises
 
 HALF = [torch.float16, torch.bfloat16]
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as TF
 
 import losskit.functional as LF
-from definitions import poly1_definition as written_poly1
-from definitions import sigmoid_focal_definition as torchvision_sigmoid_focal
-from definitions import softmax_focal_definition as written_softmax_focal
-from oracle import DTYPES, REDUCTIONS, check_against_torch, check_raises
+from oracles_beyond_torch import poly1_definition as written_poly1
+from oracles_beyond_torch import sigmoid_focal_definition as torchvision_sigmoid_focal
+from oracles_beyond_torch import softmax_focal_definition as written_softmax_focal
+from compare import DTYPES, REDUCTIONS, check_against_torch, check_raises
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as TF
 
 import losskit.functional as LF
-from losskit.kernels import fused_only
 from losskit._core.switches import chunk_sizes
-from oracle import DTYPES, REDUCTIONS, check_against_torch
+from losskit.kernels import fused_only
+from compare import DTYPES, REDUCTIONS, check_against_torch
 from test_classification import BINARY_SHAPES, weight_shapes
 
 @pytest.fixture(autouse=True)

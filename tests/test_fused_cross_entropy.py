@@ -10,7 +10,7 @@ import losskit.functional as LF
 from losskit.kernels import cross_entropy as kernel
 from losskit._core.switches import chunk_sizes
 from losskit.kernels import fused_only, reference_only
-from oracle import DTYPES, REDUCTIONS, check_against_torch
+from compare import DTYPES, REDUCTIONS, check_against_torch
 
 @pytest.fixture(autouse=True)
 def fused_float64():
@@ -144,7 +144,7 @@ def test_underflowing_target_probability_still_gives_the_exact_loss():
 
 
 def test_logit_option_errors():
-    from oracle import check_raises
+    from compare import check_raises
 
     x, t = torch.randn(2, 3), torch.tensor([0, 1])
     check_raises(LF.cross_entropy, x, t, lse_square_scale=-1.0, match="lse_square_scale must be >= 0; got -1.0")

@@ -11,7 +11,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy as scipy_entropy
 
 from losskit import info
-from oracle import check_raises
+from compare import check_raises
 
 
 def dists(shape, seed=0):

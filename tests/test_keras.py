@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import losskit.keras as LK  # noqa: E402
-from oracle import check_against_torch, check_raises  # noqa: E402
+from compare import check_against_torch, check_raises  # noqa: E402
 
 N, C = 6, 5
 

@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 
 import losskit.functional as LF
 from losskit.kernels import fused_only, reference_only
-from oracle import DTYPES, REDUCTIONS, check_against_torch, check_raises
+from compare import DTYPES, REDUCTIONS, check_against_torch, check_raises
 
 N, H, C = 13, 6, 11
 

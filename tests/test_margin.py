@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 
 import losskit.functional as LF
 import losskit.nn as LN
-from oracle import DTYPES, REDUCTIONS, check_against_torch, check_raises
+from compare import DTYPES, REDUCTIONS, check_against_torch, check_raises
 
 # torch's CPU multi(label) margin kernels exist for float32/float64 only; losskit also takes
 # half types (computed in float32), checked against its own float32 result below.

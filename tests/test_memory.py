@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import losskit.functional as LF
-from cases import CASES, Maker
+from cases import CASES
+from inputs import Inputs
 
 # Bytes losskit may save beyond torch: a few scalars and shapes.
 SLACK = 256
@@ -60,7 +61,7 @@ def saved_bytes(fn, args, kwargs) -> int:
 
 def _twin_cases():
     for case in CASES:
-        fn, _, _ = case.build(Maker("cpu"))
+        fn, _, _ = case.build(Inputs("cpu"))
         name = getattr(fn, "__name__", "")
         if case.id.startswith("functional.") or fn is getattr(LF, name, None):
             if hasattr(TF, name) and name != "pairwise_distance":
@@ -69,16 +70,16 @@ def _twin_cases():
 
 @pytest.mark.parametrize("case", list(_twin_cases()))
 def test_losskit_saves_no_more_than_torch(case):
-    fn, args, kwargs = case.build(Maker("cpu"))
+    fn, args, kwargs = case.build(Inputs("cpu"))
     twin = getattr(TF, fn.__name__)
-    t_fn, t_args, t_kwargs = case.build(Maker("cpu"))
+    t_fn, t_args, t_kwargs = case.build(Inputs("cpu"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             twin(*t_args, **t_kwargs)
     except (TypeError, RuntimeError):
         pytest.skip("an option torch does not have, or a call torch rejects: no twin for this call")
-    t_args, t_kwargs = case.build(Maker("cpu"))[1:]
+    t_args, t_kwargs = case.build(Inputs("cpu"))[1:]
     ours, theirs = saved_bytes(fn, args, kwargs), saved_bytes(twin, t_args, t_kwargs)
     assert ours <= theirs + SLACK, f"{case.id}: losskit saves {ours} bytes for backward, torch {theirs}"
 

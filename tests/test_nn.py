@@ -7,7 +7,7 @@ import torch
 
 import losskit.functional as LF
 import losskit.nn as LN
-from oracle import check_against_torch, check_raises
+from compare import check_against_torch, check_raises
 
 C = 5
 

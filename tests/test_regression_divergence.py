@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as TF
 
 import losskit.functional as LF
-from oracle import DTYPES, REDUCTIONS, check_against_torch, check_raises
+from compare import DTYPES, REDUCTIONS, check_against_torch, check_raises
 
 SHAPES = [(), (7,), (4, 3), (2, 3, 5), (0, 3)]
 

@@ -10,7 +10,7 @@ import torch.nn.functional as TF
 
 import losskit.functional as LF
 import losskit.nn as LN
-from oracle import REDUCTIONS, TOLERANCES, check_against_torch, check_raises
+from compare import REDUCTIONS, TOLERANCES, check_against_torch, check_raises
 
 
 def log_probs(steps, batch, classes, dtype=torch.float64):

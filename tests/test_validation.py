@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import losskit.functional as LF
-from oracle import check_raises
+from compare import check_raises
 
 X = torch.randn(5, 10)
 T = torch.tensor([1, 2, 3, 4, 5])

@@ -1,4 +1,7 @@
-"""The two helpers every loss test goes through: compare with torch, and check bad input."""
+"""The two helpers every loss test goes through: compare with torch (``check_against_torch``)
+and check bad input (``check_raises``), with the dtypes, tolerances and reductions they run
+over. For a loss torch lacks, the torch side is its written-out definition from
+tests/oracles_beyond_torch.py."""
 
 from __future__ import annotations
 
