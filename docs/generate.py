@@ -5,7 +5,8 @@
 Hand-written pages are copied; the choosing table, one page per family of losses (each
 loss with its formula, inputs, options, the worked example and its mistakes computed now,
 and the plot of its loss and gradient), the error messages and the benchmark charts are
-generated, so that the site says what the code does today.
+generated, so that the site says what the code does today. The code shown beside a number
+is the body of the catalog function that computed it (losskit.catalog.snippet).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def family_page(catalog, explain, family: str) -> str:
         lines += ["**Options**", ""] + [f"- `{k}`: {v}" for k, v in entry.options.items()] + [""]
         lines += ["**Example** (computed when this page was built)", "", "```python",
                   "import torch", "import losskit.functional as F  # K = losskit.keras, info = losskit.info", "",
-                  f">>> {entry.example}", _number(data["example"]["value"]), "```", ""]
+                  catalog.session(data["example"]["code"]), _number(data["example"]["value"]), "```", ""]
         for mistake in data["mistakes"]:
             lines += [f'!!! warning "Common mistake: {mistake["title"]}"', "", f"    {mistake['why']}", "",
                       "    ```python"] + [f"    {line}" for line in mistake["code"].splitlines()] + ["    ```", ""]
@@ -90,25 +91,19 @@ def family_page(catalog, explain, family: str) -> str:
     return "\n".join(lines)
 
 
-ERROR_CALLS = [
-    ("A class index out of range", "F.cross_entropy(torch.randn(3, 5), torch.tensor([0, 7, 2]))"),
-    ("Probabilities expected, logits given", "F.binary_cross_entropy(torch.tensor([0.2, 1.7]), torch.tensor([0.0, 1.0]))"),
-    ("Shapes that do not fit", "F.nll_loss(torch.randn(4, 3).log_softmax(1), torch.tensor([0, 1, 2]))"),
-    ("An integer target for probabilities", "F.cross_entropy(torch.randn(2, 3), torch.tensor([[0, 1, 0], [1, 0, 0]]))"),
-    ("A negative variance", "F.gaussian_nll_loss(torch.zeros(2), torch.zeros(2), torch.tensor([1.0, -0.5]))"),
-    ("A CTC label outside the classes", "F.ctc_loss(torch.randn(5, 1, 3).log_softmax(2), torch.tensor([[1, 3]]), [5], [2])"),
-    ("A distribution that does not sum to 1", "info.entropy(torch.tensor([0.5, 0.2]))"),
-]
-
-
 def errors_page(catalog) -> str:
+    """The hand-written page with its table filled in: each bad call of
+    losskit.catalog.errors (its code) beside the message losskit raises now."""
+    from losskit.catalog.errors import ERRORS
+
     text = (PAGES / "errors.md").read_text()
     rows = ["| bad input | what losskit says |", "|---|---|"]
-    for title, code in ERROR_CALLS:
+    for title, call in ERRORS:
+        code = catalog.snippet(call)
         try:
-            catalog.run_code(code)
+            catalog.run(call)
         except Exception as error:  # noqa: BLE001 - the message is what is shown
-            rows.append(f"| {title}: `{code}` | `{type(error).__name__}: {_cell(str(error))}` |")
+            rows.append(f"| {title}: `{_cell(code)}` | `{type(error).__name__}: {_cell(str(error))}` |")
         else:
             raise AssertionError(f"{code} did not raise")
     return text.replace("{{ error_table }}", "\n".join(rows))

@@ -1,7 +1,9 @@
 """`losskit explain`: which loss for which problem, and one loss explained with live numbers.
 
 Everything printed comes from :mod:`losskit.catalog`; every number is computed by losskit
-as the command runs (the worked example, each mistake, the curves).
+as the command runs (the worked example, each mistake, the curves), by calling the
+catalog's functions; the code shown beside a number is that function's body
+(:func:`losskit.catalog.snippet`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..catalog import ENTRIES, FAMILIES, Curve, Entry, by_family, lookup, run_code, suggest
+from ..catalog import ENTRIES, FAMILIES, Curve, Entry, Mistake, by_family, lookup, run, session, snippet, suggest
 
 
 def choosing_rows() -> list[dict[str, str]]:
@@ -53,13 +55,10 @@ def curve_points(curve: Curve, points: int = 201) -> list[dict[str, Any]]:
     """Loss and gradient along the curve, per variant: [{'options', 'x', 'loss', 'grad'}]."""
     import torch
 
-    import losskit.functional as F
-    import losskit.keras as K
-
     out = []
     for options in curve.variants:
         x = torch.linspace(*curve.x_range, points, dtype=torch.float64, requires_grad=True)
-        loss = eval(curve.code, {"torch": torch, "F": F, "K": K, "x": x, "options": options})  # noqa: S307
+        loss = run(curve.loss, x, **options)
         (grad,) = torch.autograd.grad(loss.sum(), x)
         out.append({"options": options, "x": x.detach().tolist(), "loss": loss.detach().tolist(),
                     "grad": grad.tolist()})
@@ -80,7 +79,7 @@ def draw_curve(entry: Entry, curves: list[dict[str, Any]], out_dir: Path) -> Pat
         loss_ax.plot(curve["x"], curve["loss"], label=_label(curve["options"]))
         grad_ax.plot(curve["x"], curve["grad"], label=_label(curve["options"]))
     loss_ax.set(title=f"{entry.title}: loss", xlabel=entry.curve.x_label, ylabel="loss")
-    grad_ax.set(title="gradient", xlabel=entry.curve.x_label, ylabel="d loss / d x")
+    grad_ax.set(title="gradient", xlabel=entry.curve.x_label, ylabel=f"d loss / d {entry.curve.x_symbol}")
     for ax in (loss_ax, grad_ax):
         ax.grid(alpha=0.3)
         ax.axhline(0, color="black", linewidth=0.6)
@@ -110,14 +109,14 @@ def terminal_plot(entry: Entry, curves: list[dict[str, Any]], width: int, color:
 
 def explain_data(entry: Entry, out_dir: Path | None) -> dict[str, Any]:
     """Everything `explain NAME` shows, as data, computed now."""
-    example_value = run_code(entry.example)
+    example_value = run(entry.example)
     data: dict[str, Any] = {
         "key": entry.key, "title": entry.title, "family": FAMILIES[entry.family], "summary": entry.summary,
         "problems": list(entry.problems), "losskit": list(entry.covers), "torch": list(entry.torch),
         "keras": list(entry.keras), "aliases": list(entry.aliases), "prediction": entry.prediction,
         "target": entry.target, "output_layer": entry.output_layer, "formula": entry.formula_text,
         "formula_latex": entry.formula, "properties": entry.properties, "options": entry.options,
-        "example": {"code": entry.example, "value": _number(example_value)},
+        "example": {"code": snippet(entry.example), "value": _number(example_value)},
         "mistakes": [_mistake(m) for m in entry.mistakes],
         "torch_vs_keras": entry.torch_vs_keras, "plot": None,
     }
@@ -126,10 +125,10 @@ def explain_data(entry: Entry, out_dir: Path | None) -> dict[str, Any]:
     return data
 
 
-def _mistake(mistake) -> dict[str, Any]:
+def _mistake(mistake: Mistake) -> dict[str, Any]:
     warned: list[str] = []
-    numbers = run_code(mistake.code, warned)
-    return {"title": mistake.title, "why": mistake.why, "code": mistake.code,
+    numbers = run(mistake.demo, warned=warned)
+    return {"title": mistake.title, "why": mistake.why, "code": snippet(mistake.demo),
             "numbers": {k: _number(v) for k, v in numbers.items()}, "warnings": warned}
 
 
@@ -159,7 +158,8 @@ def print_entry(console, entry: Entry, data: dict[str, Any], terminal: bool) -> 
     for name, value in entry.options.items():
         console.print(f"  {name}: {escape(value)}")
     console.print("\n[bold]Worked example[/] (computed now)")
-    console.print(f"  >>> {escape(entry.example)}")
+    for line in session(data["example"]["code"]).splitlines():
+        console.print(f"  {escape(line)}")
     console.print(f"  {data['example']['value']!r}")
     for mistake in data["mistakes"]:
         console.print(f"\n[bold red]Common mistake:[/] {escape(mistake['title'])}")
