@@ -157,9 +157,11 @@ def test_quick_catalog_bench_end_to_end(tmp_path, capsys):
     with (tmp_path / "catalog-quick.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == CATALOG_FIELDS
-    written = {(r["kernel"], r["size"], r["dtype"], r["provider"]) for r in rows if r["mode"] == "full"}
+    written = {(r["kernel"], r["size"], r["dtype"], r["provider"]) for r in rows}
     assert written == {(c.bench.name, c.size, c.dtype, p) for c in plan(quick=True) for p in c.providers}
-    assert len(rows) == 2 * len(written)  # forward and full
+    measured = {(r["mode"], r["metric"]) for r in rows}
+    assert measured == {("forward", "time"), ("full", "time"), ("full", "cpu_time")}
+    assert len(rows) == len(measured) * len(written)
     timed = [r for r in rows if r["p50"]]
     assert timed and all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in timed)
     assert all(r["ratio_to_torch"] == "1" for r in timed if r["provider"] == "torch")

@@ -29,6 +29,7 @@ A new loss (post-training losses included) is one more :class:`Bench` in
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import math
@@ -49,6 +50,11 @@ CSV_FIELDS = [
 SIZES = ("small", "large")
 DTYPES = ("float32", "bfloat16")
 MODES = ("forward", "full")
+# (mode, metric, key of the measurements): wall time of the forward and of forward +
+# backward, and the process's CPU time of forward + backward, which a busy machine's
+# preemptions do not inflate (it counts every thread of this process, so it exceeds the
+# wall time where an op runs on several).
+METRICS = (("forward", "time", "forward"), ("full", "time", "full"), ("full", "cpu_time", "cpu"))
 EPS = 1e-7  # keras.config.epsilon(), for the written-out Keras formulas
 
 Args = tuple  # the positional arguments of one call, in the losskit function's order
@@ -233,7 +239,8 @@ INPUTS: dict[str, Inputs] = {
     "two_log_distributions": Inputs(CLASSES, _two_log_distributions),
     "distribution": Inputs(CLASSES, _distribution),
     "two_distributions": Inputs(CLASSES, _two_distributions),
-    "linear": Inputs({"small": (64, 128, 1000), "large": (2048, 512, 32768)}, _linear),
+    # (N, H, C): the large size is a 16k vocabulary, so that a CPU run stays within minutes
+    "linear": Inputs({"small": (64, 128, 1000), "large": (1024, 512, 16384)}, _linear),
     "sequence_log_probs": Inputs({"small": (64,), "large": (8192,)}, _sequence_log_probs),
 }
 
@@ -548,6 +555,7 @@ class Cell:
     size: str
     dtype: str
     providers: tuple[str, ...]
+    skip: str = ""  # why this cell is planned but not timed (a row with the reason, no time)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -581,8 +589,23 @@ def plan(quick: bool = False, benches: Sequence[Bench] | None = None) -> list[Ce
                 if quick and dtype == "bfloat16" and bench.name not in QUICK:
                     continue
                 compiled = not quick or bench.name in QUICK_COMPILE
-                cells.append(Cell(bench, size, dtype, providers(bench, dtype, compiled)))
+                cells.append(Cell(bench, size, dtype, providers(bench, dtype, compiled), _skip(bench, size, dtype)))
     return cells
+
+
+def _skip(bench: Bench, size: str, dtype: str) -> str:
+    """The large linear cross-entropy in bfloat16 on a CPU without bfloat16 matrix units: its
+    matmuls would take minutes per call (hundreds of times float32's)."""
+    if bench.inputs == "linear" and size == "large" and dtype == "bfloat16" and not _bf16_matmul_units():
+        return "skipped: this CPU has no bfloat16 matrix units (minutes per call); run it with --device cuda"
+    return ""
+
+
+def _bf16_matmul_units() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -595,7 +618,7 @@ class Budget:
     max_reps: int
 
 
-BUDGETS = {"small": Budget(0.12, 100, 600), "large": Budget(0.6, 3, 40)}
+BUDGETS = {"small": Budget(0.06, 100, 400), "large": Budget(0.3, 3, 20)}
 QUICK_BUDGET = Budget(0.01, 10, 40)
 
 
@@ -641,6 +664,8 @@ def _short(error: BaseException) -> str:
 def measure(cell: Cell, budget: Budget, device: str = "cpu") -> dict[str, dict]:
     """Time every provider of one cell: {provider: {"forward": [...], "full": [...]}} or
     {provider: {"skip": why}}."""
+    if cell.skip:
+        return {p: {"skip": cell.skip} for p in cell.providers}
     gen = torch.Generator().manual_seed(0)
     dtype = getattr(torch, cell.dtype)
     leaves, args = INPUTS[cell.bench.inputs].make(cell.shape, dtype, gen)
@@ -659,24 +684,25 @@ def measure(cell: Cell, budget: Budget, device: str = "cpu") -> dict[str, dict]:
         for leaf in leaves:
             leaf.grad = None
 
-    def once(fn) -> tuple[float, float]:
+    def once(fn) -> tuple[float, float, float]:
         clear()
+        cpu = time.process_time()
         start = now()
         loss = fn(*args)
         forward = now()
         loss.backward()
         end = now()
-        return forward - start, end - start
+        return forward - start, end - start, time.process_time() - cpu
 
     fns: dict[str, Callable] = {}
     results: dict[str, dict] = {}
-    estimate = 0.0
+    estimates: dict[str, float] = {}
     for provider in cell.providers:
         try:
             fn = _callable(cell, provider)
-            for _ in range(2):  # warm-up: first calls, caches, compilation
-                once(fn)
-            estimate += once(fn)[1]
+            first = once(fn)[1]  # warm-up: first call, caches, compilation
+            # a second warm-up, timed to choose the repetitions (the first will do if slow)
+            estimates[provider] = first if first > 2.0 else once(fn)[1]
         except Exception as error:  # noqa: BLE001 - a provider that cannot run is a row, not a crash
             if provider == "torch" and cell.dtype != "float32":
                 why = f"skipped: torch has no {cell.dtype} kernel here ({_short(error)})"
@@ -684,18 +710,27 @@ def measure(cell: Cell, budget: Budget, device: str = "cpu") -> dict[str, dict]:
             results[provider] = {"skip": f"failed: {_short(error)}"}
             continue
         fns[provider] = fn
-    reps = max(budget.min_reps, min(budget.max_reps, int(budget.seconds * len(fns) / max(estimate, 1e-9))))
-    times = {p: {"forward": [], "full": []} for p in fns}
+    # Each provider's repetitions: what the budget allows, at least min_reps, unless a call
+    # is so slow that min_reps would take more than 4 budgets: then what 4 budgets allow, and
+    # never fewer than 3. Providers alternate while they have repetitions left.
+    reps = {}
+    for provider, estimate in estimates.items():
+        affordable = budget.seconds / max(estimate, 1e-9)
+        reps[provider] = max(3, min(max(budget.min_reps, min(budget.max_reps, int(affordable))), int(4 * affordable)))
+    times = {p: {"forward": [], "full": [], "cpu": []} for p in fns}
     order = list(fns)
     gc.collect()
     gc.disable()  # no collection pause inside one provider's timing
     try:
-        for rep in range(reps):
+        for rep in range(max(reps.values(), default=0)):
             k = rep % len(order)
             for provider in order[k:] + order[:k]:  # alternate, rotating who goes first
-                forward, full = once(fns[provider])
+                if rep >= reps[provider]:
+                    continue
+                forward, full, cpu = once(fns[provider])
                 times[provider]["forward"].append(forward)
                 times[provider]["full"].append(full)
+                times[provider]["cpu"].append(cpu)
     finally:
         gc.enable()
     clear()
@@ -712,18 +747,18 @@ def _rows(cell: Cell, result: dict[str, dict], common: dict) -> list[dict]:
     options = ", ".join(f"{k}={v!r}" for k, v in cell.bench.kwargs.items())
     base = {**common, "kernel": cell.bench.name, "entry": cell.bench.entry, "size": cell.size, "shape": shape,
             "dtype": cell.dtype, "options": options, "metric": "time", "unit": "s"}
-    p50s = {(p, m): _quantiles(r[m])[1] for p, r in result.items() if "skip" not in r for m in MODES}
+    p50s = {(p, m): _quantiles(r[m])[1] for p, r in result.items() if "skip" not in r for m in r}
     rows = []
     for provider, r in result.items():
         note = cell.bench.note if provider.startswith("losskit") and provider != "losskit.functional" else ""
-        for mode in MODES:
-            row = {**base, "provider": provider, "mode": mode, "note": note}
+        for mode, metric, key in METRICS:
+            row = {**base, "provider": provider, "mode": mode, "metric": metric, "note": note}
             if "skip" in r:
                 rows.append({**row, "p50": "", "p20": "", "p80": "", "reps": 0, "ratio_to_torch": "",
                              "note": r["skip"]})
                 continue
-            p20, p50, p80 = _quantiles(r[mode])
-            ref = p50s.get((_baseline(provider), mode))
+            p20, p50, p80 = _quantiles(r[key])
+            ref = p50s.get((_baseline(provider), key))
             ratio = f"{p50 / ref:.4g}" if ref else ""
             rows.append({**row, "p50": f"{p50:.6g}", "p20": f"{p20:.6g}", "p80": f"{p80:.6g}", "reps": len(r[mode]),
                          "ratio_to_torch": ratio})
@@ -756,33 +791,59 @@ def run(out_csv: Path, quick: bool = False, progress: bool = True, device: str =
               "version": f"losskit {losskit.__version__}, torch {torch.__version__}", "commit": _commit()}
     rows: list[dict] = []
     began = time.perf_counter()
-    with warnings.catch_warnings():
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with out_csv.open("w", newline="") as handle, _memory_cap(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. the one-time warnings of a loss on random inputs
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
         for i, cell in enumerate(cells):
             budget = QUICK_BUDGET if quick else BUDGETS[cell.size]
-            result = measure(cell, budget, device)
-            rows += _rows(cell, result, common)
+            new = _rows(cell, measure(cell, budget, device), common)
+            writer.writerows(new)  # row by row: a run cut short keeps what it measured
+            handle.flush()
+            rows += new
             if progress:
-                done = [r for r in _rows(cell, result, common) if r["provider"] == "losskit" and r["mode"] == "full"]
+                done = [r for r in new if r["provider"] == "losskit" and r["mode"] == "full" and r["metric"] == "time"]
                 ratio = done[0]["ratio_to_torch"] if done else ""
                 print(f"[{i + 1}/{len(cells)} {time.perf_counter() - began:5.0f} s] {cell.bench.name} {cell.size} "
                       f"{cell.dtype}: losskit/torch {ratio or '-'}", file=sys.stderr, flush=True)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with out_csv.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
     return rows
+
+
+@contextlib.contextmanager
+def _memory_cap(fraction: float = 0.6):
+    """Cap this process's data segment at a fraction of the memory available now (Linux), so
+    that a loss needing more fails with a RuntimeError, reported in its row, instead of the
+    kernel's OOM killer ending the whole run."""
+    try:
+        import resource
+
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        cap = int(available * fraction)
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    except (ImportError, OSError, KeyError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
 # -- reading the results --------------------------------------------------------------------
 
 
-def ratios(rows: Sequence[dict], provider: str = "losskit", dtype: str | None = None) -> list[tuple[str, float, dict]]:
+def ratios(rows: Sequence[dict], provider: str = "losskit", dtype: str | None = None,
+           metric: str = "time") -> list[tuple[str, float, dict]]:
     """(label, losskit/torch p50 ratio of forward + backward, row), worst first."""
     out = []
     for row in rows:
-        if row["provider"] != provider or row["mode"] != "full" or not row["ratio_to_torch"]:
+        if row["provider"] != provider or row["mode"] != "full" or row["metric"] != metric or not row["ratio_to_torch"]:
             continue
         if dtype is not None and row["dtype"] != dtype:
             continue
@@ -791,15 +852,21 @@ def ratios(rows: Sequence[dict], provider: str = "losskit", dtype: str | None = 
     return sorted(out, key=lambda item: -item[1])
 
 
-def table(rows: Sequence[dict], n: int = 15) -> list[str]:
-    """The n worst losskit/torch ratios, as lines of a Markdown table."""
-    lines = ["| loss | size | dtype | torch p50 | losskit p50 | losskit/torch | note |", "|---|---|---|---|---|---|---|"]
-    torch_p50 = {(r["kernel"], r["size"], r["dtype"]): float(r["p50"]) for r in rows
-                 if r["provider"] == "torch" and r["mode"] == "full" and r["p50"]}
-    for _, ratio, row in ratios(rows)[:n]:
-        ref = torch_p50[(row["kernel"], row["size"], row["dtype"])]
-        lines.append(f"| {row['kernel']} | {row['size']} {row['shape']} | {row['dtype']} | {_fmt(ref)} | "
-                     f"{_fmt(float(row['p50']))} | {ratio:.2f}x | {row['note']} |")
+def table(rows: Sequence[dict], n: int = 15, metric: str = "time") -> list[str]:
+    """The n worst losskit/torch ratios of forward + backward, as lines of a Markdown table,
+    with the CPU-time ratio beside the wall-time one."""
+    lines = ["| loss | size | dtype | torch p50 | losskit p50 | losskit/torch | CPU-time ratio | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    full = [r for r in rows if r["mode"] == "full" and r["p50"]]
+    torch_p50 = {(r["kernel"], r["size"], r["dtype"]): float(r["p50"]) for r in full
+                 if r["provider"] == "torch" and r["metric"] == metric}
+    cpu = {(r["kernel"], r["size"], r["dtype"]): r["ratio_to_torch"] for r in full
+           if r["provider"] == "losskit" and r["metric"] == "cpu_time"}
+    for _, ratio, row in ratios(rows, metric=metric)[:n]:
+        key = (row["kernel"], row["size"], row["dtype"])
+        other = f"{float(cpu[key]):.2f}x" if cpu.get(key) else ""
+        lines.append(f"| {row['kernel']} | {row['size']} {row['shape']} | {row['dtype']} | {_fmt(torch_p50[key])} | "
+                     f"{_fmt(float(row['p50']))} | {ratio:.2f}x | {other} | {row['note']} |")
     return lines
 
 
