@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from losskit.cli.bench import CSV_FIELDS, Case, headline, plan, worker
 from losskit.cli.charts import draw
 from losskit.cli.main import main
@@ -84,3 +86,85 @@ def test_a_missing_alternative_is_skipped_with_a_note(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
     with pytest.raises(SystemExit, match="Liger-Kernel is not installed"):
         worker({"op": "ce", "shape": [4, 8], "provider": "liger", "modes": ["full"], "reps": 1})
+
+
+# -- losskit bench catalog -------------------------------------------------------------------
+
+
+def _public_loss_functions() -> set[str]:
+    """Every function the catalog covers ('functional.x', 'keras.x', 'info.x'); the classes
+    (nn.X, keras.X) call these, so timing the functions times them."""
+    from losskit.catalog import ENTRIES
+
+    return {name for entry in ENTRIES for name in entry.covers if name.rpartition(".")[2][:1].islower()}
+
+
+def test_catalog_plan_covers_every_public_loss():
+    from losskit.cli.bench_catalog import BENCHES, plan
+
+    full = plan(quick=False)
+    planned = {name for cell in full for name in cell.bench.names}
+    assert _public_loss_functions() <= planned, "add the new loss to BENCHES in losskit/cli/bench_catalog.py"
+    seen = {(cell.bench.name, cell.size, cell.dtype) for cell in full}
+    assert seen == {(b.name, size, dtype) for b in BENCHES for size in ("small", "large")
+                    for dtype in ("float32", "bfloat16")}
+    compiled = {cell.bench.name for cell in full if "losskit.compile" in cell.providers}
+    assert {"functional.cross_entropy", "functional.mse_loss", "functional.huber_loss",
+            "functional.binary_cross_entropy_with_logits"} <= compiled
+    assert all(cell.providers[:2] == ("torch", "losskit") for cell in full)
+
+
+def test_catalog_references_compute_the_same_loss():
+    """Each reference (torch's twin, or the written-out definition) gives losskit's value on
+    the bench's own small float32 inputs: the bench compares like with like."""
+    import torch
+
+    from losskit.cli.bench_catalog import INPUTS, _callable, plan
+
+    for cell in plan(quick=True):
+        if cell.dtype != "float32":
+            continue
+        _, args = INPUTS[cell.bench.inputs].make(cell.shape, torch.float32, torch.Generator().manual_seed(0))
+        values = {p: _callable(cell, p)(*args).detach() for p in cell.providers if not p.endswith("compile")}
+        for provider, value in values.items():
+            torch.testing.assert_close(value, values["torch"], rtol=1e-5, atol=1e-5, msg=f"{cell.bench.name} {provider}")
+
+
+def test_register_adds_a_loss_in_one_entry():
+    import torch
+
+    from losskit.cli.bench_catalog import BENCHES, Bench, plan, register
+
+    def dpo(chosen, rejected, ref_chosen, ref_rejected, beta=0.1):  # a post-training loss, written out
+        return -torch.nn.functional.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
+
+    bench = Bench("functional.dpo_loss", "dpo", "sequence_log_probs", dpo)
+    try:
+        register(bench)
+        assert {c.bench.name for c in plan(benches=[bench])} == {bench.name}
+        assert bench in BENCHES
+        with pytest.raises(ValueError, match="already registered"):
+            register(bench)
+    finally:
+        BENCHES.remove(bench)
+
+
+def test_quick_catalog_bench_end_to_end(tmp_path, capsys):
+    from losskit.cli.bench_catalog import CSV_FIELDS as CATALOG_FIELDS
+    from losskit.cli.bench_catalog import plan
+
+    assert main(["bench", "catalog", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    with (tmp_path / "catalog-quick.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == CATALOG_FIELDS
+    written = {(r["kernel"], r["size"], r["dtype"], r["provider"]) for r in rows}
+    assert written == {(c.bench.name, c.size, c.dtype, p) for c in plan(quick=True) for p in c.providers}
+    measured = {(r["mode"], r["metric"]) for r in rows}
+    assert measured == {("forward", "time"), ("full", "time"), ("full", "cpu_time")}
+    assert len(rows) == len(measured) * len(written)
+    timed = [r for r in rows if r["p50"]]
+    assert timed and all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in timed)
+    assert all(r["ratio_to_torch"] == "1" for r in timed if r["provider"] == "torch")
+    assert all(r["note"].startswith(("skipped", "failed")) for r in rows if not r["p50"])
+    assert "| loss | size | dtype |" in capsys.readouterr().out
+    assert (tmp_path / "charts" / "catalog_quick_float32.png").read_bytes()[:4] == b"\x89PNG"

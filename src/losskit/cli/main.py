@@ -47,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="time and measure losskit against the alternatives, appending to a CSV and drawing charts",
         description="Each op, provider and shape runs in its own process (peak memory per process); "
-        "rows are appended to DIR/bench.csv (DIR/quick.csv with --quick) and charts drawn beside it.",
+        "rows are appended to DIR/bench.csv (DIR/quick.csv with --quick) and charts drawn beside it. "
+        "'catalog': every loss of the catalog against torch (or its written-out definition), small and large, "
+        "float32 and bfloat16, forward + backward, in one process; rows replace DIR/catalog.csv "
+        "(DIR/catalog-quick.csv with --quick), charts go to DIR/charts/catalog_*.png.",
     )
-    bench.add_argument("op", nargs="?", default="all", choices=["ce", "bce", "lce", "vp", "all"])
+    bench.add_argument("op", nargs="?", default="all", choices=["ce", "bce", "lce", "vp", "all", "catalog"])
     bench.add_argument("--quick", action="store_true", help="small shapes, a minute in all: a smoke test of the harness")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default: %(default)s)")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -84,6 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tour import run_tour
 
         return run_tour(args.out, args.mnist, progress=not args.no_progress)
+    if args.command == "bench" and args.op == "catalog":
+        from .bench_catalog import main as bench_catalog
+
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                print("losskit bench --device cuda: no CUDA device here (torch.cuda.is_available() is False)")
+                return 1
+        return bench_catalog(args.out, args.quick, progress=not args.no_progress, device=args.device)
     if args.command == "bench":
         from .bench import headline, run
         from .charts import draw
