@@ -149,3 +149,39 @@ def test_logit_option_errors():
     x, t = torch.randn(2, 3), torch.tensor([0, 1])
     check_raises(LF.cross_entropy, x, t, lse_square_scale=-1.0, match="lse_square_scale must be >= 0; got -1.0")
     check_raises(LF.cross_entropy, x, t, softcap=0.0, match="softcap must be a positive number or None; got 0.0")
+
+
+# ---- class-probability targets ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.2}, {"weight": True}, {"weight": True, "label_smoothing": 0.1}],
+    ids=["plain", "smoothing", "weight", "all"],
+)
+def test_fused_probability_targets_match_torch_across_chunks(tiny_chunks, options, reduction, dtype, atol, rtol):
+    options = dict(options)
+    if options.pop("weight", False):
+        options["weight"] = (torch.rand(7, dtype=torch.float64) + 0.1).to(dtype)
+    x = (torch.randn(11, 7, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    probs = torch.softmax(torch.randn(11, 7, dtype=torch.float64), 1).to(dtype)
+    assert LF.cross_entropy(x, probs).grad_fn.name() == "FusedProbabilityCrossEntropyBackward"
+    check_against_torch(LF.cross_entropy, TF.cross_entropy, x, probs, reduction=reduction, atol=atol, rtol=rtol,
+                        **options)
+
+
+def test_fused_probability_targets_take_the_temperature_and_stay_exact_at_large_logits():
+    x = (torch.randn(6, 7, dtype=torch.float64) * 1e4).requires_grad_()
+    probs = torch.softmax(torch.randn(6, 7, dtype=torch.float64), 1)
+    check_against_torch(lambda a, q: LF.cross_entropy(a, q, temperature=2.5),
+                        lambda a, q: TF.cross_entropy(a / 2.5, q), x, probs, atol=1e-9, rtol=1e-9)
+    x32 = x.detach().float().requires_grad_()
+    want = TF.cross_entropy(x.detach(), probs)
+    torch.testing.assert_close(LF.cross_entropy(x32, probs.float()).double(), want, atol=1e-3, rtol=1e-6)
+
+
+def test_probability_targets_that_need_a_gradient_take_the_reference_path():
+    x = torch.randn(4, 7, requires_grad=True)
+    probs = torch.softmax(torch.randn(4, 7), 1).requires_grad_()
+    assert "Fused" not in LF.cross_entropy(x, probs).grad_fn.name()
+    check_against_torch(LF.cross_entropy, TF.cross_entropy, x, probs)

@@ -29,6 +29,7 @@ from .._core.validation import (
 from ..distributed.dtensor import class_sharded_cross_entropy, is_class_sharded
 from ..kernels import Replay, fused_applies, fused_bce_applies, fused_bce_with_logits, fused_cross_entropy
 from ..kernels.binary_cross_entropy import ReductionOption
+from ..kernels.probability_cross_entropy import fused_probability_cross_entropy, probability_applies
 
 __all__ = [
     "binary_cross_entropy",
@@ -219,12 +220,22 @@ def cross_entropy(
         check_floating(target, "target (class probabilities, shaped like input)", fn)
         if ignore_index >= 0:
             raise ValueError(f"{fn}: ignore_index ({ignore_index}) is not supported with class-probability targets")
-        compute, out = result_dtypes(input, target)
-        logits = _transformed(input.to(compute), options)
-        loss = _probability_target_loss(log_softmax(logits, class_dim), target.to(compute), weight, label_smoothing, class_dim)
-        if lse_square_scale:
-            loss = loss + lse_square_scale * torch.logsumexp(logits, class_dim).square()
-        return reduce_loss(loss, reduction).to(out)
+
+        def reference(x: Tensor) -> Tensor:
+            compute, out = result_dtypes(x, target)
+            logits = _transformed(x.to(compute), options)
+            loss = _probability_target_loss(
+                log_softmax(logits, class_dim), target.to(compute), weight, label_smoothing, class_dim
+            )
+            if lse_square_scale:
+                loss = loss + lse_square_scale * torch.logsumexp(logits, class_dim).square()
+            return reduce_loss(loss, reduction).to(out)
+
+        if probability_applies(input, target, options):
+            return fused_probability_cross_entropy(
+                input, target, weight, options=options, replay=Replay(fn, reference, [input])
+            )
+        return reference(input)
 
     targets = check_index_targets(input, target, class_dim, ignore_index, fn)
     return class_index_cross_entropy(input, targets, weight, options)
