@@ -36,10 +36,10 @@ def effective_mode(t: Tensor) -> str:
     mode = switches.checks_mode()
     if mode == "off":
         return "off"
-    if torch.compiler.is_compiling() or t.device.type == "meta":
+    if torch.compiler.is_compiling() or t.is_meta:
         return "async"
     if mode == "auto":
-        return "full" if t.device.type == "cpu" else "async"
+        return "full" if t.is_cpu else "async"
     return mode
 
 

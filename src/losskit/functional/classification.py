@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._core.docs import LEGACY_ARGS, fill_doc
-from .._core.dtypes import result_dtypes
+from .._core.dtypes import cast, result_dtypes
 from .._core.ops import log_softmax
 from .._core.options import CrossEntropyOptions
 from .._core.reduction import reduce_loss, resolve_reduction
@@ -251,7 +251,7 @@ def class_index_cross_entropy(
         """The composed form: also what a fused call replays for a second backward."""
         class_dim = 0 if logits.dim() == 1 else 1
         compute, out = result_dtypes(logits)
-        z = _transformed(logits.to(compute), options)
+        z = _transformed(cast(logits, compute), options)
         loss, denominator = _class_index_loss(
             log_softmax(z, class_dim), targets, weight, options.label_smoothing, class_dim
         )
@@ -326,8 +326,8 @@ def nll_loss(
         check_class_weight(weight, input.shape[class_dim], fn)
     targets = check_index_targets(input, target, class_dim, ignore_index, fn)
     compute, out = result_dtypes(input)
-    loss, denominator = _class_index_loss(input.to(compute), targets, weight, 0.0, class_dim)
-    return reduce_loss(loss, reduction, denominator).to(out)
+    loss, denominator = _class_index_loss(cast(input, compute), targets, weight, 0.0, class_dim)
+    return cast(reduce_loss(loss, reduction, denominator), out)
 
 
 class _BinaryCrossEntropy(torch.autograd.Function):

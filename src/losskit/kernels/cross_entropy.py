@@ -26,12 +26,13 @@ machinery comes from :class:`~losskit.kernels.fused_op.FusedOp`.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .._core import switches
-from .._core.dtypes import result_dtypes
+from .._core.dtypes import cast, result_dtypes
 from .._core.options import CrossEntropyOptions
 from .._core.validation import ClassTargets
 from . import triton_support
@@ -46,6 +47,17 @@ def rows_per_chunk(num_classes: int, device_type: str = "cpu") -> int:
     return max(1, budget // (4 * max(num_classes, 1)))
 
 
+class ChunkStats(NamedTuple):
+    """What the loss needs of each row of a chunk: -log p_y where a path has it at hand
+    (exact at any logit scale), else lse and z_y; sum_c w_c z_c under label smoothing.
+    lse is None where neither smoothing nor the z-loss needs it."""
+
+    lse: Tensor | None
+    z_target: Tensor | None
+    smooth_dot: Tensor | None
+    nll: Tensor | None
+
+
 def logits_chunk(
     logits: Tensor,
     terms: RowTerms,
@@ -54,9 +66,9 @@ def logits_chunk(
     safe_target: Tensor,
     grad: Tensor | None,
     owned: bool,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(lse, z_y, sum_c w_c z_c) of a chunk of rows of raw logits; their gradient into
-    ``grad`` (a contiguous buffer of the chunk's shape) when given.
+) -> ChunkStats:
+    """The statistics of a chunk of rows of raw logits; their gradient into ``grad`` (a
+    contiguous buffer of the chunk's shape) when given.
 
     ``owned``: the logits are a buffer the caller owns, which may be overwritten (linear
     cross-entropy passes its chunk of logits as both ``logits`` and ``grad``).
@@ -65,34 +77,42 @@ def logits_chunk(
     if triton_support.serves(logits):
         from .triton_cross_entropy import cross_entropy_rows
 
-        return cross_entropy_rows(terms, coefficients, logits, rows, safe_target, grad)
-    z, tanh = transform_logits(logits, terms.options, owned)
-    z_target = z.gather(1, safe_target).squeeze(1)
+        return ChunkStats(*cross_entropy_rows(terms, coefficients, logits, rows, safe_target, grad), None)
+    options = terms.options
+    z, tanh = transform_logits(logits, options, owned)
     smooth_dot = None
-    if terms.options.label_smoothing > 0.0:
+    if options.label_smoothing > 0.0:
         smooth_dot = z @ terms.class_weight if terms.class_weight is not None else z.sum(dim=1)
+    needs_lse = options.label_smoothing > 0.0 or bool(options.lse_square_scale)
     if grad is None:  # the loss only: no probabilities needed
-        return torch.logsumexp(z, dim=1), z_target, smooth_dot
-    if z.device.type == "cpu":
+        if needs_lse:
+            return ChunkStats(torch.logsumexp(z, dim=1), z.gather(1, safe_target).squeeze(1), smooth_dot, None)
+        # aten's log-softmax is one vectorised pass (logsumexp is several) and exact.
+        nll = torch.ops.aten._log_softmax(z, 1, False).gather(1, safe_target).squeeze(1).neg_()
+        return ChunkStats(None, None, None, nll)
+    z_target = z.gather(1, safe_target).squeeze(1)
+    nll = None
+    if z.is_cpu:
         valid = None if terms.valid is None else terms.valid[rows]
-        lse, probs = _cpu_softmax(z, z_target, safe_target, valid, grad, in_place=grad is z)
+        lse, nll, probs = _cpu_softmax(z, z_target, safe_target, valid, grad, in_place=grad is z)
     else:
         # Branch-free: one logsumexp, then p = exp(z - lse) written into the buffer.
         lse = torch.logsumexp(z, dim=1)
         probs = torch.sub(z, lse.unsqueeze(1), out=grad).exp_()
     apply_gradient(probs, terms, coefficients, rows, lse, safe_target, tanh)
-    return lse, z_target, smooth_dot
+    return ChunkStats(lse, z_target, smooth_dot, nll)
 
 
 def _cpu_softmax(
     z: Tensor, z_target: Tensor, target: Tensor, valid: Tensor | None, grad: Tensor, in_place: bool
-) -> tuple[Tensor, Tensor]:
-    """(lse, p written into ``grad``) with aten's vectorised softmax, a third of the
-    passes of max, exp, sum and scale one by one.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(lse, -log p_y, p written into ``grad``) with aten's vectorised softmax, a third of
+    the passes of max, exp, sum and scale one by one.
 
-    lse = z_y - log p_y exactly, unless p_y underflows (z_y far below the row max):
-    those rare rows get a direct logsumexp, taken before an in-place softmax destroys
-    z. p_y >= exp(z_y - max - log C) keeps p_y a normal float when z_y - max > -60.
+    -log p_y is read off p itself and lse = z_y - log p_y, unless p_y underflows (z_y far
+    below the row max): those rare rows get a direct logsumexp, taken before an in-place
+    softmax destroys z. p_y >= exp(z_y - max - log C) keeps p_y a normal float when
+    z_y - max > -60.
     """
     risky = fallback = None
     if in_place:
@@ -103,17 +123,19 @@ def _cpu_softmax(
             fallback = torch.logsumexp(z[risky], dim=1)
     probs = torch.ops.aten._softmax.out(z, 1, False, out=grad)
     p_target = probs.gather(1, target).squeeze(1)
-    lse = z_target - p_target.log()
-    if in_place:
-        if fallback is not None:
-            lse[risky] = fallback
-    else:
-        underflow = p_target < 1e-30
+    log_p = p_target.log()
+    lse = z_target - log_p
+    nll = log_p.neg_()
+    if not in_place:
+        risky = p_target < 1e-30
         if valid is not None:
-            underflow &= valid
-        if bool(underflow.any()):
-            lse[underflow] = torch.logsumexp(z[underflow], dim=1)
-    return lse, probs
+            risky &= valid
+        if bool(risky.any()):
+            fallback = torch.logsumexp(z[risky], dim=1)
+    if fallback is not None:
+        lse[risky] = fallback
+        nll[risky] = fallback - z_target[risky]
+    return lse, nll, probs
 
 
 def _plain_cpu(x: Tensor, terms: RowTerms, coefficients: Coefficients, safe_target: Tensor, grad: Tensor) -> Tensor:
@@ -160,37 +182,49 @@ def cross_entropy_forward(
     # strided out= buffer gives wrong numbers, and autograd accepts any layout.
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device) if with_grad else None
     if triton_support.serves(input):  # one kernel over every row, in the logits' own dtype and strides
-        lse, z_target, smooth_dot = logits_chunk(input, terms, coefficients, slice(None), safe_target, grad, False)
-        return terms.loss(lse, z_target, smooth_dot).to(input.dtype), (grad,)
-    step = rows_per_chunk(num_classes, input.device.type)
-    if grad is not None and step >= n and terms.uniform and options.is_plain and input.dtype == compute \
-            and input.device.type == "cpu":
+        stats = logits_chunk(input, terms, coefficients, slice(None), safe_target, grad, False)
+        return cast(terms.loss(*stats), input.dtype), (grad,)
+    on_cpu = input.is_cpu
+    step = rows_per_chunk(num_classes, "cpu" if on_cpu else input.device.type)
+    if grad is not None and step >= n and terms.uniform and options.is_plain and input.dtype == compute and on_cpu:
         return _plain_cpu(input.contiguous(), terms, coefficients, safe_target, grad), (grad,)
     if step >= n:  # one chunk: no per-row buffers to fill
-        x = input.to(compute).contiguous()
+        x = cast(input, compute).contiguous()
         grad_chunk = None if grad is None else (grad if grad.dtype == compute else torch.empty_like(x))
-        lse, z_target, smooth_dot = logits_chunk(x, terms, coefficients, slice(None), safe_target, grad_chunk,
-                                                 input.dtype != compute)
+        stats = logits_chunk(x, terms, coefficients, slice(None), safe_target, grad_chunk, input.dtype != compute)
         if grad_chunk is not None and grad_chunk is not grad:
             grad.copy_(grad_chunk)
-        return terms.loss(lse, z_target, smooth_dot).to(input.dtype), (grad,)
-    lse = input.new_empty(n, dtype=compute)
-    z_target = input.new_empty(n, dtype=compute)
-    smooth_dot = input.new_empty(n, dtype=compute) if options.label_smoothing > 0 else None
+        return cast(terms.loss(*stats), input.dtype), (grad,)
+    stats = RowBuffers(n, input.device, compute)
     for start in range(0, n, step):
         rows = slice(start, start + step)
-        chunk = input[rows].to(compute).contiguous()
+        chunk = cast(input[rows], compute).contiguous()
         grad_chunk = None
         if grad is not None:
             grad_chunk = grad[rows] if grad.dtype == compute else torch.empty_like(chunk)
-        lse[rows], z_target[rows], smooth = logits_chunk(
-            chunk, terms, coefficients, rows, safe_target[rows], grad_chunk, input.dtype != compute
-        )
-        if smooth_dot is not None:
-            smooth_dot[rows] = smooth
+        stats.put(rows, logits_chunk(chunk, terms, coefficients, rows, safe_target[rows], grad_chunk,
+                                     input.dtype != compute))
         if grad_chunk is not None and grad.dtype != compute:
             grad[rows] = grad_chunk
-    return terms.loss(lse, z_target, smooth_dot).to(input.dtype), (grad,)
+    return cast(terms.loss(*stats.stats()), input.dtype), (grad,)
+
+
+class RowBuffers:
+    """The per-row statistics of a batch, filled chunk by chunk."""
+
+    def __init__(self, n: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.n, self.device, self.dtype = n, device, dtype
+        self.buffers: dict[str, Tensor] = {}
+
+    def put(self, rows: slice, stats: ChunkStats) -> None:
+        for name, value in stats._asdict().items():
+            if value is not None:
+                if name not in self.buffers:
+                    self.buffers[name] = torch.empty(self.n, dtype=self.dtype, device=self.device)
+                self.buffers[name][rows] = value
+
+    def stats(self) -> ChunkStats:
+        return ChunkStats(*(self.buffers.get(name) for name in ChunkStats._fields))
 
 
 def _loss_shape(input: Tensor, target: Tensor, valid: Tensor, weight: Tensor | None, *, options) -> tuple[int, ...]:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .._core import switches
+from .._core.dtypes import cast
 from .._core.options import op_schema
 
 # Dtypes left to the reference path (see fused_may_serve), unless switches.fused_only().
@@ -125,7 +126,7 @@ def scale_by_grad_output(grads: Sequence[Tensor | None], grad_output: Tensor, pe
     it costs nothing there; elsewhere it would wait for the device). Out of place while
     compiling, where the graph owns the buffers.
     """
-    skip = in_place and not per_row and grad_output.device.type == "cpu" and grad_output.item() == 1.0
+    skip = in_place and not per_row and grad_output.is_cpu and grad_output.item() == 1.0
     out = []
     for grad in grads:
         if grad is None or skip:
@@ -333,5 +334,5 @@ class _EagerFunction(torch.autograd.Function):
         else:
             grads = fused.recompute(*ctx.saved_tensors, options=call.options, needs=ctx.needs,
                                     grad_output=grad_output, **call.extras)
-        grads = [None if g is None else g.to(dtype) for g, dtype in zip(_needed(grads, ctx.needs), ctx.dtypes)]
+        grads = [None if g is None else cast(g, dtype) for g, dtype in zip(_needed(grads, ctx.needs), ctx.dtypes)]
         return (None, *grads, *([None] * (fused.n_tensors - fused.n_diff)))

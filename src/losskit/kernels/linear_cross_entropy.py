@@ -31,7 +31,7 @@ from .._core import switches
 from .._core.dtypes import result_dtypes
 from .._core.options import CrossEntropyOptions
 from .._core.validation import ClassTargets
-from .cross_entropy import logits_chunk
+from .cross_entropy import RowBuffers, logits_chunk
 from .fused_op import FusedOp
 from .rows import RowTerms
 
@@ -75,19 +75,13 @@ def linear_cross_entropy_forward(
     precompute = any(needs)
     coefficients = terms.coefficients() if precompute else None
     grads = _zero_grads(x, w, b, needs) if precompute else (None, None, None)
-    lse = x.new_empty(n)
-    z_target = x.new_empty(n)
-    smooth_dot = x.new_empty(n) if options.label_smoothing > 0 else None
+    stats = RowBuffers(n, x.device, compute)
     for rows, logits in _chunks(x, w, b, chunk_rows):
         grad_logits = logits if precompute else None
-        lse[rows], z_target[rows], smooth = logits_chunk(
-            logits, terms, coefficients, rows, safe_target[rows], grad_logits, owned=True
-        )
-        if smooth_dot is not None:
-            smooth_dot[rows] = smooth
+        stats.put(rows, logits_chunk(logits, terms, coefficients, rows, safe_target[rows], grad_logits, owned=True))
         if precompute:
             _accumulate(grads, grad_logits, x[rows], w, rows)
-    loss = terms.loss(lse, z_target, smooth_dot)
+    loss = terms.loss(*stats.stats())
     return loss.to(input.dtype), grads
 
 

@@ -151,7 +151,7 @@ class RowTerms:
         passes it as ``nll`` (and lse only where smoothing or the z-loss need it)."""
         opts = self.options
         eps = opts.label_smoothing
-        loss = lse - z_target if nll is None else nll
+        loss = nll if nll is not None else lse - z_target
         if not self.uniform:
             loss = self.target_weight * loss
         if eps > 0.0:
@@ -159,7 +159,8 @@ class RowTerms:
         if self.valid is not None:
             loss = torch.where(self.valid, loss, 0.0)
         if not opts.lse_square_scale:
-            return reduce_loss(loss, opts.reduction, self.denominator)
+            # Every row counting with weight 1: the denominator is the row count, mean()'s.
+            return reduce_loss(loss, opts.reduction, None if self.uniform else self.denominator)
         z_loss = opts.lse_square_scale * lse.square()
         if self.valid is not None:
             z_loss = torch.where(self.valid, z_loss, 0.0)

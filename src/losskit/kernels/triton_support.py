@@ -42,6 +42,6 @@ def on_cpu() -> Iterator[None]:
 
 def serves(tensor: Tensor) -> bool:
     """Whether a Triton kernel computes for this tensor."""
-    if tensor.device.type == "cuda":
+    if tensor.is_cuda:
         return available()
-    return tensor.device.type == "cpu" and switches.triton_serves_cpu()
+    return tensor.is_cpu and switches.triton_serves_cpu()
