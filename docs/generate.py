@@ -109,6 +109,41 @@ def errors_page(catalog) -> str:
     return text.replace("{{ error_table }}", "\n".join(rows))
 
 
+def catalog_speed_section() -> str:
+    """'Every loss against torch': the ratios of `losskit bench catalog`'s CSV, float32,
+    forward + backward, worst first, with its notes: every figure read from the CSV."""
+    import csv
+
+    path = ROOT / "benchmarks" / "results" / "catalog.csv"
+    if not path.exists():
+        return ""
+    rows = [r for r in csv.DictReader(path.open()) if r["mode"] == "full" and r["metric"] == "time"
+            and r["dtype"] == "float32" and r["provider"] == "losskit" and r["ratio_to_torch"]]
+    rows.sort(key=lambda r: -float(r["ratio_to_torch"]))
+    stamp = rows[0]["timestamp"] if rows else ""
+    lines = [
+        "## Every loss against torch",
+        "",
+        f"`losskit bench catalog` (run of {stamp}, `benchmarks/results/catalog.csv`): every loss of the catalog,",
+        "forward + backward, float32, beside torch's function of the same name (or the definition written out in",
+        "plain torch, for the losses torch lacks), at a batch of 64 and at a large size; median times, worst ratio",
+        "first. The note says where losskit deliberately does more than torch.",
+        "",
+        "![every loss against torch](img/bench/catalog_float32.png)",
+        "",
+        "| loss | size | shape | torch | losskit | ratio | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    torch_times = {(r["kernel"], r["size"], r["dtype"]): r for r in csv.DictReader(path.open())
+                   if r["mode"] == "full" and r["metric"] == "time" and r["provider"] == "torch"}
+    for r in rows:
+        twin = torch_times.get((r["kernel"], r["size"], r["dtype"]))
+        torch_time = f"{float(twin['p50']) * 1e3:.3g} ms" if twin and twin["p50"] else ""
+        lines.append(f"| `{r['kernel']}` | {r['size']} | {r['shape']} | {torch_time} | "
+                     f"{float(r['p50']) * 1e3:.3g} ms | {float(r['ratio_to_torch']):.2f}x | {r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from losskit import catalog
@@ -125,6 +160,8 @@ def main() -> int:
     (OUT / "errors.md").write_text(errors_page(catalog))
     charts = ROOT / "benchmarks" / "results" / "charts"
     shutil.copytree(charts, OUT / "img" / "bench")
+    performance = OUT / "performance.md"
+    performance.write_text(performance.read_text() + "\n" + catalog_speed_section())
     print(f"documentation sources in {OUT}: {sum(1 for _ in OUT.rglob('*.md'))} pages")
     return 0
 
