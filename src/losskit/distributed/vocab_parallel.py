@@ -215,10 +215,6 @@ def _vocab_parallel_forward(
     return loss, (grad,)
 
 
-def _loss_shape(input: Tensor, *tensors: Tensor | None, options: CrossEntropyOptions) -> tuple[int, ...]:
-    return (input.shape[0],) if options.reduction == "none" else ()
-
-
 _BOUNDS = (("str", "group_name"), ("int", "vocab_start"), ("int", "num_classes"))
 
 _fused_vocab_parallel = FusedOp(
@@ -228,7 +224,6 @@ _fused_vocab_parallel = FusedOp(
     options=CrossEntropyOptions,
     extras=_BOUNDS,
     forward=_vocab_parallel_forward,
-    loss_shape=_loss_shape,
 )
 
 
@@ -407,7 +402,6 @@ _fused_vocab_parallel_linear = FusedOp(
     options=CrossEntropyOptions,
     extras=(*_BOUNDS, ("int", "chunk_rows")),
     forward=_linear_forward,
-    loss_shape=_loss_shape,
     precomputes=lambda options: options.reduction != "none",
     recompute=_linear_recompute,
 )

@@ -92,7 +92,7 @@ fused_bce_with_logits = FusedOp(
     differentiable=1,
     options=ReductionOption,
     forward=bce_with_logits_forward,
-    loss_shape=lambda input, *tensors, options: tuple(input.shape) if options.reduction == "none" else (),
+    unreduced="elements",
 )
 
 

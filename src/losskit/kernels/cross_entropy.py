@@ -227,17 +227,12 @@ class RowBuffers:
         return ChunkStats(*(self.buffers.get(name) for name in ChunkStats._fields))
 
 
-def _loss_shape(input: Tensor, target: Tensor, valid: Tensor, weight: Tensor | None, *, options) -> tuple[int, ...]:
-    return (input.shape[0],) if options.reduction == "none" else ()
-
-
 fused_cross_entropy = FusedOp(
     "cross_entropy",
     tensors=("input", "target", "valid?", "weight?"),
     differentiable=1,
     options=CrossEntropyOptions,
     forward=cross_entropy_forward,
-    loss_shape=_loss_shape,
 )
 
 

@@ -17,7 +17,8 @@ the same machinery, built here once:
 A kernel is three functions of its tensors (by name), its options object and the
 gradients it is asked for (``needs``): ``forward`` -> (loss, gradients), optionally
 ``recompute`` (gradients from grad_output, for the losses whose gradients cannot be made
-in forward) and ``loss_shape``.
+in forward) and, for the fake implementation, whether its unreduced loss has one value per
+row or per element.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ class FusedOp:
         forward: ``forward(*tensors, options=, needs=, **extras) -> (loss, gradients)``,
             one gradient (or None) per differentiable tensor, made here when ``needs`` asks
             and ``precomputes(options)``; when it does not, only the loss matters.
-        loss_shape: ``loss_shape(*tensors, options=) -> shape`` of the loss.
+        unreduced: the shape of the loss under reduction='none': ``"rows"`` (one per row of
+            the first tensor) or ``"elements"`` (the first tensor's shape); else a scalar.
         precomputes: whether ``forward`` makes the gradients for these options (default:
             always); where not, ``recompute`` makes them in backward.
         recompute: ``recompute(*tensors, options=, needs=, grad_output=, **extras) ->
@@ -182,7 +184,7 @@ class FusedOp:
         differentiable: int,
         options: type,
         forward: Callable[..., tuple[Tensor, Sequence[Tensor | None]]],
-        loss_shape: Callable[..., Sequence[int]],
+        unreduced: str = "rows",
         extras: Sequence[tuple[str, str]] = (),
         precomputes: Callable[[Any], bool] = lambda options: True,
         recompute: Callable[..., Sequence[Tensor | None]] | None = None,
@@ -193,7 +195,7 @@ class FusedOp:
         self.n_tensors, self.n_diff = len(tensors), differentiable
         self.extra_names = [n for _, n in extras]
         self.option_names = [f.name for f in dataclasses.fields(options)]
-        self.forward, self.loss_shape, self.recompute = forward, loss_shape, recompute
+        self.forward, self.unreduced, self.recompute = forward, unreduced, recompute
         self.precomputes, self.per_row = precomputes, per_row
         tensor_schema = ", ".join(f"Tensor{'?' if t.endswith('?') else ''} {t.rstrip('?')}" for t in tensors)
         args = ", ".join(filter(None, [tensor_schema, op_schema(options), ", ".join(f"{t} {n}" for t, n in extras)]))
@@ -247,7 +249,9 @@ class FusedOp:
 
     def _op_fake(self, *args: Any) -> tuple[Tensor, ...]:
         tensors, options, _, needs = self._split(args)
-        loss = tensors[0].new_empty(tuple(self.loss_shape(*tensors, options=options)))
+        first = tensors[0]
+        shape = () if options.reduction != "none" else (first.shape[:1] if self.unreduced == "rows" else first.shape)
+        loss = first.new_empty(tuple(shape))
         made = self.precomputes(options)
         grads = [t.new_empty(t.shape) if made and need and t is not None else tensors[0].new_empty(0)
                  for t, need in zip(tensors, needs)]

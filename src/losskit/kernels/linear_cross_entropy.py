@@ -146,10 +146,6 @@ def _accumulate(grads, grad_logits: Tensor, x_rows: Tensor, w: Tensor, rows: sli
         grad_b.add_(grad_logits.sum(dim=0))
 
 
-def _loss_shape(input: Tensor, *tensors: Tensor | None, options: CrossEntropyOptions) -> tuple[int, ...]:
-    return (input.shape[0],) if options.reduction == "none" else ()
-
-
 fused_linear_cross_entropy = FusedOp(
     "linear_cross_entropy",
     tensors=("input", "linear_weight", "linear_bias?", "target", "valid?", "weight?"),
@@ -157,7 +153,6 @@ fused_linear_cross_entropy = FusedOp(
     options=CrossEntropyOptions,
     extras=(("int", "chunk_rows"),),
     forward=linear_cross_entropy_forward,
-    loss_shape=_loss_shape,
     # A per-row grad_output is unknown in forward, and the weight's gradient sums rows:
     # reduction='none' keeps the inputs and makes the gradients in backward.
     precomputes=lambda options: options.reduction != "none",

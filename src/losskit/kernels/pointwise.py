@@ -137,5 +137,5 @@ fused_pointwise = FusedOp(
     differentiable=2,
     options=PointwiseOptions,
     forward=pointwise_forward,
-    loss_shape=lambda input, *tensors, options: tuple(input.shape) if options.reduction == "none" else (),
+    unreduced="elements",
 )

@@ -81,5 +81,4 @@ fused_probability_cross_entropy = FusedOp(
     differentiable=1,
     options=CrossEntropyOptions,
     forward=probability_cross_entropy_forward,
-    loss_shape=lambda input, *tensors, options: (input.shape[0],) if options.reduction == "none" else (),
 )
