@@ -193,6 +193,6 @@ def ctc_loss(
     else:  # no gradient wanted: the forward recursion alone
         losses = ctc_loss_only(log_probs, labels, input_lengths, target_lengths, zero_infinity)
     if reduction == "mean":
-        losses = losses / target_lengths.clamp_min(1).to(losses.dtype)
+        losses = losses / target_lengths.clamp_min(1)  # int64 divisor: the quotient keeps losses' dtype
     loss = reduce_loss(losses, reduction)
     return (loss.squeeze(0) if unbatched and reduction == "none" else loss).to(out)
