@@ -440,7 +440,8 @@ def margin_ranking_loss(
     reduction = resolve_reduction(size_average, reduce, reduction)
     _same_ndim(fn, input1=input1, input2=input2, target=target)
     check_floating(input1, "input1", fn)
-    broadcast_shape(input1, input2, ("input1", "input2"), fn)
+    if input1.shape != input2.shape:  # equal shapes broadcast; torch.broadcast_shapes costs tens of us
+        broadcast_shape(input1, input2, ("input1", "input2"), fn)
     compute, out = result_dtypes(input1, input2, target)
     # (x2 - x1) y is -y (x1 - x2) exactly (a difference changes sign exactly), one op fewer.
     loss = ((input2.to(compute) - input1.to(compute)) * target.to(compute) + margin).clamp_min(0)
