@@ -202,3 +202,30 @@ def test_gradcheck_float64_remaining_margin_losses(reduction):
     assert torch.autograd.gradcheck(lambda a: LF.hinge_embedding_loss(a, s, margin=0.5, reduction=reduction), (x,))
     assert torch.autograd.gradcheck(
         lambda a: LF.triplet_margin_with_distance_loss(a, z, z.flip(0), swap=True, reduction=reduction), (x,))
+
+
+@pytest.mark.parametrize("classes", [3, 32, 33, 70])  # the pairwise form up to 32 classes, the sorted beyond
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_multilabel_margin_pairwise_and_sorted_forms_match_torch(classes, reduction):
+    g = torch.Generator().manual_seed(classes)
+    x = torch.randn(6, classes, generator=g, dtype=torch.float64)
+    x[1, 0] = x[1, 1] - 1  # a tie (z exactly 0): no term, as in torch
+    target = torch.randint(0, classes, (6, classes), generator=g)
+    target[:, 0] = target[:, 1]  # a listed target twice counts twice, as in torch
+    target[:, min(4, classes - 1)] = -1
+    target[2, 0] = -1  # no listed target
+    for dtype, atol, rtol in FULL_DTYPES:
+        check_against_torch(LF.multilabel_margin_loss, TF.multilabel_margin_loss,
+                            x.to(dtype).requires_grad_(), target, reduction=reduction, atol=atol, rtol=rtol)
+
+
+def test_multilabel_margin_inf_and_nan_scores_follow_torch():
+    # An inf non-target score makes the loss inf; a nan score's terms are skipped (nan > 0
+    # is false), in both forms.
+    for classes in (4, 40):
+        x = torch.randn(3, classes, dtype=torch.float64)
+        x[0, 3], x[1, 2] = float("inf"), float("nan")
+        target = torch.full((3, classes), -1)
+        target[:, :2] = torch.tensor([[0, 1], [0, 1], [1, 1]])
+        check_against_torch(LF.multilabel_margin_loss, TF.multilabel_margin_loss, x.requires_grad_(), target,
+                            reduction="none")

@@ -139,3 +139,45 @@ def test_ctc_last_target_equal_to_blank_has_the_true_gradient():
     assert torch.autograd.gradcheck(lambda z: LF.ctc_loss(z.log_softmax(2), targets, [5], [2]), (logits,))
     lp = logits.log_softmax(2)
     torch.testing.assert_close(LF.ctc_loss(lp, targets, [5], [2]), TF.ctc_loss(lp, targets, [5], [2]))
+
+
+@pytest.mark.parametrize("scale, atol", [(1.0, 1e-4), (60.0, 1e-2)])
+def test_ctc_long_and_confident_sequences_match_torch_in_float32(scale, atol):
+    # Long inputs with uneven lengths. At scale 60 the model is confidently wrong about the
+    # targets (emissions down to about -500 a frame, losses in the thousands): a recursion in
+    # probability space, even rescaled every frame, underflows there (e^-88 in float32) and
+    # turns the loss inf; log space, losskit's as torch's, stays finite. Compared with torch
+    # in float32, and with torch in float64 on the same inputs (both float32 results are
+    # about 1e-3 off that, from the rounding of the inputs).
+    g = torch.Generator().manual_seed(3)
+    steps, batch, classes = 90, 5, 7
+    lp = (torch.randn(steps, batch, classes, generator=g, dtype=torch.float64) * scale).log_softmax(2)
+    targets = torch.randint(1, classes, (batch, 30), generator=g)
+    targets[0, 5:8] = targets[0, 4]  # repeats need blanks between them
+    il, tl = torch.tensor([90, 77, 64, 90, 41]), torch.tensor([30, 22, 30, 1, 0])
+    check_against_torch(LF.ctc_loss, TF.ctc_loss, lp.float().requires_grad_(), targets, il, tl, reduction="none",
+                        atol=atol, rtol=1e-5)
+    got = LF.ctc_loss(lp.float(), targets, il, tl, reduction="none")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), TF.ctc_loss(lp, targets, il, tl, reduction="none"), atol=atol, rtol=1e-5)
+
+
+def test_ctc_padding_beyond_the_lengths_is_never_read():
+    # torch ignores targets beyond target_lengths, whatever they hold (here -1 and C).
+    lp = log_probs(8, 3, 5)
+    targets = torch.tensor([[1, 2, -1, -1], [3, 5, 5, 5], [4, 4, 1, 2]])
+    il, tl = torch.tensor([8, 6, 8]), torch.tensor([2, 1, 4])
+    for reduction in REDUCTIONS:
+        check_against_torch(LF.ctc_loss, TF.ctc_loss, lp, targets, il, tl, reduction=reduction)
+
+
+def test_ctc_without_grad_and_backward_twice():
+    lp = log_probs(9, 3, 4, torch.float32)
+    targets, il, tl = torch.tensor([[1, 2, 2], [3, 1, 0], [2, 2, 2]]), torch.tensor([9, 7, 8]), torch.tensor([3, 2, 3])
+    with torch.no_grad():  # the forward recursion alone
+        alone = LF.ctc_loss(lp, targets, il, tl, reduction="none")
+    loss = LF.ctc_loss(lp, targets, il, tl, reduction="none")
+    torch.testing.assert_close(alone, loss.detach(), atol=0, rtol=0)
+    first = torch.autograd.grad(loss.sum(), lp, retain_graph=True)[0]
+    second = torch.autograd.grad(loss.sum(), lp)[0]
+    torch.testing.assert_close(first, second, atol=0, rtol=0)

@@ -191,18 +191,42 @@ def multilabel_margin_loss(
     _class_rows(input, target, fn, target_like_input=True)
     num_classes = input.shape[-1]
     # Targets count up to the first -1 of each row.
-    counted = (target != -1).long().cumprod(dim=-1).bool()
+    counted = (target == -1).cumsum(dim=-1) == 0
     _check_classes(target, counted, num_classes, fn, lowest=-1)
     compute, out = result_dtypes(input)
     unbatched = input.dim() == 1
     x, target, counted = (t.unsqueeze(0) for t in (input.to(compute), target, counted)) if unbatched else (
         input.to(compute), target, counted)
-    loss = _MultilabelMargin.apply(x, target.masked_fill(~counted, 0).long(), counted)
-    return reduce_loss(loss.squeeze(0) if unbatched else loss, reduction).to(out)
+    loss = _MultilabelMargin.apply(x, target.masked_fill(~counted, 0).long(), counted, reduction)
+    return (loss.squeeze(0) if unbatched and reduction == "none" else loss).to(out)
 
 
-def _multilabel_margin_rows(x: Tensor, safe: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
-    """(per-row loss, d(loss)/dx) of multilabel_margin_loss, in O(N C) memory.
+# Up to this many classes every (target, class) pair is formed, [N, C, C]: a few ops in all,
+# where sorting each row takes some forty (each a fixed cost that dominates at small C).
+# Beyond it, the sorted form keeps memory O(N C).
+PAIRWISE_CLASSES = 32
+
+
+def _multilabel_margin_pairs(x: Tensor, safe: Tensor, counted: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(per-row loss, d(loss)/dx), both times ``scale``, of multilabel_margin_loss from
+    every pair, for small C.
+
+    z[n, j, i] = (1 - x_j) + x_i, torch's arithmetic, counts where z > 0, j is listed (as
+    often as it is listed) and i is not a target; ties, nan and unlisted pairs count for
+    nothing, as in torch (see _multilabel_margin_rows). Selected with where, never by
+    multiplying with 0, so that an inf or nan outside the counted pairs stays outside.
+    """
+    listed = torch.zeros_like(x).scatter_add_(1, safe, counted.to(x.dtype))  # how often each class is listed
+    z = (1 - x).unsqueeze(2) + x.unsqueeze(1)
+    count = (z > 0) & (listed > 0).unsqueeze(2) & (listed == 0).unsqueeze(1)
+    weight = torch.where(count, listed.mul_(scale).unsqueeze(2), 0.0)  # (times pair (j, i) counts) * scale
+    loss = torch.where(count, z * weight, 0.0).sum((1, 2))
+    return loss, weight.sum(1) - weight.sum(2)
+
+
+def _multilabel_margin_rows(x: Tensor, safe: Tensor, counted: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(per-row loss, d(loss)/dx), both times ``scale``, of multilabel_margin_loss, in O(N C)
+    memory.
 
     For a listed target value a and the non-target values v of its row, torch counts the
     term z = (1 - a) + v where z > 0, i.e. where v > fl(a - 1) exactly (a rounded sum is 0
@@ -235,7 +259,7 @@ def _multilabel_margin_rows(x: Tensor, safe: Tensor, counted: Tensor) -> tuple[T
     reach = torch.searchsorted(neg_sorted, query, side="left")
     terms = count_prefix.gather(1, reach)
     share = terms.to(acc) * (1 - picked).to(acc) + value_prefix.gather(1, reach)
-    loss = torch.where(live & (terms > 0), share, 0.0).sum(1).to(x.dtype) / classes
+    loss = torch.where(live & (terms > 0), share, 0.0).sum(1).to(x.dtype) * scale
 
     # Gradient: -k(a) at each listed target; at a non-target v the number of listed targets
     # with fl(a - 1) < v, i.e. all of them but those with fl(1 - a) <= -v (fl(1 - a) runs
@@ -246,24 +270,41 @@ def _multilabel_margin_rows(x: Tensor, safe: Tensor, counted: Tensor) -> tuple[T
     below = torch.searchsorted(1 + neg_sorted, neg_key, side="right")
     above = listed_prefix[:, -1:] - listed_prefix.gather(1, below)
     grad = grad + torch.where(valid, above, 0).to(x.dtype)
-    return loss, grad / classes
+    return loss, grad * scale
+
+
+def _row_scale(rows: int, classes: int, reduction: str) -> float:
+    """1 / C, and for 'mean' also 1 / N (folded into the loss terms and the gradient, so
+    that the mean costs no op); nan for no classes (0 / 0, as the division would give)."""
+    if not classes:
+        return float("nan")
+    return 1.0 / (classes * rows) if reduction == "mean" and rows else 1.0 / classes
+
+
+def _reduced(loss: Tensor, reduction: str) -> Tensor:
+    """Per-row losses already scaled by _row_scale, reduced: an empty 'mean' stays 0 / 0."""
+    if reduction == "none":
+        return loss
+    return reduce_loss(loss, "sum") if reduction == "sum" or loss.numel() else reduce_loss(loss, "mean")
 
 
 class _MultilabelMargin(torch.autograd.Function):
-    """Per-row multilabel margin loss; its gradient, formed in forward, is scaled by
+    """Multilabel margin loss, reduced; its gradient, formed in forward, is scaled by
     grad_output in backward. Differentiable once, as torch's."""
 
     @staticmethod
-    def forward(ctx, x, safe, counted):  # type: ignore[override]
-        loss, grad = _multilabel_margin_rows(x, safe, counted)
+    def forward(ctx, x, safe, counted, reduction):  # type: ignore[override]
+        rows = _multilabel_margin_pairs if x.shape[1] <= PAIRWISE_CLASSES else _multilabel_margin_rows
+        loss, grad = rows(x, safe, counted, _row_scale(*x.shape, reduction))
         ctx.save_for_backward(grad)
-        return loss
+        ctx.per_row = reduction == "none"
+        return _reduced(loss, reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.unsqueeze(1), None, None
+        return grad * (grad_output.unsqueeze(1) if ctx.per_row else grad_output), None, None, None
 
 
 @fill_doc(legacy_args=LEGACY_ARGS)
@@ -325,35 +366,42 @@ def multi_margin_loss(
     rows = x.unsqueeze(0) if x.dim() == 1 else x
     index = target.long().reshape(-1, 1)
     row_weight = None if weight is None else weight.to(compute)[index]
-    loss = _MultiMargin.apply(rows, index, row_weight, p, margin)
-    loss = loss.reshape(target_shape) if reduction == "none" else reduce_loss(loss, reduction)
+    loss = _MultiMargin.apply(rows, index, row_weight, p, margin, reduction)
+    loss = loss.reshape(target_shape) if reduction == "none" else loss
     return loss if loss.dtype == out else loss.to(out)
 
 
 class _MultiMargin(torch.autograd.Function):
-    """Per-row multi-class hinge loss and its gradient, formed together in forward (torch's
-    arithmetic: z = (margin - x_y) + x_i, counted where z > 0, the target class skipped);
-    backward scales the stored gradient by grad_output. Differentiable once, as torch's."""
+    """Multi-class hinge loss, reduced, and its gradient, formed together in forward (torch's
+    arithmetic: z = (margin - x_y) + x_i, counted where z > 0, the target class skipped; 1 / C,
+    the class weight and the 'mean' divisor folded into both); backward scales the stored
+    gradient by grad_output. Differentiable once, as torch's."""
 
     @staticmethod
-    def forward(ctx, x, index, row_weight, p, margin):  # type: ignore[override]
+    def forward(ctx, x, index, row_weight, p, margin, reduction):  # type: ignore[override]
+        scale = _row_scale(*x.shape, reduction)
+        if row_weight is not None:
+            scale = row_weight * scale
         hinge = torch.add(x, margin - x.gather(1, index)).clamp_min_(0).scatter_(1, index, 0.0)
         if p == 1:
-            loss = hinge.sum(1, keepdim=True)
-            grad = (hinge > 0).to(x.dtype)
+            grad = (hinge > 0).to(x.dtype).mul_(scale)
         else:
-            grad = hinge * 2.0
-            loss = hinge.square_().sum(1, keepdim=True)
+            grad = hinge * (2 * scale)
+            hinge.square_()
         grad.scatter_(1, index, grad.sum(1, keepdim=True).neg_())
-        scale = 1.0 / x.shape[1] if row_weight is None else row_weight / x.shape[1]
-        ctx.save_for_backward(grad.mul_(scale))
-        return loss.mul_(scale).squeeze(1)
+        ctx.save_for_backward(grad)
+        ctx.per_row = reduction == "none"
+        if row_weight is None:  # the scale is one number: sum first
+            loss = hinge.sum(1) * scale if reduction == "none" or not x.shape[0] else hinge.sum() * scale
+        else:
+            loss = (hinge.sum(1, keepdim=True) * scale).squeeze(1)
+        return _reduced(loss, reduction) if loss.dim() else loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.unsqueeze(1), None, None, None, None
+        return grad * (grad_output.unsqueeze(1) if ctx.per_row else grad_output), None, None, None, None, None
 
 
 @fill_doc(legacy_args=LEGACY_ARGS)
@@ -392,9 +440,11 @@ def margin_ranking_loss(
     reduction = resolve_reduction(size_average, reduce, reduction)
     _same_ndim(fn, input1=input1, input2=input2, target=target)
     check_floating(input1, "input1", fn)
-    broadcast_shape(input1, input2, ("input1", "input2"), fn)
+    if input1.shape != input2.shape:  # equal shapes broadcast; torch.broadcast_shapes costs tens of us
+        broadcast_shape(input1, input2, ("input1", "input2"), fn)
     compute, out = result_dtypes(input1, input2, target)
-    loss = (-target.to(compute) * (input1.to(compute) - input2.to(compute)) + margin).clamp_min(0)
+    # (x2 - x1) y is -y (x1 - x2) exactly (a difference changes sign exactly), one op fewer.
+    loss = ((input2.to(compute) - input1.to(compute)) * target.to(compute) + margin).clamp_min(0)
     return reduce_loss(loss, reduction).to(out)
 
 

@@ -7,8 +7,9 @@ from torch import Tensor
 
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
-from .._core.checks import check_values
+from .._core.checks import check_values, full_checks
 from .._core.validation import at_index, check_floating, first_index
+from ..kernels.ctc import CTCLoss, ctc_loss_only
 
 __all__ = ["ctc_loss"]
 
@@ -25,10 +26,41 @@ def _as_lengths(
 def _check_lengths(lengths: Tensor, limit: int, name: str, what: str, fn: str) -> None:
     """Each length in [0, limit]."""
 
+    if full_checks(lengths) and lengths.numel():  # one look at the extremes passes a good batch
+        low, high = lengths.aminmax()
+        if int(low) >= 0 and int(high) <= limit:
+            return
+
     def report(bad: Tensor) -> Exception:
         return ValueError(f"{fn}: {name} must lie in [0, {limit}]; got {lengths.tolist()} ({what} is {limit})")
 
     check_values(lengths, lambda: (lengths < 0) | (lengths > limit), report, f"{fn}: {name} must lie in [0, {limit}]")
+
+
+def _checked_targets(padded: Tensor, target_lengths: Tensor, num_classes: int, blank: int, fn: str) -> Tensor:
+    """The padded targets, each counted one (within its target length) checked to be a
+    class; those beyond the lengths, never read, made a class (blank) where they are not.
+
+    Where checks read values, one look at the extremes passes a batch whose every entry,
+    padding included, is a class, with no mask made.
+    """
+    if full_checks(padded) and padded.numel():
+        low, high = padded.aminmax()
+        if int(low) >= 0 and int(high) < num_classes:
+            return padded
+    counted = torch.arange(padded.shape[1], device=padded.device) < target_lengths.unsqueeze(1)
+
+    def bad_label(bad: Tensor) -> Exception:
+        where = first_index(bad)
+        return ValueError(f"{fn}: target {int(padded[where])}{at_index(where)} must be a class in [0, {num_classes})")
+
+    check_values(
+        padded,
+        lambda: counted & ((padded < 0) | (padded >= num_classes)),
+        bad_label,
+        f"{fn}: a target must be a class in [0, {num_classes})",
+    )
+    return padded.masked_fill(~counted, blank)
 
 
 def _pad_concatenated(targets: Tensor, target_lengths: Tensor, given: object, fn: str) -> Tensor:
@@ -60,117 +92,6 @@ def _pad_concatenated(targets: Tensor, target_lengths: Tensor, given: object, fn
     index = (starts.unsqueeze(1) + offsets).clamp(max=max(total - 1, 0))
     padded = targets.long()[index] if total else targets.new_zeros(batch, longest, dtype=torch.long)
     return padded.masked_fill(offsets >= target_lengths.unsqueeze(1), 0)
-
-
-def _logsumexp(stacked: Tensor, dim: int) -> Tensor:
-    """logsumexp that is -inf, with no nan, where every term is -inf (unreachable states)."""
-    dead = (stacked == -float("inf")).all(dim=dim, keepdim=True)
-    total = torch.logsumexp(torch.where(dead, 0.0, stacked), dim=dim, keepdim=True)
-    return torch.where(dead, -float("inf"), total).squeeze(dim)
-
-
-def _shifted(states: Tensor, by: int, value: float = -float("inf")) -> Tensor:
-    """states moved ``by`` places along dim 1 (right for by > 0), filled with ``value``."""
-    width = states.shape[1]
-    fill = states.new_full((states.shape[0], min(abs(by), width)), value)
-    if by > 0:
-        return torch.cat([fill, states[:, : width - fill.shape[1]]], dim=1)
-    return torch.cat([states[:, fill.shape[1]:], fill], dim=1)
-
-
-def _ctc_forward(
-    log_probs: Tensor, labels: Tensor, input_lengths: Tensor, target_lengths: Tensor, zero_infinity: bool
-) -> tuple[Tensor, Tensor]:
-    """(-log p(target | input) per sequence, torch's gradient with respect to log_probs).
-
-    log_probs: (T, N, C); labels: (N, L) extended labels (blank, y1, blank, y2, ..., blank),
-    L = 2 S + 1. In log space, with e_t(s) = lp_t(l_s):
-
-        alpha_t(s) = e_t(s) + logsumexp(alpha_{t-1}(s), alpha_{t-1}(s-1), alpha_{t-1}(s-2))
-        beta_t(s)  = e_t(s) + logsumexp(beta_{t+1}(s), beta_{t+1}(s+1), beta_{t+1}(s+2))
-
-    where a step of two counts only between different labels (l_s != l_{s-2}, torch's
-    rule). Sequence n starts at its first two states and ends, at frame T_n - 1, in its last
-    two (L_n = 2 S_n + 1). The occupancy of state s at frame t is
-    exp(alpha_t(s) + beta_t(s) - e_t(s) - log p); the gradient torch returns is
-    exp(lp) minus the occupancy summed per class, inside each input length, 0 beyond it.
-    Only alpha is kept per frame; beta is swept backwards once, adding the occupancy as it
-    goes. Every frame's step is the same branch-free tensor code, so the loop traces.
-    """
-    steps, batch, _ = log_probs.shape
-    width = labels.shape[1]
-    minus_inf = float("-inf")
-    emit = log_probs.gather(2, labels.unsqueeze(0).expand(steps, batch, width))  # (T, N, L)
-    jump_in = _shifted(labels, 2, -1) != labels  # alpha may come from s - 2
-    jump_in[:, :2] = False
-    jump_out = torch.cat([jump_in[:, 2:], jump_in.new_zeros(batch, min(2, width))], dim=1)  # beta from s + 2
-    positions = torch.arange(width, device=labels.device)
-    last = (2 * target_lengths).unsqueeze(1)  # L_n - 1
-    ends = (positions == last) | (positions == last - 1)
-
-    alphas = []
-    alpha = torch.where(positions < 2, emit[0], minus_inf) if steps else emit.new_empty(batch, width)
-    for t in range(steps):
-        if t:
-            terms = torch.stack([alpha, _shifted(alpha, 1), torch.where(jump_in, _shifted(alpha, 2), minus_inf)])
-            alpha = emit[t] + _logsumexp(terms, 0)
-        alphas.append(alpha)
-    alphas_t = torch.stack(alphas) if steps else emit.new_empty(0, batch, width)
-    final_frame = (input_lengths - 1).clamp_min(0)
-    final = alphas_t.gather(0, final_frame.view(1, batch, 1).expand(1, batch, width))[0] if steps else emit.new_full(
-        (batch, width), minus_inf)
-    log_likelihood = _logsumexp(torch.where(ends, final, minus_inf), 1)
-    # No frames: the empty alignment has probability 1 for an empty target, 0 otherwise.
-    empty = log_likelihood.new_zeros(()).where(target_lengths == 0, minus_inf)
-    log_likelihood = torch.where(input_lengths == 0, empty, log_likelihood)
-    losses = -log_likelihood
-    finite = torch.isfinite(losses)
-    safe_loss = torch.where(finite, losses, 0.0)
-
-    grad = log_probs.exp()
-    beta = emit.new_full((batch, width), minus_inf)
-    for t in reversed(range(steps)):
-        terms = torch.stack([beta, _shifted(beta, -1), torch.where(jump_out, _shifted(beta, -2), minus_inf)])
-        continued = emit[t] + _logsumexp(terms, 0)
-        starting = torch.where(ends, emit[t], minus_inf)
-        frame = t == input_lengths - 1
-        beta = torch.where(frame.unsqueeze(1), starting, torch.where((t < input_lengths - 1).unsqueeze(1), continued,
-                                                                       minus_inf))
-        both = alphas_t[t] + beta
-        occupancy = torch.where(both == minus_inf, 0.0, (both - emit[t] + safe_loss.unsqueeze(1)).exp())
-        grad[t] = grad[t].scatter_add(1, labels, -occupancy)
-    inside = (torch.arange(steps, device=log_probs.device).unsqueeze(1) < input_lengths).unsqueeze(2)
-    # An impossible alignment: loss inf and, as in torch, a nan gradient inside the input
-    # length; zero_infinity makes both 0.
-    failed = torch.where(finite.view(1, -1, 1), grad, 0.0 if zero_infinity else float("nan"))
-    grad = torch.where(inside, failed, 0.0)
-    if zero_infinity:
-        losses = safe_loss
-    return losses, grad
-
-
-class _CTCLoss(torch.autograd.Function):
-    """Per-sequence CTC loss whose gradient is torch's: exp(log_probs) - occupancy.
-
-    torch's ctc_loss returns, as the gradient with respect to log_probs, the gradient with
-    respect to the logits that a log_softmax would have produced them from:
-    exp(lp) + d(-log p)/d(lp), inside each input length, 0 beyond it. Through a log_softmax
-    this equals the true gradient (the exp term sums to 1 per step and is removed), so
-    training is unaffected; it is reproduced here so that gradients match torch exactly.
-    As torch's, it is differentiable once.
-    """
-
-    @staticmethod
-    def forward(ctx, log_probs, labels, input_lengths, target_lengths, zero_infinity):  # type: ignore[override]
-        losses, grad = _ctc_forward(log_probs, labels, input_lengths, target_lengths, zero_infinity)
-        ctx.save_for_backward(grad)
-        return losses
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.view(1, -1, 1), None, None, None, None
 
 
 def ctc_loss(
@@ -261,24 +182,17 @@ def ctc_loss(
         padded = targets
     else:  # concatenated
         padded = _pad_concatenated(targets, target_lengths, given_target_lengths, fn)
-    counted = torch.arange(padded.shape[1], device=device).unsqueeze(0) < target_lengths.unsqueeze(1)
-
-    def bad_label(bad: Tensor) -> Exception:
-        where = first_index(bad)
-        return ValueError(f"{fn}: target {int(padded[where])}{at_index(where)} must be a class in [0, {num_classes})")
-
-    check_values(
-        padded,
-        lambda: counted & ((padded < 0) | (padded >= num_classes)),
-        bad_label,
-        f"{fn}: a target must be a class in [0, {num_classes})",
-    )
-    # Extended labels: blank, y1, blank, y2, ..., blank (padding beyond a length is blank).
-    labels = torch.full((batch, 2 * padded.shape[1] + 1), blank, dtype=torch.long, device=device)
-    labels[:, 1::2] = padded.masked_fill(~counted, blank).long()
+    padded = _checked_targets(padded, target_lengths, num_classes, blank, fn)
+    # Extended labels, state-major as the kernel runs: blank, y1, blank, y2, ..., blank.
+    labels = padded.new_full((2 * padded.shape[1] + 1, batch), blank, dtype=torch.long)
+    labels[1::2] = padded.T
     compute, out = result_dtypes(log_probs)
-    losses = _CTCLoss.apply(log_probs.to(compute), labels, input_lengths, target_lengths, zero_infinity)
+    log_probs = log_probs.to(compute)
+    if torch.is_grad_enabled() and log_probs.requires_grad:
+        losses = CTCLoss.apply(log_probs, labels, input_lengths, target_lengths, zero_infinity)
+    else:  # no gradient wanted: the forward recursion alone
+        losses = ctc_loss_only(log_probs, labels, input_lengths, target_lengths, zero_infinity)
     if reduction == "mean":
-        losses = losses / target_lengths.clamp_min(1).to(losses.dtype)
+        losses = losses / target_lengths.clamp_min(1)  # int64 divisor: the quotient keeps losses' dtype
     loss = reduce_loss(losses, reduction)
     return (loss.squeeze(0) if unbatched and reduction == "none" else loss).to(out)
