@@ -52,6 +52,8 @@ def check_same_shape(input: Tensor, target: Tensor, fn: str) -> None:
 
 def broadcast_shape(a: Tensor, b: Tensor, names: tuple[str, str], fn: str) -> tuple[int, ...]:
     """The broadcast shape of two tensors, or a ValueError stating both shapes."""
+    if a.shape == b.shape:  # the usual case, without torch.broadcast_shapes' Python cost
+        return tuple(a.shape)
     try:
         return tuple(torch.broadcast_shapes(a.shape, b.shape))
     except RuntimeError:
