@@ -450,7 +450,13 @@ CHECKS_TARGETS = "checks every class index on the host (checks mode 'full', the 
 CHECKS_PROBS = "checks the inputs are probabilities that sum to 1 (checks mode 'full', the CPU default)"
 # Where losskit deliberately computes more than the reference: loss name -> note.
 NOTES: dict[str, str] = {
-    "functional.cross_entropy": "also scans the input for rows that look like probabilities (a warning; CPU eager only)",
+    "functional.cross_entropy": "checks the class indices on the host and looks at the first rows for probabilities "
+                                "given as logits (a warning; CPU eager only)",
+    "functional.nll_loss": CHECKS_TARGETS,
+    "functional.multi_margin_loss": CHECKS_TARGETS,
+    "functional.multilabel_margin_loss": CHECKS_TARGETS,
+    "functional.binary_cross_entropy": "checks that input and target lie in [0, 1] on the host (checks mode 'full', "
+                                       "the CPU default)",
     "functional.softmax_focal_loss": CHECKS_TARGETS,
     "functional.poly1_cross_entropy": CHECKS_TARGETS,
     "functional.dice_loss": CHECKS_TARGETS,

@@ -64,28 +64,33 @@ def _class_index_loss(
     weight: Tensor | None,
     label_smoothing: float,
     class_dim: int,
+    compute: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | float]:
     """Per-position loss of class-index targets and the 'mean' denominator.
 
     loss_i = w_{y_i} * (1 - eps) * (-log p_{i, y_i}) + eps / C * sum_c w_c * (-log p_{i, c}),
     0 where y_i is ignored; the denominator is sum_i w_{y_i} over positions not ignored
     (their count when there is no weight), which is how torch normalises both terms.
+    ``compute``: the dtype to compute in, when ``log_probs`` is not in it already (gathered
+    values are cast, never the whole input; no smoothing then).
     """
     num_classes = log_probs.shape[class_dim]
+    compute = log_probs.dtype if compute is None else compute
     if targets.all_valid and weight is None and label_smoothing == 0.0:
         # Every position counts with weight 1 (validation saw it for free): the plain mean.
-        nll = -log_probs.gather(class_dim, targets.target.unsqueeze(class_dim)).squeeze(class_dim)
+        picked = log_probs.gather(class_dim, targets.target.unsqueeze(class_dim)).squeeze(class_dim)
+        nll = -cast(picked, compute)
         return nll, float(nll.numel())
     valid = targets.valid
     # Ignored positions may hold any value (-100 by default): gather at class 0 instead and
     # mask afterwards with `where`, never a multiplication, so that a -inf log-probability
     # at an ignored position cannot turn into 0 * inf = nan, in the value or the gradient.
     safe_target = targets.safe()
-    nll = -log_probs.gather(class_dim, safe_target.unsqueeze(class_dim)).squeeze(class_dim)
+    nll = -cast(log_probs.gather(class_dim, safe_target.unsqueeze(class_dim)).squeeze(class_dim), compute)
     if weight is None:
-        target_weight = valid.to(log_probs.dtype)
+        target_weight = valid.to(compute)
     else:
-        weight = weight.to(log_probs.dtype)
+        weight = weight.to(compute)
         picked_weight = weight[safe_target]
         target_weight = torch.where(valid, picked_weight, 0.0)
         nll = nll * picked_weight
@@ -326,7 +331,9 @@ def nll_loss(
         check_class_weight(weight, input.shape[class_dim], fn)
     targets = check_index_targets(input, target, class_dim, ignore_index, fn)
     compute, out = result_dtypes(input)
-    loss, denominator = _class_index_loss(cast(input, compute), targets, weight, 0.0, class_dim)
+    # Only the gathered log-probabilities are computed with: gather first, then cast (a cast
+    # of the whole half-precision input would cost a full pass; the gather rounds nothing).
+    loss, denominator = _class_index_loss(input, targets, weight, 0.0, class_dim, compute)
     return cast(reduce_loss(loss, reduction, denominator), out)
 
 
