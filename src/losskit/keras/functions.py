@@ -179,11 +179,13 @@ def huber(y_true: Tensor, y_pred: Tensor, delta: float = 1.0) -> Tensor:
     """Keras's Huber: quadratic where |e| <= delta (torch's switches at < delta; at |e| = delta
     both branches give 0.5 delta^2 and the gradient delta, so the two agree everywhere).
 
-    As c (e - c / 2) with c = clamp(e, -delta, delta): e^2 / 2 inside, delta (|e| - delta / 2)
-    outside, in four element-wise passes where the two branches and a select took eight;
-    autograd's gradient of it is exactly c.
+    So it is losskit.functional.huber_loss per element (one fused sweep), then Keras's mean
+    over the last axis; otherwise c (e - c / 2) with c = clamp(e, -delta, delta): e^2 / 2
+    inside, delta (|e| - delta / 2) outside, whose autograd gradient is exactly c.
     """
     y_true, y_pred = _pair(y_true, y_pred)
+    if delta > 0 and y_true.shape == y_pred.shape:  # torch's huber_loss, by losskit's fused sweep
+        return F.huber_loss(y_pred, y_true, reduction="none", delta=delta).mean(dim=-1)
     error = y_pred - y_true
     capped = error.clamp(-delta, delta)
     return (capped * (error - 0.5 * capped)).mean(dim=-1)
