@@ -17,3 +17,34 @@ def test_quick_start_runs_and_raises_the_error_it_shows():
     with pytest.raises(IndexError) as raised:
         exec(compile(code, str(README), "exec"), {})
     assert str(raised.value) == shown
+
+
+def test_the_catalog_bench_figures_are_those_of_its_csv():
+    """Every ratio the README quotes from `losskit bench catalog` is in catalog.csv."""
+    import csv
+
+    rows = [r for r in csv.DictReader((README.parent / "benchmarks" / "results" / "catalog.csv").open())
+            if r["mode"] == "full" and r["metric"] == "time" and r["provider"] == "losskit" and r["ratio_to_torch"]]
+    ratios = {(r["kernel"], r["size"], r["shape"], r["dtype"]): f"{float(r['ratio_to_torch']):.2f}x" for r in rows}
+    section = README.read_text().split("### Every loss against torch", 1)[1]
+    quoted = re.findall(r"^\| `([\w.]+)` \| (small|large) (\S+) \| ([\d.]+x) \|", section, re.M)
+    assert quoted, "the README's slowest-losses table is missing"
+    for kernel, size, shape, ratio in quoted:
+        assert ratios[(kernel, size, shape, "float32")] == ratio, (kernel, size)
+    stamp = re.search(r"From the run of (\S+) ", section).group(1)
+    assert stamp == rows[0]["timestamp"]
+
+
+def test_the_before_after_figures_are_those_of_its_csv():
+    import csv
+
+    rows = list(csv.DictReader((README.parent / "benchmarks" / "results" / "before-after.csv").open()))
+    times = {(r["op"], r["shape"], r["version"]): float(r["p50"]) for r in rows
+             if r["metric"] == "time" and r["provider"].startswith("losskit")}
+    section = README.read_text().split("### Before and after the one cross-entropy core", 1)[1]
+    quoted = re.findall(r"^\| `(\w+)` ([\d x]+) \|.*\| ([\d.]+)x \|", section, re.M)
+    assert len(quoted) == 5
+    for name, shape, ratio in quoted:
+        op = {"cross_entropy": "ce", "linear_cross_entropy": "lce"}[name]
+        key = shape.strip().replace(" x ", "x")
+        assert f"{times[(op, key, 'after')] / times[(op, key, 'before')]:.2f}" == ratio
