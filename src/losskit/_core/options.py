@@ -3,8 +3,8 @@
 ``cross_entropy``, ``linear_cross_entropy``, their Modules and the vocabulary-parallel
 losses all take the same options; they travel whole, from the public function down to the
 CPU kernels, the Triton launchers and the custom ops, never as loose floats in positional
-order. :func:`op_schema` spells them for a custom op's schema, and :meth:`flat` /
-:meth:`from_flat` cross that boundary by field name, in one place.
+order. :func:`op_schema` spells them for a custom op's schema; the fused-op factory
+(:mod:`losskit.kernels.fused_op`) crosses that boundary by field name, in one place.
 """
 
 from __future__ import annotations
@@ -77,18 +77,6 @@ class CrossEntropyOptions:
             except ValueError as error:
                 raise ValueError(f"{fn}: {error}") from None
 
-    def flat(self) -> tuple[Any, ...]:
-        """The values in field order, as a custom op spelled by :func:`op_schema` takes them."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
-
-    @classmethod
-    def from_flat(cls, values: tuple[Any, ...] | list[Any]) -> CrossEntropyOptions:
-        return cls(**dict(zip(_FIELD_NAMES, values)))
-
-    def but(self, **changes: Any) -> CrossEntropyOptions:
-        """A copy with some options changed (e.g. ``reduction='sum'``)."""
-        return dataclasses.replace(self, **changes)
-
     @property
     def is_plain(self) -> bool:
         """No smoothing, z-loss, soft-capping or temperature: the bare cross-entropy."""
@@ -96,9 +84,6 @@ class CrossEntropyOptions:
             self.label_smoothing == 0.0 and self.lse_square_scale == 0.0 and self.softcap is None
             and self.temperature == 1.0
         )
-
-
-_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(CrossEntropyOptions))
 
 
 @functools.lru_cache(maxsize=256)

@@ -191,7 +191,6 @@ class FusedOp:
         per_row: Callable[[Any], bool] = lambda options: options.reduction == "none",
     ) -> None:
         self.name, self.options_type = name, options
-        self.tensor_names = [t.rstrip("?") for t in tensors]
         self.n_tensors, self.n_diff = len(tensors), differentiable
         self.extra_names = [n for _, n in extras]
         self.option_names = [f.name for f in dataclasses.fields(options)]
@@ -222,7 +221,8 @@ class FusedOp:
         ``replay`` serves the backward passes the precomputed gradients cannot."""
         needs = [wants_grad(t) for t in tensors[: self.n_diff]]
         if compiling():
-            return self.op(*tensors, *options.flat(), *self._extra_values(extras), needs)[0]
+            option_values = [getattr(options, name) for name in self.option_names]
+            return self.op(*tensors, *option_values, *self._extra_values(extras), needs)[0]
         if not any(needs):
             return self.forward(*tensors, options=options, needs=(False,) * self.n_diff, **extras)[0]
         return self.eager.apply(_Call(options, extras, replay), *tensors)
