@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .checks import _transformed, check_values, effective_mode, full_checks
+from .checks import check_values, effective_mode, full_checks
 
 
 def _shape(t: Tensor | torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -97,6 +97,17 @@ def class_dim_of(input: Tensor, fn: str) -> int:
     return 0 if input.dim() == 1 else 1
 
 
+def extremes(t: Tensor) -> tuple[int, int] | None:
+    """(smallest, largest) value of a non-empty integer tensor, from one reduction and one
+    read on the host, where value checks read values in full; None elsewhere (then a check
+    goes element by element, or device-side). A batch whose extremes are in range needs no
+    element-wise mask."""
+    if not t.numel() or not full_checks(t):
+        return None
+    low, high = t.aminmax()
+    return int(low), int(high)
+
+
 class ClassTargets:
     """Class-index targets, validated once: ``target`` as int64 and ``valid``, where it is
     not the ignore index. Everything downstream uses this mask; nothing rebuilds it.
@@ -157,11 +168,9 @@ def check_class_targets(
             f"class-index targets must have shape {tuple(expected)}"
         )
     target = target.long()
-    if target.numel() and num_classes > 0 and effective_mode(target) == "full" and not _transformed(target):
-        low, high = target.aminmax()
-        low, high = int(low), int(high)
-        if 0 <= low and high < num_classes and not low <= ignore_index <= high:
-            return ClassTargets(target, ignore_index=ignore_index, all_valid=True)
+    seen = extremes(target) if num_classes > 0 else None
+    if seen is not None and 0 <= seen[0] and seen[1] < num_classes and not seen[0] <= ignore_index <= seen[1]:
+        return ClassTargets(target, ignore_index=ignore_index, all_valid=True)
     valid = target != ignore_index
     check_target_range(target, valid, num_classes, fn)
     return ClassTargets(target, valid, ignore_index=ignore_index)
@@ -174,13 +183,11 @@ def check_target_range(target: Tensor, counted: Tensor, num_classes: int, fn: st
     in range whenever there is a class); only a bad batch pays for the mask that names
     the first bad index.
     """
-    mode = effective_mode(target)
-    if mode == "off":
+    if effective_mode(target) == "off":
         return
-    if mode == "full" and not _transformed(target) and target.numel() and num_classes > 0:
-        low, high = torch.where(counted, target, 0).aminmax()
-        if int(low) >= 0 and int(high) < num_classes:
-            return
+    seen = extremes(torch.where(counted, target, 0)) if num_classes > 0 and full_checks(target) else None
+    if seen is not None and seen[0] >= 0 and seen[1] < num_classes:
+        return
 
     def report(bad: Tensor) -> Exception:
         where = first_index(bad)

@@ -11,8 +11,7 @@ from torch import Tensor
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
-from .._core.checks import full_checks
-from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range
+from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range, extremes
 
 __all__ = [
     "cosine_embedding_loss",
@@ -44,10 +43,9 @@ def _hinge(z: Tensor) -> Tensor:
 def _check_classes(target: Tensor, counted: Tensor | bool, num_classes: int, fn: str, lowest: int) -> None:
     """check_target_range, after a one-op look at the extremes where checks read values on
     the host: targets within [lowest, num_classes) need no element-wise mask."""
-    if full_checks(target) and target.numel():
-        low, high = torch.aminmax(target)
-        if int(low) >= lowest and int(high) < num_classes:
-            return
+    seen = extremes(target)
+    if seen is not None and seen[0] >= lowest and seen[1] < num_classes:
+        return
     check_target_range(target, target.new_ones((), dtype=torch.bool) & counted, num_classes, fn)
 
 

@@ -7,8 +7,8 @@ from torch import Tensor
 
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
-from .._core.checks import check_values, full_checks
-from .._core.validation import at_index, check_floating, first_index
+from .._core.checks import check_values
+from .._core.validation import at_index, check_floating, extremes, first_index
 from ..kernels.ctc import CTCLoss, ctc_loss_only
 
 __all__ = ["ctc_loss"]
@@ -26,10 +26,9 @@ def _as_lengths(
 def _check_lengths(lengths: Tensor, limit: int, name: str, what: str, fn: str) -> None:
     """Each length in [0, limit]."""
 
-    if full_checks(lengths) and lengths.numel():  # one look at the extremes passes a good batch
-        low, high = lengths.aminmax()
-        if int(low) >= 0 and int(high) <= limit:
-            return
+    seen = extremes(lengths)  # one look at the extremes passes a good batch
+    if seen is not None and seen[0] >= 0 and seen[1] <= limit:
+        return
 
     def report(bad: Tensor) -> Exception:
         return ValueError(f"{fn}: {name} must lie in [0, {limit}]; got {lengths.tolist()} ({what} is {limit})")
@@ -44,10 +43,9 @@ def _checked_targets(padded: Tensor, target_lengths: Tensor, num_classes: int, b
     Where checks read values, one look at the extremes passes a batch whose every entry,
     padding included, is a class, with no mask made.
     """
-    if full_checks(padded) and padded.numel():
-        low, high = padded.aminmax()
-        if int(low) >= 0 and int(high) < num_classes:
-            return padded
+    seen = extremes(padded)
+    if seen is not None and seen[0] >= 0 and seen[1] < num_classes:
+        return padded
     counted = torch.arange(padded.shape[1], device=padded.device) < target_lengths.unsqueeze(1)
 
     def bad_label(bad: Tensor) -> Exception:
