@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: tour test fuzz docs install clean
+.PHONY: tour test fuzz docs install clean gpu-check
 
 install: $(STAMP)
 
@@ -28,6 +28,13 @@ fuzz: $(STAMP)
 	echo "fuzz seed: $$seed (replay with: make fuzz SEED=$$seed)"; \
 	$(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider --hypothesis-profile=fuzz \
 		--hypothesis-seed=$$seed --hypothesis-show-statistics
+
+# On a machine with an NVIDIA GPU: the GPU tests, the accuracy table and the CUDA benchmarks
+# in under 8 minutes (benchmarks/gpu_check.py); CSVs to benchmarks/results. GPU_PYTHON=python3
+# runs it with a Python that already has torch with CUDA (losskit from src, no venv made).
+GPU_PYTHON ?= $(BIN)/python
+gpu-check: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),$(STAMP))
+	PYTHONPATH=$(CURDIR)/src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 # The documentation site in build/site: pages generated from losskit.catalog, formulas
 # rendered at build time (offline), warnings as errors, then every loss's section and every

@@ -46,8 +46,14 @@ CUDA_CE_PROVIDERS = ("torch", "torch.compile", "liger", "losskit")
 CUDA_LCE_PROVIDERS = ("torch", "torch.compile", "torch chunked", "liger", "cce", "losskit")
 
 
-def plan(which: str, quick: bool, device: str = "cpu") -> list[Case]:
-    """The cases of a run: the issue's headline shapes in every mode, then sweeps."""
+def plan(which: str, quick: bool, device: str = "cpu", heads: bool = False) -> list[Case]:
+    """The cases of a run: the issue's headline shapes in every mode, then sweeps (with
+    ``heads``, the first case of each op alone)."""
+    if heads:
+        first: dict[str, Case] = {}
+        for case in plan(which, quick, device):
+            first.setdefault(case.op, case)
+        return list(first.values())
     if device == "cuda":
         return _cuda_plan(which, quick)
     cases: list[Case] = []
@@ -287,14 +293,15 @@ def _run_worker(case: Case, provider: str, timeout: float) -> dict | str:
 
 
 def run(
-    which: str, quick: bool, out_csv: Path, timeout: float = 600.0, progress: bool = True, device: str = "cpu"
+    which: str, quick: bool, out_csv: Path, timeout: float = 600.0, progress: bool = True, device: str = "cpu",
+    heads: bool = False,
 ) -> list[dict]:
     """Run the plan, append its rows to ``out_csv`` and return them."""
     import torch
 
     from tqdm import tqdm
 
-    cases = plan(which, quick, device)
+    cases = plan(which, quick, device, heads)
     jobs = [(case, provider) for case in cases for provider in case.providers]
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     if device == "cuda":

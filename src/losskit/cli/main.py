@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small shapes, a minute in all: a smoke test of the harness")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default: %(default)s)")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    bench.add_argument("--heads", action="store_true",
+                       help="only each op's headline shape, every provider and mode (no sweeps): what make gpu-check runs")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                        help="cuda: bfloat16, with Liger-Kernel and cut-cross-entropy when installed; rows go to "
                             "DIR/bench-cuda.csv")
@@ -112,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
         suffix = "" if args.device == "cpu" else f"-{args.device}"
         csv_path = args.out / (f"quick{suffix}.csv" if args.quick else f"bench{suffix}.csv")
-        rows = run(args.op, args.quick, csv_path, progress=not args.no_progress, device=args.device)
+        rows = run(args.op, args.quick, csv_path, progress=not args.no_progress, device=args.device, heads=args.heads)
         for line in headline(rows):
             print(line)
         charts = draw(csv_path, args.out / (f"quick-charts{suffix}" if args.quick else f"charts{suffix}"))
