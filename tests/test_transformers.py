@@ -298,3 +298,70 @@ def test_import_losskit_does_not_import_transformers():
     code = "import sys, losskit, losskit.functional, losskit.nn; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- token_log_probs: needs losskit.functional.linear_log_probs / linear_entropy ------------
+
+
+@pytest.mark.parametrize("family", ["llama", "cohere-scaled", "phi-bias"])
+def test_token_log_probs_and_entropy_equal_the_models_logits(family):
+    from losskit.integrations.transformers import token_log_probs
+
+    stock, ours = _pair(family)
+    restore(ours)  # works on an unpatched model, and leaves it so
+    stock.eval(), ours.eval()
+    batch = _batch()
+    labels = batch.pop("labels")
+    logits = stock(**batch).logits.float()
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    # written-out: log_softmax, gathered at the next label, 0 where ignored; entropy -sum p log p
+    log_softmax = logits.log_softmax(-1)
+    expected = log_softmax.gather(-1, shift.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(shift == -100, 0)
+    expected_entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+    got = token_log_probs(ours, batch["input_ids"], labels, attention_mask=batch["attention_mask"], entropy=True)
+    assert "forward" not in ours.__dict__
+    torch.testing.assert_close(got.log_probs, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.entropy, expected_entropy, atol=1e-5, rtol=1e-5)
+    expected.sum().backward()
+    got.log_probs.sum().backward()
+    _assert_same_grads(ours, stock)
+    assert token_log_probs(ours, batch["input_ids"], labels).entropy is None
+
+
+def test_token_log_probs_feed_dpo_loss_as_trls_formula():
+    from losskit.functional import dpo_loss
+    from losskit.integrations.transformers import token_log_probs
+
+    policy, reference = _llama().eval(), _llama().eval()
+    prompt = torch.randint(0, VOCAB, (3, 5))
+    chosen, rejected = (torch.cat([prompt, torch.randint(0, VOCAB, (3, 7))], 1) for _ in range(2))
+    completion = torch.zeros_like(chosen, dtype=torch.bool)
+    completion[:, 5:] = True
+
+    def sequence_log_probs(model, ids):
+        return token_log_probs(model, ids, ids.masked_fill(~completion, -100)).log_probs.sum(-1)
+
+    def from_logits(model, ids):  # written-out, as TRL's DPO computes it from full logits
+        logp = model(ids).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return (logp * completion[:, 1:]).sum(-1)
+
+    with torch.no_grad():
+        ref = [sequence_log_probs(reference, ids) for ids in (chosen, rejected)]
+        ref_oracle = [from_logits(reference, ids) for ids in (chosen, rejected)]
+    policy_lp = [sequence_log_probs(policy, ids) for ids in (chosen, rejected)]
+    oracle_lp = [from_logits(policy, ids) for ids in (chosen, rejected)]
+    for got, want in zip(policy_lp + ref, oracle_lp + ref_oracle):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    beta = 0.1
+    margin = (oracle_lp[0] - ref_oracle[0]) - (oracle_lp[1] - ref_oracle[1])
+    torch.testing.assert_close(dpo_loss(*policy_lp, *ref, beta=beta),
+                               -torch.nn.functional.logsigmoid(beta * margin).mean(), atol=1e-6, rtol=1e-5)
+
+
+def test_token_log_probs_refuses_a_soft_capped_model():
+    from losskit.integrations.transformers import token_log_probs
+
+    _, ours = _pair("gemma2-softcap")
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    with pytest.raises(TypeError, match="Gemma2ForCausalLM soft-caps its logits"):
+        token_log_probs(ours, ids)

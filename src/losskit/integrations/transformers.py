@@ -415,3 +415,92 @@ def using_linear_cross_entropy(model: Any, *, chunk_size: int | None = None,
         yield model
     finally:
         restore(model)
+
+
+class TokenLogProbs(NamedTuple):
+    """Per-token results of :func:`token_log_probs`, shaped like the labels."""
+
+    log_probs: Tensor  #: log p(next label | tokens so far); 0 where the label is ignored
+    entropy: Tensor | None  #: entropy of the next-token distribution (nats), when asked for
+
+
+def token_log_probs(model: Any, input_ids: Tensor | None = None, labels: Tensor | None = None, *,
+                    shift_labels: Tensor | None = None, entropy: bool = False, ignore_index: int = -100,
+                    chunk_size: int | None = None, **model_kwargs: Any) -> TokenLogProbs:
+    r"""Per-token log-probabilities of the labels (and entropies) from a causal LM, without logits.
+
+    The input a DPO or GRPO trainer needs. The model runs as usual up to its output
+    embedding; then :func:`losskit.functional.linear_log_probs` (and its entropy twin)
+    read the final hidden states and the embedding's weight (and bias) chunk by chunk, so
+    the ``[tokens, vocabulary]`` logits are never formed. Labels are shifted as the
+    model's loss shifts them: position ``t`` holds ``log p(labels[t + 1] | input[:t + 1])``
+    and the last position is ignored. The model may be patched by
+    :func:`use_linear_cross_entropy` or not; it is left as it was.
+
+    Args:
+        model: a causal LM with transformers' layout (see :func:`use_linear_cross_entropy`).
+        input_ids: ``[B, T]`` token ids (or pass ``inputs_embeds`` in ``model_kwargs``).
+        labels: ``[B, T]``, ``ignore_index`` where no log-prob is wanted (prompt, padding);
+            default ``input_ids``.
+        shift_labels: ``[B, T]`` labels already shifted (as transformers' ``shift_labels``);
+            replaces ``labels``.
+        entropy: also return the entropy of every position's next-token distribution.
+        ignore_index: label value that yields 0.
+        chunk_size: tokens per chunk (default: chosen from the vocabulary size).
+        **model_kwargs: passed to the model (``attention_mask``, ``position_ids``,
+            ``logits_to_keep``, ...).
+
+    Returns:
+        :class:`TokenLogProbs` ``(log_probs, entropy)``, each ``[B, T]`` (``entropy`` is
+        None unless asked for). A family's logit scaling (Cohere, Granite) is applied as a
+        temperature; a model that soft-caps its logits (Gemma 2/3) raises ``TypeError``.
+
+    Example (DPO, with :func:`losskit.functional.dpo_loss`)::
+
+        def sequence_log_probs(model, ids, completion_mask):
+            labels = ids.masked_fill(~completion_mask, -100)  # count the completion only
+            return token_log_probs(model, ids, labels, attention_mask=attention).log_probs.sum(-1)
+
+        policy_chosen, policy_rejected = (sequence_log_probs(policy, ids, mask) for ids, mask in pairs)
+        with torch.no_grad():
+            ref_chosen, ref_rejected = (sequence_log_probs(reference, ids, mask) for ids, mask in pairs)
+        loss = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
+    """
+    fn = "token_log_probs"
+    head = _head_of(model, fn)
+    patched = hasattr(model, _ATTR)
+    if not patched:
+        use_linear_cross_entropy(model)
+    patch = getattr(model, _ATTR)
+    try:
+        with patch.capturing():
+            output = model(input_ids=input_ids, **model_kwargs)
+    finally:
+        if not patched:
+            restore(model)
+    deferred = output.logits if hasattr(output, "logits") else output[0]
+    if not isinstance(deferred, _DeferredLogits):
+        raise TypeError(f"{fn}: {type(model).__name__} did not return the logits of its output embedding")
+    t = deferred.transform
+    if t.cap is not None:
+        raise TypeError(f"{fn}: {type(model).__name__} soft-caps its logits, which linear_log_probs does not take")
+    if shift_labels is None:
+        labels = input_ids if labels is None else labels
+        if labels is None:
+            raise ValueError(f"{fn}: give labels (or input_ids) or shift_labels")
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    x = deferred.hidden
+    if tuple(shift_labels.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"{fn}: the labels (shifted) are shaped {tuple(shift_labels.shape)} but the model kept "
+            f"{tuple(x.shape[:-1])} positions (logits_to_keep?); pass shift_labels for the kept positions"
+        )
+    from ..functional import linear_entropy, linear_log_probs  # losskit's post-training wing
+
+    temperature = t.temperature()
+    log_probs = linear_log_probs(x, head.weight, shift_labels, head.bias, temperature=temperature,
+                                 ignore_index=ignore_index, chunk_size=chunk_size)
+    entropies = None
+    if entropy:
+        entropies = linear_entropy(x, head.weight, head.bias, temperature=temperature, chunk_size=chunk_size)
+    return TokenLogProbs(log_probs, entropies)
