@@ -33,7 +33,9 @@ not, so in bfloat16 the two differ by that rounding). ``logits_to_keep`` slices 
 hidden states before the output embedding, as in the model.
 
 With ``labels`` the output's ``logits`` is ``None``; without them (evaluation,
-``generate``) the model runs untouched and returns its logits. Anything the model does
+``generate``) the model runs untouched and returns its logits. A ``Trainer`` evaluation
+whose ``compute_metrics`` needs logits therefore needs :func:`restore` first (or
+``prediction_loss_only=True`` when the loss is all it needs). Anything the model does
 to its logits that cannot be folded raises a ``TypeError`` naming the model's class and
 the operation; :func:`restore` (or leaving :func:`using_linear_cross_entropy`) undoes
 the change.
