@@ -300,6 +300,25 @@ def test_import_losskit_does_not_import_transformers():
     assert out.stdout.strip() == "False"
 
 
+def test_bench_hf_records_both_runs_with_the_same_losses(tmp_path, monkeypatch, capsys):
+    import csv
+
+    from losskit.cli import bench_hf
+    from losskit.cli.main import main
+
+    # In-process instead of one subprocess per variant (the peak memory is then not each
+    # run's own, which only the real bench needs): the plumbing and the numbers are the same.
+    monkeypatch.setattr(bench_hf, "_run_variant", lambda setup, variant, timeout: bench_hf.finetune(setup, variant))
+    assert main(["bench", "hf", "--quick", "--out", str(tmp_path)]) == 0
+    with (tmp_path / "hf-quick.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["provider"] for r in rows} == {"transformers", "losskit"}
+    losses = {(r["provider"], r["mode"]): float(r["p50"]) for r in rows if r["metric"] == "loss"}
+    for mode in ("first step", "step 4"):
+        assert losses["losskit", mode] == pytest.approx(losses["transformers", mode], rel=1e-5)
+    assert "peak extra memory: transformers" in capsys.readouterr().out
+
+
 # -- token_log_probs: needs losskit.functional.linear_log_probs / linear_entropy ------------
 
 

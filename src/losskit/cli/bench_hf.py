@@ -32,10 +32,10 @@ class Setup:
     vocab: int = 16384
     hidden: int = 128
     layers: int = 2
-    batch: int = 8
+    batch: int = 4
     seq: int = 256
-    steps: int = 12
-    lr: float = 3e-3
+    steps: int = 10
+    lr: float = 1e-2
     seed: int = 0
 
     @property
