@@ -280,6 +280,32 @@ class _LogSoftmaxHead(nn.Module):
         return loss, logits
 
 
+class _InlineLoss(_LogSoftmaxHead):
+    """The older layout: the model scales, soft-caps and shifts its logits itself and calls
+    CrossEntropyLoss (with label smoothing) inline."""
+
+    def forward(self, input_ids, labels=None):
+        logits = self.lm_head(self.body(input_ids))
+        logits = 2.0 * torch.tanh(logits / 0.5) * 0.75  # a cap of 0.5, then a scale of 3
+        loss = None
+        if labels is not None:
+            shifted = logits[..., :-1, :].contiguous()
+            loss = nn.CrossEntropyLoss(label_smoothing=0.1)(shifted.view(-1, VOCAB), labels[..., 1:].reshape(-1))
+        return loss, logits.float()
+
+
+def test_scalings_soft_cap_shift_and_inline_cross_entropy_fold_into_the_models_own_loss():
+    stock = _InlineLoss()
+    ours = use_linear_cross_entropy(copy.deepcopy(stock))
+    ids = torch.randint(0, VOCAB, (3, 7))
+    expected, got = stock(ids, labels=ids), ours(ids, labels=ids)
+    assert len(got) == 1  # the deferred logits left out, as a None field would be
+    torch.testing.assert_close(got[0], expected[0])
+    got[0].backward()
+    expected[0].backward()
+    _assert_same_grads(ours, stock)
+
+
 def test_a_model_it_cannot_serve_gets_an_error_naming_its_class():
     with pytest.raises(TypeError, match="LlamaForSequenceClassification has no output embedding"):
         use_linear_cross_entropy(LlamaForSequenceClassification(LlamaConfig(**SMALL, pad_token_id=0)))

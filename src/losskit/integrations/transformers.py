@@ -233,7 +233,11 @@ class _DeferredLogits:
         kwargs = kwargs or {}
         if func is F.cross_entropy:
             return _answer_cross_entropy(*args, **kwargs)
-        deferred = next(a for a in (*args, *kwargs.values()) if isinstance(a, _DeferredLogits))
+        name = getattr(func, "__name__", repr(func))
+        deferred = next((a for a in (*args, *kwargs.values()) if isinstance(a, _DeferredLogits)), None)
+        if deferred is None:  # inside a list (torch.cat, torch.stack, ...): nothing to fold
+            raise TypeError(f"{_FN}: a model's logits reached torch.{name}, which linear_cross_entropy cannot apply "
+                            "without forming them; call losskit.integrations.transformers.restore(model)")
         if func in (torch.tanh, Tensor.tanh) and len(args) == 1 and not kwargs:
             return deferred.tanh()
         if func in (torch.mul, Tensor.mul, torch.multiply) and len(args) == 2 and not kwargs:
@@ -243,7 +247,6 @@ class _DeferredLogits:
             return deferred._scaled(args[1], divide=True)
         if func in (torch.reshape, Tensor.reshape, Tensor.view) and args[0] is deferred:
             return deferred.view(*args[1:])
-        name = getattr(func, "__name__", repr(func))
         raise deferred._refuse(f"torch.{name}")
 
 
