@@ -345,7 +345,7 @@ def test_bench_hf_records_both_runs_with_the_same_losses(tmp_path, monkeypatch, 
     assert "peak extra memory: transformers" in capsys.readouterr().out
 
 
-# -- token_log_probs: needs losskit.functional.linear_log_probs / linear_entropy ------------
+# -- token_log_probs: needs losskit.functional.linear_log_probs(_and_entropy) and dpo_loss ---
 
 
 @pytest.mark.parametrize("family", ["llama", "cohere-scaled", "phi-bias"])
@@ -362,7 +362,7 @@ def test_token_log_probs_and_entropy_equal_the_models_logits(family):
     # written-out: log_softmax, gathered at the next label, 0 where ignored; entropy -sum p log p
     log_softmax = logits.log_softmax(-1)
     expected = log_softmax.gather(-1, shift.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(shift == -100, 0)
-    expected_entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+    expected_entropy = -(log_softmax.exp() * log_softmax).sum(-1).masked_fill(shift == -100, 0)
     got = token_log_probs(ours, batch["input_ids"], labels, attention_mask=batch["attention_mask"], entropy=True)
     assert "forward" not in ours.__dict__
     torch.testing.assert_close(got.log_probs, expected, atol=1e-5, rtol=1e-5)

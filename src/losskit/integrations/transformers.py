@@ -426,7 +426,7 @@ class TokenLogProbs(NamedTuple):
     """Per-token results of :func:`token_log_probs`, shaped like the labels."""
 
     log_probs: Tensor  #: log p(next label | tokens so far); 0 where the label is ignored
-    entropy: Tensor | None  #: entropy of the next-token distribution (nats), when asked for
+    entropy: Tensor | None  #: entropy of the next-token distribution (nats), when asked for; 0 where ignored
 
 
 def token_log_probs(model: Any, input_ids: Tensor | None = None, labels: Tensor | None = None, *,
@@ -435,8 +435,8 @@ def token_log_probs(model: Any, input_ids: Tensor | None = None, labels: Tensor 
     r"""Per-token log-probabilities of the labels (and entropies) from a causal LM, without logits.
 
     The input a DPO or GRPO trainer needs. The model runs as usual up to its output
-    embedding; then :func:`losskit.functional.linear_log_probs` (and its entropy twin)
-    read the final hidden states and the embedding's weight (and bias) chunk by chunk, so
+    embedding; then :func:`losskit.functional.linear_log_probs` (or
+    :func:`~losskit.functional.linear_log_probs_and_entropy`) read the final hidden states and the embedding's weight (and bias) chunk by chunk, so
     the ``[tokens, vocabulary]`` logits are never formed. Labels are shifted as the
     model's loss shifts them: position ``t`` holds ``log p(labels[t + 1] | input[:t + 1])``
     and the last position is ignored. The model may be patched by
@@ -449,7 +449,7 @@ def token_log_probs(model: Any, input_ids: Tensor | None = None, labels: Tensor 
             default ``input_ids``.
         shift_labels: ``[B, T]`` labels already shifted (as transformers' ``shift_labels``);
             replaces ``labels``.
-        entropy: also return the entropy of every position's next-token distribution.
+        entropy: also return the entropy of every counted position's next-token distribution.
         ignore_index: label value that yields 0.
         chunk_size: tokens per chunk (default: chosen from the vocabulary size).
         **model_kwargs: passed to the model (``attention_mask``, ``position_ids``,
@@ -500,12 +500,9 @@ def token_log_probs(model: Any, input_ids: Tensor | None = None, labels: Tensor 
             f"{fn}: the labels (shifted) are shaped {tuple(shift_labels.shape)} but the model kept "
             f"{tuple(x.shape[:-1])} positions (logits_to_keep?); pass shift_labels for the kept positions"
         )
-    from ..functional import linear_entropy, linear_log_probs  # losskit's post-training wing
+    from ..functional import linear_log_probs, linear_log_probs_and_entropy  # losskit's post-training wing
 
-    temperature = t.temperature()
-    log_probs = linear_log_probs(x, head.weight, shift_labels, head.bias, temperature=temperature,
-                                 ignore_index=ignore_index, chunk_size=chunk_size)
-    entropies = None
-    if entropy:
-        entropies = linear_entropy(x, head.weight, head.bias, temperature=temperature, chunk_size=chunk_size)
-    return TokenLogProbs(log_probs, entropies)
+    options = dict(temperature=t.temperature(), ignore_index=ignore_index, chunk_size=chunk_size)
+    if entropy:  # one pass over the output layer for both
+        return TokenLogProbs(*linear_log_probs_and_entropy(x, head.weight, shift_labels, head.bias, **options))
+    return TokenLogProbs(linear_log_probs(x, head.weight, shift_labels, head.bias, **options), None)
