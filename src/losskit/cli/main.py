@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "float32 and bfloat16, forward + backward, in one process; rows replace DIR/catalog.csv "
         "(DIR/catalog-quick.csv with --quick), charts go to DIR/charts/catalog_*.png.",
     )
-    bench.add_argument("op", nargs="?", default="all", choices=["ce", "bce", "lce", "vp", "all", "catalog"])
+    bench.add_argument("op", nargs="?", default="all", choices=["ce", "bce", "lce", "vp", "all", "catalog", "hf"])
     bench.add_argument("--quick", action="store_true", help="small shapes, a minute in all: a smoke test of the harness")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default: %(default)s)")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -89,6 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tour import run_tour
 
         return run_tour(args.out, args.mnist, progress=not args.no_progress)
+    if args.command == "bench" and args.op == "hf":  # fine-tuning a transformers model, with and without losskit
+        if not _available("transformers"):
+            print("losskit bench hf needs transformers: pip install 'losskit[transformers]'")
+            return 1
+        from .bench_hf import run as bench_hf
+
+        return bench_hf(args.out, args.quick)
     if args.command == "bench" and args.op == "catalog":
         from .bench_catalog import main as bench_catalog
 
