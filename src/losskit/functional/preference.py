@@ -65,9 +65,6 @@ DPO_LOSS_TYPES: tuple[str, ...] = (
     "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
     "discopop",
 )
-# The loss types that read label_smoothing, and the interval it must lie in for each.
-_SMOOTHED = {"sigmoid": "[0, 0.5]", "robust": "[0, 0.5)", "exo_pair": "(0, 1)"}
-
 
 # ---- checks shared by the preference losses -----------------------------------------------------
 
@@ -197,9 +194,27 @@ def dpo_loss(
         Large Language Models" (DiscoPOP), 2024; TRL 1.16 ``DPOTrainer``.
     """
     fn = "dpo_loss"
+    reduction = resolve_reduction(None, None, reduction)
+    check_dpo_options(fn, beta, loss_type, label_smoothing, discopop_tau)
+    has_ref = _refs(fn, ref_chosen_logps, ref_rejected_logps)
+    _check_logps(fn, chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                 ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+
+    tensors = [chosen_logps, rejected_logps] + ([ref_chosen_logps, ref_rejected_logps] if has_ref else [])
+    compute, out = result_dtypes(*tensors)
+    chosen, rejected = cast(chosen_logps, compute), cast(rejected_logps, compute)
+    if has_ref:
+        # The reference model is frozen: its log-probs are constants of the objective.
+        chosen = chosen - cast(ref_chosen_logps.detach(), compute)
+        rejected = rejected - cast(ref_rejected_logps.detach(), compute)
+    loss = _dpo_terms(chosen, rejected, beta, loss_type, label_smoothing, discopop_tau)
+    return reduce_loss(loss, reduction).to(out)
+
+
+def check_dpo_options(fn: str, beta: float, loss_type: str, label_smoothing: float, discopop_tau: float) -> None:
+    """The options of :func:`dpo_loss`, checked once (the Module checks them at construction)."""
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"{fn}: loss_type must be one of {', '.join(map(repr, DPO_LOSS_TYPES))}; got {loss_type!r}")
-    reduction = resolve_reduction(None, None, reduction)
     _check_beta(beta, fn, positive=loss_type in ("ipo", "sppo_hard"))
     if loss_type == "sigmoid":
         _check_smoothing(label_smoothing, fn)
@@ -214,19 +229,6 @@ def dpo_loss(
                          f"got label_smoothing={label_smoothing} with loss_type={loss_type!r}")
     if loss_type == "discopop" and not (discopop_tau > 0 and math.isfinite(discopop_tau)):
         raise ValueError(f"{fn}: discopop_tau must be a positive, finite number; got {discopop_tau}")
-    has_ref = _refs(fn, ref_chosen_logps, ref_rejected_logps)
-    _check_logps(fn, chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-                 ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
-
-    tensors = [chosen_logps, rejected_logps] + ([ref_chosen_logps, ref_rejected_logps] if has_ref else [])
-    compute, out = result_dtypes(*tensors)
-    chosen, rejected = cast(chosen_logps, compute), cast(rejected_logps, compute)
-    if has_ref:
-        # The reference model is frozen: its log-probs are constants of the objective.
-        chosen = chosen - cast(ref_chosen_logps.detach(), compute)
-        rejected = rejected - cast(ref_rejected_logps.detach(), compute)
-    loss = _dpo_terms(chosen, rejected, beta, loss_type, label_smoothing, discopop_tau)
-    return reduce_loss(loss, reduction).to(out)
 
 
 def _dpo_terms(x_w: Tensor, x_l: Tensor, beta: float, loss_type: str, eps: float, tau: float) -> Tensor:
