@@ -90,7 +90,8 @@ def test_grpo_matches_trl(loss_type, level, beta, bias_correction, dtype, atol, 
 
 
 @pytest.mark.parametrize("loss_type, extra", [
-    ("dapo", {"num_items": 41}), ("cispo", {"num_items": 41, "epsilon_high": 5.0}), ("dr_grpo", {"max_completion_length": 12}),
+    ("dapo", {"num_items": 41}), ("cispo", {"num_items": 41, "epsilon_high": 5.0}),
+    ("dr_grpo", {"max_completion_length": 12}),
     ("grpo", {"delta": 1.25, "epsilon_high": 0.28}), ("bnpo", {"epsilon_low": 0.1}), ("sapo", {}),
     ("luspo", {"delta": 1.3}),
 ])
@@ -268,7 +269,8 @@ def test_grpo_bad_input():
     check_raises(f, lp, old, adv, mask, beta=0.0, loss_type="bnpo", num_items=10,
                  match="num_items (the global token count) is the normaliser of loss_type 'dapo' and 'cispo' only")
     check_raises(f, lp, old, adv, mask, beta=0.0, num_items=-3, match="num_items must be a count >= 0")
-    check_raises(f, lp, old, adv, mask, beta=0.0, num_items=torch.tensor([3]), match="num_items must be a number or a 0-d")
+    check_raises(f, lp, old, adv, mask, beta=0.0, num_items=torch.tensor([3]),
+                 match="num_items must be a number or a 0-d")
     check_raises(f, lp, old, adv, mask, beta=0.0, max_completion_length=8,
                  match="max_completion_length is the normaliser of loss_type='dr_grpo' only")
     check_raises(f, lp, old, adv, mask, beta=0.0, loss_type="dr_grpo", max_completion_length=0,

@@ -69,7 +69,8 @@ def trl_dpo(chosen_tok, rejected_tok, mask_c, mask_r, ref_c, ref_r, *, beta, los
     stand_in = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
         precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
-        beta=beta, label_smoothing=label_smoothing, use_weighting=False, args=SimpleNamespace(discopop_tau=discopop_tau),
+        beta=beta, label_smoothing=label_smoothing, use_weighting=False,
+        args=SimpleNamespace(discopop_tau=discopop_tau),
         _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
     )
     inputs = {"input_ids": torch.zeros(n, t + 1, dtype=torch.long), "attention_mask": torch.ones(n, t + 1),
@@ -282,7 +283,8 @@ def test_dpo_bad_input():
     check_raises(LF.dpo_loss, x, x, beta=-0.1, match="beta must be a finite number >= 0")
     check_raises(LF.dpo_loss, x, x, beta=0.0, loss_type="ipo", match="beta must be a positive, finite number")
     check_raises(LF.dpo_loss, x, x, loss_type="exo_pair", match="label_smoothing must lie in (0, 1)")
-    check_raises(LF.dpo_loss, x, x, loss_type="robust", label_smoothing=0.5, match="label_smoothing must lie in [0, 0.5)")
+    check_raises(LF.dpo_loss, x, x, loss_type="robust", label_smoothing=0.5,
+                 match="label_smoothing must lie in [0, 0.5)")
     check_raises(LF.dpo_loss, x, x, loss_type="hinge", label_smoothing=0.1,
                  match="label_smoothing applies to loss_type 'sigmoid', 'robust' and 'exo_pair' only")
     check_raises(LF.dpo_loss, x, x, reduction="batchmean", match="reduction must be one of")
@@ -405,7 +407,8 @@ def test_orpo_matches_liger(dtype, atol, rtol):
     g = torch.Generator().manual_seed(22)
     c, r = (-(torch.rand(5, generator=g, dtype=torch.float64) * 3 + 0.01).to(dtype) for _ in range(2))
     check_against_torch(lambda a, b: LF.orpo_loss(a, b, beta=0.5),
-                        lambda a, b: LigerFusedLinearORPOFunction.preference_loss_fn(a, b, torch.zeros(10), beta=0.5)[0],
+                        lambda a, b: LigerFusedLinearORPOFunction.preference_loss_fn(
+                            a, b, torch.zeros(10), beta=0.5)[0],
                         c.requires_grad_(), r.requires_grad_(), atol=atol, rtol=rtol)
 
 
@@ -456,7 +459,8 @@ def test_kto_matches_liger(kl, reference):
     check_against_torch(
         lambda x: LF.kto_loss(x, ref, desirable, beta=0.2, kl=kl),
         lambda x: LigerFusedLinearKTOFunction.preference_loss_fn(
-            x, desirable, torch.zeros(6), ref, beta=0.2, kl=None if kl is None else torch.tensor(kl, dtype=torch.float64))[0],
+            x, desirable, torch.zeros(6), ref, beta=0.2,
+            kl=None if kl is None else torch.tensor(kl, dtype=torch.float64))[0],
         logps.requires_grad_(), atol=1e-12, rtol=1e-12)
 
 

@@ -9,7 +9,8 @@ advantages :math:`A_i` (or :math:`A_{it}`), the importance ratio
 each token's loss is (TRL 1.16, ``GRPOTrainer._compute_loss``):
 
 - grpo, bnpo, dr_grpo, dapo, luspo:
-  :math:`\ell_{it} = -\min\bigl(\min(\rho, \delta) A,\ \mathrm{clip}(\rho, 1 - \epsilon_\text{low}, 1 + \epsilon_\text{high}) A\bigr)`
+  :math:`\ell_{it} = -\min\bigl(\min(\rho, \delta) A,\
+  \mathrm{clip}(\rho, 1 - \epsilon_\text{low}, 1 + \epsilon_\text{high}) A\bigr)`
   (:math:`\delta` only when given: INTELLECT-2's two-sided clipping)
 - cispo: :math:`\ell_{it} = -\operatorname{sg}[\min(\rho, \epsilon_\text{high})]\, A \log\pi_\theta`
   (here :math:`\epsilon_\text{high}` caps the ratio itself; ScaleRL recommends 5)
@@ -170,7 +171,9 @@ def grpo_loss(
     if loss_type == "cispo":
         per_token = -torch.clamp(ratio, max=epsilon_high).detach() * adv * lp
     elif loss_type == "sapo":
-        tau = torch.where(adv > 0, torch.full_like(adv, sapo_temperature_pos), torch.full_like(adv, sapo_temperature_neg))
+        # Tensors of the compute dtype: torch.where on two Python floats would round them to float32.
+        tau = torch.where(adv > 0, torch.full_like(adv, sapo_temperature_pos),
+                          torch.full_like(adv, sapo_temperature_neg))
         per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
     else:
         clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)

@@ -28,7 +28,8 @@ class DPOLoss(Loss):
                  reduction: str = "mean", discopop_tau: float = 0.05) -> None:
         super().__init__(reduction=reduction)
         check_dpo_options("DPOLoss", beta, loss_type, label_smoothing, discopop_tau)
-        self.beta, self.loss_type, self.label_smoothing, self.discopop_tau = beta, loss_type, label_smoothing, discopop_tau
+        self.beta, self.loss_type = beta, loss_type
+        self.label_smoothing, self.discopop_tau = label_smoothing, discopop_tau
 
     def forward(self, chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor | None = None,
                 ref_rejected_logps: Tensor | None = None) -> Tensor:
@@ -63,7 +64,8 @@ class SimPOLoss(Loss):
                             label_smoothing=self.label_smoothing, reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, gamma={self.gamma}, label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
+        return (f"beta={self.beta}, gamma={self.gamma}, label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}")
 
 
 class CPOLoss(Loss):
