@@ -5,7 +5,7 @@ Each :class:`Entry` describes one loss (all the names it goes by, in losskit, to
 Keras), what its prediction and target must be, its formula and properties, its options,
 a worked example and its common mistakes. The entries live one module per family
 (``regression``, ``binary``, ``multiclass``, ``ranking``, ``segmentation``, ``sequence``,
-``distribution``), each loss's functions just above its Entry: the worked example (a
+``distribution``, ``posttraining``), each loss's functions just above its Entry: the worked example (a
 function of no arguments whose value is shown), each mistake (a function returning a dict
 of numbers) and the curve (a function of ``x`` and the options giving one loss per point).
 They run against losskit itself, only when asked, so that every number shown is computed,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from . import binary, distribution, multiclass, ranking, regression, segmentation, sequence
+from . import binary, distribution, multiclass, posttraining, ranking, regression, segmentation, sequence
 from .records import Curve, Entry, Mistake, run, session, snippet
 
 __all__ = ["Curve", "Entry", "Mistake", "ENTRIES", "FAMILIES", "lookup", "suggest", "run", "session", "snippet"]
@@ -33,12 +33,16 @@ FAMILIES = {
     "segmentation": "Segmentation: overlap of masks",
     "sequence": "Sequences without alignment",
     "distribution": "Distributions and information",
+    "posttraining": "Fine-tuning language models",
 }
 
-_MODULES = {"regression": regression, "binary": binary, "multiclass": multiclass, "ranking": ranking,
-            "segmentation": segmentation, "sequence": sequence, "distribution": distribution}
+# A family's entries may live in several modules (fine-tuning: preference and policy losses,
+# distillation, log-probs), listed here in the order they are shown.
+_MODULES = {"regression": (regression,), "binary": (binary,), "multiclass": (multiclass,), "ranking": (ranking,),
+            "segmentation": (segmentation,), "sequence": (sequence,), "distribution": (distribution,),
+            "posttraining": (posttraining,)}
 
-ENTRIES: list[Entry] = [entry for family in FAMILIES for entry in _MODULES[family].ENTRIES]
+ENTRIES: list[Entry] = [entry for family in FAMILIES for module in _MODULES[family] for entry in module.ENTRIES]
 
 _INDEX: dict[str, Entry] = {}
 for _entry in ENTRIES:

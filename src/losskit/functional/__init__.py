@@ -23,20 +23,26 @@ from .margin import (
 )
 from .sequence import ctc_loss
 from .overlap import dice_loss, tversky_loss
+from .policy import grpo_loss
+from .preference import cpo_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from .regression import gaussian_nll_loss, huber_loss, l1_loss, mse_loss, poisson_nll_loss, smooth_l1_loss
 
 __all__ = [
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cosine_embedding_loss",
+    "cpo_loss",
     "cross_entropy",
     "ctc_loss",
     "dice_loss",
+    "dpo_loss",
     "gaussian_nll_loss",
+    "grpo_loss",
     "hinge_embedding_loss",
     "huber_loss",
     "js_divergence",
     "kl_div",
+    "kto_loss",
     "l1_loss",
     "linear_cross_entropy",
     "margin_ranking_loss",
@@ -45,10 +51,12 @@ __all__ = [
     "multilabel_margin_loss",
     "multilabel_soft_margin_loss",
     "nll_loss",
+    "orpo_loss",
     "pairwise_distance",
     "poisson_nll_loss",
     "poly1_cross_entropy",
     "sigmoid_focal_loss",
+    "simpo_loss",
     "smooth_l1_loss",
     "soft_margin_loss",
     "softmax_focal_loss",

@@ -16,21 +16,27 @@ from .margin import (
     TripletMarginLoss,
     TripletMarginWithDistanceLoss,
 )
+from .policy import GRPOLoss
+from .preference import CPOLoss, DPOLoss, KTOLoss, ORPOLoss, SimPOLoss
 from .sequence import CTCLoss
 from .regression import GaussianNLLLoss, HuberLoss, L1Loss, MSELoss, PoissonNLLLoss, SmoothL1Loss
 
 __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
+    "CPOLoss",
     "CTCLoss",
     "CosineEmbeddingLoss",
     "CrossEntropyLoss",
+    "DPOLoss",
     "DiceLoss",
+    "GRPOLoss",
     "GaussianNLLLoss",
     "HingeEmbeddingLoss",
     "HuberLoss",
     "JSDivergenceLoss",
     "KLDivLoss",
+    "KTOLoss",
     "L1Loss",
     "LinearCrossEntropyLoss",
     "MSELoss",
@@ -39,9 +45,11 @@ __all__ = [
     "MultiLabelSoftMarginLoss",
     "MultiMarginLoss",
     "NLLLoss",
+    "ORPOLoss",
     "PoissonNLLLoss",
     "Poly1CrossEntropyLoss",
     "SigmoidFocalLoss",
+    "SimPOLoss",
     "SmoothL1Loss",
     "SoftMarginLoss",
     "SoftmaxFocalLoss",
