@@ -178,6 +178,38 @@ CASES: list[Case] = [
     Case("tversky_loss", (_fn("tversky_loss"),), lambda m: (
         LF.tversky_loss, (m.x(2, 3, 4), m.index(3, 2, 4)), {"alpha": 0.3, "beta": 0.7, "reduction": "none"},
     )),
+    # fine-tuning language models: losses on log-probs
+    Case("dpo_loss", (_fn("dpo_loss"),), lambda m: (
+        LF.dpo_loss, (m.x(4, scale=3.0), m.x(4, scale=3.0), m.x(4, scale=3.0, grad=False), m.x(4, scale=3.0, grad=False)),
+        {"beta": 0.3, "loss_type": "robust", "label_smoothing": 0.1},
+    )),
+    Case("dpo_loss-discopop-none", (_fn("dpo_loss"),), lambda m: (
+        LF.dpo_loss, (m.x(4), m.x(4)), {"loss_type": "discopop", "reduction": "none"},
+    )),
+    Case("simpo_loss", (_fn("simpo_loss"),), lambda m: (
+        LF.simpo_loss, (m.x(4), m.x(4)), {"beta": 2.0, "gamma": 0.5, "label_smoothing": 0.1},
+    )),
+    Case("cpo_loss", (_fn("cpo_loss"),), lambda m: (LF.cpo_loss, (m.x(4, scale=5.0), m.x(4, scale=5.0)), {"beta": 0.2})),
+    Case("orpo_loss", (_fn("orpo_loss"),), lambda m: (
+        LF.orpo_loss, (m.leaf(-m.uniform(4, low=0.05, high=2.0)), m.leaf(-m.uniform(4, low=0.05, high=2.0))),
+        {"beta": 0.5},
+    )),
+    Case("kto_loss", (_fn("kto_loss"),), lambda m: (
+        LF.kto_loss, (m.x(5, scale=3.0), m.x(5, scale=3.0, grad=False), m.index(2, 5) == 1),
+        {"kl": m.rand(1).squeeze(), "undesirable_weight": 1.5},
+    )),
+    Case("grpo_loss", (_fn("grpo_loss"),), lambda m: (
+        LF.grpo_loss, (m.x(3, 5), m.x(3, 5, grad=False), m.x(3, grad=False), m.index(2, 3, 5)),
+        {"ref_log_probs": m.x(3, 5, grad=False), "num_items": m.index(20, 1).squeeze() + 5},
+    )),
+    Case("grpo_loss-gspo-luspo", (_fn("grpo_loss"),), lambda m: (
+        LF.grpo_loss, (m.x(3, 5), m.x(3, 5, grad=False), m.x(3, 5, grad=False), m.index(2, 3, 5) == 1),
+        {"beta": 0.0, "loss_type": "luspo", "importance_sampling_level": "sequence", "delta": 1.5},
+    )),
+    Case("grpo_loss-sapo", (_fn("grpo_loss"),), lambda m: (
+        LF.grpo_loss, (m.x(3, 5), None, m.x(3, grad=False), m.index(2, 3, 5)),
+        {"ref_log_probs": m.x(3, 5, grad=False), "loss_type": "sapo"},
+    )),
     # information measures
     Case("info.entropy", ("info.entropy",), lambda m: (info.entropy, (m.probs(3, 4, grad=True),), {"base": 2})),
     Case("info.entropy-logits", ("info.entropy",), lambda m: (info.entropy, (m.x(3, 4),), {"from_logits": True})),
@@ -241,6 +273,14 @@ CASES += [
     _module_case("TverskyLoss", lambda m: {"alpha": 0.3, "beta": 0.7, "weight": m.rand(3, low=0.5)},
                  lambda m: (m.x(2, 3, 4), m.index(3, 2, 4))),
     _module_case("JSDivergenceLoss", lambda m: {"from_logits": True, "beta": 0.3}, lambda m: (m.x(4, 5), m.x(4, 5))),
+    _module_case("DPOLoss", lambda m: {"loss_type": "ipo", "beta": 0.5}, lambda m: (m.x(4), m.x(4), m.x(4), m.x(4))),
+    _module_case("SimPOLoss", _none, lambda m: (m.x(4), m.x(4))),
+    _module_case("CPOLoss", _none, lambda m: (m.x(4), m.x(4))),
+    _module_case("ORPOLoss", _none, lambda m: (m.leaf(-m.uniform(4, low=0.05, high=2.0)),
+                                               m.leaf(-m.uniform(4, low=0.05, high=2.0)))),
+    _module_case("KTOLoss", lambda m: {"beta": 0.5}, lambda m: (m.x(5), m.x(5, grad=False), m.index(2, 5) == 1)),
+    _module_case("GRPOLoss", lambda m: {"loss_type": "grpo"}, lambda m: (
+        m.x(3, 5), m.x(3, 5, grad=False), m.x(3, grad=False), m.index(2, 3, 5), m.x(3, 5, grad=False))),
     _module_case("CTCLoss", _none, lambda m: (
         m.x(6, 2, 4).log_softmax(-1), m.index(3, 2, 3) + 1, torch.tensor([6, 5]), torch.tensor([3, 2]),
     )),

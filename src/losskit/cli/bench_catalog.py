@@ -214,6 +214,28 @@ def _sequence_log_probs(shape, dtype, gen):
     return [chosen, rejected], (chosen, rejected, *ref)
 
 
+def _sequence_log_prob_pairs(shape, dtype, gen):
+    """Per-token mean log-probs of a chosen and a rejected completion, [B] each (SimPO, CPO,
+    ORPO: no reference; ORPO wants them below 0)."""
+    (b,) = shape
+    chosen, rejected = _leaf(-_randn((b,), dtype, gen).abs() - 0.05), _leaf(-_randn((b,), dtype, gen).abs() - 0.05)
+    return [chosen, rejected], (chosen, rejected)
+
+
+def _unpaired_log_probs(shape, dtype, gen):  # KTO: summed log-probs, reference, desirable flags
+    (b,) = shape
+    logps = _leaf(-_randn((b,), dtype, gen).abs() * 50)
+    return [logps], (logps, -_randn((b,), dtype, gen).abs() * 50, torch.randn(b, generator=gen) > 0)
+
+
+def _token_log_probs(shape, dtype, gen):  # GRPO: (B, T) log-probs, old ones, advantages, a mask
+    b, t = shape
+    lp = -_randn((b, t), dtype, gen).abs()
+    old = (lp.float() + _randn((b, t), torch.float32, gen, 0.1)).to(dtype)
+    mask = torch.arange(t) < torch.randint(1, t + 1, (b, 1), generator=gen)
+    return [_leaf(lp)], (_leaf(lp), old, _randn((b,), dtype, gen), mask)
+
+
 ELEMENTS = {"small": (64, 16), "large": (2048, 1024)}
 CLASSES = {"small": (64, 10), "large": (4096, 1000)}
 INPUTS: dict[str, Inputs] = {
@@ -242,6 +264,9 @@ INPUTS: dict[str, Inputs] = {
     # (N, H, C): the large size is a 16k vocabulary, so that a CPU run stays within minutes
     "linear": Inputs({"small": (64, 128, 1000), "large": (1024, 512, 16384)}, _linear),
     "sequence_log_probs": Inputs({"small": (64,), "large": (8192,)}, _sequence_log_probs),
+    "sequence_log_prob_pairs": Inputs({"small": (64,), "large": (8192,)}, _sequence_log_prob_pairs),
+    "unpaired_log_probs": Inputs({"small": (64,), "large": (8192,)}, _unpaired_log_probs),
+    "token_log_probs": Inputs({"small": (64, 128), "large": (256, 4096)}, _token_log_probs),
 }
 
 
@@ -264,6 +289,35 @@ def poly1(x, t, epsilon=1.0):  # CE + epsilon (1 - p_y), mean over samples
     ce = TF.cross_entropy(x, t, reduction="none")
     p_y = x.softmax(-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
     return (ce + epsilon * (1 - p_y)).mean()
+
+
+def dpo(c, r, rc, rr, beta=0.1):  # Rafailov et al.: -log sigmoid(beta h), mean over pairs
+    return -TF.logsigmoid(beta * ((c - rc) - (r - rr))).mean()
+
+
+def simpo(c, r, beta=2.0, gamma=1.0):  # Meng et al., on per-token mean log-probs
+    return -TF.logsigmoid(beta * (c - r) - gamma).mean()
+
+
+def cpo(c, r, beta=0.1):  # Xu et al.'s preference term
+    return -TF.logsigmoid(beta * (c - r)).mean()
+
+
+def orpo(c, r, beta=0.1):  # Hong et al.: -beta log sigmoid(log odds ratio)
+    log_odds = (c - r) - (torch.log1p(-c.exp()) - torch.log1p(-r.exp()))
+    return -beta * TF.logsigmoid(log_odds).mean()
+
+
+def kto(logps, ref, desirable, beta=0.1):  # Ethayarajh et al. with z0 = 0
+    r = logps - ref
+    return torch.where(desirable, 1 - torch.sigmoid(beta * r), 1 - torch.sigmoid(-beta * r)).mean()
+
+
+def grpo(lp, old, adv, mask, beta=0.0):  # DAPO: the clipped surrogate over this batch's tokens
+    ratio = torch.exp(lp - old)
+    a = adv.unsqueeze(-1)
+    per_token = -torch.min(ratio * a, ratio.clamp(0.8, 1.2) * a)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
 def _soft_counts(x, t):  # softmax over classes; TP, sum p, sum t per (sample, class)
@@ -470,6 +524,7 @@ NOTES: dict[str, str] = {
     "keras.hinge": "accepts {0, 1} labels too: one more pass over the labels to map them to ±1, as Keras does",
     "keras.squared_hinge": "accepts {0, 1} labels too: one more pass over the labels to map them to ±1, as Keras does",
     "functional.linear_cross_entropy": "never forms the [N, C] logits: chunks over tokens (less memory)",
+    "functional.orpo_loss": "checks the log-probs are <= 0 on the host (checks mode 'full', the CPU default)",
 }
 
 
@@ -512,6 +567,12 @@ BENCHES: list[Bench] = [
     _b("functional.dice_loss", "dice", "segmentation", dice),
     _b("functional.tversky_loss", "tversky", "segmentation", tversky),
     _b("functional.js_divergence", "js_divergence", "two_log_distributions", js),
+    _b("functional.dpo_loss", "dpo", "sequence_log_probs", dpo),
+    _b("functional.simpo_loss", "simpo", "sequence_log_prob_pairs", simpo),
+    _b("functional.cpo_loss", "cpo", "sequence_log_prob_pairs", cpo),
+    _b("functional.orpo_loss", "orpo", "sequence_log_prob_pairs", orpo),
+    _b("functional.kto_loss", "kto", "unpaired_log_probs", kto),
+    _b("functional.grpo_loss", "grpo", "token_log_probs", grpo, kwargs={"beta": 0.0}),
     _b("info.entropy", "entropy", "distribution", info_entropy),
     _b("info.cross_entropy", "entropy", "two_distributions", info_cross_entropy),
     _b("info.kl_divergence", "kl_div", "two_distributions", info_kl),
