@@ -119,3 +119,26 @@ def test_half_precision_is_computed_in_float32(dtype):
     ours = LF.cross_entropy(x, target, reduction="none").double()
     theirs = TF.cross_entropy(x, target, reduction="none").double()
     assert (ours - exact).abs().max() <= (theirs - exact).abs().max()
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, float("nan")])
+@pytest.mark.parametrize("targets", ["indices", "probabilities"])
+def test_negative_label_smoothing_raises_where_torch_ignores_it(smoothing, targets):
+    x = torch.randn(4, 5, dtype=torch.float64)
+    target = torch.tensor([0, 2, 4, 1]) if targets == "indices" else torch.randn(4, 5).softmax(1).double()
+    theirs, g_theirs = _grad(TF.cross_entropy, x, target, label_smoothing=smoothing)
+    unsmoothed, g_unsmoothed = _grad(TF.cross_entropy, x, target)
+    assert torch.equal(theirs, unsmoothed) and torch.equal(g_theirs, g_unsmoothed)  # silently no smoothing
+    with pytest.raises(ValueError, match="cross_entropy: label_smoothing must be between 0.0 and 1.0; got "):
+        LF.cross_entropy(x, target, label_smoothing=smoothing)
+    head = torch.randn(5, 5, dtype=torch.float64)
+    if targets == "indices":  # linear_cross_entropy: the same rule
+        theirs = TF.linear_cross_entropy(x, head, target, label_smoothing=smoothing)
+        assert torch.equal(theirs, TF.linear_cross_entropy(x, head, target))
+        with pytest.raises(ValueError, match="linear_cross_entropy: label_smoothing must be between"):
+            LF.linear_cross_entropy(x, head, target, label_smoothing=smoothing)
+    # above 1 both refuse
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        TF.cross_entropy(x, target, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        LF.cross_entropy(x, target, label_smoothing=1.5)
