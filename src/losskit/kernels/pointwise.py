@@ -43,7 +43,9 @@ class PointwiseOptions:
     weighted_mean: bool
 
 
-def pointwise_dtypes(kind: str, input: Tensor, target: Tensor, weight: Tensor | None) -> tuple[torch.dtype, torch.dtype]:
+def pointwise_dtypes(
+    kind: str, input: Tensor, target: Tensor, weight: Tensor | None
+) -> tuple[torch.dtype, torch.dtype]:
     """(compute, result) dtypes, as torch 2.13's: the promoted dtype of input, target and
     weight, except huber_loss, whose kernel writes into a tensor like the input (a float64
     target of a float32 input is subtracted in float64, then rounded to float32) and which
