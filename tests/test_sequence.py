@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
 import torch.nn.functional as TF
 
+import losskit
 import losskit.functional as LF
 import losskit.nn as LN
 from compare import REDUCTIONS, TOLERANCES, check_against_torch, check_raises
@@ -106,7 +108,6 @@ def test_ctc_gradcheck_through_log_softmax(reduction):
         ([[1, 2], [2, 3]], [0, 5], [0, 2]),  # no frames, empty target: loss 0
         ([[1, 2], [2, 3]], [0, 5], [1, 2]),  # no frames, a label: inf, gradient 0
         ([[], []], [3, 3], [0, 0]),  # every target empty: all blanks
-        ([[0, 1], [2, 3]], [5, 5], [2, 2]),  # a target equal to the blank, as torch accepts
         ([[3, 3], [2, 2]], [5, 2], [2, 2]),  # repeats; the second an impossible alignment
         ([[3], [2]], [1, 1], [1, 1]),  # one frame
     ],
@@ -131,14 +132,44 @@ def test_ctc_gradient_is_zero_not_nan_for_a_class_of_probability_zero():
     torch.testing.assert_close(loss, TF.ctc_loss(lp, torch.tensor([[1]]), [4], [1], reduction="sum"))
 
 
-def test_ctc_last_target_equal_to_blank_has_the_true_gradient():
-    # Documented difference: torch's kernel assumes the last two states at the last frame
-    # hold different classes and keeps one; losskit sums both, as gradcheck confirms.
-    logits = torch.randn(5, 1, 3, dtype=torch.float64, requires_grad=True)
-    targets = torch.tensor([[1, 0]])
-    assert torch.autograd.gradcheck(lambda z: LF.ctc_loss(z.log_softmax(2), targets, [5], [2]), (logits,))
-    lp = logits.log_softmax(2)
-    torch.testing.assert_close(LF.ctc_loss(lp, targets, [5], [2]), TF.ctc_loss(lp, targets, [5], [2]))
+@pytest.mark.parametrize("blank, targets, lengths, where", [
+    (0, [[1, 2], [3, 0]], [2, 2], "index (1, 1)"),  # the default blank, last
+    (2, [[1, 2, 3], [3, 1, 1]], [3, 2], "index (0, 1)"),  # a blank inside the class range, first of a row
+    (3, [2, 3, 1], [1, 2], "index (1, 0)"),  # concatenated (the position is in the padded (N, S) form)
+])
+def test_ctc_target_equal_to_blank_is_refused(blank, targets, lengths, where):
+    # torch documents such a target as invalid (no alignment collapses to a blank) but
+    # computes it; README: "Where losskit differs from torch".
+    lp = log_probs(5, 2, 4)
+    targets = torch.tensor(targets)
+    check_raises(LF.ctc_loss, lp, targets, [5, 5], lengths, blank=blank,
+                 match=f"ctc_loss: target {blank} at {where} is the blank ({blank}); a label must be another class")
+    with losskit.checks("async"), pytest.raises(RuntimeError, match=re.escape(
+            f"ctc_loss: a target must be a class in [0, 4) other than the blank ({blank})")):
+        LF.ctc_loss(lp, targets, [5, 5], lengths, blank=blank)
+    TF.ctc_loss(lp, targets, [5, 5], lengths, blank=blank)  # torch computes
+
+
+def test_ctc_blank_as_padding_beyond_the_lengths_is_accepted():
+    lp = log_probs(5, 2, 4)
+    targets = torch.tensor([[1, 0, 0], [3, 2, 0]])  # padded with the blank, never read
+    check_against_torch(LF.ctc_loss, TF.ctc_loss, lp, targets, torch.tensor([5, 4]), torch.tensor([1, 2]))
+
+
+def test_ctc_target_equal_to_blank_with_checks_off():
+    # Computed as written: torch's value and gradient where the blank label is not last;
+    # where it is last, torch's gradient at that sequence's last frame drops one of the two
+    # final states, and losskit's is the true gradient of the same loss (gradcheck).
+    lp = log_probs(5, 2, 4)
+    with losskit.checks("off"):
+        inside = torch.tensor([[0, 1], [2, 0]])  # blank first in one row, last in the other
+        check_against_torch(lambda *a, **k: LF.ctc_loss(*a, **k)[0], lambda *a, **k: TF.ctc_loss(*a, **k)[0],
+                            lp, inside, torch.tensor([5, 4]), torch.tensor([2, 2]), reduction="none")
+        logits = torch.randn(5, 1, 3, dtype=torch.float64, requires_grad=True)
+        last = torch.tensor([[1, 0]])
+        assert torch.autograd.gradcheck(lambda z: LF.ctc_loss(z.log_softmax(2), last, [5], [2]), (logits,))
+        z = logits.log_softmax(2)
+        torch.testing.assert_close(LF.ctc_loss(z, last, [5], [2]), TF.ctc_loss(z, last, [5], [2]))
 
 
 @pytest.mark.parametrize("scale, atol", [(1.0, 1e-4), (60.0, 1e-2)])

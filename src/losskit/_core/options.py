@@ -51,7 +51,12 @@ class CrossEntropyOptions:
 
     def _problem(self) -> str | None:
         if not 0.0 <= self.label_smoothing <= 1.0:
-            return f"label_smoothing must be between 0.0 and 1.0; got {self.label_smoothing}"
+            # torch 2.13 raises above 1 but computes the unsmoothed loss for a negative (or
+            # nan) value, which would train without the smoothing asked for; losskit refuses
+            # it (README: "Where losskit differs from torch").
+            below = "" if self.label_smoothing > 1.0 else (
+                " (torch ignores a negative or nan value silently; 0.0 is no smoothing)")
+            return f"label_smoothing must be between 0.0 and 1.0; got {self.label_smoothing}{below}"
         if not self.lse_square_scale >= 0.0:
             return f"lse_square_scale must be >= 0; got {self.lse_square_scale}"
         if self.softcap is not None and not self.softcap > 0.0:

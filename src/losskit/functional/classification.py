@@ -227,7 +227,7 @@ def cross_entropy(
             raise ValueError(f"{fn}: ignore_index ({ignore_index}) is not supported with class-probability targets")
 
         def reference(x: Tensor) -> Tensor:
-            compute, out = result_dtypes(x, target)
+            compute, out = result_dtypes(x, target, weight)  # torch's: promoted with the weight too
             logits = _transformed(x.to(compute), options)
             loss = _probability_target_loss(
                 log_softmax(logits, class_dim), target.to(compute), weight, label_smoothing, class_dim
@@ -474,7 +474,7 @@ def binary_cross_entropy_with_logits(
             check_broadcasts_to(extra, shape, name, fn)
 
     def reference(logits: Tensor) -> Tensor:
-        compute, out = result_dtypes(logits, target)
+        compute, out = result_dtypes(logits, target, result=(target,))  # torch's: the target's dtype
         x, y = logits.to(compute), target.to(compute)
         log_sigmoid = F.logsigmoid(x)
         if pos_weight is not None:

@@ -94,7 +94,8 @@ def soft_margin_loss(
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_floating(input, "input", fn)
     broadcast_shape(input, target, ("input", "target"), fn)
-    compute, out = result_dtypes(input, target)
+    # torch's kernel writes into a tensor like the input: the input's dtype, whatever the target's.
+    compute, out = result_dtypes(input, target, result=(input,))
     return reduce_loss(F.softplus(-target.to(compute) * input.to(compute)), reduction).to(out)
 
 
@@ -135,7 +136,7 @@ def multilabel_soft_margin_loss(
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_floating(input, "input", fn)
     broadcast_shape(input, target, ("input", "target"), fn)
-    compute, out = result_dtypes(input, target)
+    compute, out = result_dtypes(input, target, weight)
     x, y = input.to(compute), target.to(compute)
     loss = -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x))
     if weight is not None:

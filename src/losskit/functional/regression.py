@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .._core.docs import LEGACY_ARGS, fill_doc
 from ..kernels import Replay
-from ..kernels.pointwise import PointwiseOptions, fused_pointwise, fused_pointwise_applies
+from ..kernels.pointwise import PointwiseOptions, fused_pointwise, fused_pointwise_applies, pointwise_dtypes
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import (
@@ -61,8 +61,9 @@ def _pointwise_loss(
     target: Tensor,
     reduction: str,
     weight: Tensor | None,
+    *,
+    fused: tuple[str, float],
     weighted_mean: bool = True,
-    fused: tuple[str, float] | None = None,
 ) -> Tensor:
     """``error(input - target)``, weighted and reduced the way torch's regression losses are.
 
@@ -70,7 +71,8 @@ def _pointwise_loss(
     that cannot broadcast raise a ValueError that states both. With ``weight`` (exactly the
     input's shape) 'mean' is the weighted mean sum(w * e) / sum(w), or, for huber_loss
     (``weighted_mean=False``), torch's plain mean of w * e. ``fused`` names the loss and its
-    parameter for the fused path (see the module docstring), which serves the calls it can.
+    parameter for the fused path (see the module docstring), which serves the calls it can,
+    and sets the result dtype (:func:`~losskit.kernels.pointwise.pointwise_dtypes`).
     """
     check_floating(input, "input", fn)
     check_real(target, "target", fn)
@@ -84,16 +86,18 @@ def _pointwise_loss(
         )
     if weight is not None:
         check_reduction_weight(weight, input, fn)
-    if fused is not None and fused_pointwise_applies(input, target, weight):
-        kind, param = fused
+    kind, param = fused
+    if fused_pointwise_applies(input, target, weight):
         return fused_pointwise(
             input, target, weight, options=PointwiseOptions(kind, float(param), reduction, weighted_mean),
-            replay=Replay(fn, lambda a, b: _composed(error, a, b, reduction, weight, weighted_mean), [input, target]),
+            replay=Replay(fn, lambda a, b: _composed(kind, error, a, b, reduction, weight, weighted_mean),
+                          [input, target]),
         )
-    return _composed(error, input, target, reduction, weight, weighted_mean)
+    return _composed(kind, error, input, target, reduction, weight, weighted_mean)
 
 
 def _composed(
+    kind: str,
     error: Callable[[Tensor], Tensor],
     input: Tensor,
     target: Tensor,
@@ -102,7 +106,7 @@ def _composed(
     weighted_mean: bool,
 ) -> Tensor:
     """The composed form, which autograd differentiates (and the fused path's oracle)."""
-    compute, out = result_dtypes(input, target)
+    compute, out = pointwise_dtypes(kind, input, target, weight)
     loss = error(input.to(compute) - target.to(compute))
     if weight is None:
         return reduce_loss(loss, reduction).to(out)

@@ -38,25 +38,38 @@ def _check_lengths(lengths: Tensor, limit: int, name: str, what: str, fn: str) -
 
 def _checked_targets(padded: Tensor, target_lengths: Tensor, num_classes: int, blank: int, fn: str) -> Tensor:
     """The padded targets, each counted one (within its target length) checked to be a
-    class; those beyond the lengths, never read, made a class (blank) where they are not.
+    class other than ``blank``; those beyond the lengths, never read, made a class (blank)
+    where they are not.
+
+    A label equal to the blank is refused: CTC removes blanks from every alignment, so no
+    alignment yields it, and the number computed for it is no likelihood (torch documents
+    it as invalid, computes it anyway, and at the last frame of a sequence ending in it
+    returns a gradient that is not even that number's). With checks off it is computed as
+    written, with its true gradient.
 
     Where checks read values, one look at the extremes passes a batch whose every entry,
-    padding included, is a class, with no mask made.
+    padding included, is a class and none the blank, with no mask made.
     """
     seen = extremes(padded)
-    if seen is not None and seen[0] >= 0 and seen[1] < num_classes:
+    if seen is not None and seen[0] >= 0 and seen[1] < num_classes and not seen[0] <= blank <= seen[1]:
         return padded
     counted = torch.arange(padded.shape[1], device=padded.device) < target_lengths.unsqueeze(1)
 
     def bad_label(bad: Tensor) -> Exception:
         where = first_index(bad)
-        return ValueError(f"{fn}: target {int(padded[where])}{at_index(where)} must be a class in [0, {num_classes})")
+        label = int(padded[where])
+        if label == blank:
+            return ValueError(
+                f"{fn}: target {label}{at_index(where)} is the blank ({blank}); a label must be another class "
+                "(CTC removes every blank, so no alignment gives this target)"
+            )
+        return ValueError(f"{fn}: target {label}{at_index(where)} must be a class in [0, {num_classes})")
 
     check_values(
         padded,
-        lambda: counted & ((padded < 0) | (padded >= num_classes)),
+        lambda: counted & ((padded < 0) | (padded >= num_classes) | (padded == blank)),
         bad_label,
-        f"{fn}: a target must be a class in [0, {num_classes})",
+        f"{fn}: a target must be a class in [0, {num_classes}) other than the blank ({blank})",
     )
     return padded.masked_fill(~counted, blank)
 
@@ -114,8 +127,8 @@ def ctc_loss(
         log_probs: log-probabilities ``[T, N, C]`` (or ``[T, C]`` unbatched), e.g. from
             log_softmax over C.
         targets: ``[N, S]`` padded, or the targets of all sequences concatenated, 1-D;
-            values in [0, C). A target equal to ``blank`` is, as in torch, a label like any
-            other.
+            values in [0, C) other than ``blank`` (torch documents a target equal to the
+            blank as invalid; losskit refuses it, except with checks off).
         input_lengths: ``[N]``, each <= T.
         target_lengths: ``[N]``, each <= S.
         blank: the blank class.

@@ -43,6 +43,16 @@ class PointwiseOptions:
     weighted_mean: bool
 
 
+def pointwise_dtypes(
+    kind: str, input: Tensor, target: Tensor, weight: Tensor | None
+) -> tuple[torch.dtype, torch.dtype]:
+    """(compute, result) dtypes, as torch 2.13's: the promoted dtype of input, target and
+    weight, except huber_loss, whose kernel writes into a tensor like the input (a float64
+    target of a float32 input is subtracted in float64, then rounded to float32) and which
+    multiplies by the weight afterwards: the input's dtype promoted with the weight's."""
+    return result_dtypes(input, target, weight, result=(input, weight) if kind == "huber" else None)
+
+
 def fused_pointwise_applies(input: Tensor, target: Tensor, weight: Tensor | None) -> bool:
     """Eager calls that want a first-order gradient, with input and target of one shape and
     no gradient wanted for the weight (what the fused sweep computes)."""
@@ -60,7 +70,7 @@ def pointwise_forward(
     input: Tensor, target: Tensor, weight: Tensor | None, *, options: PointwiseOptions, needs: tuple[bool, bool]
 ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None]]:
     """(the loss reduced by ``reduction``, (d/d input, d/d target)), in the inputs' dtypes."""
-    compute, out = result_dtypes(input, target)
+    compute, out = pointwise_dtypes(options.kind, input, target, weight)
     if input.numel() == 0:  # 'mean' is 0/0 = nan, 'sum' 0, 'none' empty; the gradients are empty
         empty = input.new_empty(input.shape, dtype=compute)
         loss, grad = reduce_loss(empty, options.reduction).to(out), empty
