@@ -6,6 +6,7 @@ from .classification import (
     cross_entropy,
     nll_loss,
 )
+from .distillation import distillation_loss, linear_distillation_loss, topk_distillation_loss
 from .divergence import js_divergence, kl_div
 from .focal import poly1_cross_entropy, sigmoid_focal_loss, softmax_focal_loss
 from .linear import linear_cross_entropy
@@ -32,6 +33,7 @@ __all__ = [
     "cross_entropy",
     "ctc_loss",
     "dice_loss",
+    "distillation_loss",
     "gaussian_nll_loss",
     "hinge_embedding_loss",
     "huber_loss",
@@ -39,6 +41,7 @@ __all__ = [
     "kl_div",
     "l1_loss",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "margin_ranking_loss",
     "mse_loss",
     "multi_margin_loss",
@@ -54,5 +57,6 @@ __all__ = [
     "softmax_focal_loss",
     "triplet_margin_loss",
     "triplet_margin_with_distance_loss",
+    "topk_distillation_loss",
     "tversky_loss",
 ]

@@ -1,6 +1,7 @@
 """Loss Modules with the names and constructor arguments of ``torch.nn``."""
 
 from .classification import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, NLLLoss
+from .distillation import DistillationLoss, LinearDistillationLoss, TopKDistillationLoss
 from .divergence import JSDivergenceLoss, KLDivLoss
 from .focal import Poly1CrossEntropyLoss, SigmoidFocalLoss, SoftmaxFocalLoss
 from .linear import LinearCrossEntropyLoss
@@ -26,6 +27,7 @@ __all__ = [
     "CosineEmbeddingLoss",
     "CrossEntropyLoss",
     "DiceLoss",
+    "DistillationLoss",
     "GaussianNLLLoss",
     "HingeEmbeddingLoss",
     "HuberLoss",
@@ -33,6 +35,7 @@ __all__ = [
     "KLDivLoss",
     "L1Loss",
     "LinearCrossEntropyLoss",
+    "LinearDistillationLoss",
     "MSELoss",
     "MarginRankingLoss",
     "MultiLabelMarginLoss",
@@ -45,6 +48,7 @@ __all__ = [
     "SmoothL1Loss",
     "SoftMarginLoss",
     "SoftmaxFocalLoss",
+    "TopKDistillationLoss",
     "TripletMarginLoss",
     "TripletMarginWithDistanceLoss",
     "TverskyLoss",
