@@ -312,11 +312,14 @@ def linear_distillation_loss(
     def reference(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """The composed loss: both logits formed, the teacher's without a gradient."""
         compute, _ = result_dtypes(x, w)
-        student = TF.linear(x.reshape(-1, x.shape[-1]), w, b).to(compute)
+        valid = None if targets is None else targets.valid_or_none
+        # Ignored tokens' hidden states read as 0, so that an inf there cannot reach the
+        # weight's gradient as 0 * inf.
+        student = TF.linear(_masked(x.reshape(-1, x.shape[-1]), valid), w, b).to(compute)
         with torch.no_grad():
-            teacher = TF.linear(xt, teacher_weight, teacher_bias).to(compute)
+            teacher = TF.linear(_masked(xt, valid), teacher_weight, teacher_bias).to(compute)
         rows = _dense_rows(student, teacher, targets, options)
-        return reduce_rows(rows, None if targets is None else targets.valid_or_none, options.reduction)
+        return reduce_rows(rows, valid, options.reduction)
 
     _, out = result_dtypes(student_input, student_weight)
     if fused_may_serve(student_input, student_weight) and xs.shape[0] > 0:
@@ -448,9 +451,10 @@ def topk_distillation_loss(
       common shortcut) would push the student's tail mass to 0.
 
     ``teacher_topk_logps`` are used as given: ``temperature`` divides only the student's
-    logits (cache the teacher's log-probabilities at the temperature wanted). A
-    log-probability of ``-inf`` is a token of no mass (padding when fewer than k are
-    known); its id must still be distinct from the others in the row.
+    logits (cache the teacher's log-probabilities at the temperature wanted). An entry of
+    log-probability ``-inf`` is padding (fewer than k tokens known at that position): its
+    token stays in the rest bucket, so padding never changes the loss; its id must still
+    be in range and distinct from the others in the row.
 
     Args:
         student_logits: ``[..., V]``.
@@ -511,10 +515,13 @@ def topk_distillation_loss(
     # little mass); clamped at 0, since rounding can take the sum a little above 1.
     log_p_rest = _safe_log((-torch.expm1(_safe_logsumexp(log_p_top))).clamp_min(0.0))
     log_q = log_softmax(student if temperature == 1.0 else student / temperature, -1)
-    log_q_top = log_q.gather(-1, ids)
-    # The student's tail: the log-sum-exp of its other classes, never 1 - sum q (which
-    # loses all precision when the top-k hold nearly all the mass).
-    log_q_rest = _safe_logsumexp(log_q.scatter(-1, ids, -math.inf))
+    # An entry of log-probability -inf is padding: its token stays in the rest bucket.
+    present = log_p_top > -math.inf
+    gathered = log_q.gather(-1, ids)
+    log_q_top = torch.where(present, gathered, -math.inf)
+    # The student's tail: the log-sum-exp of its classes outside the (present) top-k,
+    # never 1 - sum q, which loses all precision when the top-k hold nearly all the mass.
+    log_q_rest = _safe_logsumexp(log_q.scatter(-1, ids, torch.where(present, -math.inf, gathered)))
     log_p = torch.cat([log_p_top, log_p_rest.unsqueeze(-1)], -1)
     log_q_buckets = torch.cat([log_q_top, log_q_rest.unsqueeze(-1)], -1)
     soft = divergence_rows(log_q_buckets, log_p, options.beta)

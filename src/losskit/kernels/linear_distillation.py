@@ -225,12 +225,17 @@ def _pass(student_input, student_weight, student_bias, teacher_input, teacher_we
     for start in range(0, n, size):
         rows = slice(start, min(start + size, n))
         s, t = s_buf[: rows.stop - rows.start], t_buf[: rows.stop - rows.start]
-        _logits(x[rows], w, b, out=s)
-        _logits(xt[rows], wt, bt, out=t)
         chunk_valid = None if valid is None else valid[rows]
+        x_rows, xt_rows = x[rows], xt[rows]
         if chunk_valid is not None:
-            # An ignored token's logits may hold anything (inf, nan): read as 0, they pass
-            # nothing to the loss or the gradient.
+            # An ignored token's hidden states and logits may hold anything (inf, nan): read
+            # as 0, they pass nothing to the loss or to a gradient (not even 0 * inf into
+            # the weight's).
+            x_rows = torch.where(chunk_valid.unsqueeze(1), x_rows, 0.0)
+            xt_rows = torch.where(chunk_valid.unsqueeze(1), xt_rows, 0.0)
+        _logits(x_rows, w, b, out=s)
+        _logits(xt_rows, wt, bt, out=t)
+        if chunk_valid is not None:
             s.masked_fill_(~chunk_valid.unsqueeze(1), 0.0)
             t.masked_fill_(~chunk_valid.unsqueeze(1), 0.0)
         chunk_target = None if target is None else target[rows]
@@ -241,7 +246,7 @@ def _pass(student_input, student_weight, student_bias, teacher_input, teacher_we
             if grad_x is not None:
                 torch.mm(grad_s, w, out=grad_x[rows])
             if grad_w is not None:
-                grad_w.addmm_(grad_s.t(), x[rows])
+                grad_w.addmm_(grad_s.t(), x_rows)
             if grad_b is not None:
                 grad_b.add_(grad_s.sum(0))
     return losses, (grad_x, grad_w, grad_b)
