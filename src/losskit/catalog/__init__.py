@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from . import binary, distribution, multiclass, ranking, regression, segmentation, sequence
+from . import binary, distillation, distribution, multiclass, ranking, regression, segmentation, sequence
 from .records import Curve, Entry, Mistake, run, session, snippet
 
 __all__ = ["Curve", "Entry", "Mistake", "ENTRIES", "FAMILIES", "lookup", "suggest", "run", "session", "snippet"]
@@ -33,10 +33,12 @@ FAMILIES = {
     "segmentation": "Segmentation: overlap of masks",
     "sequence": "Sequences without alignment",
     "distribution": "Distributions and information",
+    "posttraining": "Post-training of language models",
 }
 
 _MODULES = {"regression": regression, "binary": binary, "multiclass": multiclass, "ranking": ranking,
-            "segmentation": segmentation, "sequence": sequence, "distribution": distribution}
+            "segmentation": segmentation, "sequence": sequence, "distribution": distribution,
+            "posttraining": distillation}
 
 ENTRIES: list[Entry] = [entry for family in FAMILIES for entry in _MODULES[family].ENTRIES]
 
