@@ -2,7 +2,8 @@
 generalised JSD (Agarwal et al. 2024, Eq. 1, with TRL's and Liger-Kernel's ends), TRL 1.16's
 ``GKDTrainer.generalized_jsd_loss`` and Liger-Kernel 0.8.5's chunked JSD (pure torch, run on
 CPU without torch.compile), values and gradients; the k+1-bucket top-k loss against dense
-computations; edge cases, bad input, chunking, memory, meta tensors and torch.compile."""
+computations; edge cases, bad input, chunking and memory. Meta tensors and torch.compile(fullgraph=True)
+run through the shared cases (tests/cases.py, tests/test_devices.py, tests/test_compile.py)."""
 
 from __future__ import annotations
 
@@ -558,66 +559,3 @@ def test_modules_equal_the_functions():
     with pytest.raises(ValueError, match="LinearDistillationLoss: chunk_size"):
         lnn.LinearDistillationLoss(chunk_size=0)
     assert "beta=0.3" in repr(lnn.TopKDistillationLoss(beta=0.3))
-
-
-# ---- meta tensors and torch.compile (the cases proposed for tests/cases.py) ----------------------
-def _calls(device):
-    g = torch.Generator().manual_seed(0)
-
-    def x(*shape, grad=True):
-        return torch.randn(shape, generator=g).to(device).requires_grad_(grad)
-
-    target = torch.tensor([1, -100, 4, 0, 2, 3, 5], device=device)
-    ids = torch.tensor([[0, 3], [1, 2], [4, 5], [0, 1], [2, 6], [3, 4], [5, 6]], device=device)
-    logps = torch.tensor([0.5, 0.3]).log().expand(7, 2).to(device)
-    return [
-        ("distillation_loss", LF.distillation_loss, (x(7, 9), x(7, 9, grad=False), target),
-         {"beta": 0.3, "temperature": 2.0, "weight_hard_loss": 0.5}),
-        ("distillation_loss-none", LF.distillation_loss, (x(7, 9), x(7, 9)), {"beta": 1.0, "reduction": "none"}),
-        ("linear_distillation_loss", LF.linear_distillation_loss,
-         (x(7, 4), x(9, 4), x(7, 5, grad=False), x(9, 5, grad=False), target),
-         {"student_bias": x(9), "beta": 0.5, "weight_hard_loss": 0.25, "chunk_size": 3}),
-        ("linear_distillation_loss-none", LF.linear_distillation_loss,
-         (x(7, 4), x(9, 4), x(7, 5, grad=False), x(9, 5, grad=False)), {"reduction": "none", "beta": 0.0,
-                                                                       "chunk_size": 4}),
-        ("topk_distillation_loss", LF.topk_distillation_loss, (x(7, 9), ids, logps, target), {"beta": 0.4}),
-        ("nn.DistillationLoss", lnn.DistillationLoss(beta=0.2), (x(7, 9), x(7, 9, grad=False), target), {}),
-        ("nn.LinearDistillationLoss", lnn.LinearDistillationLoss(chunk_size=2),
-         (x(7, 4), x(9, 4), x(7, 5, grad=False), x(9, 5, grad=False), target), {}),
-        ("nn.TopKDistillationLoss", lnn.TopKDistillationLoss(beta=0.0), (x(7, 9), ids, logps), {}),
-    ]
-
-
-IDS = [c[0] for c in _calls("cpu")]
-
-
-def _grad_leaves(args, kwargs):
-    return [t for t in tree_flatten((list(args), kwargs))[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-
-
-@pytest.mark.parametrize("index", range(len(IDS)), ids=IDS)
-def test_on_meta_tensors_without_touching_the_cpu(index):
-    from test_devices import NoCpuMixing
-
-    _, fn, args, kwargs = _calls("meta")[index]
-    with NoCpuMixing():
-        loss = fn(*args, **kwargs)
-        assert loss.device.type == "meta"
-        leaves = _grad_leaves(args, kwargs)
-        grads = torch.autograd.grad(loss.sum(), leaves)
-    assert all(g.device.type == "meta" and g.shape == leaf.shape for g, leaf in zip(grads, leaves))
-
-
-@pytest.mark.parametrize("index", range(len(IDS)), ids=IDS)
-def test_compiled_fullgraph_equals_eager(index):
-    torch._dynamo.reset()
-    _, fn, args, kwargs = _calls("cpu")[index]
-    want = fn(*args, **kwargs)
-    want_grads = torch.autograd.grad(want.sum() * 1.5, _grad_leaves(args, kwargs))
-    _, fn, args, kwargs = _calls("cpu")[index]
-    got = torch.compile(fn, fullgraph=True, backend="inductor")(*args, **kwargs)
-    got_grads = torch.autograd.grad(got.sum() * 1.5, _grad_leaves(args, kwargs))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-    torch._dynamo.reset()

@@ -265,8 +265,8 @@ def reduce_rows(losses: Tensor, valid: Tensor | None, reduction: str) -> Tensor:
     return total / valid.sum().clamp_min(1).to(total.dtype)
 
 
-def linear_distillation_forward(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias,
-                                target, valid, *, options: DistillationOptions, needs, chunk_rows: int):
+def linear_distillation_forward(student_input, student_weight, student_bias, teacher_input, teacher_weight,
+                                teacher_bias, target, valid, *, options: DistillationOptions, needs, chunk_rows: int):
     """(loss, (grad_student_input, grad_student_weight, grad_student_bias)), gradients in
     the compute dtype where ``needs`` asks for them."""
     losses, grads = _pass(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias,

@@ -69,7 +69,8 @@ class LinearDistillationLoss(_DistillationBase):
         super().__init__(beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
                          weight_hard_loss=weight_hard_loss, weight_soft_loss=weight_soft_loss)
         if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"LinearDistillationLoss: chunk_size must be a positive number of tokens; got {chunk_size}")
+            raise ValueError(
+                f"LinearDistillationLoss: chunk_size must be a positive number of tokens; got {chunk_size}")
         self.chunk_size = chunk_size
 
     def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
