@@ -184,6 +184,35 @@ def test_teacher_logits_of_minus_inf_are_classes_of_no_mass(beta):
     assert LF.distillation_loss(s, t, beta=1.0).item() == math.inf
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_a_class_both_models_mask_with_minus_inf_is_nan_in_trl_and_liger_and_absent_here(beta):
+    # A deliberate difference (README's table): a vocabulary entry both models mask (-inf
+    # logits, e.g. a padded vocabulary) makes kl_div(log_target=True) compute
+    # exp(-inf) * (-inf - -inf) = nan in TRL and Liger. The class has no mass on either
+    # side, so losskit drops it: the loss over the other classes.
+    s = torch.tensor([[1.0, 0.0, -math.inf]], requires_grad=True)
+    t = torch.tensor([[0.0, 1.0, -math.inf]])
+    assert trl_gjsd(s, t, beta=beta).isnan()
+    assert LigerFusedLinearJSDFunction.distillation_loss_fn(s, t, beta=beta).isnan()
+    loss = LF.distillation_loss(s, t, beta=beta)
+    torch.testing.assert_close(loss, LF.distillation_loss(s[:, :2], t[:, :2], beta=beta))
+    (grad,) = torch.autograd.grad(loss, s)
+    (want,) = torch.autograd.grad(LF.distillation_loss(s[:, :2], t[:, :2], beta=beta), s)
+    torch.testing.assert_close(grad, want)
+
+
+def test_an_ignored_token_with_nan_logits_poisons_trls_gradient_and_not_ours():
+    # A deliberate difference (README's table): TRL drops ignored tokens after the softmax,
+    # so a nan there still reaches the gradient (0 * nan); losskit reads them as 0 first.
+    s = torch.tensor([[1.0, 0.0, 2.0], [math.nan, 0.0, 0.0]], requires_grad=True)
+    t = torch.tensor([[0.5, 1.0, -1.0], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([0, -100])
+    (theirs,) = torch.autograd.grad(trl_gjsd(s, t, labels), s)
+    (ours,) = torch.autograd.grad(LF.distillation_loss(s, t, labels), s)
+    assert theirs[1].isnan().all() and torch.equal(ours[1], torch.zeros(3))
+    torch.testing.assert_close(ours[0], theirs[0])
+
+
 def test_a_nan_logit_in_a_counted_token_gives_nan():
     s, t = _logits(2, 4, dtype=torch.float32, seed=18), _logits(2, 4, dtype=torch.float32, seed=19)
     with torch.no_grad():
