@@ -152,34 +152,56 @@ def auto_chunk_rows(num_classes: int) -> int:
 def _chunk(s: Tensor, t: Tensor, target: Tensor | None, options: DistillationOptions,
            want_grad: bool) -> tuple[Tensor, Tensor | None]:
     """(per-row loss, d loss / d s or None) of one chunk of student logits ``s`` and
-    teacher logits ``t`` (both (B, V), in the compute dtype, rows already masked)."""
+    teacher logits ``t`` (both (B, V) buffers owned by the kernel, in the compute dtype,
+    ignored rows already zeroed; both are overwritten).
+
+    The mixture is formed in probability space, m = beta p + (1 - beta) q, with one log:
+    every term that reads log m is multiplied by p or q, and where those underflow to 0 the
+    term is 0 whatever the precision of log m, so the log-space mixture of the composed
+    path (which keeps -inf exact for its gradient) would cost two more exps for nothing.
+    """
     temperature, beta = options.temperature, options.beta
-    z = s if temperature == 1.0 else s / temperature
-    y = t if temperature == 1.0 else t / temperature
-    log_q, log_p = log_softmax(z, -1), log_softmax(y, -1)
-    rows = divergence_rows(log_q, log_p, beta)
-    grad = None
-    if want_grad:
-        q = log_q.exp()
-        if beta == 0.0:
-            grad = q - log_p.exp()
-        else:
-            if beta == 1.0:
-                g = log_q - log_p
-            else:
-                g = (1.0 - beta) * (log_q - log_mixture(log_p, log_q, beta))
-            # q g is 0 where q is 0, whatever g (then -inf): the class carries no student mass.
-            qg = torch.where(q > 0, q * g, 0.0)
-            grad = qg - q * qg.sum(-1, keepdim=True)
-        grad = grad * (options.weight_soft_loss / temperature)
-    rows = rows * options.weight_soft_loss
+    hard_rows = hard_grad = None
     if options.weight_hard_loss != 0.0 and target is not None:
-        log_q1 = log_q if temperature == 1.0 else log_softmax(s, -1)
+        # The hard loss reads the student's logits at temperature 1, before they are scaled.
         column = target.unsqueeze(1)
-        rows = rows - options.weight_hard_loss * log_q1.gather(1, column).squeeze(1)
+        log_q1 = log_softmax(s, -1)
+        hard_rows = -log_q1.gather(1, column).squeeze(1)
+        if want_grad:  # softmax(s) - onehot(y), in the log-softmax's own buffer
+            hard_grad = log_q1.exp_().scatter_add_(1, column, torch.full_like(column, -1, dtype=log_q1.dtype))
+    if temperature != 1.0:
+        s.div_(temperature)
+        t.div_(temperature)
+    log_q, log_p = log_softmax(s, -1), log_softmax(t, -1)
+    q = log_q.exp()
+    grad = None
+    if beta == 0.0:  # KL(p || q); gradient q - p
+        p = log_p.exp()
+        rows = (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
         if want_grad:
-            hard = log_q1.exp().scatter_add_(1, column, torch.full_like(column, -1, dtype=log_q1.dtype))
-            grad = grad + options.weight_hard_loss * hard
+            grad = q.sub_(p)
+    elif beta == 1.0:  # KL(q || p); gradient q (r - KL), r = log q - log p
+        qr = q * torch.where(q > 0, log_q - log_p, 0.0)
+        rows = qr.sum(-1)
+        if want_grad:
+            grad = qr.sub_(q.mul_(rows.unsqueeze(1)))
+    else:  # beta KL(p || m) + (1 - beta) KL(q || m); gradient (1 - beta) q (r - sum q r), r = log(q / m)
+        p = log_p.exp()
+        m = p * beta + q * (1.0 - beta)
+        log_m = torch.where(m > 0, m, 1.0).log_()
+        rows = beta * (p * torch.where(p > 0, log_p - log_m, 0.0)).sum(-1)
+        qr = q * torch.where(q > 0, log_q - log_m, 0.0)
+        kl_q = qr.sum(-1)
+        rows = rows + (1.0 - beta) * kl_q
+        if want_grad:
+            grad = qr.sub_(q.mul_(kl_q.unsqueeze(1))).mul_(1.0 - beta)
+    rows = rows * options.weight_soft_loss
+    if grad is not None:
+        grad.mul_(options.weight_soft_loss / temperature)
+    if hard_rows is not None:
+        rows = rows + options.weight_hard_loss * hard_rows
+        if hard_grad is not None:
+            grad.add_(hard_grad, alpha=options.weight_hard_loss)
     return rows, grad
 
 
