@@ -6,6 +6,7 @@ from .classification import (
     cross_entropy,
     nll_loss,
 )
+from .distillation import distillation_loss, linear_distillation_loss, topk_distillation_loss
 from .divergence import js_divergence, kl_div
 from .focal import poly1_cross_entropy, sigmoid_focal_loss, softmax_focal_loss
 from .linear import linear_cross_entropy
@@ -35,6 +36,7 @@ __all__ = [
     "cross_entropy",
     "ctc_loss",
     "dice_loss",
+    "distillation_loss",
     "dpo_loss",
     "gaussian_nll_loss",
     "grpo_loss",
@@ -45,6 +47,7 @@ __all__ = [
     "kto_loss",
     "l1_loss",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "margin_ranking_loss",
     "mse_loss",
     "multi_margin_loss",
@@ -60,6 +63,7 @@ __all__ = [
     "smooth_l1_loss",
     "soft_margin_loss",
     "softmax_focal_loss",
+    "topk_distillation_loss",
     "triplet_margin_loss",
     "triplet_margin_with_distance_loss",
     "tversky_loss",

@@ -1,6 +1,7 @@
 """Loss Modules with the names and constructor arguments of ``torch.nn``."""
 
 from .classification import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, NLLLoss
+from .distillation import DistillationLoss, LinearDistillationLoss, TopKDistillationLoss
 from .divergence import JSDivergenceLoss, KLDivLoss
 from .focal import Poly1CrossEntropyLoss, SigmoidFocalLoss, SoftmaxFocalLoss
 from .linear import LinearCrossEntropyLoss
@@ -30,6 +31,7 @@ __all__ = [
     "CrossEntropyLoss",
     "DPOLoss",
     "DiceLoss",
+    "DistillationLoss",
     "GRPOLoss",
     "GaussianNLLLoss",
     "HingeEmbeddingLoss",
@@ -39,6 +41,7 @@ __all__ = [
     "KTOLoss",
     "L1Loss",
     "LinearCrossEntropyLoss",
+    "LinearDistillationLoss",
     "MSELoss",
     "MarginRankingLoss",
     "MultiLabelMarginLoss",
@@ -53,6 +56,7 @@ __all__ = [
     "SmoothL1Loss",
     "SoftMarginLoss",
     "SoftmaxFocalLoss",
+    "TopKDistillationLoss",
     "TripletMarginLoss",
     "TripletMarginWithDistanceLoss",
     "TverskyLoss",
