@@ -127,6 +127,29 @@ CASES: list[Case] = [
     Case("js_divergence", (_fn("js_divergence"),), lambda m: (
         LF.js_divergence, (m.x(4, 5), m.x(4, 5)), {"from_logits": True, "labels": m.index(5, 4, ignore=-100), "beta": 0.3},
     )),
+    # distillation
+    Case("distillation_loss", (_fn("distillation_loss"),), lambda m: (
+        LF.distillation_loss, (m.x(7, 9), m.x(7, 9, grad=False), m.index(9, 7, ignore=-100)),
+        {"beta": 0.3, "temperature": 2.0, "weight_hard_loss": 0.5},
+    )),
+    Case("distillation_loss-none", (_fn("distillation_loss"),), lambda m: (
+        LF.distillation_loss, (m.x(7, 9), m.x(7, 9)), {"beta": 1.0, "reduction": "none"},
+    )),
+    Case("linear_distillation_loss", (_fn("linear_distillation_loss"),), lambda m: (
+        LF.linear_distillation_loss, (m.x(7, 4), m.x(9, 4), m.x(7, 5, grad=False), m.x(9, 5, grad=False),
+                                      m.index(9, 7, ignore=-100)),
+        {"student_bias": m.x(9), "weight_hard_loss": 0.25, "chunk_size": 3},
+    )),
+    Case("linear_distillation_loss-none", (_fn("linear_distillation_loss"),), lambda m: (
+        LF.linear_distillation_loss, (m.x(7, 4), m.x(9, 4), m.x(7, 5, grad=False), m.x(9, 5, grad=False)),
+        {"beta": 0.0, "reduction": "none", "chunk_size": 4},
+    )),
+    Case("topk_distillation_loss", (_fn("topk_distillation_loss"),), lambda m: (
+        LF.topk_distillation_loss, (m.x(7, 9), torch.tensor([[0, 3], [1, 2], [4, 5], [0, 1], [2, 6], [3, 4], [5, 6]],
+                                                            device=m.device),
+                                    m.const(torch.tensor([0.5, 0.3]).log().expand(7, 2)), m.index(9, 7, ignore=-100)),
+        {"beta": 0.4},
+    )),
     # margin and embedding
     Case("soft_margin_loss", (_fn("soft_margin_loss"),), lambda m: (LF.soft_margin_loss, (m.x(4, 3), m.sign(4, 3)), {})),
     Case("multilabel_soft_margin_loss", (_fn("multilabel_soft_margin_loss"),), lambda m: (
@@ -281,6 +304,13 @@ CASES += [
     _module_case("KTOLoss", lambda m: {"beta": 0.5}, lambda m: (m.x(5), m.x(5, grad=False), m.index(2, 5) == 1)),
     _module_case("GRPOLoss", lambda m: {"loss_type": "grpo"}, lambda m: (
         m.x(3, 5), m.x(3, 5, grad=False), m.x(3, grad=False), m.index(2, 3, 5), m.x(3, 5, grad=False))),
+    _module_case("DistillationLoss", lambda m: {"beta": 0.2}, lambda m: (m.x(7, 9), m.x(7, 9, grad=False),
+                                                                         m.index(9, 7, ignore=-100))),
+    _module_case("LinearDistillationLoss", lambda m: {"chunk_size": 2}, lambda m: (
+        m.x(7, 4), m.x(9, 4), m.x(7, 5, grad=False), m.x(9, 5, grad=False), m.index(9, 7, ignore=-100))),
+    _module_case("TopKDistillationLoss", lambda m: {"beta": 0.0}, lambda m: (
+        m.x(3, 9), torch.tensor([[0, 3], [1, 2], [4, 5]], device=m.device),
+        m.const(torch.tensor([0.5, 0.3]).log().expand(3, 2)))),
     _module_case("CTCLoss", _none, lambda m: (
         m.x(6, 2, 4).log_softmax(-1), m.index(3, 2, 3) + 1, torch.tensor([6, 5]), torch.tensor([3, 2]),
     )),

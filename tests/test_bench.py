@@ -135,10 +135,10 @@ def test_register_adds_a_loss_in_one_entry():
 
     from losskit.cli.bench_catalog import BENCHES, Bench, plan, register
 
-    def dpo(chosen, rejected, ref_chosen, ref_rejected, beta=0.1):  # a post-training loss, written out
+    def dpo(chosen, rejected, ref_chosen, ref_rejected, beta=0.1):  # a loss not in the catalog yet
         return -torch.nn.functional.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
 
-    bench = Bench("functional.dpo_loss", "dpo", "sequence_log_probs", dpo)
+    bench = Bench("example.written_out_dpo", "dpo", "sequence_log_probs", dpo)
     try:
         register(bench)
         assert {c.bench.name for c in plan(benches=[bench])} == {bench.name}

@@ -205,6 +205,23 @@ def _linear(shape, dtype, gen):  # (N, H, C): features, a [C, H] weight, class i
     return [x, w], (x, w, _classes(n, c, gen))
 
 
+def _two_logits(shape, dtype, gen):  # distillation: student logits (learned) and teacher logits
+    s = _leaf(_randn(shape, dtype, gen, 2.0))
+    return [s], (s, _randn(shape, dtype, gen, 2.0))
+
+
+def _two_heads(shape, dtype, gen):  # (N, H, V): student and teacher hidden states and output layers
+    n, h, v = shape
+    xs, ws = _leaf(_randn((n, h), dtype, gen)), _leaf(_randn((v, h), dtype, gen, 0.05))
+    return [xs, ws], (xs, ws, _randn((n, h), dtype, gen), _randn((v, h), dtype, gen, 0.05))
+
+
+def _topk_teacher(shape, dtype, gen):  # student logits and a teacher's cached top-8 ids and log-probs
+    s = _leaf(_randn(shape, dtype, gen, 2.0))
+    logps, ids = (torch.randn(shape, generator=gen) * 2).log_softmax(-1).topk(8)
+    return [s], (s, ids, logps.to(dtype))
+
+
 def _sequence_log_probs(shape, dtype, gen):
     """For post-training losses: per-sequence log-probs of the policy (chosen, rejected) and
     of the reference model, [B] each; a loss over per-token log-probs takes a new kind."""
@@ -261,6 +278,9 @@ INPUTS: dict[str, Inputs] = {
     "two_log_distributions": Inputs(CLASSES, _two_log_distributions),
     "distribution": Inputs(CLASSES, _distribution),
     "two_distributions": Inputs(CLASSES, _two_distributions),
+    "two_logits": Inputs(CLASSES, _two_logits),
+    "two_heads": Inputs({"small": (64, 128, 1000), "large": (1024, 512, 16384)}, _two_heads),
+    "topk_teacher": Inputs(CLASSES, _topk_teacher),
     # (N, H, C): the large size is a 16k vocabulary, so that a CPU run stays within minutes
     "linear": Inputs({"small": (64, 128, 1000), "large": (1024, 512, 16384)}, _linear),
     "sequence_log_probs": Inputs({"small": (64,), "large": (8192,)}, _sequence_log_probs),
@@ -342,6 +362,29 @@ def js(log_q, log_p, beta=0.5):  # beta KL(P||M) + (1 - beta) KL(Q||M), M = beta
     log_m = (beta * p + (1 - beta) * q).log()
     rows = beta * (p * (log_p.float() - log_m)).sum(-1) + (1 - beta) * (q * (log_q.float() - log_m)).sum(-1)
     return rows.mean().to(log_q.dtype)
+
+
+def _gjsd_rows(log_q, log_p, beta):  # beta KL(P||M) + (1 - beta) KL(Q||M), per row, in float32
+    log_q, log_p = log_q.float(), log_p.float()
+    q, p = log_q.exp(), log_p.exp()
+    log_m = (beta * p + (1 - beta) * q).log()
+    return beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+
+
+def distillation(s, t, beta=0.5):  # TRL's generalized_jsd_loss without labels: mean over tokens
+    return _gjsd_rows(s.float().log_softmax(-1), t.float().log_softmax(-1), beta).mean().to(s.dtype)
+
+
+def linear_distillation(xs, ws, xt, wt, beta=0.5):  # both logits formed, the teacher's without gradient
+    return distillation(xs @ ws.T, (xt @ wt.T).detach(), beta)
+
+
+def topk_distillation(s, ids, logps, beta=0.5):  # k + 1 buckets: the teacher's top-k and the rest
+    q_top = s.float().softmax(-1).gather(-1, ids)
+    q = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    p_top = logps.float().exp()
+    p = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    return _gjsd_rows(q.log(), p.log(), beta).mean().to(s.dtype)
 
 
 def info_entropy(p):
@@ -525,6 +568,10 @@ NOTES: dict[str, str] = {
     "keras.squared_hinge": "accepts {0, 1} labels too: one more pass over the labels to map them to ±1, as Keras does",
     "functional.linear_cross_entropy": "never forms the [N, C] logits: chunks over tokens (less memory)",
     "functional.orpo_loss": "checks the log-probs are <= 0 on the host (checks mode 'full', the CPU default)",
+    "functional.linear_distillation_loss": "never forms either model's [N, V] logits: chunks over tokens (less "
+                                           "memory)",
+    "functional.topk_distillation_loss": "checks the cached teacher (ids in range and distinct, log-probabilities) "
+                                         "on the host (checks mode 'full', the CPU default)",
 }
 
 
@@ -573,6 +620,9 @@ BENCHES: list[Bench] = [
     _b("functional.orpo_loss", "orpo", "sequence_log_prob_pairs", orpo),
     _b("functional.kto_loss", "kto", "unpaired_log_probs", kto),
     _b("functional.grpo_loss", "grpo", "token_log_probs", grpo, kwargs={"beta": 0.0}),
+    _b("functional.distillation_loss", "distillation", "two_logits", distillation),
+    _b("functional.linear_distillation_loss", "linear_distillation", "two_heads", linear_distillation),
+    _b("functional.topk_distillation_loss", "topk_distillation", "topk_teacher", topk_distillation),
     _b("info.entropy", "entropy", "distribution", info_entropy),
     _b("info.cross_entropy", "entropy", "two_distributions", info_cross_entropy),
     _b("info.kl_divergence", "kl_div", "two_distributions", info_kl),
