@@ -160,7 +160,7 @@ def js_divergence(
         rows = torch.where(counted, rows, 0.0)
         count = counted.sum()
     else:
-        count = torch.tensor(rows.numel())
+        count = rows.numel()  # a number, not a tensor made on the CPU beside the input's device
     if reduction == "batchmean":
         return (rows.sum() / count).to(out)
     return reduce_loss(rows, reduction).to(out)
