@@ -28,16 +28,21 @@ temperature: the logits are divided by it before the softmax, as sampling with a
 ignore_index: target value of the tokens that count for nothing (padding, prompt):
     their log-probability and entropy are 0 and they pass no gradient.
 chunk_size: tokens whose logits are formed at a time; by default about 32 MiB of float32
-    logits, at least 64 tokens. Rounded up to whole blocks of 64 rows (see Notes)."""
+    logits (at least 16 tokens); under ``batch_invariant`` rounded up to whole blocks of
+    256 tokens.
+batch_invariant: beyond the contract of torch: make each token's results bitwise
+    independent of the batch and of ``chunk_size`` (see Notes); costs some speed."""
 
 _NOTES = """\
 The ``[N, C]`` logits are never held: forward forms them a chunk of tokens at a time
 and keeps five numbers per token; backward forms each chunk again from ``input`` and
 ``weight`` (one more matmul per chunk) and turns it into the gradients in place. Any
 upstream gradient works. float16/bfloat16 inputs are computed in float32 and each
-result, the gradients included, is rounded once. Results are bitwise the same for a
-token alone, in any batch and with any ``chunk_size``: the matmuls run on fixed blocks
-of 64 token rows. float64 inputs, torch.func transforms and forward-mode AD take the
+result, the gradients included, is rounded once. With ``batch_invariant=True`` the
+log-probs, entropies and rows of ``input``'s gradient are bitwise the same for a token
+alone, in any batch and with any ``chunk_size``: the matmuls run on fixed blocks of 256
+token rows, whatever the batch (about 10-15% slower on a CPU, where the BLAS is faster
+on larger calls). Two identical calls give identical bits either way. float64 inputs, torch.func transforms and forward-mode AD take the
 composed reference path (``log_softmax(input @ weight.T + bias).gather``), which is
 the oracle of the tests."""
 
@@ -91,14 +96,15 @@ def _reference(input: Tensor, weight: Tensor, bias: Tensor | None, targets: Clas
 
 
 def _compute(fn: str, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, temperature: float,
-             ignore_index: int, chunk_size: int | None, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+             ignore_index: int, chunk_size: int | None, batch_invariant: bool,
+             with_entropy: bool) -> tuple[Tensor, Tensor | None]:
     flat = _prepared(fn, input, weight, target, bias, temperature, ignore_index, chunk_size)
     n = flat.target.shape[0]
     if n > 0 and fused_may_serve(input, weight, *(() if bias is None else (bias,))):
         log_p, entropy = fused_linear_log_probs(
             input.reshape(-1, input.shape[-1]), weight, bias, flat.target, flat.valid_or_none,
-            temperature=temperature, chunk_rows=chunk_rows(weight.shape[0], weight.shape[1], chunk_size),
-            with_entropy=with_entropy,
+            temperature=temperature, with_entropy=with_entropy, batch_invariant=bool(batch_invariant),
+            chunk_rows=chunk_rows(weight.shape[0], weight.shape[1], chunk_size, bool(batch_invariant)),
         )
         entropy = entropy if with_entropy else None
     else:
@@ -117,6 +123,7 @@ def linear_log_probs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    batch_invariant: bool = False,
 ) -> Tensor:
     r"""Per-token log-probability of ``target`` under ``softmax((input @ weight.T + bias) / T)``.
 
@@ -155,7 +162,8 @@ def linear_log_probs(
         Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024 (the
         logits formed a block at a time).
     """
-    log_p, _ = _compute("linear_log_probs", input, weight, target, bias, temperature, ignore_index, chunk_size, False)
+    log_p, _ = _compute("linear_log_probs", input, weight, target, bias, temperature, ignore_index, chunk_size,
+                        batch_invariant, False)
     return log_p
 
 
@@ -169,6 +177,7 @@ def linear_log_probs_and_entropy(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[Tensor, Tensor]:
     r"""Per-token log-probability of ``target`` and entropy of the same distribution, in one
     pass over the output layer (as :func:`linear_log_probs`).
@@ -201,5 +210,5 @@ def linear_log_probs_and_entropy(
         True
     """
     log_p, entropy = _compute("linear_log_probs_and_entropy", input, weight, target, bias, temperature, ignore_index,
-                              chunk_size, True)
+                              chunk_size, batch_invariant, True)
     return log_p, entropy

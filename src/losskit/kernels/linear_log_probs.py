@@ -33,14 +33,18 @@ kept for backward) and drops the chunk; backward recomputes each chunk's logits 
 saved input and weight (one matmul), turns them into dz in place and accumulates the
 three gradients. Nothing logits-sized is kept between forward and backward.
 
-Batch invariance. A token's log-prob, entropy and input gradient are bitwise the same
-alone, in any batch and with any ``chunk_size``: every matmul that makes a row's numbers
-(the logits, dz W) runs on blocks of exactly BLOCK_ROWS rows (the last block padded with
-zero rows), so the BLAS picks one kernel whatever the batch (it picks by the row count:
-a lone row goes to gemv, a few rows to other kernels than many); the per-row reductions
-(max, sums) run over whole rows, in one thread per row, as torch reduces an inner
-dimension of two or more rows. Two identical calls are bitwise identical, the weight's
-gradient included (its sum over rows is taken in a fixed chunk order).
+Batch invariance (``batch_invariant=True``). A token's log-prob, entropy and input
+gradient are then bitwise the same alone, in any batch and with any ``chunk_size``: every
+matmul that makes a row's numbers (the logits, dz W) runs on blocks of exactly BLOCK_ROWS
+rows (the last block padded with zero rows), so the BLAS picks one kernel whatever the
+batch (it picks by the row count: a lone row goes to gemv, a few rows to other kernels
+than many); the per-row reductions (max, sums) run over whole rows, in one thread per
+row, as torch reduces an inner dimension of two or more rows. It is not the default: on
+2 CPU cores (N=512 rows, H=512, C=32768) the logits' matmul took 1.94 s in one call and
+2.14 s in 256-row blocks (2.65 s in 128-row blocks), dz W 1.69 s against 1.95 s, more
+than the 5% that invariance may cost by default. Either way two identical calls are
+bitwise identical, the weight's gradient included (its sum over rows is taken in a fixed
+chunk order).
 
 The math on a chunk runs with torch ops on any device, or with the Triton kernels of
 :mod:`losskit.kernels.triton_log_probs` where Triton serves the tensors (CUDA). The op is a
@@ -62,23 +66,25 @@ from .._core.dtypes import result_dtypes
 from . import triton_support
 from .linear_cross_entropy import auto_chunk_rows
 
-# Rows per matmul. Fixed, so that a row's logits never depend on the rows beside it; 64
-# rows keep the matmul efficient (on 2 CPU cores, (64-row blocks) x (32768 x 512) ran as
-# fast as one 512-row call).
-BLOCK_ROWS = 64
+# Rows per matmul under batch_invariant=True: fixed, so that a row's logits never depend on
+# the rows beside it, and large, since a matmul of few rows reads the whole weight for
+# little work (the costs are in the module docstring).
+BLOCK_ROWS = 256
 
 # The per-row statistics kept for backward, in this order (a (5, N) tensor).
 STATS = ("row_max", "log_total", "entropy", "one_minus_p", "log_p")
 
 
-def chunk_rows(num_classes: int, in_features: int, chunk_size: int | None) -> int:
-    """Rows of logits formed at a time: ``chunk_size`` (default as linear_cross_entropy's),
-    rounded up to whole matmul blocks."""
-    rows = chunk_size if chunk_size is not None else auto_chunk_rows(num_classes, in_features)
-    # Two chunk buffers live at once (the logits and their exponentials): halve the default.
-    if chunk_size is None:
-        rows = max(BLOCK_ROWS, rows // 2)
-    return -(-rows // BLOCK_ROWS) * BLOCK_ROWS
+def chunk_rows(num_classes: int, in_features: int, chunk_size: int | None, batch_invariant: bool) -> int:
+    """Rows of logits formed at a time: ``chunk_size`` (by default half of linear
+    cross-entropy's, since two chunk buffers live at once: the logits and their
+    exponentials), rounded up to whole matmul blocks under ``batch_invariant``."""
+    rows = chunk_size if chunk_size is not None else max(16, auto_chunk_rows(num_classes, in_features) // 2)
+    return _round_up(rows, BLOCK_ROWS) if batch_invariant else rows
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block if block else n
 
 
 class LocalStats(NamedTuple):
@@ -169,46 +175,67 @@ def chunk_gradient(z: Tensor, stats: RowStats, g: Tensor, h: Tensor | None, inde
 # ---- chunks of logits, in fixed row blocks ---------------------------------------------------
 class Chunk(NamedTuple):
     rows: slice  # the real rows
-    padded: int  # rows in the buffers: whole blocks
+    padded: int  # rows in the buffers: whole blocks under batch invariance, else the real rows
     z: Tensor  # (padded, C) transformed logits
     spare: Tensor  # (padded, C)
 
 
-def _block_mm(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None, pad: Callable[[], Tensor]) -> None:
-    """out = a b (+ bias) in blocks of exactly BLOCK_ROWS rows of ``a`` (``out`` has whole
-    blocks; a short last block of ``a`` is padded with zero rows)."""
-    for start in range(0, out.shape[0], BLOCK_ROWS):
-        block = a[start: start + BLOCK_ROWS]
-        if block.shape[0] < BLOCK_ROWS:
-            padded = pad()
-            padded[: block.shape[0]] = block
-            padded[block.shape[0]:] = 0.0
-            block = padded
-        target = out[start: start + BLOCK_ROWS]
-        if bias is None:
-            torch.mm(block, b, out=target)
-        else:
-            torch.addmm(bias, block, b, out=target)
+class _Blocks:
+    """Matmuls of a chunk of rows: one call, or (``block`` > 0) calls on blocks of exactly
+    ``block`` rows, a short last block padded with zero rows, its result read back."""
+
+    def __init__(self, block: int, like: Tensor) -> None:
+        self.block, self.like = block, like
+        self.buffers: dict[tuple[str, int], Tensor] = {}
+
+    def _buffer(self, role: str, columns: int) -> Tensor:
+        if (role, columns) not in self.buffers:
+            self.buffers[role, columns] = self.like.new_empty(self.block, columns)
+        return self.buffers[role, columns]
+
+    def mm(self, a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None) -> None:
+        """out[:len(a)] = a b (+ bias); with blocks, ``out`` may have rows past ``a``'s:
+        they receive the padding rows' results."""
+        n = a.shape[0]
+        if not self.block:
+            _mm(a, b, out[:n], bias)
+            return
+        for start in range(0, n, self.block):
+            part = a[start: start + self.block]
+            count = part.shape[0]
+            if count == self.block:
+                _mm(part, b, out[start: start + count], bias)
+                continue
+            padded = self._buffer("in", a.shape[1])
+            padded[:count] = part
+            padded[count:] = 0.0
+            if out.shape[0] >= start + self.block:
+                _mm(padded, b, out[start: start + self.block], bias)
+            else:
+                result = self._buffer("out", b.shape[1])
+                _mm(padded, b, result, bias)
+                out[start: start + count] = result[:count]
 
 
-def chunks(x: Tensor, w: Tensor, b: Tensor | None, rows_per_chunk: int, temperature: float) -> Iterator[Chunk]:
+def _mm(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None) -> None:
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
+
+
+def chunks(x: Tensor, w: Tensor, b: Tensor | None, rows_per_chunk: int, temperature: float,
+           blocks: _Blocks) -> Iterator[Chunk]:
     """Each chunk's transformed logits (x W^T + b) / T in a reused buffer, with a spare."""
     n, num_classes = x.shape[0], w.shape[0]
-    size = min(rows_per_chunk, -(-n // BLOCK_ROWS) * BLOCK_ROWS)
+    size = min(rows_per_chunk, _round_up(n, blocks.block))
     buffer, spare = x.new_empty(size, num_classes), x.new_empty(size, num_classes)
-    pad_buffer: list[Tensor] = []
-
-    def pad() -> Tensor:
-        if not pad_buffer:
-            pad_buffer.append(x.new_empty(BLOCK_ROWS, x.shape[1]))
-        return pad_buffer[0]
-
     w_t = w.t()
     for start in range(0, n, size):
         rows = slice(start, min(start + size, n))
-        padded = -(-(rows.stop - start) // BLOCK_ROWS) * BLOCK_ROWS
+        padded = _round_up(rows.stop - start, blocks.block)
         z = buffer[:padded]
-        _block_mm(x[rows], w_t, z, b, pad)
+        blocks.mm(x[rows], w_t, z, b)
         if temperature != 1.0:
             # A division, not a multiplication by 1 / T: bit for bit what logits / T gives.
             z.div_(temperature)
@@ -231,11 +258,12 @@ Combine = Callable[[LocalStats], LocalStats]
 
 
 def forward_stats(x: Tensor, w: Tensor, b: Tensor | None, index: Tensor, held: Tensor, temperature: float,
-                  rows_per_chunk: int, combine: Combine | None = None) -> RowStats:
+                  rows_per_chunk: int, batch_invariant: bool, combine: Combine | None = None) -> RowStats:
     """Every row's statistics, chunk by chunk; ``combine`` merges the ranks' (vocab-parallel)."""
     n = x.shape[0]
     parts = [x.new_empty(n) for _ in LocalStats._fields]
-    for chunk in chunks(x, w, b, rows_per_chunk, temperature):
+    blocks = _Blocks(BLOCK_ROWS if batch_invariant else 0, x)
+    for chunk in chunks(x, w, b, rows_per_chunk, temperature, blocks):
         rows, p = chunk.rows, chunk.padded
         local = local_stats(chunk.z, _padded(index[rows], p), _padded(held[rows], p, False), chunk.spare)
         for part, value in zip(parts, local):
@@ -245,32 +273,22 @@ def forward_stats(x: Tensor, w: Tensor, b: Tensor | None, index: Tensor, held: T
 
 
 def backward_grads(x: Tensor, w: Tensor, b: Tensor | None, index: Tensor, held: Tensor, stats: RowStats,
-                   g: Tensor, h: Tensor | None, temperature: float, rows_per_chunk: int,
+                   g: Tensor, h: Tensor | None, temperature: float, rows_per_chunk: int, batch_invariant: bool,
                    needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(grad_x, grad_w, grad_b) in the compute dtype, each chunk's logits recomputed; ``g`` and
     ``h`` (N,) are the upstream gradients times 1/T, 0 where a row counts for nothing."""
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else None
     grad_w = torch.zeros_like(w, memory_format=torch.contiguous_format) if needs[1] else None
     grad_b = torch.zeros_like(b) if needs[2] and b is not None else None
-    block_out: list[Tensor] = []
-    for chunk in chunks(x, w, b, rows_per_chunk, temperature):
+    blocks = _Blocks(BLOCK_ROWS if batch_invariant else 0, x)
+    for chunk in chunks(x, w, b, rows_per_chunk, temperature, blocks):
         rows, p = chunk.rows, chunk.padded
         count = rows.stop - rows.start
         dz = chunk_gradient(chunk.z, _rows_of(stats, rows, p), _padded(g[rows], p),
                             None if h is None else _padded(h[rows], p), _padded(index[rows], p),
                             _padded(held[rows], p, False), chunk.spare)
         if grad_x is not None:
-            for start in range(0, p, BLOCK_ROWS):  # fixed blocks, as the logits
-                stop = min(start + BLOCK_ROWS, count)
-                if stop <= start:
-                    break
-                if stop - start == BLOCK_ROWS:
-                    torch.mm(dz[start: stop], w, out=grad_x[rows.start + start: rows.start + stop])
-                else:
-                    if not block_out:
-                        block_out.append(x.new_empty(BLOCK_ROWS, x.shape[1]))
-                    torch.mm(dz[start: start + BLOCK_ROWS], w, out=block_out[0])
-                    grad_x[rows.start + start: rows.start + stop] = block_out[0][: stop - start]
+            blocks.mm(dz[:count], w, grad_x[rows])  # in the same blocks as the logits
         if grad_w is not None:
             grad_w.addmm_(dz[:count].t(), x[rows])
         if grad_b is not None:
@@ -318,16 +336,17 @@ def _outputs(stats: RowStats, valid: Tensor | None, out: torch.dtype, with_entro
 
 @torch.library.custom_op("losskit::linear_log_probs", mutates_args=())
 def _linear_log_probs_op(input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, valid: Tensor | None,
-                         temperature: float, chunk_rows: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+                         temperature: float, chunk_rows: int, with_entropy: bool,
+                         batch_invariant: bool) -> tuple[Tensor, Tensor, Tensor]:
     _, out = result_dtypes(input, weight)
     _, x, w, b = compute_copies(input, weight, bias)
     index, held = _index_held(target, valid)
-    stats = forward_stats(x, w, b, index, held, temperature, chunk_rows)
+    stats = forward_stats(x, w, b, index, held, temperature, chunk_rows, batch_invariant)
     return (*_outputs(stats, valid, out, with_entropy), stats.stacked())
 
 
 @_linear_log_probs_op.register_fake
-def _(input, weight, bias, target, valid, temperature, chunk_rows, with_entropy):
+def _(input, weight, bias, target, valid, temperature, chunk_rows, with_entropy, batch_invariant):
     compute, out = result_dtypes(input, weight)
     n = input.shape[0]
     return (input.new_empty(n, dtype=out), input.new_empty(n if with_entropy else 0, dtype=out),
@@ -338,48 +357,49 @@ def _(input, weight, bias, target, valid, temperature, chunk_rows, with_entropy)
 def _linear_log_probs_backward_op(
     input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, valid: Tensor | None, stats: Tensor,
     grad_log_p: Tensor | None, grad_entropy: Tensor | None, temperature: float, chunk_rows: int, with_entropy: bool,
-    needs: list[bool],
+    batch_invariant: bool, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     _, x, w, b = compute_copies(input, weight, bias)
     index, held = _index_held(target, valid)
     g, h = upstream(grad_log_p, grad_entropy, valid, x.shape[0], x, temperature, with_entropy)
     grads = backward_grads(x, w, b, index, held, RowStats(*stats.unbind(0)), g, h, temperature, chunk_rows,
-                           tuple(needs))
+                           batch_invariant, tuple(needs))
     return tuple(input.new_empty(0) if grad is None else grad.to(t.dtype)
                  for grad, t in zip(grads, (input, weight, bias)))
 
 
 @_linear_log_probs_backward_op.register_fake
 def _(input, weight, bias, target, valid, stats, grad_log_p, grad_entropy, temperature, chunk_rows, with_entropy,
-      needs):
+      batch_invariant, needs):
     return tuple(t.new_empty(t.shape) if need and t is not None else input.new_empty(0)
                  for t, need in zip((input, weight, bias), needs))
 
 
 def _setup(ctx, inputs, output) -> None:
-    input, weight, bias, target, valid, temperature, chunk_rows, with_entropy = inputs
+    input, weight, bias, target, valid, *options = inputs
     ctx.save_for_backward(input, weight, bias, target, valid, output[2])
-    ctx.options = (temperature, chunk_rows, with_entropy)
+    ctx.options = options  # temperature, chunk_rows, with_entropy, batch_invariant
     ctx.needs = [input.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
 
 
 def _backward(ctx, grad_log_p, grad_entropy, _grad_stats):
     input, weight, bias, target, valid, stats = ctx.saved_tensors
-    temperature, rows, with_entropy = ctx.options
+    temperature, rows, with_entropy, batch_invariant = ctx.options
     grads = _linear_log_probs_backward_op(input, weight, bias, target, valid, stats, grad_log_p,
                                           grad_entropy if with_entropy else None, temperature, rows, with_entropy,
-                                          ctx.needs)
+                                          batch_invariant, ctx.needs)
     grads = [g if need else None for g, need in zip(grads, ctx.needs)]
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 _linear_log_probs_op.register_autograd(_backward, setup_context=_setup)
 
 
 def fused_linear_log_probs(input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, valid: Tensor | None,
-                           *, temperature: float, chunk_rows: int, with_entropy: bool) -> tuple[Tensor, Tensor]:
+                           *, temperature: float, chunk_rows: int, with_entropy: bool,
+                           batch_invariant: bool) -> tuple[Tensor, Tensor]:
     """(log p_y, entropy or an empty tensor), each (N,), of (N, H) input rows and their
     validated int64 targets (``valid`` None when every row counts)."""
     log_p, entropy, _ = _linear_log_probs_op(input, weight, bias, target, valid, float(temperature), int(chunk_rows),
-                                             bool(with_entropy))
+                                             bool(with_entropy), bool(batch_invariant))
     return log_p, entropy
