@@ -17,6 +17,7 @@ from losskit.kernels import fused_only, reference_only, triton_support
 from test_memory import LargestAllocation, saved_bytes
 
 C, H = 37, 8
+NAMES = ["log_p", "entropy", "grad input", "grad weight", "grad bias"]
 
 
 def oracle(x, w, b, target, temperature=1.0, ignore_index=-100):
@@ -74,9 +75,9 @@ def theirs(x, w, target, b, temperature=1.0, **_):
 
 
 def assert_all_close(got, want, atol, rtol, what=""):
-    names = ["log_p", "entropy", "grad input", "grad weight", "grad bias"]
-    for name, g, w in zip(names, got, want):
-        torch.testing.assert_close(g.double(), w.double(), atol=atol, rtol=rtol, msg=lambda m, n=name: f"{what}{n}: {m}")
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=atol, rtol=rtol,
+                                   msg=lambda m, n=name: f"{what}{n}: {m}")
 
 
 # ---- values and gradients ---------------------------------------------------------------------
@@ -143,9 +144,6 @@ def confident(classes, confidence, dtype, n=8, hidden=16, seed=0):
 def torch_same_dtype(x, w, target, b, **_):
     log_p = TF.linear(x, w, b).log_softmax(-1)
     return log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
-
-
-NAMES = ["log_p", "entropy", "grad input", "grad weight", "grad bias"]
 
 
 def relative_error(name, got, want):

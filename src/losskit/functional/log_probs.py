@@ -27,11 +27,12 @@ temperature: the logits are divided by it before the softmax, as sampling with a
     temperature does (``T > 0``).
 ignore_index: target value of the tokens that count for nothing (padding, prompt):
     their log-probability and entropy are 0 and they pass no gradient.
-chunk_size: tokens whose logits are formed at a time; by default about 32 MiB of float32
-    logits (at least 16 tokens); under ``batch_invariant`` rounded up to whole blocks of
-    256 tokens.
-batch_invariant: beyond the contract of torch: make each token's results bitwise
-    independent of the batch and of ``chunk_size`` (see Notes); costs some speed."""
+chunk_size: tokens whose logits are formed at a time; by default half of
+    :func:`linear_cross_entropy`'s chunk, since two buffers of it live at once (together
+    about 64 MiB of float32, or the weight gradient's size for a wide layer); under
+    ``batch_invariant`` rounded up to whole blocks of 256 tokens.
+batch_invariant: make each token's results bitwise independent of the batch and of
+    ``chunk_size`` (see Notes), at some speed."""
 
 _NOTES = """\
 The ``[N, C]`` logits are never held: forward forms them a chunk of tokens at a time
@@ -41,10 +42,10 @@ upstream gradient works. float16/bfloat16 inputs are computed in float32 and eac
 result, the gradients included, is rounded once. With ``batch_invariant=True`` the
 log-probs, entropies and rows of ``input``'s gradient are bitwise the same for a token
 alone, in any batch and with any ``chunk_size``: the matmuls run on fixed blocks of 256
-token rows, whatever the batch (about 10-15% slower on a CPU, where the BLAS is faster
-on larger calls). Two identical calls give identical bits either way. float64 inputs, torch.func transforms and forward-mode AD take the
-composed reference path (``log_softmax(input @ weight.T + bias).gather``), which is
-the oracle of the tests."""
+token rows, whatever the batch (up to 10-15% slower on a CPU, where the BLAS is faster
+on larger calls). Two identical calls give identical bits either way. float64 inputs,
+torch.func transforms and forward-mode AD take the composed reference path
+(``log_softmax(input @ weight.T + bias).gather``), which is the oracle of the tests."""
 
 
 def _prepared(fn: str, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None, temperature: float,
