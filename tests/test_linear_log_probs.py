@@ -124,6 +124,21 @@ def test_float64_gradcheck(fused):
     assert_all_close(got, want, atol=1e-12, rtol=1e-10)
 
 
+def test_double_backward_and_a_second_backward():
+    x, w, b, target, _ = make(batch=(5,), dtype=torch.float64, classes=9, hidden=3)
+
+    def fn(x, w, b):
+        return LF.linear_log_probs_and_entropy(x, w, target, b, temperature=1.5)
+
+    with fused_only():  # the kernel's op, whose create_graph backward goes through the composed ops
+        assert torch.autograd.gradgradcheck(fn, leaves(x, w, b))
+        lx, lw, lb = leaves(x, w, b)
+        log_p, entropy = fn(lx, lw, lb)
+        first = torch.autograd.grad((log_p + entropy).sum(), (lx, lw, lb), retain_graph=True)
+        second = torch.autograd.grad((log_p + entropy).sum(), (lx, lw, lb))
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+
+
 # ---- accuracy (issue 17): float64 is the oracle, torch in the same dtype the bar -------------------
 def confident(classes, confidence, dtype, n=8, hidden=16, seed=0):
     """Rows whose target, class 3, has a probability of about ``confidence`` (the bias sets

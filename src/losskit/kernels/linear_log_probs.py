@@ -31,7 +31,10 @@ Memory. Logits exist one chunk of rows at a time: forward computes each chunk's 
 its per-row statistics (m, log1p(rest), H, 1 - p_y, log p_y: five numbers per token,
 kept for backward) and drops the chunk; backward recomputes each chunk's logits from the
 saved input and weight (one matmul), turns them into dz in place and accumulates the
-three gradients. Nothing logits-sized is kept between forward and backward.
+three gradients. Nothing logits-sized is kept between forward and backward, so a second
+backward through a retained graph recomputes the same bits. A backward that must itself
+be differentiable (``create_graph=True``: double backward, Hessian-vector products)
+differentiates the composed torch ops on the whole logits instead.
 
 Batch invariance (``batch_invariant=True``). A token's log-prob, entropy and input
 gradient are then bitwise the same alone, in any batch and with any ``chunk_size``: every
@@ -382,7 +385,39 @@ def _setup(ctx, inputs, output) -> None:
     ctx.needs = [input.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
 
 
+def _composed(input: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, valid: Tensor | None,
+              temperature: float) -> tuple[Tensor, Tensor]:
+    """(log p_y, entropy) through torch's differentiable ops on the whole logits: what a
+    backward that must itself be differentiable (``create_graph=True``) differentiates."""
+    compute, out = result_dtypes(input, weight)
+    logits = torch.nn.functional.linear(input, weight, bias).to(compute) / temperature
+    log_p = torch.log_softmax(logits, dim=1)
+    index, _ = _index_held(target, valid)
+    picked = log_p.gather(1, index.unsqueeze(1)).squeeze(1)
+    p = log_p.exp()
+    entropy = -(p * torch.where(p > 0, log_p, 0.0)).sum(1)
+    if valid is not None:
+        picked, entropy = torch.where(valid, picked, 0.0), torch.where(valid, entropy, 0.0)
+    return picked.to(out), entropy.to(out)
+
+
+def _differentiable_backward(ctx, grad_log_p, grad_entropy):
+    """create_graph=True (double backward, Hessian-vector products): the gradients of the
+    composed computation, with their own graph. Logits-sized, as such a backward is."""
+    input, weight, bias, target, valid, _ = ctx.saved_tensors
+    temperature, _, with_entropy, _ = ctx.options
+    outputs = _composed(input, weight, bias, target, valid, temperature)
+    pairs = [(o, g) for o, g in zip(outputs, (grad_log_p, grad_entropy if with_entropy else None)) if g is not None]
+    wanted = [t for t, need in zip((input, weight, bias), ctx.needs) if need]
+    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                     allow_unused=True))
+    grads = [next(found) if need else None for need in ctx.needs]
+    return (*grads, None, None, None, None, None, None)
+
+
 def _backward(ctx, grad_log_p, grad_entropy, _grad_stats):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _differentiable_backward(ctx, grad_log_p, grad_entropy)
     input, weight, bias, target, valid, stats = ctx.saved_tensors
     temperature, rows, with_entropy, batch_invariant = ctx.options
     grads = _linear_log_probs_backward_op(input, weight, bias, target, valid, stats, grad_log_p,
