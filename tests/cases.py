@@ -38,6 +38,11 @@ def _fn(name: str) -> str:
     return f"functional.{name}"
 
 
+def _log_probs_and_entropy(*args, **kwargs):
+    """linear_log_probs_and_entropy's two outputs as one tensor, for the helpers that take one."""
+    return torch.stack(LF.linear_log_probs_and_entropy(*args, **kwargs))
+
+
 def _ctc_padded(m: Inputs) -> Call:
     lp = m.x(6, 2, 4).log_softmax(-1).detach().requires_grad_()
     return LF.ctc_loss, (lp, m.index(3, 2, 3) + 1, torch.tensor([6, 5]), torch.tensor([3, 2])), {}
@@ -100,6 +105,13 @@ CASES: list[Case] = [
     )),
     Case("linear_cross_entropy-kdim", (_fn("linear_cross_entropy"),), lambda m: (
         LF.linear_cross_entropy, (m.x(2, 3, 4), m.x(9, 4), m.index(9, 2, 3)), {},
+    )),
+    Case("linear_log_probs", (_fn("linear_log_probs"),), lambda m: (
+        LF.linear_log_probs, (m.x(2, 5, 4), m.x(9, 4), m.index(9, 2, 5, ignore=-100)),
+        {"bias": m.x(9), "temperature": 0.8, "chunk_size": 3},
+    )),
+    Case("linear_log_probs_and_entropy", (_fn("linear_log_probs_and_entropy"),), lambda m: (
+        _log_probs_and_entropy, (m.x(7, 4), m.x(9, 4), m.index(9, 7, ignore=-100)), {"chunk_size": 4},
     )),
     # regression
     Case("mse_loss", (_fn("mse_loss"),), lambda m: (LF.mse_loss, (m.x(4, 3), m.x(4, 3)), {"weight": m.rand(4, 3)})),

@@ -20,7 +20,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from . import binary, distillation, distribution, multiclass, posttraining, ranking, regression, segmentation, sequence
+from . import (binary, distillation, distribution, log_probs, multiclass, posttraining, ranking, regression,
+               segmentation, sequence)
 from .records import Curve, Entry, Mistake, run, session, snippet
 
 __all__ = ["Curve", "Entry", "Mistake", "ENTRIES", "FAMILIES", "lookup", "suggest", "run", "session", "snippet"]
@@ -40,7 +41,7 @@ FAMILIES = {
 # distillation, log-probs), listed here in the order they are shown.
 _MODULES = {"regression": (regression,), "binary": (binary,), "multiclass": (multiclass,), "ranking": (ranking,),
             "segmentation": (segmentation,), "sequence": (sequence,), "distribution": (distribution,),
-            "posttraining": (posttraining, distillation)}
+            "posttraining": (log_probs, posttraining, distillation)}
 
 ENTRIES: list[Entry] = [entry for family in FAMILIES for module in _MODULES[family] for entry in module.ENTRIES]
 

@@ -10,6 +10,7 @@ from .distillation import distillation_loss, linear_distillation_loss, topk_dist
 from .divergence import js_divergence, kl_div
 from .focal import poly1_cross_entropy, sigmoid_focal_loss, softmax_focal_loss
 from .linear import linear_cross_entropy
+from .log_probs import linear_log_probs, linear_log_probs_and_entropy
 from .margin import (
     cosine_embedding_loss,
     hinge_embedding_loss,
@@ -48,6 +49,8 @@ __all__ = [
     "l1_loss",
     "linear_cross_entropy",
     "linear_distillation_loss",
+    "linear_log_probs",
+    "linear_log_probs_and_entropy",
     "margin_ranking_loss",
     "mse_loss",
     "multi_margin_loss",
