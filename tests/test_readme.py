@@ -48,3 +48,22 @@ def test_the_before_after_figures_are_those_of_its_csv():
         op = {"cross_entropy": "ce", "linear_cross_entropy": "lce"}[name]
         key = shape.strip().replace(" x ", "x")
         assert f"{times[(op, key, 'after')] / times[(op, key, 'before')]:.2f}" == ratio
+
+
+def test_the_transformers_figures_are_those_of_its_csv():
+    """The README's Hugging Face table quotes benchmarks/results/hf.csv."""
+    import csv
+
+    rows = list(csv.DictReader((README.parent / "benchmarks" / "results" / "hf.csv").open()))
+    value = {(r["provider"], r["mode"], r["metric"]): float(r["p50"]) for r in rows}
+    section = README.read_text().split("## Hugging Face transformers", 1)[1].split("\n## ", 1)[0]
+    pattern = r"^\| (loss at step \d+|peak extra memory) \| ([^|]+?) \| ([^|]+?) \|$"
+    table = {label: (a, b) for label, a, b in re.findall(pattern, section, re.M)}
+    assert len(table) == 3, table
+    steps = [m for m in table if m.startswith("loss")]
+    for label in steps:
+        mode = "first step" if label == "loss at step 1" else label.replace("loss at ", "")
+        for provider, quoted in zip(("transformers", "losskit"), table[label]):
+            assert f"{value[(provider, mode, 'loss')]:.6f}" == quoted, (label, provider)
+    for provider, quoted in zip(("transformers", "losskit"), table["peak extra memory"]):
+        assert f"{value[(provider, 'train', 'peak_extra_memory')]:.0f}" == quoted.removesuffix("MiB").strip(), provider
