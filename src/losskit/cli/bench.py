@@ -25,7 +25,7 @@ MODES = ("forward", "backward", "full")
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # ce | bce | lce | vp (vocab-parallel linear cross-entropy over gloo processes)
+    op: str  # ce | bce | lce | llp (linear log-probs) | vp (vocab-parallel linear cross-entropy over gloo processes)
     shape: tuple[int, ...]  # ce/bce: (N, C); lce, vp: (N, H, C)
     providers: tuple[str, ...]
     modes: tuple[str, ...] = ("full",)
@@ -64,6 +64,8 @@ def plan(which: str, quick: bool, device: str = "cpu", heads: bool = False) -> l
             cases.append(Case("bce", (256, 4096), BCE_PROVIDERS, MODES, 3))
         if which in ("lce", "all"):
             cases.append(Case("lce", (128, 64, 4096), ("torch", "torch chunked", "losskit"), MODES, 3))
+        if which in ("llp", "all"):
+            cases.append(Case("llp", (128, 64, 4096), ("torch", "losskit"), MODES, 3))
         if which in ("vp", "all"):
             cases.append(Case("vp", (128, 64, 4096), VP_PROVIDERS, reps=3))
         return cases
@@ -78,6 +80,8 @@ def plan(which: str, quick: bool, device: str = "cpu", heads: bool = False) -> l
         providers = ("torch", "torch chunked", "losskit")
         cases += [Case("lce", (1024, 512, c), providers, reps=3) for c in (4096, 16384, 262144)]
         cases += [Case("lce", (n, 512, 65536), providers, reps=3) for n in (512, 4096)]
+    if which in ("llp", "all"):
+        cases.append(Case("llp", (2048, 512, 65536), ("torch", "torch.compile", "losskit"), MODES))
     if which in ("vp", "all"):
         cases.append(Case("vp", (1024, 512, 65536), VP_PROVIDERS, reps=3))
     return cases
@@ -100,6 +104,9 @@ def _cuda_plan(which: str, quick: bool) -> list[Case]:
         cases.append(Case("lce", head, CUDA_LCE_PROVIDERS, MODES, 3 if quick else 10, **bf16))
         if not quick:
             cases += [Case("lce", (8192, 4096, c), CUDA_LCE_PROVIDERS, reps=5, **bf16) for c in (32768, 65536, 262144)]
+    if which in ("llp", "all"):
+        head = (512, 256, 8192) if quick else (8192, 4096, 131072)
+        cases.append(Case("llp", head, ("torch", "torch.compile", "losskit"), MODES, 3 if quick else 10, **bf16))
     return cases
 
 
@@ -140,6 +147,16 @@ def _build(op: str, shape: tuple[int, ...], provider: str, device: str = "cpu", 
     x = torch.empty(n, h, **make).normal_().requires_grad_()
     w = torch.empty(c, h, **make).normal_(std=0.02).requires_grad_()
     target = torch.randint(0, c, (n,), device=device)
+    if op == "llp":  # per-token log-probs under a per-token upstream gradient, as a policy-gradient step
+        advantage = torch.empty(n, **make).normal_()
+
+        def materialised(x, w, target):
+            return F.linear(x, w).float().log_softmax(-1).gather(1, target[:, None]).squeeze(1)
+
+        fn = {"torch": materialised, "losskit": LF.linear_log_probs}.get(provider)
+        if provider == "torch.compile":
+            fn = torch.compile(materialised, dynamic=False)
+        return [x, w], lambda: (fn(x, w, target) * advantage).sum()
 
     def eager(x, w, target):
         return F.cross_entropy(F.linear(x, w), target)

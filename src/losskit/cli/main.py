@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "float32 and bfloat16, forward + backward, in one process; rows replace DIR/catalog.csv "
         "(DIR/catalog-quick.csv with --quick), charts go to DIR/charts/catalog_*.png.",
     )
-    bench.add_argument("op", nargs="?", default="all", choices=["ce", "bce", "lce", "vp", "all", "catalog", "hf"])
+    bench.add_argument("op", nargs="?", default="all", choices=["ce", "bce", "lce", "llp", "vp", "all", "catalog", "hf"])
     bench.add_argument("--quick", action="store_true", help="small shapes, a minute in all: a smoke test of the harness")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default: %(default)s)")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
