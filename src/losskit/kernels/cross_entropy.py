@@ -85,24 +85,23 @@ def logits_chunk(
         smooth_dot = z @ terms.class_weight if terms.class_weight is not None else z.sum(dim=1)
     needs_lse = options.label_smoothing > 0.0 or bool(options.lse_square_scale)
     z_target = z.gather(1, safe_target).squeeze(1)
-    if grad is None:  # the loss only: no probabilities needed
-        # -log p_y = softplus(log sum_{c != y} e^{z_c} - z_y): the target left out of the
-        # sum keeps a confident row's small loss exact (see kernels.rows).
-        others = z.scatter_(1, safe_target, -math.inf) if owned else z.scatter(1, safe_target, -math.inf)
-        nll = torch.nn.functional.softplus(torch.logsumexp(others, dim=1) - z_target)
-        return ChunkStats(z_target + nll if needs_lse else None, z_target, smooth_dot, nll)
+    # The loss alone still needs the softmax's mass (the other classes' sum, the target
+    # left out, kernels.rows): it is written into the logits when they may be overwritten.
+    buffer = grad if grad is not None else z if owned else torch.empty_like(z)
     if z.is_cpu:
         valid = None if terms.valid is None else terms.valid[rows]
-        lse, nll, probs, gap, scale = _cpu_softmax(z, z_target, safe_target, valid, grad, in_place=grad is z)
+        lse, nll, probs, gap, scale = _cpu_softmax(z, z_target, safe_target, valid, buffer, in_place=buffer is z)
     else:
         # Branch-free: e = exp(z - m) written into the buffer, the target's share taken out
         # and the others summed (kernels.rows: 1 - p_y without cancellation).
         row_max = z.amax(dim=1)
-        probs = torch.sub(z, row_max.unsqueeze(1), out=grad).exp_()
+        probs = torch.sub(z, row_max.unsqueeze(1), out=buffer).exp_()
         share = probs.gather(1, safe_target).squeeze(1)
         probs.scatter_(1, safe_target, 0.0)
         gap, scale, nll = target_gap(probs.sum(dim=1), share, shift=z_target - row_max)
         lse = z_target + nll
+    if grad is None:
+        return ChunkStats(lse if needs_lse else None, z_target, smooth_dot, nll)
     apply_gradient(probs, terms, coefficients, rows, lse, safe_target, tanh, gap=gap, scale=scale)
     return ChunkStats(lse, z_target, smooth_dot, nll)
 
