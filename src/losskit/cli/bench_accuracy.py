@@ -14,7 +14,8 @@ An error is counted in *roundings* of the output dtype: for each element,
 with u the dtype's unit roundoff (2^-8 bfloat16, 2^-11 float16, 2^-24 float32) and eta
 half its smallest subnormal; rounding the exact value once into the dtype costs at most
 1. Elementwise for the loss per token and the logits' gradient; normwise (the Frobenius
-norm of the error over that of the exact value, over u) for linear cross-entropy's
+norm of the error over u times that of the exact value, plus eta sqrt(n)) for linear
+cross-entropy's
 input and weight gradients, which are sums over classes or rows.
 
 Rows go to ``benchmarks/results/accuracy.csv`` and a chart beside it.
@@ -53,9 +54,12 @@ def roundings(got: Tensor, exact: Tensor, dtype: torch.dtype) -> float:
 
 
 def norm_roundings(got: Tensor, exact: Tensor, dtype: torch.dtype) -> float:
-    """||got - exact|| / ||exact||, in units of the dtype's unit roundoff."""
+    """||got - exact|| / (u ||exact|| + eta sqrt(n)): the normwise error in roundings of the
+    dtype (rounding each element once costs at most 1, subnormals included)."""
     exact = exact.double()
-    return float((got.double() - exact).norm() / exact.norm().clamp_min(1e-300)) / unit_roundoff(dtype)
+    floor = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps / 2
+    scale = unit_roundoff(dtype) * exact.norm() + floor * math.sqrt(exact.numel())
+    return float((got.double() - exact).norm() / scale)
 
 
 def max_rel_error(got: Tensor, exact: Tensor) -> float:

@@ -16,8 +16,12 @@ computes p and lse chunk by chunk and applies those coefficients.
 
 The same torch ops run on every device. On the CPU a few decisions read the data (is any
 row ignored? did p_y underflow?), which is free there and saves passes; elsewhere the
-code takes the branch-free form, so that no chunk waits for the device: lse comes from
-a direct logsumexp and p = exp(z - lse) is written into the gradient buffer. Where Triton
+code takes the branch-free form, so that no chunk waits for the device: e = exp(z - max)
+is written into the gradient buffer and scaled by the row's 1 / total. Either way the
+target's share is taken out of the row total (1 - p_y and -log p_y without cancellation,
+see :mod:`losskit.kernels.rows`), and each row's numbers are the same whatever the batch
+or chunk it is computed in (batch invariance: every op is row-wise, and row sums go
+through :func:`~losskit.kernels.rows.row_sums`). Where Triton
 serves the logits (CUDA), one Triton kernel does all rows
 (:mod:`losskit.kernels.triton_cross_entropy`). The autograd, custom-op and replay
 machinery comes from :class:`~losskit.kernels.fused_op.FusedOp`.
@@ -37,7 +41,7 @@ from .._core.options import CrossEntropyOptions
 from .._core.validation import ClassTargets
 from . import triton_support
 from .fused_op import FusedOp, fused_may_serve
-from .rows import Coefficients, RowTerms, apply_gradient, target_gap, transform_logits
+from .rows import Coefficients, RowTerms, apply_gradient, row_sums, target_gap, transform_logits
 
 
 def rows_per_chunk(num_classes: int, device_type: str = "cpu") -> int:
@@ -82,7 +86,9 @@ def logits_chunk(
     z, tanh = transform_logits(logits, options, owned)
     smooth_dot = None
     if options.label_smoothing > 0.0:
-        smooth_dot = z @ terms.class_weight if terms.class_weight is not None else z.sum(dim=1)
+        # Row sums that do not depend on the batch (rows.row_sums; a matrix-vector
+        # product would depend on the BLAS kernel the batch size picks).
+        smooth_dot = row_sums(z * terms.class_weight if terms.class_weight is not None else z)
     needs_lse = options.label_smoothing > 0.0 or bool(options.lse_square_scale)
     z_target = z.gather(1, safe_target).squeeze(1)
     # The loss alone still needs the softmax's mass (the other classes' sum, the target
@@ -98,7 +104,7 @@ def logits_chunk(
         probs = torch.sub(z, row_max.unsqueeze(1), out=buffer).exp_()
         share = probs.gather(1, safe_target).squeeze(1)
         probs.scatter_(1, safe_target, 0.0)
-        gap, scale, nll = target_gap(probs.sum(dim=1), share, shift=z_target - row_max)
+        gap, scale, nll = target_gap(row_sums(probs), share, shift=z_target - row_max)
         lse = z_target + nll
     if grad is None:
         return ChunkStats(lse if needs_lse else None, z_target, smooth_dot, nll)
@@ -127,7 +133,7 @@ def _cpu_softmax(
         if valid is not None:
             risky &= valid
         if bool(risky.any()):
-            fallback = torch.logsumexp(z[risky], dim=1)
+            fallback = _logsumexp(z[risky])
     probs = torch.ops.aten._softmax.out(z, 1, False, out=grad)
     gap, scale, nll, p_target = _renormalise(probs, target)
     lse = z_target + nll
@@ -136,11 +142,18 @@ def _cpu_softmax(
         if valid is not None:
             risky &= valid
         if bool(risky.any()):
-            fallback = torch.logsumexp(z[risky], dim=1)
+            fallback = _logsumexp(z[risky])
     if fallback is not None:
         lse[risky] = fallback
         nll[risky] = fallback - z_target[risky]
     return lse, nll, probs, gap, scale
+
+
+def _logsumexp(z: Tensor) -> Tensor:
+    """Each row's log sum exp, the same bits whatever the number of rows (rows.row_sums)."""
+    row_max = z.amax(dim=1)
+    safe = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    return safe + row_sums(torch.exp(z - safe.unsqueeze(1))).log()
 
 
 def _renormalise(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -148,7 +161,7 @@ def _renormalise(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor,
     the target's entry is zeroed and the others summed (kernels.rows.target_gap)."""
     p_target = probs.gather(1, target).squeeze(1)
     probs.scatter_(1, target, 0.0)
-    gap, scale, nll = target_gap(probs.sum(dim=1), p_target)
+    gap, scale, nll = target_gap(row_sums(probs), p_target)
     return gap, scale, nll, p_target
 
 
@@ -165,7 +178,7 @@ def _plain_cpu(x: Tensor, terms: RowTerms, coefficients: Coefficients, safe_targ
         underflow = nll == math.inf
         if bool(underflow.any()):
             rows = x[underflow]
-            nll[underflow] = torch.logsumexp(rows, 1) - rows.gather(1, safe_target[underflow]).squeeze(1)
+            nll[underflow] = _logsumexp(rows) - rows.gather(1, safe_target[underflow]).squeeze(1)
             loss = terms.loss(None, None, None, nll=nll)
     apply_gradient(probs, terms, coefficients, slice(None), None, safe_target, None, gap=gap, scale=scale)
     return loss

@@ -210,6 +210,19 @@ def transform_logits(x: Tensor, options: CrossEntropyOptions, owned: bool) -> tu
     return z, tanh
 
 
+def row_sums(t: Tensor) -> Tensor:
+    """sum over dim 1 of a (B, C) tensor, each row's bits the same whatever B is.
+
+    aten's CPU reduction reduces each row whole, in one thread and one order, whenever
+    there are several rows; a single output (B = 1) is instead split across threads and
+    its partial sums combined, which rounds differently. One row is therefore summed as
+    two (a stride-0 view, no copy), so that a row alone equals the same row in a batch.
+    """
+    if t.shape[0] == 1 and t.is_cpu:
+        return t.expand(2, -1).sum(dim=1)[:1]
+    return t.sum(dim=1)
+
+
 def target_gap(others: Tensor, target_share: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(1 - p_y, 1 / total, -log p_y) of each row from ``others``, the sum of the other
     classes' e_c = e^{z_c - m} (the target left out), and ``target_share`` = e_y, on any
