@@ -136,3 +136,49 @@ def test_the_measure_counts_one_rounding_as_one():
     for dtype in DTYPES:
         assert roundings(exact.to(dtype), exact, dtype) <= 1.0
         assert roundings((exact * (1 + 4 * torch.finfo(dtype).eps)).to(dtype), exact, dtype) > 2.0
+
+
+def _vocab_parallel_worker(rank: int, world: int, init_file: str) -> None:
+    """Each rank holds half the classes (the target on either half): the sharded losses'
+    loss per token, dlogits (its slice) and linear dh, dW against float64."""
+    import torch.distributed as dist
+
+    from losskit.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        vocab = 4096
+        start, end = rank * vocab // world, (rank + 1) * vocab // world
+        for dtype in DTYPES:
+            for confidence in (0.5, 0.9999):
+                for wrong in (False, True):
+                    logits, target = confident_logits(6, vocab, confidence, dtype, wrong=wrong)
+                    shard = logits[:, start:end].clone().requires_grad_()
+                    vocab_parallel_cross_entropy(shard, target).backward()
+                    with torch.no_grad():
+                        loss = vocab_parallel_cross_entropy(logits[:, start:end], target, reduction="none")
+                    loss64, grad64 = exact_cross_entropy(logits, target)
+                    what = f"vocab-parallel rank {rank} p={confidence} wrong={wrong}"
+                    _check(what + " loss", loss, loss64, dtype, BOUND[dtype])
+                    _check(what + " dlogits", shard.grad, grad64[:, start:end], dtype, BOUND[dtype])
+                h, w, target = linear_inputs(32, 32, vocab, confidence, dtype)
+                hh, ww = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
+                vocab_parallel_linear_cross_entropy(hh, ww, target, chunk_size=8).backward()
+                _, dh64, dw64 = exact_linear(h, w, target)
+                for name, got, exact in (("dh", hh.grad, dh64), ("dW", ww.grad, dw64[start:end])):
+                    err = norm_roundings(got, exact, dtype)
+                    assert err <= LINEAR_BOUND[dtype], f"vocab-parallel linear {name} {dtype}: {err:.3g} roundings"
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_losses():
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_vocab_parallel_worker, args=(2, os.path.join(tmp, "store")), nprocs=2, join=True)

@@ -240,9 +240,10 @@ def rows(quick: bool) -> Iterator[dict]:
             loss64, dh64, dw64 = exact_linear(h, w, target)
             for chunks, chunk_size in _chunk_sizes(lin["n"], lin["chunks"]):
                 providers = dict(linear_paths(chunk_size))
-                if chunks > 1:
-                    providers.pop("torch")  # torch has no chunks: measured once, at chunks=1
-                providers["liger"] = _liger_lce(chunk_size)
+                if chunks > 1:  # torch has no chunks, Liger picks its own: each measured once, at chunks=1
+                    providers.pop("torch")
+                else:
+                    providers["liger"] = _liger_lce(chunk_size)
                 for provider, fn in providers.items():
                     base = dict(op="linear_cross_entropy", provider=provider, dtype=dtype_name, vocab=lin["vocab"],
                                 confidence=confidence, chunks=chunks)

@@ -92,8 +92,9 @@ def logits_chunk(
     needs_lse = options.label_smoothing > 0.0 or bool(options.lse_square_scale)
     z_target = z.gather(1, safe_target).squeeze(1)
     # The loss alone still needs the softmax's mass (the other classes' sum, the target
-    # left out, kernels.rows): it is written into the logits when they may be overwritten.
-    buffer = grad if grad is not None else z if owned else torch.empty_like(z)
+    # left out, kernels.rows), in a buffer of its own: written over the logits, the CPU
+    # path would need one more pass first (the underflow check of _cpu_softmax).
+    buffer = grad if grad is not None else torch.empty_like(z)
     if z.is_cpu:
         valid = None if terms.valid is None else terms.valid[rows]
         lse, nll, probs, gap, scale = _cpu_softmax(z, z_target, safe_target, valid, buffer, in_place=buffer is z)

@@ -17,7 +17,10 @@ reduction='none' the per-token grad_output is unknown in forward, so forward kee
 the inputs and backward recomputes each chunk's logits (one extra matmul per chunk).
 Under no_grad / inference_mode only the loss is computed: one matmul per chunk, no
 gradient buffers. Half-precision inputs are computed, and the weight gradient
-accumulated, in float32. The autograd, custom-op (``losskit::linear_cross_entropy`` and
+accumulated, in float32, whatever the number of chunks; the gradients are rounded once
+into the inputs' dtype. With ``batch_invariant`` every matrix product takes a fixed block
+of 64 rows (see ``_chunks``), so that a row's loss and input gradient are bitwise the
+same alone, in any batch and with any chunk size. The autograd, custom-op (``losskit::linear_cross_entropy`` and
 its ``_backward`` for reduction='none') and replay machinery comes from
 :class:`~losskit.kernels.fused_op.FusedOp`.
 """
@@ -43,10 +46,6 @@ from .rows import RowTerms
 # extra memory stays about twice the weight gradient, whatever the number of tokens.
 
 
-import os
-INVARIANT = os.environ.get("LK_INV", "1") == "1"
-
-
 def auto_chunk_rows(num_classes: int, in_features: int) -> int:
     budget = switches.chunks().linear_bytes
     return int(min(1024, max(16, in_features, budget // (4 * max(num_classes, 1)))))
@@ -68,6 +67,7 @@ def linear_cross_entropy_forward(
     options: CrossEntropyOptions,
     needs: tuple[bool, bool, bool],
     chunk_rows: int,
+    batch_invariant: bool,
 ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """(loss, (grad_input, grad_weight, grad_bias)): the gradients, in the compute dtype,
     made here when ``needs`` asks for them; None otherwise."""
@@ -80,7 +80,7 @@ def linear_cross_entropy_forward(
     coefficients = terms.coefficients() if precompute else None
     grads = _zero_grads(x, w, b, needs) if precompute else (None, None, None)
     stats = RowBuffers(n, x.device, compute)
-    for rows, logits, blocks in _chunks(x, w, b, chunk_rows, INVARIANT):
+    for rows, logits, blocks in _chunks(x, w, b, chunk_rows, batch_invariant):
         grad_logits = logits if precompute else None
         stats.put(rows, logits_chunk(logits, terms, coefficients, rows, safe_target[rows], grad_logits, owned=True))
         if precompute:
@@ -101,6 +101,7 @@ def linear_cross_entropy_recompute(
     needs: tuple[bool, bool, bool],
     grad_output: Tensor,
     chunk_rows: int,
+    batch_invariant: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """reduction='none': each chunk's logits again, each row's coefficients times its
     grad_output (folded into the coefficients, so no extra pass over the chunk)."""
@@ -110,7 +111,7 @@ def linear_cross_entropy_recompute(
     coefficients = terms.coefficients(row_factor=grad_output.reshape(-1).to(compute))
     safe_target = targets.safe().unsqueeze(1)
     grads = _zero_grads(x, w, b, needs)
-    for rows, logits, blocks in _chunks(x, w, b, chunk_rows, INVARIANT):
+    for rows, logits, blocks in _chunks(x, w, b, chunk_rows, batch_invariant):
         logits_chunk(logits, terms, coefficients, rows, safe_target[rows], logits, owned=True)
         _accumulate(grads, logits, x[rows], w, rows, blocks)
     return grads
@@ -197,7 +198,7 @@ fused_linear_cross_entropy = FusedOp(
     tensors=("input", "linear_weight", "linear_bias?", "target", "valid?", "weight?"),
     differentiable=3,
     options=CrossEntropyOptions,
-    extras=(("int", "chunk_rows"),),
+    extras=(("int", "chunk_rows"), ("bool", "batch_invariant")),
     forward=linear_cross_entropy_forward,
     # A per-row grad_output is unknown in forward, and the weight's gradient sums rows:
     # reduction='none' keeps the inputs and makes the gradients in backward.
