@@ -68,8 +68,8 @@ def test_cross_entropy_rows_do_not_depend_on_the_batch(options, dtype, classes):
 
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "lse_square_scale": 1e-3}, {"bias": True}], ids=str)
 def test_linear_cross_entropy_rows_do_not_depend_on_the_batch_or_the_chunk(options):
-    """With batch_invariant=True (off by default: it costs ~10%, see the README)."""
-    n, hidden, classes = 40, 48, 3000
+    """With batch_invariant=True (off by default: up to 10% at two threads, see the README)."""
+    n, hidden, classes = 300, 48, 3000  # more rows than one 256-row block
     x = torch.randn(n, hidden, generator=GEN)
     w = torch.randn(classes, hidden, generator=GEN) * 0.2
     bias = torch.randn(classes, generator=GEN) if options.get("bias") else None
@@ -84,10 +84,10 @@ def test_linear_cross_entropy_rows_do_not_depend_on_the_batch_or_the_chunk(optio
         return fn
 
     whole = _rows(fn_with(None), x, target, grad_output, slice(None))
-    for rows in SLICES:
+    for rows in [*SLICES, slice(250, 262), slice(299, 300)]:
         _assert_same(_rows(fn_with(None), x, target, grad_output, rows), (whole[0][rows], whole[1][rows]),
                      f"rows {rows}")
-    for chunk_size in (1, 7, 16, 64, 100):
+    for chunk_size in (1, 7, 64, 256, 300):
         _assert_same(_rows(fn_with(chunk_size), x, target, grad_output, slice(None)), whole, f"chunk_size={chunk_size}")
     with torch.no_grad():  # the loss alone, as the training loss would be read
         assert torch.equal(fn_with(9)(x, target), whole[0])

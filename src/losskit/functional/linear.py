@@ -68,10 +68,11 @@ def linear_cross_entropy(
             are about 64 MiB (256 tokens at 65k classes), which needs no tuning on CPU.
         batch_invariant: with class-index targets, make each token's loss and row of the
             input's gradient bitwise the same whether the token is computed alone, in any
-            batch, or with any ``chunk_size`` (every matrix product then takes a fixed block of 64 rows, the
-            last padded; the chunk is rounded up to a multiple of 64). Costs about 10% on
-            the CPU benchmarks, hence off by default. Two identical calls give identical
-            bits either way.
+            batch, or with any ``chunk_size`` (every matrix product then takes a fixed block of 256 rows, the
+            last padded; the chunk is rounded up to a multiple of 256). Costs 0 to 2% on
+            the CPU benchmarks at one thread but 6 to 10% at two, and more for batches
+            of fewer than 256 tokens (the padding), hence off by default. Two identical
+            calls give identical bits either way.
 
     Returns:
         A scalar, or the per-token loss for ``reduction='none'``.
