@@ -136,6 +136,29 @@ def test_bfloat16_cross_entropy_is_at_least_as_accurate_as_torch():
         assert (grad.double() - want_grad).abs().max() <= (theirs_grad.double() - want_grad).abs().max() + 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("confidence", [0.5, 0.999, 0.9999])
+@pytest.mark.parametrize("wrong", [False, True], ids=["right", "confidently-wrong"])
+def test_cross_entropy_kernel_keeps_the_accuracy_contract(dtype, confidence, wrong, _triton_serves):
+    """tests/test_accuracy.py's contract, for the kernel: loss per token and dlogits within
+    2 roundings of bfloat16 / float16 (64 of float32) of float64 on the same logits, on
+    confident rows (the others' sum leaves the target's lane out)."""
+    from losskit.cli.bench_accuracy import confident_logits, exact_cross_entropy, roundings
+
+    bound = 64.0 if dtype == torch.float32 else 2.0
+    logits, target = confident_logits(3, 3000, confidence, dtype, wrong=wrong)
+    x = _leaf(logits)
+    loss = LF.cross_entropy(x, target.to(DEVICE))
+    loss.backward()
+    with torch.no_grad():
+        per_token = LF.cross_entropy(logits.to(DEVICE), target.to(DEVICE), reduction="none")
+    loss64, grad64 = exact_cross_entropy(logits, target)
+    assert _triton_serves["ce"] == 2
+    for name, got, exact in (("loss", per_token, loss64), ("dlogits", x.grad, grad64)):
+        err = roundings(got.cpu(), exact, dtype)
+        assert err <= bound, f"{name}: {err:.3g} roundings of {dtype} (contract: {bound})"
+
+
 def test_bfloat16_cross_entropy_with_a_per_row_grad_output_is_within_one_rounding():
     # reduction='none' under an arbitrary per-row grad_output: the gradient made in forward
     # is rounded to bfloat16, then scaled in bfloat16, one rounding more than torch.

@@ -9,9 +9,14 @@ temperature), with the per-row coefficients derived once in :mod:`losskit.kernel
     lse     = log sum_c exp z_c                   (over every rank's classes)
     dx_c    = [p_c (coef + lse_coef lse) + target_step [c = y] + smooth_step w_c] (1 - tanh^2)
 
+The packed sum carries the other classes' sum of exp(z - max), the target left out (on the
+rank that holds it), so that 1 - p_y and -log p_y keep their precision on a confident row
+(:func:`losskit.kernels.rows.target_gap`); the target's gradient is -coef (1 - p_y) plus
+the rest of its coefficients.
+
 (Megatron's label smoothing uses each rank's own C and W; ours equals the single-process
 loss.) Forward needs two all-reduces: the row maxima (MAX), then one packed SUM of each
-row's sum of exp(z - max), target logit (from the one rank that holds it), smoothing dot
+row's sum of exp(z - max) over the other classes, target logit (from the one rank that holds it), smoothing dot
 product and target weight; the slice bounds, when not given, take one more. The gradient
 is made in forward, into one logits-sized buffer, and backward only scales it: no
 collective in backward.
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -42,7 +48,7 @@ from .._core.dtypes import result_dtypes
 from .._core.options import CrossEntropyOptions
 from .._core.validation import check_floating, check_target_range
 from ..kernels.fused_op import FusedOp
-from ..kernels.rows import RowTerms, apply_gradient, transform_logits
+from ..kernels.rows import RowTerms, apply_gradient, target_gap, transform_logits
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -133,12 +139,15 @@ class ShardRows:
                 extra.append(self.weight_slice.sum().reshape(1))
         return torch.cat([torch.stack(cols, 1).reshape(-1), *extra])
 
-    def unpack(self, packed: Tensor, row_max: Tensor, smoothing: bool) -> tuple[RowTerms, Tensor, Tensor, Tensor | None]:
-        """(the rows' terms, lse, z_y, smoothing dot) from the all-reduced columns."""
+    def unpack(self, packed: Tensor, row_max: Tensor, smoothing: bool) -> Combined:
+        """The rows' terms and statistics from the all-reduced columns."""
         n = row_max.shape[0]
         k = 2 + smoothing + self.weight_from_ranks
         cols = packed[: n * k].reshape(n, k).unbind(1)
-        lse, z_target = row_max + cols[0].log(), cols[1]
+        z_target = cols[1]
+        shift = z_target - row_max
+        gap, _, nll = target_gap(cols[0], shift.exp(), shift=shift)
+        lse = z_target + nll
         smooth_dot = cols[2] if smoothing else None
         num_classes = self.shard.num_classes
         if self.weight_slice is None:
@@ -152,15 +161,37 @@ class ShardRows:
             total = packed[n * k] if smoothing else packed.new_zeros(())
             terms = RowTerms(self.options, num_classes, self.valid, torch.where(self.valid, cols[k - 1], 0.0), total,
                              self.weight_slice, True)
-        return terms, lse, z_target, smooth_dot
+        return Combined(terms, lse, z_target, smooth_dot, nll, gap)
 
-    def gradient(self, z: Tensor, terms: RowTerms, coefficients, rows: slice, lse: Tensor, tanh: Tensor | None) -> Tensor:
+    def gradient(self, z: Tensor, terms: RowTerms, coefficients, rows: slice, lse: Tensor, gap: Tensor,
+                 tanh: Tensor | None) -> Tensor:
         """dloss/dx for this rank's classes of the given rows, written over ``z`` (their
-        transformed logits, a buffer the caller owns): no temporary the size of the chunk."""
+        transformed logits, a buffer the caller owns): no temporary the size of the chunk.
+        ``lse`` and ``gap`` (1 - p_y) are the rows' own."""
         if z.shape[1] == 0:
             return z
         probs = z.sub_(lse.unsqueeze(1)).exp_()
-        return apply_gradient(probs, terms, coefficients, rows, lse, self.index[rows], tanh, self.here[rows])
+        return apply_gradient(probs, terms, coefficients, rows, lse, self.index[rows], tanh, self.here[rows], gap=gap)
+
+    def others(self, z: Tensor, rows: slice = slice(None)) -> Tensor:
+        """``z`` with -inf at the target column of the rows whose target this rank holds:
+        what the sum of the other classes runs over."""
+        if z.shape[1] == 0:
+            return z
+        index, here = self.index[rows], self.here[rows]
+        return z.scatter(1, index, torch.where(here, -math.inf, z.gather(1, index).squeeze(1)).unsqueeze(1))
+
+
+class Combined(NamedTuple):
+    """Every row's terms and statistics after the all-reduces: lse, z_y, the smoothing dot
+    product, -log p_y and 1 - p_y (both without cancellation)."""
+
+    terms: RowTerms
+    lse: Tensor
+    z_target: Tensor
+    smooth_dot: Tensor | None
+    nll: Tensor
+    gap: Tensor
 
 
 def _picked(z: Tensor, index: Tensor) -> Tensor:
@@ -176,9 +207,11 @@ def _row_max(z: Tensor) -> Tensor:
     return z.amax(dim=1)
 
 
-def _combine(rows: ShardRows, local_max: Tensor, sum_exp_at, z_target: Tensor, smooth: Tensor | None, group):
-    """The two all-reduces of forward: (terms, lse, z_y, smoothing dot) of every row.
-    ``sum_exp_at(row_max)`` gives the local sum of exp(z - row_max)."""
+def _combine(rows: ShardRows, local_max: Tensor, sum_exp_at, z_target: Tensor, smooth: Tensor | None,
+             group) -> Combined:
+    """The two all-reduces of forward: every row's terms and statistics. ``local_max``
+    bounds every local logit, the target's included; ``sum_exp_at(row_max)`` gives the
+    local sum of exp(z - row_max) over the classes other than the target."""
     row_max = all_reduce(local_max, dist.ReduceOp.MAX, group)
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
     packed = all_reduce(rows.packed(sum_exp_at(row_max), z_target, smooth), dist.ReduceOp.SUM, group)
@@ -203,15 +236,17 @@ def _vocab_parallel_forward(
     x = logits.to(compute)
     z, tanh = transform_logits(x, options, owned=False)
     smooth = _smoothing_dot(z, rows) if options.label_smoothing > 0.0 else None
-    terms, lse, z_target, smooth_dot = _combine(
-        rows, _row_max(z), lambda row_max: torch.exp(z - row_max.unsqueeze(1)).sum(1), _picked(z, rows.index), smooth,
-        group,
+    both = _combine(
+        rows, _row_max(z), lambda row_max: torch.exp(rows.others(z) - row_max.unsqueeze(1)).sum(1),
+        _picked(z, rows.index), smooth, group,
     )
-    loss = terms.loss(lse, z_target, smooth_dot)
+    terms = both.terms
+    loss = terms.loss(both.lse, both.z_target, both.smooth_dot, nll=both.nll)
     grad = None
     if needs[0]:
         buffer = z.clone() if z is logits else z  # never over the caller's logits
-        grad = rows.gradient(buffer, terms, terms.coefficients(), slice(None), lse, tanh).to(logits.dtype)
+        grad = rows.gradient(buffer, terms, terms.coefficients(), slice(None), both.lse, both.gap, tanh)
+        grad = grad.to(logits.dtype)
     return loss, (grad,)
 
 
@@ -327,7 +362,7 @@ def sharded_cross_entropy(
 
 def _linear_first_pass(x: Tensor, w: Tensor, b: Tensor | None, rows: ShardRows, options: CrossEntropyOptions,
                        chunk: int, group):
-    """Every row's (terms, lse, z_y, smoothing dot), one chunk of logits at a time."""
+    """Every row's terms and statistics, one chunk of logits at a time."""
     n = x.shape[0]
     local_lse = x.new_empty(n)
     z_target = x.new_zeros(n)
@@ -335,15 +370,17 @@ def _linear_first_pass(x: Tensor, w: Tensor, b: Tensor | None, rows: ShardRows, 
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         z, _ = transform_logits(torch.nn.functional.linear(x[part], w, b), options, owned=True)
-        local_lse[part] = torch.logsumexp(z, 1) if z.shape[1] else -math.inf
+        local_lse[part] = torch.logsumexp(rows.others(z, part), 1) if z.shape[1] else -math.inf
         z_target[part] = _picked(z, rows.index[part])
         if smooth is not None:
             smooth[part] = _smoothing_dot(z, rows)
-    return _combine(rows, local_lse.clone(), lambda row_max: torch.exp(local_lse - row_max), z_target, smooth, group)
+    # The local logsumexp of the other classes bounds them; the target bounds itself.
+    local_max = torch.maximum(local_lse, torch.where(rows.here, z_target, -math.inf))
+    return _combine(rows, local_max, lambda row_max: torch.exp(local_lse - row_max), z_target, smooth, group)
 
 
-def _linear_gradients(x, w, b, rows: ShardRows, terms: RowTerms, coefficients, lse: Tensor, chunk: int,
-                      needs, group):
+def _linear_gradients(x, w, b, rows: ShardRows, terms: RowTerms, coefficients, lse: Tensor, gap: Tensor,
+                      chunk: int, needs, group):
     """The second pass: (grad_x summed over the ranks, grad_w, grad_b), in the compute dtype."""
     grad_x = torch.zeros_like(x) if needs[0] else None
     grad_w = torch.zeros_like(w) if needs[1] else None
@@ -351,7 +388,7 @@ def _linear_gradients(x, w, b, rows: ShardRows, terms: RowTerms, coefficients, l
     for start in range(0, x.shape[0], chunk):
         part = slice(start, start + chunk)
         z, tanh = transform_logits(torch.nn.functional.linear(x[part], w, b), rows.options, owned=True)
-        dz = rows.gradient(z, terms, coefficients, part, lse[part], tanh)
+        dz = rows.gradient(z, terms, coefficients, part, lse[part], gap[part], tanh)
         if grad_x is not None:
             grad_x[part] = dz @ w
         if grad_w is not None:
@@ -376,11 +413,13 @@ def _linear_setup(x, w, b, target, valid, weight, options, group_name, vocab_sta
 def _linear_forward(x, w, b, target, valid, weight, *, options, needs, group_name, vocab_start, num_classes, chunk_rows):
     group, rows, xc, wc, bc = _linear_setup(x, w, b, target, valid, weight, options, group_name, vocab_start,
                                             num_classes)
-    terms, lse, z_target, smooth_dot = _linear_first_pass(xc, wc, bc, rows, options, chunk_rows, group)
-    loss = terms.loss(lse, z_target, smooth_dot)
+    both = _linear_first_pass(xc, wc, bc, rows, options, chunk_rows, group)
+    terms = both.terms
+    loss = terms.loss(both.lse, both.z_target, both.smooth_dot, nll=both.nll)
     grads = (None, None, None)
     if any(needs):
-        grads = _linear_gradients(xc, wc, bc, rows, terms, terms.coefficients(), lse, chunk_rows, needs, group)
+        grads = _linear_gradients(xc, wc, bc, rows, terms, terms.coefficients(), both.lse, both.gap, chunk_rows,
+                                  needs, group)
     return loss, grads
 
 
@@ -390,9 +429,9 @@ def _linear_recompute(x, w, b, target, valid, weight, *, options, needs, grad_ou
     each row's coefficients times its grad_output."""
     group, rows, xc, wc, bc = _linear_setup(x, w, b, target, valid, weight, options, group_name, vocab_start,
                                             num_classes)
-    terms, lse, _, _ = _linear_first_pass(xc, wc, bc, rows, options, chunk_rows, group)
-    coefficients = terms.coefficients(row_factor=grad_output.reshape(-1).to(xc.dtype))
-    return _linear_gradients(xc, wc, bc, rows, terms, coefficients, lse, chunk_rows, needs, group)
+    both = _linear_first_pass(xc, wc, bc, rows, options, chunk_rows, group)
+    coefficients = both.terms.coefficients(row_factor=grad_output.reshape(-1).to(xc.dtype))
+    return _linear_gradients(xc, wc, bc, rows, both.terms, coefficients, both.lse, both.gap, chunk_rows, needs, group)
 
 
 _fused_vocab_parallel_linear = FusedOp(

@@ -16,8 +16,12 @@ computes p and lse chunk by chunk and applies those coefficients.
 
 The same torch ops run on every device. On the CPU a few decisions read the data (is any
 row ignored? did p_y underflow?), which is free there and saves passes; elsewhere the
-code takes the branch-free form, so that no chunk waits for the device: lse comes from
-a direct logsumexp and p = exp(z - lse) is written into the gradient buffer. Where Triton
+code takes the branch-free form, so that no chunk waits for the device: e = exp(z - max)
+is written into the gradient buffer and scaled by the row's 1 / total. Either way the
+target's share is taken out of the row total (1 - p_y and -log p_y without cancellation,
+see :mod:`losskit.kernels.rows`), and each row's numbers are the same whatever the batch
+or chunk it is computed in (batch invariance: every op is row-wise, and row sums go
+through :func:`~losskit.kernels.rows.row_sums`). Where Triton
 serves the logits (CUDA), one Triton kernel does all rows
 (:mod:`losskit.kernels.triton_cross_entropy`). The autograd, custom-op and replay
 machinery comes from :class:`~losskit.kernels.fused_op.FusedOp`.
@@ -37,7 +41,7 @@ from .._core.options import CrossEntropyOptions
 from .._core.validation import ClassTargets
 from . import triton_support
 from .fused_op import FusedOp, fused_may_serve
-from .rows import Coefficients, RowTerms, apply_gradient, transform_logits
+from .rows import Coefficients, RowTerms, apply_gradient, row_sums, target_gap, transform_logits
 
 
 def rows_per_chunk(num_classes: int, device_type: str = "cpu") -> int:
@@ -77,42 +81,52 @@ def logits_chunk(
     if triton_support.serves(logits):
         from .triton_cross_entropy import cross_entropy_rows
 
-        return ChunkStats(*cross_entropy_rows(terms, coefficients, logits, rows, safe_target, grad), None)
+        return ChunkStats(*cross_entropy_rows(terms, coefficients, logits, rows, safe_target, grad))
     options = terms.options
     z, tanh = transform_logits(logits, options, owned)
     smooth_dot = None
     if options.label_smoothing > 0.0:
-        smooth_dot = z @ terms.class_weight if terms.class_weight is not None else z.sum(dim=1)
+        # Row sums that do not depend on the batch (rows.row_sums; a matrix-vector
+        # product would depend on the BLAS kernel the batch size picks).
+        smooth_dot = row_sums(z * terms.class_weight if terms.class_weight is not None else z)
     needs_lse = options.label_smoothing > 0.0 or bool(options.lse_square_scale)
-    if grad is None:  # the loss only: no probabilities needed
-        if needs_lse:
-            return ChunkStats(torch.logsumexp(z, dim=1), z.gather(1, safe_target).squeeze(1), smooth_dot, None)
-        # aten's log-softmax is one vectorised pass (logsumexp is several) and exact.
-        nll = torch.ops.aten._log_softmax(z, 1, False).gather(1, safe_target).squeeze(1).neg_()
-        return ChunkStats(None, None, None, nll)
     z_target = z.gather(1, safe_target).squeeze(1)
-    nll = None
+    # The loss alone still needs the softmax's mass (the other classes' sum, the target
+    # left out, kernels.rows), in a buffer of its own: written over the logits, the CPU
+    # path would need one more pass first (the underflow check of _cpu_softmax).
+    buffer = grad if grad is not None else torch.empty_like(z)
     if z.is_cpu:
         valid = None if terms.valid is None else terms.valid[rows]
-        lse, nll, probs = _cpu_softmax(z, z_target, safe_target, valid, grad, in_place=grad is z)
+        lse, nll, probs, gap, scale = _cpu_softmax(z, z_target, safe_target, valid, buffer, in_place=buffer is z)
     else:
-        # Branch-free: one logsumexp, then p = exp(z - lse) written into the buffer.
-        lse = torch.logsumexp(z, dim=1)
-        probs = torch.sub(z, lse.unsqueeze(1), out=grad).exp_()
-    apply_gradient(probs, terms, coefficients, rows, lse, safe_target, tanh)
+        # Branch-free: e = exp(z - m) written into the buffer, the target's share taken out
+        # and the others summed (kernels.rows: 1 - p_y without cancellation).
+        row_max = z.amax(dim=1)
+        probs = torch.sub(z, row_max.unsqueeze(1), out=buffer).exp_()
+        share = probs.gather(1, safe_target).squeeze(1)
+        probs.scatter_(1, safe_target, 0.0)
+        gap, scale, nll = target_gap(row_sums(probs), share, shift=z_target - row_max)
+        lse = z_target + nll
+    if grad is None:
+        return ChunkStats(lse if needs_lse else None, z_target, smooth_dot, nll)
+    apply_gradient(probs, terms, coefficients, rows, lse, safe_target, tanh, gap=gap, scale=scale)
     return ChunkStats(lse, z_target, smooth_dot, nll)
 
 
 def _cpu_softmax(
     z: Tensor, z_target: Tensor, target: Tensor, valid: Tensor | None, grad: Tensor, in_place: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(lse, -log p_y, p written into ``grad``) with aten's vectorised softmax, a third of
-    the passes of max, exp, sum and scale one by one.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(lse, -log p_y, p written into ``grad``, 1 - p_y, 1 / total) with aten's vectorised
+    softmax, a third of the passes of max, exp, sum and scale one by one.
 
-    -log p_y is read off p itself and lse = z_y - log p_y, unless p_y underflows (z_y far
-    below the row max): those rare rows get a direct logsumexp, taken before an in-place
-    softmax destroys z. p_y >= exp(z_y - max - log C) keeps p_y a normal float when
-    z_y - max > -60.
+    aten's row total carries the cancellation error of kernels.rows (up to ~(1 - p_y) / 8
+    of it), but that error is one factor common to the whole row: p_c / p_y is exact to
+    an ulp or two. So the target's p is taken out, the others summed again (one read of
+    the chunk), and the row renormalised by the gradient's own per-row multiplication.
+
+    -log p_y = log1p(others / p_y), unless p_y underflows (z_y far below the row max):
+    those rare rows get a direct logsumexp, taken before an in-place softmax destroys z.
+    p_y >= exp(z_y - max - log C) keeps p_y a normal float when z_y - max > -60.
     """
     risky = fallback = None
     if in_place:
@@ -120,40 +134,54 @@ def _cpu_softmax(
         if valid is not None:
             risky &= valid
         if bool(risky.any()):
-            fallback = torch.logsumexp(z[risky], dim=1)
+            fallback = _logsumexp(z[risky])
     probs = torch.ops.aten._softmax.out(z, 1, False, out=grad)
-    p_target = probs.gather(1, target).squeeze(1)
-    log_p = p_target.log()
-    lse = z_target - log_p
-    nll = log_p.neg_()
+    gap, scale, nll, p_target = _renormalise(probs, target)
+    lse = z_target + nll
     if not in_place:
         risky = p_target < 1e-30
         if valid is not None:
             risky &= valid
         if bool(risky.any()):
-            fallback = torch.logsumexp(z[risky], dim=1)
+            fallback = _logsumexp(z[risky])
     if fallback is not None:
         lse[risky] = fallback
         nll[risky] = fallback - z_target[risky]
-    return lse, nll, probs
+    return lse, nll, probs, gap, scale
+
+
+def _logsumexp(z: Tensor) -> Tensor:
+    """Each row's log sum exp, the same bits whatever the number of rows (rows.row_sums)."""
+    row_max = z.amax(dim=1)
+    safe = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    return safe + row_sums(torch.exp(z - safe.unsqueeze(1))).log()
+
+
+def _renormalise(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(1 - p_y, 1 / total, -log p_y, p_y as given) of a softmax whose total may be off:
+    the target's entry is zeroed and the others summed (kernels.rows.target_gap)."""
+    p_target = probs.gather(1, target).squeeze(1)
+    probs.scatter_(1, target, 0.0)
+    gap, scale, nll = target_gap(row_sums(probs), p_target)
+    return gap, scale, nll, p_target
 
 
 def _plain_cpu(x: Tensor, terms: RowTerms, coefficients: Coefficients, safe_target: Tensor, grad: Tensor) -> Tensor:
     """The bare cross-entropy of one chunk on the CPU, every row counting with weight 1
     (a classifier's everyday batch): the loss is -log p_y, read off the softmax that
-    becomes the gradient, so neither lse nor z_y is formed. A row whose p_y underflows
-    (z_y far below the row max) makes the loss infinite; only then are those rows redone
-    by a direct logsumexp."""
+    becomes the gradient (renormalised as in :func:`_cpu_softmax`), so neither lse nor z_y
+    is formed. A row whose p_y underflows (z_y far below the row max) makes the loss
+    infinite; only then are those rows redone by a direct logsumexp."""
     probs = torch.ops.aten._softmax.out(x, 1, False, out=grad)
-    nll = probs.gather(1, safe_target).squeeze(1).log_().neg_()
+    gap, scale, nll, _ = _renormalise(probs, safe_target)
     loss = terms.loss(None, None, None, nll=nll)
     if not math.isfinite(loss.item() if loss.dim() == 0 else float(nll.sum())):
         underflow = nll == math.inf
         if bool(underflow.any()):
             rows = x[underflow]
-            nll[underflow] = torch.logsumexp(rows, 1) - rows.gather(1, safe_target[underflow]).squeeze(1)
+            nll[underflow] = _logsumexp(rows) - rows.gather(1, safe_target[underflow]).squeeze(1)
             loss = terms.loss(None, None, None, nll=nll)
-    apply_gradient(probs, terms, coefficients, slice(None), None, safe_target, None)
+    apply_gradient(probs, terms, coefficients, slice(None), None, safe_target, None, gap=gap, scale=scale)
     return loss
 
 

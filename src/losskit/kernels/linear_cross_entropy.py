@@ -17,7 +17,10 @@ reduction='none' the per-token grad_output is unknown in forward, so forward kee
 the inputs and backward recomputes each chunk's logits (one extra matmul per chunk).
 Under no_grad / inference_mode only the loss is computed: one matmul per chunk, no
 gradient buffers. Half-precision inputs are computed, and the weight gradient
-accumulated, in float32. The autograd, custom-op (``losskit::linear_cross_entropy`` and
+accumulated, in float32, whatever the number of chunks; the gradients are rounded once
+into the inputs' dtype. With ``batch_invariant`` every matrix product takes a fixed block
+of 256 rows (see ``_chunks``), so that a row's loss and input gradient are bitwise the
+same alone, in any batch and with any chunk size. The autograd, custom-op (``losskit::linear_cross_entropy`` and
 its ``_backward`` for reduction='none') and replay machinery comes from
 :class:`~losskit.kernels.fused_op.FusedOp`.
 """
@@ -64,6 +67,7 @@ def linear_cross_entropy_forward(
     options: CrossEntropyOptions,
     needs: tuple[bool, bool, bool],
     chunk_rows: int,
+    batch_invariant: bool,
 ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """(loss, (grad_input, grad_weight, grad_bias)): the gradients, in the compute dtype,
     made here when ``needs`` asks for them; None otherwise."""
@@ -76,11 +80,11 @@ def linear_cross_entropy_forward(
     coefficients = terms.coefficients() if precompute else None
     grads = _zero_grads(x, w, b, needs) if precompute else (None, None, None)
     stats = RowBuffers(n, x.device, compute)
-    for rows, logits in _chunks(x, w, b, chunk_rows):
+    for rows, logits, blocks in _chunks(x, w, b, chunk_rows, batch_invariant):
         grad_logits = logits if precompute else None
         stats.put(rows, logits_chunk(logits, terms, coefficients, rows, safe_target[rows], grad_logits, owned=True))
         if precompute:
-            _accumulate(grads, grad_logits, x[rows], w, rows)
+            _accumulate(grads, grad_logits, x[rows], w, rows, blocks)
     loss = terms.loss(*stats.stats())
     return loss.to(input.dtype), grads
 
@@ -97,6 +101,7 @@ def linear_cross_entropy_recompute(
     needs: tuple[bool, bool, bool],
     grad_output: Tensor,
     chunk_rows: int,
+    batch_invariant: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """reduction='none': each chunk's logits again, each row's coefficients times its
     grad_output (folded into the coefficients, so no extra pass over the chunk)."""
@@ -106,9 +111,9 @@ def linear_cross_entropy_recompute(
     coefficients = terms.coefficients(row_factor=grad_output.reshape(-1).to(compute))
     safe_target = targets.safe().unsqueeze(1)
     grads = _zero_grads(x, w, b, needs)
-    for rows, logits in _chunks(x, w, b, chunk_rows):
+    for rows, logits, blocks in _chunks(x, w, b, chunk_rows, batch_invariant):
         logits_chunk(logits, terms, coefficients, rows, safe_target[rows], logits, owned=True)
-        _accumulate(grads, logits, x[rows], w, rows)
+        _accumulate(grads, logits, x[rows], w, rows, blocks)
     return grads
 
 
@@ -120,26 +125,72 @@ def _zero_grads(x: Tensor, w: Tensor, b: Tensor | None, needs) -> tuple[Tensor |
     )
 
 
-def _chunks(x: Tensor, w: Tensor, b: Tensor | None, chunk_rows: int):
-    """Yield (rows, logits) per chunk, the logits in one reused (B, C) buffer."""
+# Rows per matrix product in the batch-invariant mode, see _chunks. Measured at 1 thread
+# (N x H x C): 64 rows cost +12 to +15% (512x256x32768, 2048x128x8192), 128 rows +3 to
+# +7%, 256 rows -1.5 to +2% (also 1024x512x16384, 512x512x65536); at 2 threads 256 rows
+# cost +6 to +10%, and a batch under 256 rows pays for the padding (+39% at 128x64x4096).
+BLOCK_ROWS = 256
+
+
+def _chunks(x: Tensor, w: Tensor, b: Tensor | None, chunk_rows: int, invariant: bool):
+    """Yield (rows, logits, blocks) per chunk, the logits in one reused (B, C) buffer.
+
+    With ``invariant``, every matrix product takes exactly BLOCK_ROWS rows, copied into a
+    fixed buffer (the chunk rounded up to a multiple of BLOCK_ROWS; the last block padded
+    with zero rows): a BLAS picks its kernel, its threads' split of the work and its
+    vectorisation by the shape and the alignment, so a row's logits would otherwise
+    depend on how many rows share its product (one row alone is a matrix-vector product)
+    and where it sits. ``blocks`` is then the padded logits buffer, for the input's
+    gradient, in the same blocks; None otherwise.
+    """
     n = x.shape[0]
-    size = min(chunk_rows, n)
+    if not invariant:
+        size = min(chunk_rows, n)
+        logits_buf = x.new_empty(size, w.shape[0])
+        w_t = w.t()
+        for start in range(0, n, size):
+            rows = slice(start, min(start + size, n))
+            logits = logits_buf[: rows.stop - rows.start]
+            if b is None:
+                torch.mm(x[rows], w_t, out=logits)
+            else:
+                torch.addmm(b, x[rows], w_t, out=logits)
+            yield rows, logits, None
+        return
+    size = _round_up(min(chunk_rows, n))
     logits_buf = x.new_empty(size, w.shape[0])
+    x_buf = x.new_empty(size, x.shape[1])
     w_t = w.t()
     for start in range(0, n, size):
         rows = slice(start, min(start + size, n))
-        logits = logits_buf[: rows.stop - rows.start]
-        if b is None:
-            torch.mm(x[rows], w_t, out=logits)
-        else:
-            torch.addmm(b, x[rows], w_t, out=logits)
-        yield rows, logits
+        m = rows.stop - rows.start
+        padded = _round_up(m)
+        x_buf[:m].copy_(x[rows])
+        x_buf[m:padded].zero_()
+        for j in range(0, padded, BLOCK_ROWS):
+            block = slice(j, j + BLOCK_ROWS)
+            if b is None:
+                torch.mm(x_buf[block], w_t, out=logits_buf[block])
+            else:
+                torch.addmm(b, x_buf[block], w_t, out=logits_buf[block])
+        yield rows, logits_buf[:m], logits_buf[:padded]
 
 
-def _accumulate(grads, grad_logits: Tensor, x_rows: Tensor, w: Tensor, rows: slice) -> None:
+def _round_up(rows: int) -> int:
+    return -(-rows // BLOCK_ROWS) * BLOCK_ROWS
+
+
+def _accumulate(grads, grad_logits: Tensor, x_rows: Tensor, w: Tensor, rows: slice, blocks: Tensor | None) -> None:
     grad_x, grad_w, grad_b = grads
     if grad_x is not None:
-        torch.mm(grad_logits, w, out=grad_x[rows])
+        if blocks is None:
+            torch.mm(grad_logits, w, out=grad_x[rows])
+        else:  # the same fixed blocks as the logits (see _chunks); padded rows dropped
+            part = blocks.new_empty(blocks.shape[0], w.shape[1])
+            for j in range(0, blocks.shape[0], BLOCK_ROWS):
+                block = slice(j, j + BLOCK_ROWS)
+                torch.mm(blocks[block], w, out=part[block])
+            grad_x[rows] = part[: rows.stop - rows.start]
     if grad_w is not None:
         grad_w.addmm_(grad_logits.t(), x_rows)
     if grad_b is not None:
@@ -151,7 +202,7 @@ fused_linear_cross_entropy = FusedOp(
     tensors=("input", "linear_weight", "linear_bias?", "target", "valid?", "weight?"),
     differentiable=3,
     options=CrossEntropyOptions,
-    extras=(("int", "chunk_rows"),),
+    extras=(("int", "chunk_rows"), ("bool", "batch_invariant")),
     forward=linear_cross_entropy_forward,
     # A per-row grad_output is unknown in forward, and the weight's gradient sums rows:
     # reduction='none' keeps the inputs and makes the gradients in backward.

@@ -5,8 +5,12 @@ For a row of logits z (divided by the temperature T), target probabilities q, la
 smoothing eps (q' = (1 - eps) q + eps / C), class weights w and p = softmax(z),
 lse = log sum_c exp z_c, s = sum_c w_c q'_c:
 
-    loss  = -sum_c w_c q'_c log p_c
-    dx_c  = (p_c s - w_c q'_c) / T
+    loss  = -sum_c w_c q'_c log p_c = s (lse - m) - sum_c w_c q'_c (z_c - m)
+    dx_c  = (p_c s - w_c q'_c) / T,    dx_k = -sum_{c != k} dx_c   at the row max k
+
+(the gradient of a row sums to 0: the peak's entry is formed from the others, without the
+cancellation of p_k s - w_k q'_k on a confident row; lse - m = log1p of the others' sum
+of exp(z - m), likewise; see :mod:`losskit.kernels.rows`)
 
 and 'mean' divides by the number of rows (not by the weights, as torch), folded into the
 gradient here. torch's composed form keeps the (N, C) log-softmax and makes two more
@@ -61,17 +65,28 @@ def probability_cross_entropy_forward(
         if eps > 0.0:
             q = q * (1.0 - eps) + eps / num_classes
         wq = q if w is None else q * w
-        # log p from aten's log-softmax (z - max - log sum exp): exact where s lse and
-        # sum w q z, each large, would cancel.
-        log_probs = torch.ops.aten._log_softmax(z, 1, False)
-        losses[rows] = -torch.linalg.vecdot(wq, log_probs)
+        total_wq = wq.sum(1)
+        # With the row max m at column k and e = exp(z - m) (e_k = 1), the others'
+        # sum o = sum_{c != k} e_c is summed without the large e_k, so log sum exp z =
+        # m + log1p(o) and 1 - p_k = o / (1 + o) keep their precision on a confident row
+        # (kernels.rows; aten's log-softmax loses the tiny terms beside e_k). The loss
+        # s log1p(o) - sum_c w_c q'_c (z_c - m) adds two non-negative terms.
+        row_max, peak = z.max(dim=1, keepdim=True)
+        shifted = z - row_max
+        dot = torch.linalg.vecdot(wq, shifted)
+        e = shifted.exp_()
+        e.scatter_(1, peak, 0.0)
+        others = e.sum(1)
+        losses[rows] = total_wq * torch.log1p(others) - dot
         if grad is not None:
-            view = grad[rows]
-            probs = torch.exp(log_probs, out=log_probs)
-            probs.mul_(wq.sum(1, keepdim=True)).sub_(wq)
+            # dx_c = p_c s - w_c q'_c; the row sums to 0, so the peak's entry is minus the
+            # others' sum, summed without it: no p_k - q_k cancellation.
+            dx = e.mul_((total_wq / (1.0 + others)).unsqueeze(1)).sub_(wq)
+            dx.scatter_(1, peak, 0.0)
+            dx.scatter_(1, peak, dx.sum(1, keepdim=True).neg_())
             if scale != 1.0:
-                probs.mul_(scale)
-            view.copy_(probs)
+                dx.mul_(scale)
+            grad[rows].copy_(dx)
     return reduce_loss(losses, options.reduction).to(out), (grad,)
 
 

@@ -25,6 +25,19 @@ regulariser as in PaLM), and 'sum' / 'none' take 1 for both. An ignored row has 
 gradient 0; all rows ignored makes 'mean' 0/0 = nan, with a gradient of 0, as torch. The
 1 / T of the chain rule and the 'mean' divisor are folded into the coefficients, so that
 they cost nothing per element.
+
+Accuracy. Where the model is confident, p_y is close to 1 and the target's gradient
+coef (p_y - 1) cancels: a float32 softmax that sums 1 + (thousands of tiny exp terms)
+loses each tiny term that falls below half an ulp of the running total, so p_y - 1 (true
+1e-3) comes out ~10% off (torch's own float32 cross-entropy does the same). Every fast
+path therefore sums the other classes without the target, others = sum_{c != y} e^{z_c - m},
+and forms 1 - p_y = others / (others + e^{z_y - m}) and -log p_y = log1p(others / e^{z_y - m})
+from it, never 1 - p_y by subtraction. The target's gradient is then written as
+
+    dx_y = -coef (1 - p_y) + target_rest,     target_rest = coef + target_step
+
+with target_rest formed without cancellation (0 for the plain loss, the smoothing and
+z-loss parts otherwise); see :func:`apply_gradient` and :func:`target_gap`.
 """
 
 from __future__ import annotations
@@ -47,6 +60,9 @@ class Coefficients(NamedTuple):
     target_step: Tensor
     smooth_step: Tensor | None
     lse_coef: Tensor | None
+    # coef + target_step without the cancellation: the smoothing part of coef (None when
+    # there is none, i.e. 0); the z-loss part lse_coef lse is added per row by the kernels.
+    target_rest: Tensor | float | None = None
 
 
 class RowTerms:
@@ -131,10 +147,11 @@ class RowTerms:
             a = a * row_factor
         target_part = self.target_weight * (a if eps == 0.0 else (1.0 - eps) * a)
         coef = target_part
-        smooth_step = None
+        smooth_step = rest = None
         if eps > 0.0:
             smooth_a = self.counts * a
-            coef = target_part + smooth_a * (eps * self.total_weight / self.num_classes)
+            rest = smooth_a * (eps * self.total_weight / self.num_classes)
+            coef = target_part + rest
             smooth_step = smooth_a * (-eps / self.num_classes)
         lse_coef = None
         if opts.lse_square_scale:
@@ -142,7 +159,7 @@ class RowTerms:
             if row_factor is not None:
                 b = b * row_factor
             lse_coef = self.counts * b
-        return Coefficients(coef, -target_part, smooth_step, lse_coef)
+        return Coefficients(coef, -target_part, smooth_step, lse_coef, rest)
 
     def loss(self, lse: Tensor | None, z_target: Tensor | None, smooth_dot: Tensor | None,
              nll: Tensor | None = None) -> Tensor:
@@ -193,41 +210,95 @@ def transform_logits(x: Tensor, options: CrossEntropyOptions, owned: bool) -> tu
     return z, tanh
 
 
+def row_sums(t: Tensor) -> Tensor:
+    """sum over dim 1 of a (B, C) tensor, each row's bits the same whatever B is.
+
+    aten's CPU reduction reduces each row whole, in one thread and one order, whenever
+    there are several rows; a single output (B = 1) is instead split across threads and
+    its partial sums combined, which rounds differently. One row is therefore summed as
+    two (a stride-0 view, no copy), so that a row alone equals the same row in a batch.
+    """
+    if t.shape[0] == 1 and t.is_cpu:
+        return t.expand(2, -1).sum(dim=1)[:1]
+    return t.sum(dim=1)
+
+
+def target_gap(others: Tensor, target_share: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(1 - p_y, 1 / total, -log p_y) of each row from ``others``, the sum of the other
+    classes' e_c = e^{z_c - m} (the target left out), and ``target_share`` = e_y, on any
+    common scale (aten's softmax output will do: its error is mostly one factor per row).
+
+    Both are summed without the large target term, so 1 - p_y = others / total keeps its
+    relative precision however close p_y is to 1, and -log p_y = log1p(others / e_y) too.
+    e_y may underflow (z_y far below the max m): given ``shift`` = z_y - m (on the scale
+    e_c = e^{z_c - m}), those rows take -log p_y = log(total) - shift, branch-free;
+    without it the caller redoes them.
+    """
+    total = others + target_share
+    scale = total.reciprocal()
+    nll = torch.log1p(others / target_share)
+    if shift is not None:
+        nll = torch.where(target_share >= 1e-30, nll, total.log() - shift)
+    return others * scale, scale, nll
+
+
 def apply_gradient(
     probs: Tensor,
     terms: RowTerms,
     coefficients: Coefficients,
     rows: slice,
-    lse: Tensor,
+    lse: Tensor | None,
     index: Tensor,
     tanh: Tensor | None,
     target_here: Tensor | None = None,
+    *,
+    gap: Tensor | None = None,
+    scale: Tensor | None = None,
 ) -> Tensor:
-    """Turn ``probs`` (B, C_local), the softmax of rows ``rows``, into their gradient, in
-    place: dx = [p (coef + lse_coef lse) + target_step [c = y] + smooth_step w] (1 - tanh^2).
+    """Turn ``probs`` (B, C_local), the softmax of rows ``rows`` (times 1 / ``scale``, when
+    given: e.g. the unnormalised e^{z - m}), into their gradient, in place:
+    dx = [p (coef + lse_coef lse) + target_step [c = y] + smooth_step w] (1 - tanh^2).
 
     ``index`` (B, 1) is each row's target column in these logits; ``target_here`` (B,)
-    says which rows hold their target among them (all, in one process). Ignored rows are
-    masked (their logits may be -inf and their p nan) unless every row counts.
+    says which rows hold their target among them (all, in one process). With ``gap``
+    (B,), 1 - p_y formed without cancellation (see the module docstring), the target's
+    entry is written as -coef gap + target_rest instead of p_y coef + target_step: the
+    accurate form every path uses. Ignored rows are masked (their logits may be -inf and
+    their p nan) unless every row counts.
     """
     coef = per_row(coefficients.coef, rows)
+    lse_part = None
     if coefficients.lse_coef is not None:
-        coef = coef + per_row(coefficients.lse_coef, rows) * lse
-    if isinstance(coef, Tensor) and coef.dim():
-        probs.mul_(coef.unsqueeze(1))
-    elif not (isinstance(coef, float) and coef == 1.0):
-        probs.mul_(coef)
+        lse_part = per_row(coefficients.lse_coef, rows) * lse
+        coef = coef + lse_part
+    factor = coef if scale is None else scale * coef
+    if isinstance(factor, Tensor) and factor.dim():
+        probs.mul_(factor.unsqueeze(1))
+    elif not (isinstance(factor, float) and factor == 1.0):
+        probs.mul_(factor)
+    if gap is not None:
+        # The target's entry, overwritten: -coef (1 - p_y) + (coef + target_step).
+        value = -gap * coef
+        rest = per_row(coefficients.target_rest, rows) if coefficients.target_rest is not None else None
+        if rest is not None:
+            value = value + rest
+        if lse_part is not None:
+            value = value + lse_part
+        if target_here is not None:
+            value = torch.where(target_here, value, probs.gather(1, index).squeeze(1))
+        probs.scatter_(1, index, value.to(probs.dtype).unsqueeze(1))
     if terms.valid is not None:
         probs.masked_fill_(~terms.valid[rows].unsqueeze(1), 0.0)
-    step = per_row(coefficients.target_step, rows)
-    if isinstance(step, float) and target_here is None:  # the same step for every row: no tensor of it
-        probs.scatter_(1, index, step, reduce="add")
-    else:
-        if not isinstance(step, Tensor) or not step.dim():
-            step = torch.as_tensor(step, dtype=probs.dtype, device=probs.device).expand(probs.shape[0])
-        if target_here is not None:
-            step = torch.where(target_here, step, 0.0)
-        probs.scatter_add_(1, index, step.unsqueeze(1).to(probs.dtype))
+    if gap is None:
+        step = per_row(coefficients.target_step, rows)
+        if isinstance(step, float) and target_here is None:  # the same step for every row: no tensor of it
+            probs.scatter_(1, index, step, reduce="add")
+        else:
+            if not isinstance(step, Tensor) or not step.dim():
+                step = torch.as_tensor(step, dtype=probs.dtype, device=probs.device).expand(probs.shape[0])
+            if target_here is not None:
+                step = torch.where(target_here, step, 0.0)
+            probs.scatter_add_(1, index, step.unsqueeze(1).to(probs.dtype))
     if coefficients.smooth_step is not None:
         smooth = per_row(coefficients.smooth_step, rows)
         smooth = smooth.unsqueeze(1) if isinstance(smooth, Tensor) and smooth.dim() else smooth

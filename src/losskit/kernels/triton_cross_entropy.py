@@ -6,11 +6,17 @@ coefficients derived once in :mod:`losskit.kernels.rows` (coef, the target step,
 smoothing step per row times the class weight w_c, and the z-loss coefficient, each
 already divided by T for the chain rule):
 
-    pass 1, online over blocks:  m' = max(m, max_b z),  s' = s e^{m - m'} + sum_b e^{z - m'}
+    pass 1, online over blocks:  m' = max(m, max_b z),  o' = o e^{m - m'} + sum_{b, c != y} e^{z - m'}
                                  z_y, and sum_c w_c z_c for label smoothing
-                                 lse = m + log s
-    pass 2 (with a gradient):    dx_c = e^{z_c - lse} (coef + lse_coef lse) + step [c = y]
-                                        + smooth_step w_c,   times (1 - tanh^2) under softcap
+                                 total = o + e^{z_y - m},  lse = m + log total
+                                 1 - p_y = o / total,  -log p_y = log1p(o / e^{z_y - m})
+    pass 2 (with a gradient):    dx_c = e^{z_c - lse} (coef + lse_coef lse) + smooth_step w_c   (c != y)
+                                 dx_y = -(1 - p_y) coef + (coef + step) + smooth_step w_y
+                                 times (1 - tanh^2) under softcap
+
+The sum o leaves the target's lane out, so a confident row's 1 - p_y and -log p_y keep
+their relative precision (a total summed with the target in it loses the tiny terms that
+fall below half its ulp: see :mod:`losskit.kernels.rows`).
 
 Rows that count for nothing get a gradient of 0 (their logits may even be inf). Logits are
 read in their own dtype and strides and accumulated in float32; the gradient is written in
@@ -46,7 +52,8 @@ def _tanh(x):
 @triton.jit
 def _cross_entropy_rows(
     logits_ptr, stride_row, stride_col, grad_ptr, target_ptr, coef_ptr, step_ptr, valid_ptr,
-    weight_ptr, smooth_step_ptr, lse_coef_ptr, lse_ptr, z_target_ptr, smooth_dot_ptr, n_cols, cap, inv_temperature,
+    weight_ptr, smooth_step_ptr, lse_coef_ptr, lse_ptr, z_target_ptr, smooth_dot_ptr, nll_ptr, n_cols, cap,
+    inv_temperature,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_CAP: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_TEMPERATURE: tl.constexpr, WITH_GRAD: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -67,18 +74,29 @@ def _cross_entropy_rows(
             z = z * inv_temperature
         new_m = tl.maximum(m, tl.max(z, 0))
         safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
-        s = s * tl.exp(m - safe_m) + tl.sum(tl.exp(z - safe_m), 0)
+        is_target = cols == target
+        s = s * tl.exp(m - safe_m) + tl.sum(tl.where(is_target, 0.0, tl.exp(z - safe_m)), 0)
         m = new_m
-        z_target += tl.sum(tl.where(cols == target, z, 0.0), 0)
+        z_target += tl.sum(tl.where(is_target, z, 0.0), 0)
         if HAS_SMOOTH:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
                 smooth_dot += tl.sum(tl.where(inside, z * w, 0.0), 0)
             else:
                 smooth_dot += tl.sum(tl.where(inside, z, 0.0), 0)
-    lse = m + tl.log(s)
+    share = tl.exp(z_target - m)  # e_y on the scale of s
+    total = s + share
+    lse = m + tl.log(total)
+    gap = s / total  # 1 - p_y
+    # log1p(r) exactly as log(1 + r) r / ((1 + r) - 1) (Goldberg), for r = o / e_y < 1;
+    # beyond, or where e_y underflows, log(total) - (z_y - m) has no cancellation.
+    ratio = s / tl.where(share > 0.0, share, 1.0)
+    one_plus = 1.0 + ratio
+    small = tl.where(one_plus == 1.0, ratio, tl.log(one_plus) * (ratio / (one_plus - 1.0)))
+    nll = tl.where((share > 0.0) & (ratio < 1.0), small, tl.log(total) - (z_target - m))
     tl.store(lse_ptr + row, lse)
     tl.store(z_target_ptr + row, z_target)
+    tl.store(nll_ptr + row, nll)
     if HAS_SMOOTH:
         tl.store(smooth_dot_ptr + row, smooth_dot)
     if WITH_GRAD:
@@ -100,7 +118,7 @@ def _cross_entropy_rows(
                 z = cap * t
             if HAS_TEMPERATURE:
                 z = z * inv_temperature
-            dz = tl.exp(z - lse) * coef + tl.where(cols == target, step, 0.0)
+            dz = tl.where(cols == target, (coef + step) - gap * coef, tl.exp(z - lse) * coef)
             if HAS_SMOOTH:
                 if HAS_WEIGHT:
                     dz += smooth_step * tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
@@ -116,11 +134,11 @@ def _cross_entropy_rows(
 
 def cross_entropy_rows(terms, coefficients, logits: Tensor, rows: slice, safe_target: Tensor, grad: Tensor | None):
     """The contract of :func:`losskit.kernels.cross_entropy.logits_chunk`, by the Triton
-    kernel: (lse, z_y, smoothing dot) of the rows of ``logits`` (any dtype, any strides),
+    kernel: (lse, z_y, smoothing dot, -log p_y) of the rows of ``logits`` (any dtype, any strides),
     dloss/dlogits into ``grad`` (contiguous) if given, with the rows' ``coefficients``."""
     n, num_classes = logits.shape
     f32 = dict(dtype=torch.float32, device=logits.device)
-    lse, z_target = torch.empty(n, **f32), torch.empty(n, **f32)
+    lse, z_target, nll = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
     options = terms.options
     smoothing = options.label_smoothing > 0.0
     smooth = torch.empty(n, **f32) if smoothing else lse
@@ -142,14 +160,14 @@ def cross_entropy_rows(terms, coefficients, logits: Tensor, rows: slice, safe_ta
     if n:
         _cross_entropy_rows[(n,)](
             logits, logits.stride(0), logits.stride(1), grad if with_grad else lse, target, coef, step, valid,
-            weight, smooth_step, lse_coef, lse, z_target, smooth, num_classes,
+            weight, smooth_step, lse_coef, lse, z_target, smooth, nll, num_classes,
             float(options.softcap or 1.0), 1.0 / options.temperature,
             HAS_WEIGHT=terms.class_weight is not None, HAS_SMOOTH=smoothing, HAS_CAP=options.softcap is not None,
             HAS_Z=bool(options.lse_square_scale), HAS_TEMPERATURE=options.temperature != 1.0, WITH_GRAD=with_grad,
             ROUND_BF16=with_grad and grad.dtype == torch.bfloat16, BLOCK=min(BLOCK, _pow2(num_classes)),
         )
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # the compute dtype
-    return lse.to(dtype), z_target.to(dtype), smooth.to(dtype) if smoothing else None
+    return lse.to(dtype), z_target.to(dtype), smooth.to(dtype) if smoothing else None, nll.to(dtype)
 
 
 def _pow2(n: int) -> int:

@@ -48,6 +48,7 @@ class LinearCrossEntropyLoss(WeightedLoss):
         softcap: float | None = None,
         temperature: float = 1.0,
         chunk_size: int | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         fn = "LinearCrossEntropyLoss"
         if weight is not None:
@@ -66,6 +67,7 @@ class LinearCrossEntropyLoss(WeightedLoss):
         self.softcap = softcap
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.batch_invariant = batch_invariant
         self.linear = nn.Linear(
             in_features, math.prod(self.out_features, start=num_classes), bias=bias, device=device, dtype=dtype
         )
@@ -87,6 +89,7 @@ class LinearCrossEntropyLoss(WeightedLoss):
             softcap=self.softcap,
             temperature=self.temperature,
             chunk_size=self.chunk_size,
+            batch_invariant=self.batch_invariant,
         )
 
     def extra_repr(self) -> str:
