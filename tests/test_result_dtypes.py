@@ -51,11 +51,9 @@ REFUSED_BY_TORCH = {
 }
 # Where torch's forward computes a mixed call and its backward raises.
 BACKWARD_REFUSED_BY_TORCH = {"huber_loss"}
-# Samples still off torch's dtype, awaiting a fix in a file of another owner: the fused
-# probability-target kernel (kernels/probability_cross_entropy.py) leaves the weight out of
-# its result dtype (the fix: ``result_dtypes(input, target, weight)``). Strict: the test
-# fails once they pass, so that the entry goes.
-PENDING = {"cross_entropy-probabilities-weighted"}
+# Samples known to be off torch's dtype (none now). Strict: the test fails once one passes,
+# so that its entry goes.
+PENDING: set[str] = set()
 
 
 def _weighted(case_id: str, name: str, build) -> Case:

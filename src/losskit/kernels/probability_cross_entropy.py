@@ -49,7 +49,7 @@ def probability_cross_entropy_forward(
     input: Tensor, target: Tensor, weight: Tensor | None, *, options: CrossEntropyOptions, needs: tuple[bool]
 ) -> tuple[Tensor, tuple[Tensor | None]]:
     """(loss, (dloss/dinput or None,)) of (N, C) logits and (N, C) class probabilities."""
-    compute, out = result_dtypes(input, target)
+    compute, out = result_dtypes(input, target, weight)
     n, num_classes = input.shape
     eps, temperature = options.label_smoothing, options.temperature
     w = None if weight is None else weight.to(compute)
