@@ -15,6 +15,8 @@ up to 131072 (few rows), confidences up to 0.9999, as cut-cross-entropy tests.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,17 +112,21 @@ def test_probability_targets(dtype, confidence):
     _check("dlogits", grad, grad64, dtype, BOUND[dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("dtype", "tensor_cores"), [(d, False) for d in DTYPES] + [
+    (d, True) for d in DTYPES if d != torch.float32], ids=lambda v: str(v).replace("True", "tensor-cores"))
 @pytest.mark.parametrize("confidence", [0.5, 0.99, 0.9999])
 @pytest.mark.parametrize("chunk_size", [None, 8])
-def test_linear_cross_entropy(dtype, confidence, chunk_size):
+def test_linear_cross_entropy(dtype, tensor_cores, confidence, chunk_size):
     """dh and dW normwise (sums over classes and rows), accumulated in float32 whatever the
-    number of chunks; the per-token loss elementwise."""
+    number of chunks; the per-token loss elementwise. ``tensor_cores``: the accelerator path
+    (half operands, float32 logits and weight gradient, dlogits rounded once to the
+    operands' dtype before the backward products), run here on the CPU."""
     h, w, target = linear_inputs(64, 64, 2048, confidence, dtype)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    LF.linear_cross_entropy(hh, ww, target, chunk_size=chunk_size).backward()
-    with torch.no_grad():
-        loss = LF.linear_cross_entropy(h, w, target, reduction="none", chunk_size=chunk_size)
+    with switches.tensor_cores_on_cpu() if tensor_cores else contextlib.nullcontext():
+        LF.linear_cross_entropy(hh, ww, target, chunk_size=chunk_size).backward()
+        with torch.no_grad():
+            loss = LF.linear_cross_entropy(h, w, target, reduction="none", chunk_size=chunk_size)
     loss64, dh64, dw64 = exact_linear(h, w, target)
     bound = LINEAR_BOUND[dtype]
     _check("loss", loss, loss64, dtype, bound)

@@ -156,3 +156,38 @@ def test_bad_input():
                  match="ignore_index cannot be given when target holds class probabilities")
     check_raises(LF.linear_cross_entropy, x, w, target, chunk_size=0, match="chunk_size must be a positive number")
     check_raises(LF.linear_cross_entropy, x, w, target, weight=torch.ones(3), match="one entry per class (11)")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_the_tensor_core_path_on_cpu_matches_float64(dtype, reduction, batch_invariant):
+    """The accelerator's path (half operands kept as they are, float32 logits and weight
+    gradient, dlogits rounded once), run on the CPU: every option, a bias, an ignored row,
+    several chunks, against float64 on the same inputs."""
+    from losskit._core import switches
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 32, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(1000, 32, generator=gen) * 0.1).to(dtype).requires_grad_()
+    b = (torch.randn(1000, generator=gen) * 0.1).to(dtype).requires_grad_()
+    t = torch.randint(0, 1000, (300,), generator=gen)
+    t[3] = -100
+    kw = dict(reduction=reduction, label_smoothing=0.1, lse_square_scale=1e-3, softcap=20.0)
+    with switches.tensor_cores_on_cpu():
+        loss = LF.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=128, batch_invariant=batch_invariant, **kw)
+    grad_out = torch.randn(loss.shape, generator=gen) if reduction == "none" else torch.tensor(1.0)
+    grads = torch.autograd.grad(loss, (x, w, b), grad_out.to(dtype))
+    x64, w64, b64 = (v.detach().double().requires_grad_() for v in (x, w, b))
+    z = TF.linear(x64, w64, b64)
+    z = 20.0 * torch.tanh(z / 20.0)
+    loss64 = TF.cross_entropy(z, t, reduction="none", label_smoothing=0.1)
+    loss64 = loss64 + 1e-3 * torch.where(t != -100, torch.logsumexp(z, 1).square(), 0.0)
+    loss64 = loss64.sum() / (t != -100).sum() if reduction == "mean" else loss64
+    grads64 = torch.autograd.grad(loss64, (x64, w64, b64), grad_out.double())
+    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=4e-3, atol=5e-4)
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.double(), loss64.detach(), **tol)
+    for got, want in zip(grads, grads64):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, **tol)

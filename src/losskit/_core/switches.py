@@ -94,6 +94,7 @@ _DEFAULT_CHUNKS = ChunkSizes()
 class _ThreadSwitches(threading.local):
     path = "auto"  # 'auto', 'reference' or 'fused'
     triton_on_cpu = False
+    tensor_cores_on_cpu = False
     chunks = _DEFAULT_CHUNKS
 
 
@@ -154,3 +155,14 @@ def triton_on_cpu() -> contextlib.AbstractContextManager[None]:
 
 def triton_serves_cpu() -> bool:
     return _local.triton_on_cpu
+
+
+def tensor_cores_on_cpu() -> contextlib.AbstractContextManager[None]:
+    """Within this block the linear losses take their accelerator path (half-precision
+    operands, float32 products: :mod:`losskit.kernels.matmul`) for CPU tensors too, so
+    that the tests run that code without a GPU."""
+    return _switched("tensor_cores_on_cpu", True)
+
+
+def tensor_cores_serve_cpu() -> bool:
+    return _local.tensor_cores_on_cpu

@@ -144,7 +144,8 @@ def linear_cross_entropy(
             loss = fused_linear_cross_entropy(
                 input.reshape(-1, input.shape[-1]), linear_weight, linear_bias, flat.target, flat.valid_or_none, weight,
                 options=ce_options, replay=Replay(fn, reference, [input, linear_weight, linear_bias]),
-                chunk_rows=chunk_size if chunk_size is not None else auto_chunk_rows(*linear_weight.shape),
+                chunk_rows=(chunk_size if chunk_size is not None
+                            else auto_chunk_rows(*linear_weight.shape, linear_weight.device.type)),
                 batch_invariant=batch_invariant,
             )
             return loss.reshape(target.shape) if reduction == "none" else loss

@@ -27,6 +27,8 @@ its ``_backward`` for reduction='none') and replay machinery comes from
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -35,6 +37,7 @@ from .._core.dtypes import result_dtypes
 from .._core.options import CrossEntropyOptions
 from .._core.validation import ClassTargets
 from .cross_entropy import RowBuffers, logits_chunk
+from . import matmul
 from .fused_op import FusedOp
 from .rows import RowTerms
 
@@ -46,13 +49,22 @@ from .rows import RowTerms
 # extra memory stays about twice the weight gradient, whatever the number of tokens.
 
 
-def auto_chunk_rows(num_classes: int, in_features: int) -> int:
+def auto_chunk_rows(num_classes: int, in_features: int, device_type: str = "cpu") -> int:
     budget = switches.chunks().linear_bytes
-    return int(min(1024, max(16, in_features, budget // (4 * max(num_classes, 1)))))
+    rows = min(1024, max(16, in_features, budget // (4 * max(num_classes, 1))))
+    if device_type not in ("cpu", "meta"):
+        # On an accelerator each chunk also re-reads the float32 weight gradient (its
+        # accumulator), so up to 2048 rows while the float32 chunk of logits stays <= 1 GiB.
+        rows = max(rows, min(2048, (1 << 30) // (4 * max(num_classes, 1))))
+    return int(rows)
 
 
 def _compute_copies(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None):
+    """(compute dtype, x, w, b): float32 copies of half-precision operands, except on the
+    tensor-core path (:mod:`losskit.kernels.matmul`), which keeps them as they are."""
     compute, _ = result_dtypes(input, linear_weight)
+    if matmul.serves(input, linear_weight):
+        return compute, input, linear_weight, linear_bias
     return compute, input.to(compute), linear_weight.to(compute), None if linear_bias is None else linear_bias.to(compute)
 
 
@@ -84,7 +96,8 @@ def linear_cross_entropy_forward(
         grad_logits = logits if precompute else None
         stats.put(rows, logits_chunk(logits, terms, coefficients, rows, safe_target[rows], grad_logits, owned=True))
         if precompute:
-            _accumulate(grads, grad_logits, x[rows], w, rows, blocks)
+            _accumulate(grads, grad_logits, x[rows], w, rows, blocks, _half_scale(x))
+    _unscale(grads, x)
     loss = terms.loss(*stats.stats())
     return loss.to(input.dtype), grads
 
@@ -113,16 +126,32 @@ def linear_cross_entropy_recompute(
     grads = _zero_grads(x, w, b, needs)
     for rows, logits, blocks in _chunks(x, w, b, chunk_rows, batch_invariant):
         logits_chunk(logits, terms, coefficients, rows, safe_target[rows], logits, owned=True)
-        _accumulate(grads, logits, x[rows], w, rows, blocks)
+        _accumulate(grads, logits, x[rows], w, rows, blocks, _half_scale(x))
+    _unscale(grads, x)
     return grads
 
 
 def _zero_grads(x: Tensor, w: Tensor, b: Tensor | None, needs) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradient buffers: the input's in its dtype (each row written once); the weight's
+    and the bias's, sums over every chunk, in float32 also on the tensor-core path."""
+    acc = torch.float32 if x.dtype in matmul.HALF else x.dtype
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else None,
-        torch.zeros_like(w, memory_format=torch.contiguous_format) if needs[1] else None,
-        torch.zeros_like(b) if needs[2] and b is not None else None,
+        torch.zeros_like(w, dtype=acc, memory_format=torch.contiguous_format) if needs[1] else None,
+        torch.zeros_like(b, dtype=acc) if needs[2] and b is not None else None,
     )
+
+
+def _logits_into(out: Tensor, x_rows: Tensor, w_t: Tensor, b: Tensor | None) -> None:
+    """out = x_rows w^T + b; float32 ``out`` from half operands on the tensor-core path."""
+    if x_rows.dtype != out.dtype:
+        matmul.mm_float32(x_rows, w_t, out=out)
+        if b is not None:
+            out.add_(b)
+    elif b is None:
+        torch.mm(x_rows, w_t, out=out)
+    else:
+        torch.addmm(b, x_rows, w_t, out=out)
 
 
 # Rows per matrix product in the batch-invariant mode, see _chunks. Measured at 1 thread
@@ -144,21 +173,19 @@ def _chunks(x: Tensor, w: Tensor, b: Tensor | None, chunk_rows: int, invariant: 
     gradient, in the same blocks; None otherwise.
     """
     n = x.shape[0]
+    logits_dtype = torch.float32 if x.dtype in matmul.HALF else x.dtype  # float32 logits on the tensor-core path
     if not invariant:
         size = min(chunk_rows, n)
-        logits_buf = x.new_empty(size, w.shape[0])
+        logits_buf = x.new_empty(size, w.shape[0], dtype=logits_dtype)
         w_t = w.t()
         for start in range(0, n, size):
             rows = slice(start, min(start + size, n))
             logits = logits_buf[: rows.stop - rows.start]
-            if b is None:
-                torch.mm(x[rows], w_t, out=logits)
-            else:
-                torch.addmm(b, x[rows], w_t, out=logits)
+            _logits_into(logits, x[rows], w_t, b)
             yield rows, logits, None
         return
     size = _round_up(min(chunk_rows, n))
-    logits_buf = x.new_empty(size, w.shape[0])
+    logits_buf = x.new_empty(size, w.shape[0], dtype=logits_dtype)
     x_buf = x.new_empty(size, x.shape[1])
     w_t = w.t()
     for start in range(0, n, size):
@@ -169,10 +196,7 @@ def _chunks(x: Tensor, w: Tensor, b: Tensor | None, chunk_rows: int, invariant: 
         x_buf[m:padded].zero_()
         for j in range(0, padded, BLOCK_ROWS):
             block = slice(j, j + BLOCK_ROWS)
-            if b is None:
-                torch.mm(x_buf[block], w_t, out=logits_buf[block])
-            else:
-                torch.addmm(b, x_buf[block], w_t, out=logits_buf[block])
+            _logits_into(logits_buf[block], x_buf[block], w_t, b)
         yield rows, logits_buf[:m], logits_buf[:padded]
 
 
@@ -180,8 +204,12 @@ def _round_up(rows: int) -> int:
     return -(-rows // BLOCK_ROWS) * BLOCK_ROWS
 
 
-def _accumulate(grads, grad_logits: Tensor, x_rows: Tensor, w: Tensor, rows: slice, blocks: Tensor | None) -> None:
+def _accumulate(grads, grad_logits: Tensor, x_rows: Tensor, w: Tensor, rows: slice, blocks: Tensor | None,
+                scale: float = 1.0) -> None:
     grad_x, grad_w, grad_b = grads
+    if grad_logits.dtype != x_rows.dtype:  # the tensor-core path: float32 dlogits, half operands
+        _accumulate_half(grads, grad_logits, x_rows, w, rows, blocks, scale)
+        return
     if grad_x is not None:
         if blocks is None:
             torch.mm(grad_logits, w, out=grad_x[rows])
@@ -195,6 +223,46 @@ def _accumulate(grads, grad_logits: Tensor, x_rows: Tensor, w: Tensor, rows: sli
         grad_w.addmm_(grad_logits.t(), x_rows)
     if grad_b is not None:
         grad_b.add_(grad_logits.sum(dim=0))
+
+
+def _half_scale(x: Tensor) -> float:
+    """The power of two dlogits are multiplied by before they are rounded to float16: a
+    'mean' over N rows makes them about 1/N, deep in float16's subnormals (below 6e-5),
+    where they would keep only a few bits. bfloat16 has float32's range: no scale."""
+    return float(2 ** max(0, math.ceil(math.log2(max(x.shape[0], 1))))) if x.dtype == torch.float16 else 1.0
+
+
+def _accumulate_half(grads, grad_logits: Tensor, x_rows: Tensor, w: Tensor, rows: slice, blocks: Tensor | None,
+                     scale: float) -> None:
+    """The tensor-core path's products: dlogits (times ``scale``) rounded once to the
+    operands' dtype; the input's rows in their dtype (float32 accumulation inside the
+    product), the weight's gradient accumulated in float32 across chunks, the bias's summed
+    from float32 dlogits. The scale comes off in :func:`_unscale` (exactly: a power of two)."""
+    grad_x, grad_w, grad_b = grads
+    source = grad_logits if blocks is None else blocks
+    half = (source * scale if scale != 1.0 else source).to(x_rows.dtype)
+    m = rows.stop - rows.start
+    if grad_x is not None:
+        if blocks is None:
+            torch.mm(half, w, out=grad_x[rows])
+        else:  # the same fixed blocks as the logits (see _chunks); padded rows dropped
+            part = half.new_empty(half.shape[0], w.shape[1])
+            for j in range(0, half.shape[0], BLOCK_ROWS):
+                block = slice(j, j + BLOCK_ROWS)
+                torch.mm(half[block], w, out=part[block])
+            grad_x[rows] = part[:m]
+        if scale != 1.0:
+            grad_x[rows] = (grad_x[rows].float() / scale).to(grad_x.dtype)
+    if grad_w is not None:
+        matmul.addmm_float32_(grad_w, half[:m].t(), x_rows)
+    if grad_b is not None:
+        grad_b.add_(grad_logits.sum(dim=0))
+
+
+def _unscale(grads, x: Tensor) -> None:
+    scale = _half_scale(x) if x.dtype in matmul.HALF and grads[1] is not None and grads[1].dtype != x.dtype else 1.0
+    if scale != 1.0:
+        grads[1].div_(scale)
 
 
 fused_linear_cross_entropy = FusedOp(
