@@ -4,6 +4,7 @@ are for ``help()``:
 
 - a ``.. math::`` block becomes a ```` ```math ```` fence and ``:math:`x``` becomes
   ``$`x`$``, both rendered by markdown-katex at build time, as on the rest of the site;
+- a doctest becomes a fenced ``pycon`` block;
 - ``:func:`name```, ``:class:``, ``:mod:``, ``:meth:``, ``:attr:``, ``:data:``, ``:exc:`` and
   ``:ref:`` become links to the object's entry in the API reference when it has one
   (``build/docs/api-objects.txt``, written by docs/generate.py), inline code otherwise;
@@ -58,6 +59,27 @@ def convert_math_blocks(text: str) -> str:
     return "\n".join(out)
 
 
+def fence_doctests(text: str) -> str:
+    """A doctest (``>>>`` lines and the output under them, up to a blank line) -> a fenced
+    ``pycon`` block at its indent: Markdown would read ``>>>`` as nested quotes."""
+    lines = text.splitlines()
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        stripped = lines[i].lstrip()
+        if not stripped.startswith(">>>"):
+            out.append(lines[i])
+            i += 1
+            continue
+        indent = lines[i][: len(lines[i]) - len(stripped)]
+        out.append(f"{indent}```pycon")
+        while i < len(lines) and lines[i].strip():
+            out.append(lines[i])
+            i += 1
+        out.append(f"{indent}```")
+    return "\n".join(out)
+
+
 class RstRoles(griffe.Extension):
     def __init__(self) -> None:
         super().__init__()
@@ -83,7 +105,7 @@ class RstRoles(griffe.Extension):
         return ending[0] if len(ending) == 1 else None
 
     def convert(self, text: str, where: str) -> str:
-        text = convert_math_blocks(text)
+        text = fence_doctests(convert_math_blocks(text))
 
         def role(match: re.Match) -> str:
             kind, content = match.groups()
