@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlparse
 ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / "build" / "site"
 RST = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|exc|obj|ref|math):`|^\s*\.\. [a-z]+::", re.M)
-DUNDER = re.compile(r"(?<![\w.])__[a-z][a-z0-9_]*__(?!\w)")
+DUNDER = re.compile(r"(?:^|\.)__[a-z][a-z0-9_]*__$")
 MACHINE = re.compile("|".join(re.escape(p) for p in (str(ROOT), "/work/", "/home/", "/tmp/", "site-packages",
                                                      "__pycache__", ".pyc", "/usr/lib")))
 
