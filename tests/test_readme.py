@@ -67,3 +67,49 @@ def test_the_transformers_figures_are_those_of_its_csv():
             assert f"{value[(provider, mode, 'loss')]:.6f}" == quoted, (label, provider)
     for provider, quoted in zip(("transformers", "losskit"), table["peak extra memory"]):
         assert f"{value[(provider, 'train', 'peak_extra_memory')]:.0f}" == quoted.removesuffix("MiB").strip(), provider
+
+
+def _generate():
+    """docs/generate.py, whose bench_figures() is what the documentation site prints."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_generate", README.parent / "docs" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_fast_path_figures_are_those_of_bench_csv_as_on_the_site():
+    """The README's fast-path table quotes bench.csv's newest run of each case, the run the
+    site's performance page is generated from."""
+    figures = _generate().bench_figures()
+    by_case = {}
+    for f in figures:
+        by_case.setdefault(f["label"], {})[f["provider"]] = f
+    section = README.read_text().split("## Fast paths and what they measure", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| (`\w+`, [^|]+?) \| ([\d.]+x), ([\d.]+x)[^|]*\| ([^|]*)\|", section, re.M)
+    assert len(rows) == 4, rows
+    for label, time_ratio, memory_ratio, others in rows:
+        case = by_case[label.strip()]
+        assert (case["torch"]["time_ratio"], case["torch"]["memory_ratio"]) == (time_ratio, memory_ratio), label
+        for name, t, m in re.findall(r"(torch\.compile|torch(?:'s)? chunked)[^:]*: ([\d.]+x) time, ([\d.]+x) memory",
+                                     others):
+            provider = "torch chunked" if "chunked" in name else name
+            assert (case[provider]["time_ratio"], case[provider]["memory_ratio"]) == (t, m), (label, name)
+    stamp = re.search(r"newest rows of the CSV \(a run of ([\d-]+)\)", section).group(1)
+    assert {f["timestamp"][:10] for f in figures} == {stamp}
+
+
+def test_the_vocab_parallel_figures_are_those_of_bench_csv():
+    import csv
+
+    rows = [r for r in csv.DictReader((README.parent / "benchmarks" / "results" / "bench.csv").open())
+            if r["op"] == "vp" and r["mode"] == "full"]
+    newest = max(r["timestamp"] for r in rows)
+    value = {(r["provider"], r["metric"]): float(r["p50"]) for r in rows if r["timestamp"] == newest}
+    ranks = ("losskit 1 rank", "losskit 2 ranks", "losskit 4 ranks")
+    memory = ", ".join(f"{value[(p, 'peak_extra_memory')]:.0f}" for p in ranks).rsplit(", ", 1)
+    times = ", ".join(f"{value[(p, 'time')]:.2f}" for p in ranks).rsplit(", ", 1)
+    text = " ".join(README.read_text().split())
+    assert f"peak extra memory per rank {' and '.join(memory)} MiB" in text
+    assert f"forward + backward {' and '.join(times)} s for the slowest rank" in text

@@ -232,6 +232,11 @@ def multilabel_margin_mistake_mask():
     }
 
 
+def multilabel_margin_curve(x):
+    scores = torch.stack([x, torch.zeros_like(x)], 1)  # the label class scores x, the other 0
+    target = torch.tensor([[0, -1]]).expand(len(x), 2)  # labels: class 0, then the -1 end mark
+    return F.multilabel_margin_loss(scores, target, reduction='none')
+
 MULTILABEL_MARGIN = Entry(
     key="multilabel_margin", title="Multi-label margin loss", family="binary", problems=("multi-label classification",),
     covers=("functional.multilabel_margin_loss", "nn.MultiLabelMarginLoss"),
@@ -248,6 +253,7 @@ MULTILABEL_MARGIN = Entry(
                 "The target lists class indices and stops at the first -1; a 0/1 mask reads as classes 0 and 1.",
                 multilabel_margin_mistake_mask),
     ),
+    curve=Curve(multilabel_margin_curve, "score of the label class (other class 0)", (-2.0, 3.0)),
 )
 
 ENTRIES = [BCE, BCE_WITH_LOGITS, SIGMOID_FOCAL, SOFT_MARGIN, HINGE, MULTILABEL_SOFT_MARGIN, MULTILABEL_MARGIN]

@@ -86,6 +86,11 @@ def js_divergence_mistake_ends():
     }
 
 
+def js_divergence_curve(x, beta=0.5):
+    student = torch.stack([x, 1 - x], 1).log()  # q = [q_0, 1 - q_0], as log-probabilities
+    teacher = x.new_tensor([[0.5, 0.5]]).log().expand(len(x), 2)
+    return F.js_divergence(student, teacher, beta=beta, reduction='none')
+
 JS_DIVERGENCE = Entry(
     key="js_divergence", title="Jensen-Shannon divergence", family="distribution", problems=("distillation",),
     covers=("functional.js_divergence", "nn.JSDivergenceLoss", "info.js_divergence"), torch=(), keras=(),
@@ -118,6 +123,8 @@ JS_DIVERGENCE = Entry(
                 "weigh them yourself.",
                 js_divergence_mistake_ends),
     ),
+    curve=Curve(js_divergence_curve, "q_0 (student q = [q_0, 1 - q_0], teacher p = [0.5, 0.5])", (0.01, 0.99),
+                ({"beta": 0.1}, {"beta": 0.5}, {"beta": 0.9}), x_symbol="q_0"),
 )
 
 
@@ -125,6 +132,9 @@ JS_DIVERGENCE = Entry(
 def entropy_example():
     return info.entropy(torch.full((6,), 1 / 6))  # a fair die: ln 6
 
+
+def entropy_curve(x, base=2.718281828459045):
+    return info.entropy(torch.stack([x, 1 - x], 1), dim=1, base=base)  # a coin with P(heads) = x
 
 ENTROPY = Entry(
     key="entropy", title="Entropy and cross-entropy of distributions", family="distribution",
@@ -139,6 +149,8 @@ ENTROPY = Entry(
     properties={"convex": "H is concave in p", "bounded": "H by log C", "robust to outliers": "n/a"},
     options={"dim": "the class dimension", "base": "e (nats), 2 (bits), ...", "from_logits": "inputs are logits"},
     example=entropy_example,
+    curve=Curve(entropy_curve, "p_0 of a two-outcome distribution [p_0, 1 - p_0]", (0.01, 0.99),
+                ({}, {"base": 2.0}), x_symbol="p_0"),
 )
 
 ENTRIES = [KL_DIV, JS_DIVERGENCE, ENTROPY]

@@ -120,6 +120,11 @@ def nll_mistake_logits():
     }
 
 
+def nll_curve(x):
+    log_probs = torch.stack([x, torch.log1p(-x.exp())], 1)  # two classes: log p_y and log(1 - p_y)
+    return F.nll_loss(log_probs, x.new_zeros(len(x), dtype=torch.long), reduction='none')
+
+
 NLL = Entry(
     key="nll", title="Negative log-likelihood", family="multiclass", problems=("multi-class classification",),
     covers=("functional.nll_loss", "nn.NLLLoss"), torch=("torch.nn.NLLLoss",), keras=(), aliases=("nll_loss",),
@@ -135,6 +140,7 @@ NLL = Entry(
                 "NLLLoss does not normalise: raw logits give a loss that can go below 0 and never ends.",
                 nll_mistake_logits),
     ),
+    curve=Curve(nll_curve, "log-probability log p_y of the true class", (-5.0, -0.01), x_symbol="log p_y"),
 )
 
 
@@ -247,8 +253,43 @@ MULTI_MARGIN = Entry(
 
 # ---- linear cross-entropy -------------------------------------------------------------------
 def linear_cross_entropy_example():
-    hidden, weight = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    return F.linear_cross_entropy(hidden, weight, torch.tensor([0]))  # logits [2, 0]: ln(1 + e^-2)
+    hidden = torch.tensor([[1.0, 0.0]])  # one token's hidden state, H = 2
+    lm_head = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # the output layer's weight, [C, H]
+    target = torch.tensor([0])
+    return F.linear_cross_entropy(hidden, lm_head, target)  # logits [2, 0]: ln(1 + e^-2)
+
+
+def linear_cross_entropy_mistake_transposed():
+    hidden = torch.tensor([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0]])  # 2 tokens, H = 3
+    lm_head = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]])  # C = 4
+    target = torch.tensor([2, 0])
+
+    def attempt(weight):
+        try:
+            return F.linear_cross_entropy(hidden, weight, target).item()
+        except ValueError as error:
+            return f'{type(error).__name__}: {error}'
+
+    return {
+        'lm_head ([C, H], right)': attempt(lm_head),
+        'cross_entropy(hidden @ lm_head.T)': F.cross_entropy(hidden @ lm_head.T, target).item(),
+        'lm_head.T ([H, C])': attempt(lm_head.T),
+    }
+
+
+def linear_cross_entropy_mistake_padding():
+    hidden, weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    # the third token is padding; pad_token_id is 0 here
+    return {
+        'padding labelled -100 (ignored)': F.linear_cross_entropy(hidden, weight, torch.tensor([0, 1, -100])).item(),
+        'padding labelled 0 (pad_token_id)': F.linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 0])).item(),
+    }
+
+
+def linear_cross_entropy_curve(x, **options):
+    weight = x.new_tensor([[1.0], [0.0], [0.0]])  # 3 classes, 1 feature: the true class's row is [1]
+    target = x.new_zeros(len(x), dtype=torch.long)
+    return F.linear_cross_entropy(x[:, None], weight, target, reduction='none', **options)
 
 
 LINEAR_CROSS_ENTROPY = Entry(
@@ -266,6 +307,35 @@ LINEAR_CROSS_ENTROPY = Entry(
     options={"linear_bias": "bias of the output layer", "chunk_size": "tokens per chunk",
              "weight / ignore_index / label_smoothing / reduction / lse_square_scale / softcap": "as cross_entropy"},
     example=linear_cross_entropy_example,
+    mistakes=(
+        Mistake("The weight transposed",
+                "linear_cross_entropy takes the output layer's weight as nn.Linear stores it, [C, H] (classes x "
+                "features): pass lm_head.weight itself. Its transpose is an error naming both shapes.",
+                linear_cross_entropy_mistake_transposed),
+        Mistake("Padding labelled with the pad token",
+                "Only targets equal to ignore_index (-100, as in torch and transformers) count for nothing. "
+                "Padding labelled with pad_token_id is trained on as if it were text, and counts in the mean.",
+                linear_cross_entropy_mistake_padding),
+    ),
+    curve=Curve(linear_cross_entropy_curve, "hidden h (true class's weight row 1, others 0)", (-4.0, 6.0),
+                ({"label_smoothing": 0.0}, {"label_smoothing": 0.1}), x_symbol="h"),
+    notes=(
+        "In a causal language model, give it the last hidden states and the output layer's weight, shifted as "
+        "usual: `F.linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, labels[:, 1:])`, with hidden "
+        "[batch, seq, H] and padding labelled -100. `nn.LinearCrossEntropyLoss` is the same as a Module.",
+        "Memory: losskit holds one chunk of logits (about 64 MiB, `chunk_size` tokens at a time) and the "
+        "weight's gradient, never the [tokens, C] logits, their softmax or their gradient; the value and "
+        "gradients equal `cross_entropy(hidden @ W.T, target)`. With the vocabulary split over processes "
+        "(tensor parallelism), `losskit.distributed.vocab_parallel_linear_cross_entropy` does the same on each "
+        "rank's slice of W.",
+    ),
+    links=(
+        ("speed and memory against torch", "performance.md#linear-cross-entropy"),
+        ("the vocabulary-parallel losses", "performance.md#vocabulary-parallel-linear-cross-entropy"),
+        ("API: linear_cross_entropy", "api.md#losskit.functional.linear_cross_entropy"),
+        ("API: vocab_parallel_linear_cross_entropy",
+         "api.md#losskit.distributed.vocab_parallel_linear_cross_entropy"),
+    ),
 )
 
 ENTRIES = [CROSS_ENTROPY, NLL, SOFTMAX_FOCAL, POLY1, GENERALIZED_CE, MULTI_MARGIN, LINEAR_CROSS_ENTROPY]

@@ -63,6 +63,11 @@ def cosine_embedding_example():
     return F.cosine_embedding_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([1.0]))
 
 
+def cosine_embedding_curve(x, y=1.0, margin=0.0):
+    x1 = torch.stack([torch.ones_like(x), torch.zeros_like(x)], 1)
+    x2 = torch.stack([x.cos(), x.sin()], 1)  # at angle x from x1
+    return F.cosine_embedding_loss(x1, x2, torch.full_like(x, y), margin=margin, reduction='none')
+
 COSINE_EMBEDDING = Entry(
     key="cosine_embedding", title="Cosine embedding loss and cosine similarity", family="ranking",
     problems=("similarity learning", "embeddings"),
@@ -77,6 +82,8 @@ COSINE_EMBEDDING = Entry(
     options={"margin": "cosine dissimilar pairs must stay below, in [-1, 1]", "reduction": REDUCTION},
     example=cosine_embedding_example,
     torch_vs_keras="Keras' CosineSimilarity loss is -cos(y_true, y_pred), with no pairs or margin.",
+    curve=Curve(cosine_embedding_curve, "angle between the embeddings (radians)", (0.0, 3.1416),
+                ({"y": 1.0}, {"y": -1.0, "margin": 0.0}, {"y": -1.0, "margin": 0.5}), x_symbol="angle"),
 )
 
 

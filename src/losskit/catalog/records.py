@@ -72,7 +72,10 @@ class Entry:
     mistakes: tuple[Mistake, ...] = ()
     torch_vs_keras: str = ""
     curve: Curve | None = None
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = field(default_factory=tuple)  # paragraphs shown after the summary (Markdown code spans)
+    # Further reading on the documentation site: (text, page path relative to the site's
+    # root, with an optional #anchor), e.g. ("its speed and memory", "performance.md#linear-cross-entropy").
+    links: tuple[tuple[str, str], ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:

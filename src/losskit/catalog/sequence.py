@@ -7,7 +7,7 @@ import torch
 
 import losskit.functional as F
 
-from .records import Entry, Mistake
+from .records import Curve, Entry, Mistake
 
 
 # ---- CTC ------------------------------------------------------------------------------------
@@ -22,6 +22,14 @@ def ctc_mistake_too_short():
         'zero_infinity': F.ctc_loss(lp, torch.tensor([[1, 1]]), [2], [2], zero_infinity=True).item(),
     }
 
+
+def ctc_curve(x):
+    # 2 frames, classes [blank, a]; each frame gives 'a' probability x. Target 'a': the
+    # alignments 'a a', 'a -', '- a' collapse to it, so the loss is -log(x^2 + 2 x (1 - x)).
+    frame = torch.stack([(1 - x).log(), x.log()], 1)  # [N, C] log-probabilities
+    log_probs = torch.stack([frame, frame])  # [T, N, C]
+    targets = torch.ones(len(x), 1, dtype=torch.long)
+    return F.ctc_loss(log_probs, targets, [2] * len(x), [1] * len(x), reduction='none')
 
 CTC = Entry(
     key="ctc", title="Connectionist temporal classification", family="sequence",
@@ -42,6 +50,8 @@ CTC = Entry(
                 "zero_infinity=True makes it 0 (and its gradient too).",
                 ctc_mistake_too_short),
     ),
+    curve=Curve(ctc_curve, "probability p of the label at each of 2 frames (target: 1 label)", (0.02, 0.99),
+                x_symbol="p"),
 )
 
 ENTRIES = [CTC]

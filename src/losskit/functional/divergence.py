@@ -29,7 +29,7 @@ def kl_div(
     r"""Kullback-Leibler divergence of ``target`` from the model, ``input`` in log space.
 
     .. math::
-        \ell_i = y_i (\log y_i - x_i) \quad\text{or, with log_target,}\quad
+        \ell_i = y_i (\log y_i - x_i) \quad\text{or, with log\_target,}\quad
         \ell_i = e^{y_i} (y_i - x_i)
 
     with :math:`0 \log 0 = 0`. Summed over a distribution, this is :math:`KL(y \,\|\, e^x)`.

@@ -291,7 +291,7 @@ def poisson_nll_loss(
     r"""Negative log-likelihood of counts under a Poisson distribution with rate ``input``.
 
     .. math::
-        \ell_i = e^{x_i} - y_i x_i \ \text{(log_input)}, \qquad
+        \ell_i = e^{x_i} - y_i x_i \ \text{(log\_input)}, \qquad
         \ell_i = x_i - y_i \log(x_i + \epsilon) \ \text{(otherwise)}
 
     plus, with ``full``, Stirling's approximation of :math:`\log y_i!`,
