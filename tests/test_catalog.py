@@ -224,7 +224,6 @@ def test_explain_json_and_a_misspelling(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("command, module, extra", [
-    (["explain"], "plotext", "explain"),
     (["tour"], "sklearn", "tour"),
     (["bench", "--quick"], "tqdm", "bench"),
 ])

@@ -370,3 +370,37 @@ def test_triton_kernels_equal_the_torch_ops(options):
         kernel.local_stats_rows, kernel.gradient_rows = stats, gradient
     assert launches["n"] >= 2
     assert_all_close([g.cpu() for g in got], want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_the_tensor_core_path_on_cpu_matches_float64(dtype, batch_invariant):
+    """The accelerator's path (half operands kept, float32 logits and weight gradient, dz
+    rounded once), run on the CPU, against float64 on the same inputs: within a few
+    roundings of the dtype, for both outputs and every gradient."""
+    from losskit._core import switches
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 32, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(1000, 32, generator=gen) * 0.1).to(dtype).requires_grad_()
+    b = (torch.randn(1000, generator=gen) * 0.1).to(dtype).requires_grad_()
+    t = torch.randint(0, 1000, (300,), generator=gen)
+    t[3] = -100
+    up, ue = torch.randn(300, generator=gen), torch.randn(300, generator=gen)
+    with switches.tensor_cores_on_cpu():
+        lp, ent = LF.linear_log_probs_and_entropy(x, w, t, bias=b, chunk_size=128, temperature=0.9,
+                                                  batch_invariant=batch_invariant)
+    grads = torch.autograd.grad((lp * up.to(dtype)).sum() + (ent * ue.to(dtype)).sum(), (x, w, b))
+    x64, w64, b64 = (v.detach().double().requires_grad_() for v in (x, w, b))
+    z = (torch.nn.functional.linear(x64, w64, b64) / 0.9).log_softmax(-1)
+    counts = t != -100
+    lp64 = torch.where(counts, z.gather(1, t.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    ent64 = torch.where(counts, -(z.exp() * z).sum(1), 0.0)
+    grads64 = torch.autograd.grad((lp64 * up).sum() + (ent64 * ue).sum(), (x64, w64, b64))
+    u = torch.finfo(dtype).eps / 2
+    assert lp.dtype == ent.dtype == dtype
+    assert (lp.double() - lp64).abs().max() <= 2 * u * lp64.abs().max()
+    assert (ent.double() - ent64).abs().max() <= 2 * u * ent64.abs().max()
+    for got, want in zip(grads, grads64):
+        assert got.dtype == dtype
+        assert (got.double() - want).abs().max() <= 4 * u * want.abs().max()

@@ -45,7 +45,7 @@ def draw(csv_path: Path, out_dir: Path) -> list[Path]:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=20)
         ax.set(ylabel=f"{metric.replace('_', ' ')} ({unit})", xlabel="shape (N x C, or N x H x C)",
                title=f"{op}: forward + backward, {group[0]['device']}")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the bars, never over one
         path = out_dir / f"{op}_{metric}.png"
         fig.savefig(path, bbox_inches="tight")
         paths.append(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 EXTRAS = {
     "tour": ("tqdm", "matplotlib", "sklearn"),
     "bench": ("tqdm", "matplotlib"),
-    "explain": ("rich", "matplotlib", "plotext"),
+    "explain": (),  # plain text from the base install; matplotlib and plotext add the plots
 }
 
 

@@ -38,6 +38,7 @@ from ..kernels.linear_log_probs import (
     backward_grads,
     chunk_rows,
     compute_copies,
+    compute_dtype,
     forward_stats,
     upstream,
 )
@@ -109,7 +110,8 @@ def _backward_op(input: Tensor, weight_shard: Tensor, bias_shard: Tensor | None,
                  num_classes: int, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     group, x, w, b, index, held = _setup(input, weight_shard, bias_shard, target, valid, group_name, vocab_start,
                                          num_classes)
-    g, h = upstream(grad_log_p, grad_entropy, valid, x.shape[0], x, temperature, with_entropy)
+    g, h = upstream(grad_log_p, grad_entropy, valid, x.shape[0], x.new_empty(0, dtype=compute_dtype(x)), temperature,
+                    with_entropy)
     grad_x, grad_w, grad_b = backward_grads(x, w, b, index, held, RowStats(*stats.unbind(0)), g, h, temperature,
                                             chunk_rows, batch_invariant, tuple(needs))
     if grad_x is not None:

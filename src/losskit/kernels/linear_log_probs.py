@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from .._core.dtypes import result_dtypes
-from . import triton_support
+from . import matmul, triton_support
 from .linear_cross_entropy import auto_chunk_rows
 
 # Rows per matmul under batch_invariant=True: fixed, so that a row's logits never depend on
@@ -191,10 +191,10 @@ class _Blocks:
         self.block, self.like = block, like
         self.buffers: dict[tuple[str, int], Tensor] = {}
 
-    def _buffer(self, role: str, columns: int) -> Tensor:
-        if (role, columns) not in self.buffers:
-            self.buffers[role, columns] = self.like.new_empty(self.block, columns)
-        return self.buffers[role, columns]
+    def _buffer(self, role: str, columns: int, dtype: torch.dtype) -> Tensor:
+        if (role, columns, dtype) not in self.buffers:
+            self.buffers[role, columns, dtype] = self.like.new_empty(self.block, columns, dtype=dtype)
+        return self.buffers[role, columns, dtype]
 
     def mm(self, a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None) -> None:
         """out[:len(a)] = a b (+ bias); with blocks, ``out`` may have rows past ``a``'s:
@@ -209,18 +209,23 @@ class _Blocks:
             if count == self.block:
                 _mm(part, b, out[start: start + count], bias)
                 continue
-            padded = self._buffer("in", a.shape[1])
+            padded = self._buffer("in", a.shape[1], a.dtype)
             padded[:count] = part
             padded[count:] = 0.0
             if out.shape[0] >= start + self.block:
                 _mm(padded, b, out[start: start + self.block], bias)
             else:
-                result = self._buffer("out", b.shape[1])
+                result = self._buffer("out", b.shape[1], out.dtype)
                 _mm(padded, b, result, bias)
                 out[start: start + count] = result[:count]
 
 
 def _mm(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None) -> None:
+    if a.dtype != out.dtype:  # the tensor-core path: half operands, float32 logits
+        matmul.mm_float32(a, b, out=out)
+        if bias is not None:
+            out.add_(bias)
+        return
     if bias is None:
         torch.mm(a, b, out=out)
     else:
@@ -232,7 +237,8 @@ def chunks(x: Tensor, w: Tensor, b: Tensor | None, rows_per_chunk: int, temperat
     """Each chunk's transformed logits (x W^T + b) / T in a reused buffer, with a spare."""
     n, num_classes = x.shape[0], w.shape[0]
     size = min(rows_per_chunk, _round_up(n, blocks.block))
-    buffer, spare = x.new_empty(size, num_classes), x.new_empty(size, num_classes)
+    compute = compute_dtype(x)
+    buffer, spare = x.new_empty(size, num_classes, dtype=compute), x.new_empty(size, num_classes, dtype=compute)
     w_t = w.t()
     for start in range(0, n, size):
         rows = slice(start, min(start + size, n))
@@ -264,7 +270,7 @@ def forward_stats(x: Tensor, w: Tensor, b: Tensor | None, index: Tensor, held: T
                   rows_per_chunk: int, batch_invariant: bool, combine: Combine | None = None) -> RowStats:
     """Every row's statistics, chunk by chunk; ``combine`` merges the ranks' (vocab-parallel)."""
     n = x.shape[0]
-    parts = [x.new_empty(n) for _ in LocalStats._fields]
+    parts = [x.new_empty(n, dtype=compute_dtype(x)) for _ in LocalStats._fields]
     blocks = _Blocks(BLOCK_ROWS if batch_invariant else 0, x)
     for chunk in chunks(x, w, b, rows_per_chunk, temperature, blocks):
         rows, p = chunk.rows, chunk.padded
@@ -280,9 +286,10 @@ def backward_grads(x: Tensor, w: Tensor, b: Tensor | None, index: Tensor, held: 
                    needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(grad_x, grad_w, grad_b) in the compute dtype, each chunk's logits recomputed; ``g`` and
     ``h`` (N,) are the upstream gradients times 1/T, 0 where a row counts for nothing."""
+    acc = compute_dtype(x)  # the weight's and bias's gradients sum chunks: float32 on the tensor-core path too
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if needs[0] else None
-    grad_w = torch.zeros_like(w, memory_format=torch.contiguous_format) if needs[1] else None
-    grad_b = torch.zeros_like(b) if needs[2] and b is not None else None
+    grad_w = torch.zeros_like(w, dtype=acc, memory_format=torch.contiguous_format) if needs[1] else None
+    grad_b = torch.zeros_like(b, dtype=acc) if needs[2] and b is not None else None
     blocks = _Blocks(BLOCK_ROWS if batch_invariant else 0, x)
     for chunk in chunks(x, w, b, rows_per_chunk, temperature, blocks):
         rows, p = chunk.rows, chunk.padded
@@ -290,10 +297,15 @@ def backward_grads(x: Tensor, w: Tensor, b: Tensor | None, index: Tensor, held: 
         dz = chunk_gradient(chunk.z, _rows_of(stats, rows, p), _padded(g[rows], p),
                             None if h is None else _padded(h[rows], p), _padded(index[rows], p),
                             _padded(held[rows], p, False), chunk.spare)
+        # On the tensor-core path dz is float32 and is rounded once to the operands' dtype.
+        dz_rows = dz[:count] if dz.dtype == x.dtype else dz[:count].to(x.dtype)
         if grad_x is not None:
-            blocks.mm(dz[:count], w, grad_x[rows])  # in the same blocks as the logits
+            blocks.mm(dz_rows, w, grad_x[rows])  # in the same blocks as the logits
         if grad_w is not None:
-            grad_w.addmm_(dz[:count].t(), x[rows])
+            if dz_rows.dtype == grad_w.dtype:
+                grad_w.addmm_(dz_rows.t(), x[rows])
+            else:
+                matmul.addmm_float32_(grad_w, dz_rows.t(), x[rows])
         if grad_b is not None:
             grad_b.add_(dz[:count].sum(dim=0))
     return grad_x, grad_w, grad_b
@@ -318,8 +330,17 @@ def upstream(grad_log_p: Tensor | None, grad_entropy: Tensor | None, valid: Tens
 
 
 def compute_copies(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[torch.dtype, Tensor, Tensor, Tensor | None]:
+    """Float32 copies of half-precision operands, except on the tensor-core path
+    (:mod:`losskit.kernels.matmul`), which keeps them and makes float32 logits."""
     compute, _ = result_dtypes(x, w)
+    if matmul.serves(x, w):
+        return compute, x, w, b
     return compute, x.to(compute), w.to(compute), None if b is None else b.to(compute)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the statistics and float32-accumulated gradients are made in."""
+    return torch.float32 if x.dtype in matmul.HALF else x.dtype
 
 
 # ---- the custom op ------------------------------------------------------------------------
@@ -364,7 +385,8 @@ def _linear_log_probs_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     _, x, w, b = compute_copies(input, weight, bias)
     index, held = _index_held(target, valid)
-    g, h = upstream(grad_log_p, grad_entropy, valid, x.shape[0], x, temperature, with_entropy)
+    g, h = upstream(grad_log_p, grad_entropy, valid, x.shape[0], x.new_empty(0, dtype=compute_dtype(x)), temperature,
+                    with_entropy)
     grads = backward_grads(x, w, b, index, held, RowStats(*stats.unbind(0)), g, h, temperature, chunk_rows,
                            batch_invariant, tuple(needs))
     return tuple(input.new_empty(0) if grad is None else grad.to(t.dtype)

@@ -54,6 +54,8 @@ class Kernel:
     function: str
     inputs: tuple[str, ...]  # pointers to the caller's tensors, in the call's dtype
     int64: tuple[str, ...] = ()  # pointers to class indices
+    int8: tuple[str, ...] = ()  # pointers to flags
+    dtypes: tuple[str, ...] = tuple(DTYPES)  # the dtypes ``inputs`` are launched with
     blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every block size the launcher can pick
     grad_switch: str | None = "WITH_GRAD"  # the switch without which nothing is written in the call's dtype
 
@@ -67,6 +69,12 @@ KERNELS = (
            inputs=("logits_ptr", "grad_ptr"), int64=("target_ptr",), blocks={"BLOCK": _pow2_blocks(1024)}),
     Kernel("bce_with_logits", "losskit.kernels.triton_binary_cross_entropy", "_bce_with_logits",
            inputs=("x_ptr", "y_ptr", "grad_ptr"), blocks={"BLOCK": (1024,)}),
+    # linear_log_probs: the chunk of logits is float32 whatever the operands' dtype.
+    Kernel("log_probs_stats", "losskit.kernels.triton_log_probs", "_stats_rows", inputs=(), int64=("index_ptr",),
+           int8=("held_ptr",), blocks={"BLOCK": _pow2_blocks(1024)}, dtypes=("float32",), grad_switch=None),
+    Kernel("log_probs_gradient", "losskit.kernels.triton_log_probs", "_gradient_rows", inputs=(),
+           int64=("index_ptr",), int8=("held_ptr",), blocks={"BLOCK": _pow2_blocks(1024)}, dtypes=("float32",),
+           grad_switch=None),
 )
 
 
@@ -118,6 +126,8 @@ def _signature(kernel: Kernel, dtype: str) -> dict[str, str]:
             sig[name] = f"*{DTYPES[dtype]}"
         elif name in kernel.int64:
             sig[name] = "*i64"
+        elif name in kernel.int8:
+            sig[name] = "*i8"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         elif name.startswith(("stride_", "n_")) or name == "n" or name.endswith("_period"):
@@ -131,7 +141,7 @@ def variants(kernel: Kernel, arch: int) -> Iterator[Variant]:
     constexprs = [name for name, is_constexpr in _params(kernel) if is_constexpr]
     switches = [c for c in constexprs if c not in kernel.blocks and c != "ROUND_BF16"]
     largest = {name: max(sizes) for name, sizes in kernel.blocks.items()}
-    for dtype in DTYPES:
+    for dtype in kernel.dtypes:
         chosen: list[dict[str, object]] = []
         for values in itertools.product((False, True), repeat=len(switches)):
             chosen.append({**dict(zip(switches, values)), **largest})

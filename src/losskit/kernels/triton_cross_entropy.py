@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK = 1024  # vocabulary columns per block: several blocks span a large vocabulary
+NUM_WARPS = 4  # per program (one row); benchmarks/gpu_check.py --tune measures the alternatives
 
 
 @triton.jit
@@ -165,6 +166,7 @@ def cross_entropy_rows(terms, coefficients, logits: Tensor, rows: slice, safe_ta
             HAS_WEIGHT=terms.class_weight is not None, HAS_SMOOTH=smoothing, HAS_CAP=options.softcap is not None,
             HAS_Z=bool(options.lse_square_scale), HAS_TEMPERATURE=options.temperature != 1.0, WITH_GRAD=with_grad,
             ROUND_BF16=with_grad and grad.dtype == torch.bfloat16, BLOCK=min(BLOCK, _pow2(num_classes)),
+            num_warps=NUM_WARPS,
         )
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # the compute dtype
     return lse.to(dtype), z_target.to(dtype), smooth.to(dtype) if smoothing else None, nll.to(dtype)
