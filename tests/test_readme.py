@@ -113,3 +113,34 @@ def test_the_vocab_parallel_figures_are_those_of_bench_csv():
     text = " ".join(README.read_text().split())
     assert f"peak extra memory per rank {' and '.join(memory)} MiB" in text
     assert f"forward + backward {' and '.join(times)} s for the slowest rank" in text
+
+
+def test_the_gpu_figures_are_those_of_the_newest_gpu_check_run():
+    """The README's H200 table quotes the newest run in benchmarks/results/bench-cuda.csv."""
+    import csv
+
+    rows = list(csv.DictReader((README.parent / "benchmarks" / "results" / "bench-cuda.csv").open()))
+    stamp = max(r["timestamp"] for r in rows)
+    value = {(r["op"], r["provider"], r["metric"]): float(r["p50"]) for r in rows
+             if r["timestamp"] == stamp and r["mode"] == "full"}
+    section = README.read_text().split("### Measured on an NVIDIA H200", 1)[1].split("\n## ", 1)[0]
+    assert f"Its run\nof {stamp} " in section or f"run of {stamp}" in section.replace("\n", " ")
+    header = next(line for line in section.splitlines() if line.startswith("| op, shape"))
+    table = [line for line in section.splitlines() if line.startswith("| `")]
+    providers = {"torch": "torch", "torch.compile": "torch.compile", "Liger-Kernel": "liger",
+                 "cut-cross-entropy": "cce", "losskit": "losskit"}
+    columns = [providers[c.strip()] for c in header.strip("|").split("|")[1:]]
+    ops = {"cross_entropy": "ce", "binary_cross_entropy_with_logits": "bce", "linear_cross_entropy": "lce",
+           "linear_log_probs": "llp"}
+    quoted = [line for line in table if line.startswith("| `")]
+    assert len(quoted) == 4
+    for line in quoted:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        op = ops[re.match(r"`(\w+)`", cells[0]).group(1)]
+        for provider, cell in zip(columns, cells[1:]):
+            if cell == "—":
+                assert (op, provider, "time") not in value, (op, provider)
+                continue
+            ms, mib = re.fullmatch(r"([\d.]+) ms, ([\d,]+) MiB", cell).groups()
+            assert f"{value[(op, provider, 'time')] * 1e3:.2f}" == ms, (op, provider)
+            assert f"{value[(op, provider, 'peak_extra_memory')]:,.0f}" == mib, (op, provider)

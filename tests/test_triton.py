@@ -52,7 +52,8 @@ def _grads(fn, leaves, grad_output=None):
     loss = fn(*leaves)
     if grad_output is None:
         grad_output = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss.dtype) + 2
-    return loss, torch.autograd.grad(loss, leaves, grad_output.to(loss.device)), grad_output
+    grad_output = grad_output.to(loss.device)  # drawn on the CPU, the same numbers on every device
+    return loss, torch.autograd.grad(loss, leaves, grad_output), grad_output
 
 
 def _reference(fn, leaves, grad_output):

@@ -66,7 +66,7 @@ def _pow2_blocks(largest: int) -> tuple[int, ...]:
 
 KERNELS = (
     Kernel("cross_entropy_rows", "losskit.kernels.triton_cross_entropy", "_cross_entropy_rows",
-           inputs=("logits_ptr", "grad_ptr"), int64=("target_ptr",), blocks={"BLOCK": _pow2_blocks(1024)}),
+           inputs=("logits_ptr", "grad_ptr"), int64=("target_ptr",), blocks={"BLOCK": _pow2_blocks(2048)}),
     Kernel("bce_with_logits", "losskit.kernels.triton_binary_cross_entropy", "_bce_with_logits",
            inputs=("x_ptr", "y_ptr", "grad_ptr"), blocks={"BLOCK": (1024,)}),
     # linear_log_probs: the chunk of logits is float32 whatever the operands' dtype.
