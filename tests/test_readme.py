@@ -144,3 +144,20 @@ def test_the_gpu_figures_are_those_of_the_newest_gpu_check_run():
             ms, mib = re.fullmatch(r"([\d.]+) ms, ([\d,]+) MiB", cell).groups()
             assert f"{value[(op, provider, 'time')] * 1e3:.2f}" == ms, (op, provider)
             assert f"{value[(op, provider, 'peak_extra_memory')]:,.0f}" == mib, (op, provider)
+
+
+def test_the_accuracy_figures_are_the_worst_cases_of_its_csv():
+    import csv
+
+    rows = list(csv.DictReader((README.parent / "benchmarks" / "results" / "accuracy.csv").open()))
+    worst: dict[tuple[str, str, str, str], float] = {}
+    for r in rows:
+        if r["roundings"]:
+            key = (r["op"], r["provider"], r["metric"], r["dtype"])
+            worst[key] = max(worst.get(key, 0.0), float(r["roundings"]))
+    section = README.read_text().split("## Accuracy and batch invariance", 1)[1].split("\n## ", 1)[0]
+    quoted = re.findall(r"^\| `(\w+)` (\w+) \| (\w+) \| (\S+) \| (\S+) \| (\S+) \|$", section, re.M)
+    assert len(quoted) == 6
+    for op, metric, dtype, *figures in quoted:
+        for provider, figure in zip(("torch", "liger", "losskit"), figures):
+            assert f"{worst[(op, provider, metric, dtype)]:.3g}" == figure, (op, metric, dtype, provider)
