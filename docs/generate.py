@@ -339,6 +339,73 @@ def catalog_speed_section() -> str:
     return "\n".join(lines) + "\n"
 
 
+def gpu_section() -> str:
+    """'On an NVIDIA GPU': the newest run of `make gpu-check` in bench-cuda.csv, every figure
+    read from the CSV."""
+    import csv
+
+    path = ROOT / "benchmarks" / "results" / "bench-cuda.csv"
+    if not path.exists():
+        return ""
+    rows = list(csv.DictReader(path.open()))
+    stamp = max(r["timestamp"] for r in rows)
+    rows = [r for r in rows if r["timestamp"] == stamp and r["mode"] == "full"]
+    value = {(r["op"], r["provider"], r["metric"]): float(r["p50"]) for r in rows}
+    shapes = {r["op"]: r["shape"] for r in rows}
+    device = rows[0]["device"]
+    names = {"ce": "cross_entropy", "bce": "binary_cross_entropy_with_logits", "lce": "linear_cross_entropy",
+             "llp": "linear_log_probs"}
+    providers = [("torch", "torch"), ("torch.compile", "torch.compile"), ("liger", "Liger-Kernel"),
+                 ("cce", "cut-cross-entropy"), ("losskit", "losskit")]
+    lines = ["## On an NVIDIA GPU", "",
+             f"`make gpu-check` on {device}, run of {stamp} (`benchmarks/results/bench-cuda.csv`; torch "
+             f"{rows[0]['torch']}): forward + backward, median time and peak memory allocated beyond the inputs.", "",
+             "| op, shape | " + " | ".join(label for _, label in providers) + " |",
+             "|---|" + "---|" * len(providers)]
+    for op, name in names.items():
+        if op not in shapes:
+            continue
+        cells = []
+        for key, _ in providers:
+            t, m = value.get((op, key, "time")), value.get((op, key, "peak_extra_memory"))
+            cells.append("" if t is None else f"{t * 1e3:.2f} ms, {m:,.0f} MiB")
+        lines.append(f"| `{name}` {shapes[op].replace('x', ' x ')} | " + " | ".join(cells) + " |")
+    lines += ["", "![linear cross-entropy on the GPU](img/bench-cuda/lce_time.png)",
+              "![linear cross-entropy memory on the GPU](img/bench-cuda/lce_peak_extra_memory.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_section() -> str:
+    """'Accuracy against float64': the worst case of each path in accuracy.csv, in
+    roundings of the dtype, and its charts."""
+    import csv
+
+    path = ROOT / "benchmarks" / "results" / "accuracy.csv"
+    if not path.exists():
+        return ""
+    rows = list(csv.DictReader(path.open()))
+    worst: dict[tuple[str, str, str, str], float] = {}
+    for r in rows:
+        if r["roundings"]:
+            key = (r["op"], r["metric"], r["dtype"], r["provider"])
+            worst[key] = max(worst.get(key, 0.0), float(r["roundings"]))
+    providers = sorted({k[3] for k in worst}, key=lambda p: (p != "torch", p))
+    lines = ["## Accuracy against float64", "",
+             f"`losskit bench accuracy` (run of {rows[0]['timestamp']}, `benchmarks/results/accuracy.csv`): the error "
+             "of each path against float64 on the same rounded inputs, in roundings of the output dtype (1 = the one "
+             "unavoidable final rounding), worst case over vocabularies, confidences up to 0.9999 and chunk counts. "
+             "The contract (README, tests/test_accuracy.py): at most 2 in bfloat16 and float16.", "",
+             "| quantity | dtype | " + " | ".join(providers) + " |", "|---|---|" + "---|" * len(providers)]
+    for op, metric, dtype in sorted({k[:3] for k in worst}):
+        if metric == "loss":
+            continue
+        cells = [f"{worst[(op, metric, dtype, p)]:.3g}" if (op, metric, dtype, p) in worst else "" for p in providers]
+        lines.append(f"| `{op}` {metric} | {dtype} | " + " | ".join(cells) + " |")
+    lines += ["", "![dlogits error](img/accuracy/accuracy_dlogits.png)",
+              "![dW error](img/accuracy/accuracy_dW.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from losskit import catalog
@@ -359,6 +426,11 @@ def main() -> int:
     (OUT / "api-objects.txt").write_text("\n".join(p for _, _, paths in api_objects(catalog) for p in paths) + "\n")
     charts = ROOT / "benchmarks" / "results" / "charts"
     shutil.copytree(charts, OUT / "img" / "bench")
+    if (ROOT / "benchmarks" / "results" / "charts-cuda").exists():
+        shutil.copytree(ROOT / "benchmarks" / "results" / "charts-cuda", OUT / "img" / "bench-cuda")
+    (OUT / "img" / "accuracy").mkdir(parents=True, exist_ok=True)
+    for chart in (ROOT / "benchmarks" / "results").glob("accuracy_*.png"):
+        shutil.copy(chart, OUT / "img" / "accuracy" / chart.name)
     for page in OUT.glob("*.md"):
         text = page.read_text()
         if "{{" in text:
@@ -368,7 +440,8 @@ def main() -> int:
                 f"- {s}" for s in bench_sentences("linear_cross_entropy", ".")))
             page.write_text(text)
     performance = OUT / "performance.md"
-    performance.write_text(performance.read_text() + "\n" + catalog_speed_section())
+    performance.write_text(performance.read_text() + "\n" + catalog_speed_section() + "\n" + gpu_section() + "\n"
+                           + accuracy_section())
     print(f"documentation sources in {OUT}: {sum(1 for _ in OUT.rglob('*.md'))} pages")
     return 0
 
