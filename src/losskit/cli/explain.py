@@ -91,7 +91,11 @@ def wrap_code(code: str, width: int, indent: str = "  ") -> list[str]:
     for line in code.splitlines():
         line = (indent + line).rstrip()
         lead = indent + " " * (len(line) - len(indent) - len(line[len(indent):].lstrip()))
-        more = lead + "    "
+        # The continuation's indent stays within half the width, so that every line carries
+        # some of the code (a deep indent in a narrow terminal would otherwise never shrink).
+        lead = lead[: width // 2]
+        line = lead + line.lstrip()
+        more = (lead + "    ")[: width // 2]
         while len(line) > width:
             cut = line.rfind(" ", len(lead) + 1, width + 1)
             if cut <= len(lead) or not line[:cut].strip():
