@@ -401,7 +401,7 @@ def draw(rows: list[dict], out_dir: Path, logits_mib: float, prefix: str = "post
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(problems))], [p.upper() for p in problems])
         unit = picked[0]["unit"]
         ax.set(ylabel=f"{metric.replace('_', ' ')} ({unit})",
-               title=f"forward + backward from hidden states, {picked[0]['shape']}, {picked[0]['device']}")
+               title=f"forward + backward from hidden states, {picked[0]['shape']} (N x H x V), {picked[0]['device']}")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
         path = out_dir / f"{prefix}_{metric}.png"
         fig.savefig(path, bbox_inches="tight")
