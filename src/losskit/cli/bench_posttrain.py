@@ -67,8 +67,8 @@ TIME_VS_LIGER = 1.2
 
 @dataclass(frozen=True)
 class Setup:
-    # The issue's 4096 x 512 x 65536 takes about 17 s a step on 2 CPU cores (some 40 steps
-    # in a run): an eighth of its work, with the same hidden/tokens ratio (the weight
+    # The issue's 4096 x 512 x 65536 took 35 s a step on one (shared) CPU core, some 40
+    # steps in a run: an eighth of its work, with the same hidden/tokens ratio (the weight
     # gradient, which every provider holds, stays 1/8 of the logits' size).
     tokens: int = 2048  # policy tokens per step: 2 x pairs x seq (DPO), completions x seq (GRPO)
     hidden: int = 256
@@ -78,7 +78,7 @@ class Setup:
     # An extra "losskit chunk=K" provider (None for none). linear_log_probs' default chunk
     # is half of linear_cross_entropy's, whose floor is H rows: 256 rows here, two float32
     # [256, V] buffers, 64 MiB, a quarter of the logits by itself. 128 rows measured 0.2x
-    # the logits for 9% more time; 64 and 32 save little more memory for 20-35% more time.
+    # the logits for 9-23% more time; 64 and 32 save little more memory for 20-35% more.
     tuned_chunk: int | None = 128
     providers: tuple[str, ...] = field(default=PROVIDERS)
 
@@ -232,7 +232,6 @@ def worker(spec: dict) -> dict:
     warmup_s = time.perf_counter() - started
     value = loss.item()
     del loss
-    grads = None
     if spec.get("grads_to"):
         torch.save({"x": leaves[0].grad, "w": leaves[1].grad}, spec["grads_to"])
     clear()
@@ -246,7 +245,6 @@ def worker(spec: dict) -> dict:
         times.append(time.perf_counter() - started)
         clear()
     peak = _rss_now_and_peak()[1]
-    del grads
     return {"loss": value, "times": times, "warmup_s": warmup_s, "peak_extra_bytes": max(0, peak - baseline),
             "hwm_reset": hwm_reset, "threads": torch.get_num_threads()}
 
