@@ -51,12 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         "'catalog': every loss of the catalog against torch (or its written-out definition), small and large, "
         "float32 and bfloat16, forward + backward, in one process; rows replace DIR/catalog.csv "
         "(DIR/catalog-quick.csv with --quick), charts go to DIR/charts/catalog_*.png. "
+        "'posttrain': DPO and GRPO from hidden states (naive logits, Liger-Kernel's chunked losses, "
+        "linear_log_probs), losses checked against each other, to DIR/posttrain.csv and DIR/charts/posttrain_*.png. "
         "'accuracy': each path's error against float64 by dtype, vocabulary, confidence and chunk count, "
         "to DIR/accuracy.csv (DIR/accuracy-quick.csv) and DIR/accuracy_*.png; set TRITON_INTERPRET=1 on CPU to "
         "include the Triton kernels (losskit's, Liger's).",
     )
     bench.add_argument("op", nargs="?", default="all",
-                       choices=["ce", "bce", "lce", "llp", "vp", "all", "catalog", "accuracy", "hf"])
+                       choices=["ce", "bce", "lce", "llp", "vp", "all", "catalog", "accuracy", "hf", "posttrain"])
     bench.add_argument("--quick", action="store_true", help="small shapes, a minute in all: a smoke test of the harness")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default: %(default)s)")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -100,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench_hf import run as bench_hf
 
         return bench_hf(args.out, args.quick)
+    if args.command == "bench" and args.op == "posttrain":  # DPO and GRPO from hidden states: logits, Liger, losskit
+        from .bench_posttrain import run as bench_posttrain
+
+        return bench_posttrain(args.out, args.quick, progress=not args.no_progress)
     if args.command == "bench" and args.op == "accuracy":
         from .bench_accuracy import run as bench_accuracy
 
