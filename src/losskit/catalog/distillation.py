@@ -4,6 +4,8 @@ mistakes and curve as functions, then its Entry; nothing runs at import (see
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import losskit.functional as F
@@ -143,6 +145,15 @@ def linear_distillation_mistake_liger_defaults():
     }
 
 
+
+def linear_distillation_curve(x, beta=0.5):
+    # one hidden unit: the student's head maps h = x to logits [x, 0], the teacher's gives [1, 0]
+    student_input, teacher_input = x[:, None], torch.ones(len(x), 1)
+    student_weight, teacher_weight = torch.tensor([[1.0], [0.0]]), torch.tensor([[1.0], [0.0]])
+    return F.linear_distillation_loss(student_input, student_weight, teacher_input, teacher_weight, beta=beta,
+                                      reduction='none')
+
+
 LINEAR_DISTILLATION = Entry(
     key="linear_distillation", title="Linear distillation (fused output layers)", family="posttraining",
     problems=("knowledge distillation of LLMs", "large-vocabulary distillation"),
@@ -173,6 +184,8 @@ LINEAR_DISTILLATION = Entry(
     ),
     notes=("A teacher vocabulary larger than the student's is an error; Liger pads the student's logits with zeros, "
            "which gives the padded classes student mass.",),
+    curve=Curve(linear_distillation_curve, "student's hidden state h (logits [h, 0]; teacher logits [1, 0])",
+                (-4.0, 6.0), ({'beta': 0.0}, {'beta': 0.5}, {'beta': 1.0}), x_symbol="h"),
 )
 
 
@@ -194,6 +207,15 @@ def topk_distillation_mistake_renormalising():
         'top-2 renormalised to 1': F.topk_distillation_loss(student, ids, logps - logps.logsumexp(-1, keepdim=True),
                                                             beta=0.0).item(),
     }
+
+
+
+def topk_distillation_curve(x, beta=0.5):
+    # student logits [x, 0, 0]; the teacher cached its top-1: class 0 at p = 0.7 (a tail of 0.3)
+    student = torch.stack([x, torch.zeros_like(x), torch.zeros_like(x)], 1)
+    ids = torch.zeros(len(x), 1, dtype=torch.long)
+    logps = torch.full((len(x), 1), math.log(0.7))
+    return F.topk_distillation_loss(student, ids, logps, beta=beta, reduction='none')
 
 
 TOPK_DISTILLATION = Entry(
@@ -226,6 +248,8 @@ TOPK_DISTILLATION = Entry(
                 "keeps the teacher's true tail.",
                 topk_distillation_mistake_renormalising),
     ),
+    curve=Curve(topk_distillation_curve, "student logit of class 0 (teacher's top-1: class 0, p = 0.7)",
+                (-4.0, 6.0), ({'beta': 0.0}, {'beta': 0.5}, {'beta': 1.0})),
 )
 
 ENTRIES = [DISTILLATION, LINEAR_DISTILLATION, TOPK_DISTILLATION]

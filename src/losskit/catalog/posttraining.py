@@ -154,6 +154,12 @@ def cpo_mistake_no_nll():
     }
 
 
+
+def cpo_curve(x, label_smoothing=0.0):
+    # x is the difference of the summed log-probs, chosen minus rejected
+    return F.cpo_loss(x, torch.zeros_like(x), beta=1.0, label_smoothing=label_smoothing, reduction='none')
+
+
 CPO = Entry(
     key="cpo", title="Contrastive preference optimisation (CPO)", family="posttraining",
     problems=("preference tuning without a reference model", "machine translation"),
@@ -175,6 +181,8 @@ CPO = Entry(
                 "linear_cross_entropy of the chosen tokens.",
                 cpo_mistake_no_nll),
     ),
+    curve=Curve(cpo_curve, "log-prob difference (chosen - rejected), beta = 1", (-4.0, 4.0),
+                ({'label_smoothing': 0.0}, {'label_smoothing': 0.2}), x_symbol="d"),
 )
 
 
@@ -189,6 +197,12 @@ def orpo_mistake_sums():
         'per-token means (ORPO)': F.orpo_loss(chosen.mean(1), rejected.mean(1), beta=1.0).item(),
         'sums': F.orpo_loss(chosen.sum(1), rejected.sum(1), beta=1.0).item(),
     }
+
+
+
+def orpo_curve(x, beta=0.1):
+    # x is the chosen completion's mean log-prob; the rejected one's is fixed at -1
+    return F.orpo_loss(x, torch.full_like(x, -1.0), beta=beta, reduction='none')
 
 
 ORPO = Entry(
@@ -214,6 +228,8 @@ ORPO = Entry(
                 "different scale and gradient.",
                 orpo_mistake_sums),
     ),
+    curve=Curve(orpo_curve, "mean log-prob of the chosen completion (rejected: -1)", (-3.0, -0.05),
+                ({'beta': 0.1}, {'beta': 1.0}), x_symbol="c"),
 )
 
 
@@ -232,6 +248,13 @@ def kto_mistake_imbalance():
         'share of the loss from desirable (weights 1, 1)': (each[desirable].sum() / each.sum()).item(),
         'share from desirable (desirable_weight = 3)': (balanced[desirable].sum() / balanced.sum()).item(),
     }
+
+
+
+def kto_curve(x, desirable=True):
+    # x is the completion's log-ratio to the reference (log pi - log ref), the KL baseline at 0
+    flags = torch.full(x.shape, desirable, dtype=torch.bool)
+    return F.kto_loss(x, torch.zeros_like(x), flags, beta=1.0, kl=0.0, reduction='none')
 
 
 KTO = Entry(
@@ -260,6 +283,8 @@ KTO = Entry(
                 "weights so that w_D n_D / (w_U n_U) lies in [1, 4/3].",
                 kto_mistake_imbalance),
     ),
+    curve=Curve(kto_curve, "log-ratio of the completion to the reference, beta = 1", (-4.0, 4.0),
+                ({'desirable': True}, {'desirable': False}), x_symbol="r"),
 )
 
 

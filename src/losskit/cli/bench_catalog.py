@@ -311,6 +311,15 @@ def poly1(x, t, epsilon=1.0):  # CE + epsilon (1 - p_y), mean over samples
     return (ce + epsilon * (1 - p_y)).mean()
 
 
+def log_probs(x, w, t):  # the logits materialised: log_softmax, gathered at the targets
+    return TF.linear(x, w).float().log_softmax(-1).gather(1, t[:, None]).squeeze(1).to(x.dtype)
+
+
+def log_probs_and_entropy(x, w, t):
+    z = TF.linear(x, w).float().log_softmax(-1)
+    return z.gather(1, t[:, None]).squeeze(1).to(x.dtype), -(z.exp() * z).sum(-1).to(x.dtype)
+
+
 def dpo(c, r, rc, rr, beta=0.1):  # Rafailov et al.: -log sigmoid(beta h), mean over pairs
     return -TF.logsigmoid(beta * ((c - rc) - (r - rr))).mean()
 
@@ -567,6 +576,8 @@ NOTES: dict[str, str] = {
     "keras.hinge": "accepts {0, 1} labels too: one more pass over the labels to map them to ±1, as Keras does",
     "keras.squared_hinge": "accepts {0, 1} labels too: one more pass over the labels to map them to ±1, as Keras does",
     "functional.linear_cross_entropy": "never forms the [N, C] logits: chunks over tokens (less memory)",
+    "functional.linear_log_probs": "never forms the [N, C] logits: forms each chunk again in backward (less memory)",
+    "functional.linear_log_probs_and_entropy": "never forms the [N, C] logits: forms each chunk again in backward",
     "functional.orpo_loss": "checks the log-probs are <= 0 on the host (checks mode 'full', the CPU default)",
     "functional.linear_distillation_loss": "never forms either model's [N, V] logits: chunks over tokens (less "
                                            "memory)",
@@ -597,6 +608,8 @@ BENCHES: list[Bench] = [
     _b("functional.nll_loss", "nll", "log_probs", TF.nll_loss),
     _b("functional.multi_margin_loss", "multi_margin", "logits", TF.multi_margin_loss),
     _b("functional.linear_cross_entropy", "linear_cross_entropy", "linear", TF.linear_cross_entropy),
+    _b("functional.linear_log_probs", "linear_log_probs", "linear", log_probs),
+    _b("functional.linear_log_probs_and_entropy", "linear_log_probs", "linear", log_probs_and_entropy),
     _b("functional.margin_ranking_loss", "margin_ranking", "ranked", TF.margin_ranking_loss),
     _b("functional.hinge_embedding_loss", "hinge_embedding", "signs", TF.hinge_embedding_loss),
     _b("functional.cosine_embedding_loss", "cosine_embedding", "pairs", TF.cosine_embedding_loss),
@@ -747,6 +760,9 @@ def _callable(cell: Cell, provider: str) -> Callable:
     if bench.name == "functional.pairwise_distance":
         base = fn
         fn = lambda *a, **k: base(*a, **k).sum()  # noqa: E731 - a distance per row, summed
+    if bench.name == "functional.linear_log_probs_and_entropy":
+        pair = fn
+        fn = lambda *a, **k: sum(t.sum() for t in pair(*a, **k))  # noqa: E731 - both outputs, summed
     if provider.endswith(".compile"):
         fn = torch.compile(fn, dynamic=False)
     if bench.name.startswith(KERAS_ORDER):
