@@ -148,8 +148,8 @@ def linear_distillation_mistake_liger_defaults():
 
 def linear_distillation_curve(x, beta=0.5):
     # one hidden unit: the student's head maps h = x to logits [x, 0], the teacher's gives [1, 0]
-    student_input, teacher_input = x[:, None], torch.ones(len(x), 1)
-    student_weight, teacher_weight = torch.tensor([[1.0], [0.0]]), torch.tensor([[1.0], [0.0]])
+    student_input, teacher_input = x[:, None], torch.ones_like(x)[:, None]
+    student_weight, teacher_weight = x.new_tensor([[1.0], [0.0]]), x.new_tensor([[1.0], [0.0]])
     return F.linear_distillation_loss(student_input, student_weight, teacher_input, teacher_weight, beta=beta,
                                       reduction='none')
 
@@ -214,7 +214,7 @@ def topk_distillation_curve(x, beta=0.5):
     # student logits [x, 0, 0]; the teacher cached its top-1: class 0 at p = 0.7 (a tail of 0.3)
     student = torch.stack([x, torch.zeros_like(x), torch.zeros_like(x)], 1)
     ids = torch.zeros(len(x), 1, dtype=torch.long)
-    logps = torch.full((len(x), 1), math.log(0.7))
+    logps = x.new_full((len(x), 1), math.log(0.7))
     return F.topk_distillation_loss(student, ids, logps, beta=beta, reduction='none')
 
 
