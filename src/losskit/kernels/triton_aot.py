@@ -58,6 +58,7 @@ class Kernel:
     dtypes: tuple[str, ...] = tuple(DTYPES)  # the dtypes ``inputs`` are launched with
     blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every block size the launcher can pick
     grad_switch: str | None = "WITH_GRAD"  # the switch without which nothing is written in the call's dtype
+    num_warps: str | None = None  # the module attribute the launcher passes as num_warps (Triton's 4 otherwise)
 
 
 def _pow2_blocks(largest: int) -> tuple[int, ...]:
@@ -66,7 +67,8 @@ def _pow2_blocks(largest: int) -> tuple[int, ...]:
 
 KERNELS = (
     Kernel("cross_entropy_rows", "losskit.kernels.triton_cross_entropy", "_cross_entropy_rows",
-           inputs=("logits_ptr", "grad_ptr"), int64=("target_ptr",), blocks={"BLOCK": _pow2_blocks(2048)}),
+           inputs=("logits_ptr", "grad_ptr"), int64=("target_ptr",), blocks={"BLOCK": _pow2_blocks(2048)},
+           num_warps="NUM_WARPS"),
     Kernel("bce_with_logits", "losskit.kernels.triton_binary_cross_entropy", "_bce_with_logits",
            inputs=("x_ptr", "y_ptr", "grad_ptr"), blocks={"BLOCK": (1024,)}),
     # linear_log_probs: the chunk of logits is float32 whatever the operands' dtype.
@@ -178,7 +180,10 @@ def compile_variant(variant: Variant) -> Resources:
         try:
             source = ASTSource(fn=_jit(variant.kernel), signature=_signature(variant.kernel, variant.dtype),
                                constexprs=dict(variant.constexprs))
-            compiled = triton.compile(source, target=GPUTarget("cuda", variant.arch, 32))
+            options = {}
+            if variant.kernel.num_warps:
+                options["num_warps"] = getattr(importlib.import_module(variant.kernel.module), variant.kernel.num_warps)
+            compiled = triton.compile(source, target=GPUTarget("cuda", variant.arch, 32), options=options)
         finally:
             knobs.cache.dir, knobs.nvidia.dump_ptxas_log = saved
     report = log.getvalue()
