@@ -161,3 +161,20 @@ def test_the_accuracy_figures_are_the_worst_cases_of_its_csv():
     for op, metric, dtype, *figures in quoted:
         for provider, figure in zip(("torch", "liger", "losskit"), figures):
             assert f"{worst[(op, provider, metric, dtype)]:.3g}" == figure, (op, metric, dtype, provider)
+
+
+def test_the_posttrain_figures_are_those_of_its_csv():
+    import csv
+
+    rows = list(csv.DictReader((README.parent / "benchmarks" / "results" / "posttrain.csv").open()))
+    value = {(r["provider"], r["op"], r["metric"]): float(r["p50"]) for r in rows if r["mode"] == "full"}
+    section = README.read_text().split("`losskit bench posttrain` runs", 1)[1].split("\n\n", 3)[1]
+    providers = ("logits", "liger", "losskit", "losskit chunk=128")
+    quoted = re.findall(r"^\| (DPO|GRPO) (peak extra memory|time per step) \| (.+) \|$", section, re.M)
+    assert len(quoted) == 4
+    for op, what, cells in quoted:
+        for provider, cell in zip(providers, (c.strip() for c in cells.split("|"))):
+            if what == "time per step":
+                assert f"{value[(provider, op.lower(), 'time')]:.2f} s" == cell, (op, provider)
+            else:
+                assert f"{value[(provider, op.lower(), 'peak_extra_memory')]:.0f} MiB" == cell, (op, provider)
