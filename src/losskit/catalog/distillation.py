@@ -4,8 +4,6 @@ mistakes and curve as functions, then its Entry; nothing runs at import (see
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 import losskit.functional as F
@@ -214,7 +212,7 @@ def topk_distillation_curve(x, beta=0.5):
     # student logits [x, 0, 0]; the teacher cached its top-1: class 0 at p = 0.7 (a tail of 0.3)
     student = torch.stack([x, torch.zeros_like(x), torch.zeros_like(x)], 1)
     ids = torch.zeros(len(x), 1, dtype=torch.long)
-    logps = x.new_full((len(x), 1), math.log(0.7))
+    logps = x.new_full((len(x), 1), 0.7).log()
     return F.topk_distillation_loss(student, ids, logps, beta=beta, reduction='none')
 
 
