@@ -1,29 +1,36 @@
 # `make tour` and `make test` each do the whole set-up on a fresh machine: a virtual
-# environment in .venv, the pinned dependencies (constraints.txt) and losskit itself.
+# environment in .venv, the pinned dependencies (constraints.txt), losskit itself and its
+# compiled part (losskit._native: a minute with the machine's C++ compiler, then cached
+# until its sources, torch or Python change).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: tour test fuzz docs install clean gpu-check
+.PHONY: tour test fuzz docs install native clean gpu-check
 
-install: $(STAMP)
+install: $(STAMP) native
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-tour: $(STAMP)
+native: $(STAMP)
+	$(BIN)/python -m losskit._native
+
+tour: install
 	$(BIN)/losskit tour
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+# LOSSKIT_NATIVE=require: a missing compiled part fails the suite instead of leaving every
+# loss on its Python form unnoticed (tests/test_native.py compares the two).
+test: install
+	LOSSKIT_NATIVE=require $(BIN)/python -m pytest
 
 # The differential fuzz against torch at full size: 2000 examples per loss (FUZZ_EXAMPLES),
 # tens of thousands of calls. The seed is printed; `make fuzz SEED=...` replays a run.
-fuzz: $(STAMP)
+fuzz: install
 	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
 	echo "fuzz seed: $$seed (replay with: make fuzz SEED=$$seed)"; \
 	$(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider --hypothesis-profile=fuzz \
@@ -49,4 +56,4 @@ docs: $(DOCS_STAMP)
 	$(BIN)/python docs/check_site.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info losskit-tour losskit-explain .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info src/losskit/_native/build losskit-tour losskit-explain .pytest_cache

@@ -2,8 +2,8 @@
 
 "Saved" counts every storage the graph holds for backward, once each: the tensors autograd
 saves (seen through ``torch.autograd.graph.saved_tensors_hooks``) and the tensors a
-losskit autograd.Function keeps on its ctx (a precomputed gradient), found by walking the
-graph from the loss. An input saved by the graph counts too: it is what keeps the input
+losskit autograd.Function keeps on its ctx or losskit's C++ node keeps (a precomputed
+gradient), found by walking the graph from the loss. An input saved by the graph counts too: it is what keeps the input
 alive after forward, as torch's own losses do with theirs. No timing, only sizes.
 """
 
@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import losskit.functional as LF
+from losskit import _native
 from cases import CASES
 from inputs import Inputs
 
@@ -32,13 +33,17 @@ def _storages(t: torch.Tensor, found: dict[int, int]) -> None:
 
 
 def _walk_ctx(grad_fn, found: dict[int, int]) -> None:
-    """Tensors on the ctx of every Python autograd.Function node reachable from grad_fn."""
+    """Tensors on the ctx of every Python autograd.Function node reachable from grad_fn, and
+    the gradients every C++ node of losskit's keeps."""
+    native = _native.load()
     seen, stack = set(), [grad_fn]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
+        for t in native.held(node) if native is not None else ():
+            _storages(t, found)
         for value in getattr(node, "__dict__", {}).values():
             for t in tree_flatten(value)[0]:
                 _storages(t, found)

@@ -13,6 +13,8 @@ paths through these, never by patching module globals.
 - :func:`chunk_sizes`: smaller (or larger) chunks for the fused kernels in this thread,
   e.g. so that a test crosses chunk edges with a few rows.
 - :func:`triton_on_cpu`: the Triton kernels serve CPU tensors (Triton's interpreter).
+- :func:`without_native`: the Python forms of what :mod:`losskit._native` compiles, for
+  tests that hold the two to the same results.
 
 The path and chunk switches are per thread: the backward pass of a fused call can run in
 autograd's own thread, and what it switches there stays there.
@@ -95,6 +97,7 @@ class _ThreadSwitches(threading.local):
     path = "auto"  # 'auto', 'reference' or 'fused'
     triton_on_cpu = False
     tensor_cores_on_cpu = False
+    native = True
     chunks = _DEFAULT_CHUNKS
 
 
@@ -166,3 +169,13 @@ def tensor_cores_on_cpu() -> contextlib.AbstractContextManager[None]:
 
 def tensor_cores_serve_cpu() -> bool:
     return _local.tensor_cores_on_cpu
+
+
+def without_native() -> contextlib.AbstractContextManager[None]:
+    """Within this block losskit runs none of its compiled code (:mod:`losskit._native`):
+    the Python forms serve every call, as where the extension is not built."""
+    return _switched("native", False)
+
+
+def native_enabled() -> bool:
+    return _local.native

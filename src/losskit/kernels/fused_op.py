@@ -4,9 +4,11 @@ A fused kernel computes a loss and, in the same pass, the gradients of its diffe
 inputs; backward then only scales them by grad_output. Around that math every kernel needs
 the same machinery, built here once:
 
-- eager mode: an autograd.Function whose forward keeps the precomputed gradients (or the
-  inputs, for a kernel that recomputes them in backward) and whose backward hands them to
-  autograd once, scaled in place;
+- eager mode: an autograd node that keeps the precomputed gradients and whose backward
+  hands them to autograd once, scaled in place: the C++ node of :mod:`losskit._native`
+  where that is built (a Python autograd.Function costs tens of microseconds a call, the
+  whole time of a small loss), else an autograd.Function; a kernel that recomputes its
+  gradients in backward always takes the autograd.Function, which keeps the inputs;
 - no gradient wanted (no_grad, inference_mode, inputs that need none): the loss alone;
 - under torch.compile: a custom op ``losskit::NAME`` (and ``losskit::NAME_backward`` for a
   kernel that recomputes), one node in the graph, with its fake implementation and its
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _native
 from .._core import switches
 from .._core.dtypes import cast
 from .._core.options import op_schema
@@ -225,7 +228,16 @@ class FusedOp:
             return self.op(*tensors, *option_values, *self._extra_values(extras), needs)[0]
         if not any(needs):
             return self.forward(*tensors, options=options, needs=(False,) * self.n_diff, **extras)[0]
-        return self.eager.apply(_Call(options, extras, replay), *tensors)
+        native = _native_module() if switches.native_enabled() else None
+        if native is None or not self.precomputes(options):
+            return self.eager.apply(_Call(options, extras, replay), *tensors)
+        with torch.no_grad():
+            loss, grads = self.forward(*tensors, options=options, needs=tuple(needs), **extras)
+        differentiable = tensors[: self.n_diff]
+        shapes = [None if t is None else t.shape for t in differentiable]
+        return native.attach(self.eager.__name__ + "Backward", loss.detach() if loss._is_view() else loss,
+                             list(differentiable), [g if need else None for g, need in zip(grads, needs)],
+                             self.per_row(options), (self.name, replay, needs, shapes))
 
     def _extra_values(self, extras: dict[str, Any]) -> list[Any]:
         return [extras[n] for n in self.extra_names]
@@ -283,6 +295,32 @@ class FusedOp:
             grads = self.backward_op(*tensors, *ctx.args, grad_loss)
         grads = [None if t is None else g for g, t in zip(_needed(grads, needs), tensors)]
         return (*grads, *([None] * (self.n_tensors - self.n_diff + len(ctx.args))))
+
+
+_native_loaded: list = []
+
+
+def _native_module():
+    """losskit's compiled module with its replay handler set, or None (see :mod:`losskit._native`)."""
+    if not _native_loaded:
+        module = _native.load()
+        if module is not None:
+            module.set_replay_handler(_replay_for_native)
+        _native_loaded.append(module)
+    return _native_loaded[0]
+
+
+def _replay_for_native(name: str, call: tuple, grad_output: Tensor, create_graph: bool) -> list[Tensor | None]:
+    """The backward passes the C++ node of :mod:`losskit._native` hands back to Python:
+    ``create_graph=True`` and a second backward, replayed on the reference path."""
+    what, replay, needs, shapes = call
+    if replay is None:
+        raise RuntimeError(
+            f"losskit {what}: a second backward through the same graph, or create_graph=True, is not supported by "
+            "this loss"
+        )
+    return [None if g is None else g.reshape(shape)
+            for g, shape in zip(replay.gradients(grad_output, needs, create_graph), shapes)]
 
 
 def _empty_for_none(t: Tensor | None, like: Tensor) -> Tensor:

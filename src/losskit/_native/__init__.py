@@ -1,0 +1,107 @@
+"""losskit's compiled part: what a call into torch from Python costs too much to do there.
+
+On the CPU one torch op dispatched from Python costs 5-15 us, and torch's own loss is one
+or two C++ ops with a C++ autograd node. At a batch of 64 that fixed cost is the whole
+time, so the small-call paths of the fused losses are here, in C++ over the same ATen ops:
+
+- ``attach``: the autograd node of every fused loss in eager mode (the gradients were made
+  in forward; backward scales them by grad_output and hands them out once), instead of a
+  Python ``autograd.Function`` (see :mod:`losskit.kernels.fused_op`).
+
+The extension is compiled once, at install (``python -m losskit._native``, which
+``make install`` runs), with torch's own toolchain (:mod:`torch.utils.cpp_extension`), into
+a folder named after the sources, torch and Python, so that a change of any of them asks
+for a new build instead of loading a stale one. Where it is not built (no compiler, or
+``LOSSKIT_NATIVE=0``), :func:`load` returns None and every loss takes its Python path,
+with the same results: the compiled code is never needed for correctness.
+``LOSSKIT_NATIVE=require`` turns a missing build into an error (the test suite sets it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+NAME = "losskit_native"
+SOURCES = sorted(Path(__file__).with_name("src").glob("*.cpp"))
+_CFLAGS = ["-O2", "-std=c++17"]
+
+_module: ModuleType | None = None
+_looked = False
+
+
+def tag() -> str:
+    """What a build depends on: the sources, the flags, torch and Python."""
+    h = hashlib.sha256()
+    for source in SOURCES:
+        h.update(source.name.encode())
+        h.update(source.read_bytes())
+    h.update(" ".join(_CFLAGS).encode())
+    h.update(torch.__version__.encode())
+    h.update(sys.version.encode())
+    return h.hexdigest()[:16]
+
+
+def build_dirs() -> list[Path]:
+    """Where a build may be: ``LOSSKIT_NATIVE_DIR``, beside the sources, or the user's cache."""
+    if os.environ.get("LOSSKIT_NATIVE_DIR"):
+        return [Path(os.environ["LOSSKIT_NATIVE_DIR"]) / tag()]
+    return [Path(__file__).with_name("build") / tag(),
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "losskit" / "native" / tag()]
+
+
+def _wanted() -> str:
+    setting = os.environ.get("LOSSKIT_NATIVE", "1").lower()
+    if setting not in ("0", "1", "require"):
+        raise ValueError(f"LOSSKIT_NATIVE must be 0, 1 or require; got {setting!r}")
+    return setting
+
+
+def load() -> ModuleType | None:
+    """The compiled module, or None where it is not built or ``LOSSKIT_NATIVE=0``."""
+    global _module, _looked
+    if _looked:
+        return _module
+    _looked = True
+    wanted = _wanted()
+    if wanted == "0":
+        return None
+    for folder in build_dirs():
+        path = folder / f"{NAME}.so"
+        if path.exists():
+            loader = importlib.machinery.ExtensionFileLoader(NAME, str(path))
+            spec = importlib.util.spec_from_file_location(NAME, path, loader=loader)
+            module = importlib.util.module_from_spec(spec)
+            loader.exec_module(module)
+            _module = module
+            return _module
+    if wanted == "require":
+        raise RuntimeError(
+            "losskit: LOSSKIT_NATIVE=require, but the compiled part is not built for these sources, this torch "
+            f"and this Python (looked in {', '.join(map(str, build_dirs()))}); build it with python -m losskit._native"
+        )
+    return None
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the extension into the first writable build folder; returns the library."""
+    from torch.utils import cpp_extension
+
+    last_error: Exception | None = None
+    for folder in build_dirs():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            last_error = error
+            continue
+        cpp_extension.load(NAME, [str(s) for s in SOURCES], extra_cflags=_CFLAGS, build_directory=str(folder),
+                           verbose=verbose)
+        return folder / f"{NAME}.so"
+    raise RuntimeError(f"losskit: no writable folder to build the compiled part in: {last_error}")

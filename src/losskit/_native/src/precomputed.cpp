@@ -1,0 +1,125 @@
+// The autograd node of losskit's fused losses in eager mode (see losskit/kernels/fused_op.py).
+//
+// A fused kernel makes the loss and its gradients in forward, without autograd. attach()
+// gives the loss a grad_fn whose backward scales those gradients by grad_output (in place:
+// they are handed out once) and returns them: what the Python autograd.Function of
+// fused_op.py does, without its per-call cost in Python. A backward it cannot serve
+// (create_graph=True, or a second backward through a retained graph, which finds the
+// gradients used up) calls back into Python, which replays the call on the reference path.
+#include <torch/extension.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/python_cpp_function.h>
+
+namespace py = pybind11;
+using torch::autograd::Node;
+using torch::autograd::variable_list;
+
+namespace {
+
+// losskit.kernels.fused_op._replay_for_native(name, replay, grad_output, create_graph),
+// set once when losskit first loads this module.
+py::object* replay_handler = nullptr;
+
+class PrecomputedBackward : public Node {
+ public:
+  PrecomputedBackward(std::string name, std::vector<at::Tensor> grads, bool per_row, py::object replay)
+      : name_(std::move(name)), grads_(std::move(grads)), per_row_(per_row), replay_(std::move(replay)) {}
+
+  ~PrecomputedBackward() override {
+    // The node may die in a thread that does not hold the GIL (autograd's device threads).
+    if (Py_IsInitialized()) {
+      py::gil_scoped_acquire gil;
+      replay_ = py::object();
+    } else {
+      replay_.release();
+    }
+  }
+
+  std::string name() const override { return name_; }
+  const std::vector<at::Tensor>& held() const { return grads_; }
+  void release_variables() override { grads_.clear(); }
+
+  variable_list apply(variable_list&& grad_outputs) override {
+    const at::Tensor& grad_output = grad_outputs[0];
+    if (at::GradMode::is_enabled() || grads_.empty()) {
+      py::gil_scoped_acquire gil;
+      auto replayed = (*replay_handler)(name_, replay_, grad_output, at::GradMode::is_enabled())
+                          .cast<std::vector<std::optional<at::Tensor>>>();
+      variable_list grads;
+      for (auto& grad : replayed) grads.push_back(grad.has_value() ? *grad : at::Tensor());
+      return grads;
+    }
+    variable_list grads = std::move(grads_);
+    grads_.clear();
+    // A scalar grad_output of exactly 1 (loss.backward()) leaves the buffers as they are;
+    // reading it is free on the CPU only (elsewhere it would wait for the device).
+    if (!per_row_ && grad_output.is_cpu() && grad_output.item<double>() == 1.0) return grads;
+    for (auto& grad : grads) {
+      if (!grad.defined()) continue;
+      at::Tensor factor = grad_output;
+      if (per_row_ && grad.dim() > grad_output.dim()) {
+        std::vector<int64_t> shape(grad_output.sizes().begin(), grad_output.sizes().end());
+        shape.resize(grad.dim(), 1);
+        factor = grad_output.reshape(shape);
+      }
+      grad.mul_(factor.scalar_type() == grad.scalar_type() ? factor : factor.to(grad.scalar_type()));
+    }
+    return grads;
+  }
+
+ private:
+  std::string name_;
+  std::vector<at::Tensor> grads_;
+  bool per_row_;
+  py::object replay_;
+};
+
+// ``loss`` (made without autograd) gets a grad_fn named ``name`` whose edges lead to the
+// ``inputs`` that require grad and whose gradients are ``grads`` (None where not made).
+at::Tensor attach(std::string name, at::Tensor loss, const std::vector<std::optional<at::Tensor>>& inputs,
+                  const std::vector<std::optional<at::Tensor>>& grads, bool per_row, py::object replay) {
+  TORCH_CHECK(inputs.size() == grads.size(), "losskit attach: ", inputs.size(), " inputs, ", grads.size(), " grads");
+  torch::autograd::edge_list edges;
+  std::vector<at::Tensor> kept;
+  edges.reserve(inputs.size());
+  kept.reserve(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const auto& input = inputs[i];
+    bool wanted = input.has_value() && input->defined() && input->requires_grad() && grads[i].has_value() &&
+                  grads[i]->defined();
+    edges.push_back(wanted ? torch::autograd::impl::gradient_edge(*input) : torch::autograd::Edge());
+    kept.push_back(wanted ? *grads[i] : at::Tensor());
+  }
+  auto node = c10::make_intrusive<PrecomputedBackward>(std::move(name), std::move(kept), per_row, std::move(replay));
+  node->set_next_edges(std::move(edges));
+  torch::autograd::set_history(loss, node);
+  return loss;
+}
+
+// The gradients a grad_fn made by attach() keeps for backward (none for any other node):
+// what tests/test_memory.py counts.
+std::vector<at::Tensor> held(py::handle grad_fn) {
+  if (!torch::autograd::THPCppFunction_Check(grad_fn.ptr())) return {};
+  auto* node = dynamic_cast<PrecomputedBackward*>(((torch::autograd::THPCppFunction*)grad_fn.ptr())->cdata.get());
+  if (node == nullptr) return {};
+  std::vector<at::Tensor> out;
+  for (const auto& grad : node->held()) {
+    if (grad.defined()) out.push_back(grad);
+  }
+  return out;
+}
+
+void set_replay_handler(py::object handler) {
+  if (replay_handler == nullptr) replay_handler = new py::object();  // never freed: lives as long as the process
+  *replay_handler = std::move(handler);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "losskit's compiled part (see losskit._native)";
+  m.def("attach", &attach, "the precomputed-gradient autograd node of a fused loss");
+  m.def("held", &held, "the gradients a losskit grad_fn keeps for backward");
+  m.def("set_replay_handler", &set_replay_handler, "the Python function that replays a call for create_graph");
+}
