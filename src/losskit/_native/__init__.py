@@ -23,6 +23,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +32,7 @@ import torch
 
 NAME = "losskit_native"
 SOURCES = sorted(Path(__file__).with_name("src").glob("*.cpp"))
+HEADERS = sorted(Path(__file__).with_name("src").glob("*.h"))
 _CFLAGS = ["-O2", "-std=c++17"]
 
 _module: ModuleType | None = None
@@ -40,7 +42,7 @@ _looked = False
 def tag() -> str:
     """What a build depends on: the sources, the flags, torch and Python."""
     h = hashlib.sha256()
-    for source in SOURCES:
+    for source in [*SOURCES, *HEADERS]:
         h.update(source.name.encode())
         h.update(source.read_bytes())
     h.update(" ".join(_CFLAGS).encode())
@@ -103,5 +105,8 @@ def build(verbose: bool = False) -> Path:
             continue
         cpp_extension.load(NAME, [str(s) for s in SOURCES], extra_cflags=_CFLAGS, build_directory=str(folder),
                            verbose=verbose)
+        for stale in folder.parent.iterdir():  # builds of earlier sources
+            if stale.is_dir() and stale != folder and len(stale.name) == len(folder.name):
+                shutil.rmtree(stale, ignore_errors=True)
         return folder / f"{NAME}.so"
     raise RuntimeError(f"losskit: no writable folder to build the compiled part in: {last_error}")

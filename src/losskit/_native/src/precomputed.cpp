@@ -6,7 +6,8 @@
 // fused_op.py does, without its per-call cost in Python. A backward it cannot serve
 // (create_graph=True, or a second backward through a retained graph, which finds the
 // gradients used up) calls back into Python, which replays the call on the reference path.
-#include <torch/extension.h>
+#include "losskit_native.h"
+
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_cpp_function.h>
@@ -117,9 +118,9 @@ void set_replay_handler(py::object handler) {
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "losskit's compiled part (see losskit._native)";
+void register_precomputed(py::module& m) {
   m.def("attach", &attach, "the precomputed-gradient autograd node of a fused loss");
   m.def("held", &held, "the gradients a losskit grad_fn keeps for backward");
   m.def("set_replay_handler", &set_replay_handler, "the Python function that replays a call for create_graph");
 }
+LOSSKIT_REGISTER(register_precomputed)

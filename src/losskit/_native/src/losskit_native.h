@@ -1,0 +1,26 @@
+// What every source file of losskit's compiled part shares: each file registers its
+// functions into the one Python module with LOSSKIT_REGISTER, so that adding a file
+// touches no other.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace losskit {
+
+using Registrar = void (*)(pybind11::module&);
+
+inline std::vector<Registrar>& registrars() {
+  static std::vector<Registrar> all;
+  return all;
+}
+
+struct Register {
+  explicit Register(Registrar registrar) { registrars().push_back(registrar); }
+};
+
+}  // namespace losskit
+
+// LOSSKIT_REGISTER(fn): fn(module) runs when the module is imported.
+#define LOSSKIT_REGISTER(fn) static ::losskit::Register losskit_register_##fn(fn);
