@@ -177,6 +177,11 @@ class FusedOp:
         recompute: ``recompute(*tensors, options=, needs=, grad_output=, **extras) ->
             gradients``.
         per_row: whether grad_output is per row for these options (reduction='none').
+        native_forward: the name of the kernel's compiled form in :mod:`losskit._native`,
+            for eager calls: called with the custom op's flat arguments (tensors, option
+            values in field order, extras, needs), it returns ``(loss, *gradients)`` exactly
+            as ``forward`` would, bit for bit (tests/test_native.py), or None for a call it
+            does not serve.
     """
 
     def __init__(
@@ -192,7 +197,9 @@ class FusedOp:
         precomputes: Callable[[Any], bool] = lambda options: True,
         recompute: Callable[..., Sequence[Tensor | None]] | None = None,
         per_row: Callable[[Any], bool] = lambda options: options.reduction == "none",
+        native_forward: str | None = None,
     ) -> None:
+        self.native_forward = native_forward
         self.name, self.options_type = name, options
         self.n_tensors, self.n_diff = len(tensors), differentiable
         self.extra_names = [n for _, n in extras]
@@ -227,17 +234,30 @@ class FusedOp:
             option_values = [getattr(options, name) for name in self.option_names]
             return self.op(*tensors, *option_values, *self._extra_values(extras), needs)[0]
         if not any(needs):
-            return self.forward(*tensors, options=options, needs=(False,) * self.n_diff, **extras)[0]
+            native = _native_module() if switches.native_enabled() else None
+            return self._forward(native, tensors, options, (False,) * self.n_diff, extras)[0]
         native = _native_module() if switches.native_enabled() else None
         if native is None or not self.precomputes(options):
             return self.eager.apply(_Call(options, extras, replay), *tensors)
         with torch.no_grad():
-            loss, grads = self.forward(*tensors, options=options, needs=tuple(needs), **extras)
+            loss, grads = self._forward(native, tensors, options, tuple(needs), extras)
         differentiable = tensors[: self.n_diff]
         shapes = [None if t is None else t.shape for t in differentiable]
         return native.attach(self.eager.__name__ + "Backward", loss.detach() if loss._is_view() else loss,
                              list(differentiable), [g if need else None for g, need in zip(grads, needs)],
                              self.per_row(options), (self.name, replay, needs, shapes))
+
+    def _forward(self, native, tensors, options, needs: tuple[bool, ...], extras: dict[str, Any]):
+        """(loss, gradients) of an eager call: the kernel's compiled form where it has one
+        and it serves the call (it answers None where it does not), else ``forward``."""
+        if native is not None and self.native_forward is not None:
+            made = getattr(native, self.native_forward)(
+                *tensors, *[getattr(options, name) for name in self.option_names], *self._extra_values(extras),
+                list(needs),
+            )
+            if made is not None:
+                return made[0], made[1:]
+        return self.forward(*tensors, options=options, needs=needs, **extras)
 
     def _extra_values(self, extras: dict[str, Any]) -> list[Any]:
         return [extras[n] for n in self.extra_names]
