@@ -168,3 +168,23 @@ def test_quick_catalog_bench_end_to_end(tmp_path, capsys):
     assert all(r["note"].startswith(("skipped", "failed")) for r in rows if not r["p50"])
     assert "| loss | size | dtype |" in capsys.readouterr().out
     assert (tmp_path / "charts" / "catalog_quick_float32.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_catalog_only_replaces_the_rows_of_the_named_losses(tmp_path):
+    from losskit.cli.bench_catalog import CSV_FIELDS as CATALOG_FIELDS
+
+    path = tmp_path / "catalog-quick.csv"
+    stale = {field: "" for field in CATALOG_FIELDS}
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CATALOG_FIELDS)
+        writer.writeheader()
+        writer.writerow({**stale, "kernel": "functional.huber_loss", "provider": "torch", "note": "stale"})
+        writer.writerow({**stale, "kernel": "functional.not_measured_again", "provider": "torch", "note": "kept"})
+    assert main(["bench", "catalog", "--quick", "--only", "huber_loss", "--out", str(tmp_path), "--no-progress"]) == 0
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["kernel"] for r in rows} == {"functional.huber_loss", "functional.not_measured_again"}
+    assert [r["note"] for r in rows if r["kernel"] == "functional.not_measured_again"] == ["kept"]
+    assert all(r["note"] != "stale" and r["p50"] for r in rows if r["kernel"] == "functional.huber_loss")
+    assert not (tmp_path / "catalog-quick-part.csv").exists()
+    assert main(["bench", "catalog", "--quick", "--only", "no_such_loss", "--out", str(tmp_path)]) == 1

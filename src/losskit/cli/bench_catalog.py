@@ -1040,11 +1040,32 @@ def draw(rows: Sequence[dict], out_dir: Path, prefix: str = "catalog") -> list[P
     return paths
 
 
-def main(out: Path, quick: bool, progress: bool = True, device: str = "cpu") -> int:
+def main(out: Path, quick: bool, progress: bool = True, device: str = "cpu", only: Sequence[str] | None = None) -> int:
+    """Run the plan (with ``only``: the losses whose name contains one of those words, whose
+    rows then replace theirs in the CSV, each row keeping its own timestamp and commit)."""
     suffix = "" if device == "cpu" else f"-{device}"
     name = f"catalog-quick{suffix}" if quick else f"catalog{suffix}"
     csv_path = out / f"{name}.csv"
-    rows = run(csv_path, quick, progress, device)
+    if only:
+        cells = [cell for cell in plan(quick) if any(word in cell.bench.name for word in only)]
+        if not cells:
+            print(f"losskit bench catalog --only: no loss matches {', '.join(only)}")
+            return 1
+        kept = []
+        if csv_path.exists():
+            measured = {cell.bench.name for cell in cells}
+            with csv_path.open(newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if row["kernel"] not in measured]
+        part = csv_path.with_name(f"{name}-part.csv")
+        new = run(part, quick, progress, device, cells)
+        part.unlink()
+        rows = kept + new
+        with csv_path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        rows = run(csv_path, quick, progress, device)
     for line in table(rows):
         print(line)
     charts = draw(rows, out / "charts", prefix=name.replace("-", "_"))

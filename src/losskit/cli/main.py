@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     bench.add_argument("--heads", action="store_true",
                        help="only each op's headline shape, every provider and mode (no sweeps): what make gpu-check runs")
+    bench.add_argument("--only", metavar="NAMES",
+                       help="catalog: only the losses whose name contains one of these comma-separated words "
+                            "(e.g. cross_entropy,huber); their rows replace theirs in the CSV, the others stay")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                        help="cuda: bfloat16, with Liger-Kernel and cut-cross-entropy when installed; rows go to "
                             "DIR/bench-cuda.csv")
@@ -120,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 print("losskit bench --device cuda: no CUDA device here (torch.cuda.is_available() is False)")
                 return 1
-        return bench_catalog(args.out, args.quick, progress=not args.no_progress, device=args.device)
+        only = [word.strip() for word in args.only.split(",") if word.strip()] if args.only else None
+        return bench_catalog(args.out, args.quick, progress=not args.no_progress, device=args.device, only=only)
     if args.command == "bench":
         from .bench import headline, run
         from .charts import draw
