@@ -39,6 +39,8 @@ implementations: rescaled probabilities underflow where one state outweighs anot
 more than the float range (e^88 in float32), which a confident model meeting a wrong or
 noisy target reaches within a few frames; the loss would turn inf where torch's is finite.
 
+The loop over frames runs in C++ where losskit's compiled part is built
+(:mod:`losskit._native`: the same four ops, the same bits, without Python's cost per op).
 Eager calls run this code directly (on any device, meta included). Under torch.compile it
 is the custom op ``losskit::ctc_loss``, one node with its fake, so the loop over T is not
 unrolled into the graph.
@@ -50,6 +52,9 @@ import math
 
 import torch
 from torch import Tensor
+
+from .._core import switches
+from .fused_op import _native_module
 
 MINUS_INF = float("-inf")
 
@@ -132,6 +137,10 @@ def _forward_variables(emit: Tensor, labels: Tensor, first_state: Tensor) -> Ten
     skip = emit.new_full((width, batch), MINUS_INF)
     skip[2:].masked_fill_(labels[2:] != labels[:-2], 0.0)
     skip = skip.view(-1)
+    native = _native_module() if switches.native_enabled() else None
+    if native is not None:  # the same ops from C++ (losskit/_native/src/ctc.cpp)
+        native.ctc_frames(buffer, emit, skip)
+        return buffer
     stay_or_step, jump = torch.empty_like(skip), torch.empty_like(skip)
     # Every frame's views made by one call each (unbind), not sliced per frame in Python.
     flat = buffer.view(steps + 1, -1)
