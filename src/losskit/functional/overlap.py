@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._core.ops import log_softmax
 from .._core.dtypes import result_dtypes
 from .._core.reduction import resolve_reduction
 from .._core.validation import check_class_weight, check_floating, check_in_unit_interval
@@ -21,47 +20,49 @@ def _overlap(
     ignore_index: int | None,
     fn: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Soft true positives, false positives and false negatives per (sample, class), [N, C].
+    """Soft true positives, predicted and true totals per (sample, class), [N, C]:
+    TP = sum p t, P = sum p and T = sum t over the positions of each sample (all dimensions
+    after the class dimension), leaving out positions whose target is ``ignore_index``
+    (FP = P - TP, FN = T - TP).
 
-    TP = sum p t, FP = sum p (1 - t), FN = sum (1 - p) t over the positions of each sample
-    (all dimensions after the class dimension), leaving out positions whose target is
-    ``ignore_index``.
+    Few ops, for the everyday small call: where no target is ignored (known for free on the
+    CPU) nothing is masked, and [N, C] input (one position per sample) sums over nothing.
     """
     if input.dim() < 2:
         raise ValueError(f"{fn}: input must be [N, C, ...] (class dimension 1); got shape {tuple(input.shape)}")
     check_floating(input, "input", fn)
-    if input.dim() == 2:  # [N, C]: one position per sample
-        input, target = input.unsqueeze(-1), target.unsqueeze(-1)
-    num_classes = input.shape[1]
     compute, _ = result_dtypes(input)
-    x = input.to(compute)
-    probs = log_softmax(x, 1).exp() if from_logits else x
+    x = input if input.dtype == compute else input.to(compute)
+    # softmax, not exp(log_softmax): one op forward and one backward, the same values to
+    # a rounding.
+    probs = torch.softmax(x, 1) if from_logits else x
     if not from_logits:
         check_in_unit_interval(input, "input", fn, hint="Pass from_logits=True for raw scores")
     if target.shape == input.shape and target.is_floating_point():
         if ignore_index is not None:
             raise ValueError(f"{fn}: ignore_index is not supported with class-probability targets")
-        truth = target.to(compute)
-        keep = torch.ones_like(truth[:, :1])
+        truth = target if target.dtype == compute else target.to(compute)
     else:
         ignore = -100 if ignore_index is None else ignore_index
         targets = check_index_targets(input, target, 1, ignore, fn)
-        valid = targets.valid
         truth = torch.zeros_like(probs).scatter_(1, targets.safe().unsqueeze(1), 1.0)
-        keep = valid.unsqueeze(1).to(compute)
-    probs, truth = probs * keep, truth * keep
+        if not targets.all_valid:
+            keep = targets.valid.unsqueeze(1).to(compute)
+            probs, truth = probs * keep, truth * keep
+    if input.dim() == 2:  # one position per sample: the sums are the values
+        return probs * truth, probs, truth
     dims = tuple(range(2, input.dim()))
-    tp = (probs * truth).sum(dims)
-    return tp, probs.sum(dims) - tp, truth.sum(dims) - tp  # FP = sum p - TP, FN = sum t - TP
+    return (probs * truth).sum(dims), probs.sum(dims), truth.sum(dims)
 
 
 def _reduce_classes(loss: Tensor, weight: Tensor | None, reduction: str, fn: str, out: torch.dtype) -> Tensor:
     """[N, C] losses: 'none' as they are (weighted), 'sum', or 'mean' = weighted mean over classes, then samples."""
-    if weight is not None:
-        check_class_weight(weight, loss.shape[1], fn)
-        w = weight.to(loss.dtype)
-    else:
-        w = loss.new_ones(loss.shape[1])
+    if weight is None:
+        if reduction == "none":
+            return loss.to(out)
+        return (loss.sum() if reduction == "sum" else loss.mean()).to(out)
+    check_class_weight(weight, loss.shape[1], fn)
+    w = weight.to(loss.dtype)
     weighted = loss * w
     if reduction == "none":
         return weighted.to(out)
@@ -118,8 +119,8 @@ def tversky_loss(
     """
     fn = "tversky_loss"
     reduction = resolve_reduction(None, None, reduction)
-    tp, fp, fn_ = _overlap(input, target, from_logits, ignore_index, fn)
-    loss = 1 - (tp + smooth) / (tp + alpha * fp + beta * fn_ + smooth)
+    tp, predicted, true = _overlap(input, target, from_logits, ignore_index, fn)
+    loss = 1 - (tp + smooth) / (tp + alpha * (predicted - tp) + beta * (true - tp) + smooth)
     return _reduce_classes(loss, weight, reduction, fn, result_dtypes(input)[1])
 
 
@@ -164,6 +165,6 @@ def dice_loss(
     """
     fn = "dice_loss"
     reduction = resolve_reduction(None, None, reduction)
-    tp, fp, fn_ = _overlap(input, target, from_logits, ignore_index, fn)
-    loss = 1 - (2 * tp + smooth) / (2 * tp + fp + fn_ + smooth)
+    tp, predicted, true = _overlap(input, target, from_logits, ignore_index, fn)
+    loss = 1 - (2 * tp + smooth) / (predicted + true + smooth)  # 2 TP + FP + FN = P + T
     return _reduce_classes(loss, weight, reduction, fn, result_dtypes(input)[1])
