@@ -141,3 +141,24 @@ def test_a_replay_after_the_input_changed_raises():
         x.add_(1.0)
     with pytest.raises(RuntimeError, match="an input was freed or changed in place since forward"):
         torch.autograd.grad(loss, x)
+
+
+def test_without_the_build_every_loss_runs_its_python_form(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, losskit._native as n, losskit.functional as F\n"
+        "assert n.load() is None\n"
+        "x = torch.randn(4, 3, requires_grad=True)\n"
+        "loss = F.cross_entropy(x, torch.tensor([0, 1, 2, 0]))\n"
+        "loss.backward()\n"
+        "print(type(loss.grad_fn).__name__)\n"
+    )
+    env = {**os.environ, "LOSSKIT_NATIVE_DIR": str(tmp_path), "LOSSKIT_NATIVE": "1"}  # an empty build folder
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "FusedCrossEntropyBackward"
+    env["LOSSKIT_NATIVE"] = "require"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "LOSSKIT_NATIVE=require" in done.stderr
