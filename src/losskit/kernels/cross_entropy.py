@@ -261,6 +261,73 @@ fused_cross_entropy = FusedOp(
     differentiable=1,
     options=CrossEntropyOptions,
     forward=cross_entropy_forward,
+    # Eager CPU calls of one chunk without soft-capping, temperature or z-loss: this
+    # forward, op by op in C++ (losskit/_native/src/cross_entropy.cpp).
+    native_forward="cross_entropy",
+)
+
+
+def nll_forward(
+    input: Tensor, target: Tensor, valid: Tensor | None, weight: Tensor | None, *, options: CrossEntropyOptions,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor, tuple[Tensor | None]]:
+    """(loss, (dloss/dinput or None,)): the kernel of ``losskit::nll_loss``, for (N, C)
+    log-probabilities and their validated class-index targets (``valid`` None when all
+    count); only ``ignore_index`` and ``reduction`` of ``options`` apply.
+
+    loss_i = -w_{y_i} x_{i, y_i} (0 where ignored); 'mean' divides the sum by sum_i w_{y_i}
+    (the row count without weight). The gradient is that of one element per row,
+    -w_{y_i} / denominator under 'mean' (0 where nothing counts, as torch), -w_{y_i}
+    otherwise: a zero buffer with one scatter, where autograd through a gather would make
+    the zeros, the scatter and a handful of per-row nodes.
+    """
+    compute, _ = result_dtypes(input)
+    all_valid = _all_valid(valid)
+    safe = target if all_valid else torch.where(valid, target, 0)
+    index = safe.unsqueeze(1)
+    # Only the gathered log-probabilities are cast (a cast of a half-precision input would
+    # be a pass over all of it; the gather rounds nothing).
+    loss = -cast(input.gather(1, index).squeeze(1), compute)
+    row_weight = None  # w_y, 0 where ignored; None: every row counts with weight 1
+    if weight is not None:
+        row_weight = weight.to(compute)[safe]
+        loss = loss * row_weight
+        if not all_valid:
+            row_weight = torch.where(valid, row_weight, 0.0)
+    elif not all_valid:
+        row_weight = valid.to(compute)
+    if not all_valid:
+        # where, never a multiplication: an ignored row's -inf must not become 0 * inf = nan
+        loss = torch.where(valid, loss, 0.0)
+    denominator = None
+    if options.reduction == "mean":
+        if row_weight is None:
+            loss = loss.sum() / float(input.shape[0])
+        else:
+            denominator = row_weight.sum()
+            loss = loss.sum() / denominator
+    elif options.reduction == "sum":
+        loss = loss.sum()
+    grad = None
+    if needs[0]:
+        grad = torch.zeros(input.shape, dtype=input.dtype, device=input.device)
+        if row_weight is None:
+            grad.scatter_(1, index, -1.0 / input.shape[0] if options.reduction == "mean" else -1.0)
+        else:
+            value = row_weight
+            if denominator is not None:
+                value = value * torch.where(denominator != 0, denominator, torch.inf).reciprocal()
+            grad.scatter_(1, index, (-value).to(input.dtype).unsqueeze(1))
+    return cast(loss, input.dtype), (grad,)
+
+
+fused_nll_loss = FusedOp(
+    "nll_loss",
+    tensors=("input", "target", "valid?", "weight?"),
+    differentiable=1,
+    options=CrossEntropyOptions,
+    forward=nll_forward,
+    native_forward="nll_loss",
 )
 
 
