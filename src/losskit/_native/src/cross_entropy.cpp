@@ -250,6 +250,166 @@ Tensor general_cpu(const Tensor& z, const Terms& terms, const std::optional<Term
   return terms.loss(lse, smooth_dot, nll);
 }
 
+// ---- every row counting with weight 1 (no class weights, nothing ignored) ------------------
+//
+// The everyday call, where a dozen ATen ops on a (64, 10) batch cost more than the loss.
+// Here only what depends on an ATen kernel's own rounding stays an ATen op (the softmax,
+// the row sums and the reductions, whose order of summation is aten's, and log1p, whose
+// vectorised and scalar forms may differ); every element-wise step of the Python kernel
+// that IEEE arithmetic rounds exactly (+, -, *, /, the gathers and scatters, 1 / x, the
+// float <-> double conversions of Python floats) is a plain loop, op for op in the same
+// order, so the bits are those of the ATen ops it replaces. (No FMA contraction: the
+// build is ISO C++ for the baseline x86-64.)
+
+// The input as a contiguous float32 (N, C) tensor: itself when it is one; otherwise the
+// exact conversion of cast(input, float32).contiguous().
+Tensor float_rows(const Tensor& input) {
+  if (input.scalar_type() == at::kFloat) return input.contiguous();
+  Tensor out = at::empty(input.sizes(), input.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  float* o = out.data_ptr<float>();
+  const int64_t n = input.size(0), c = input.size(1), s0 = input.stride(0), s1 = input.stride(1);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(input.scalar_type(), "float_rows", [&] {
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < c; ++j) o[i * c + j] = static_cast<float>(in[i * s0 + j * s1]);
+  });
+  return out;
+}
+
+// The targets as int64 values, or false where one lies outside [0, C): the Python kernel's
+// gather then raises its error.
+bool read_targets(const Tensor& target, int64_t num_classes, std::vector<int64_t>& out) {
+  if (target.scalar_type() != at::kLong || target.dim() != 1) return false;
+  const int64_t n = target.size(0), stride = target.stride(0);
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  out.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = t[i * stride];
+    if (out[i] < 0 || out[i] >= num_classes) return false;
+  }
+  return true;
+}
+
+// The 0-d ``sum`` divided by ``n`` in float32, in place: what aten's mean does after its sum
+// (sum_out, then div_ by the element count), and what ``loss.sum() / float(n)`` gives,
+// without the two ops that convert the count into a tensor first.
+Tensor divided(Tensor sum, int64_t n) {
+  float* s = sum.data_ptr<float>();
+  *s = *s / static_cast<float>(n);
+  return sum;
+}
+
+// reduce_loss(loss, reduction) of a float32 (N,) loss, every row counting.
+Tensor reduce(const Tensor& loss, const std::string& reduction) {
+  if (reduction == "none") return loss;
+  return reduction == "sum" ? loss.sum() : divided(loss.sum(), loss.size(0));
+}
+
+py::object uniform_cpu(const Tensor& input, const Tensor& target, double eps, const std::string& reduction,
+                       bool with_grad) {
+  const int64_t n = input.size(0), C = input.size(1);
+  std::vector<int64_t> y;
+  if (!read_targets(target, C, y)) return py::none();
+  const auto f32 = input.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
+  std::optional<Tensor> grad;
+  if (with_grad) grad = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  // _plain_cpu: float32 with a gradient and no smoothing; else logits_chunk + _cpu_softmax.
+  const bool plain = with_grad && eps == 0.0 && input.scalar_type() == at::kFloat;
+  Tensor x = float_rows(input);
+  const float* xs = x.const_data_ptr<float>();
+  std::optional<Tensor> smooth_dot;
+  if (eps > 0.0) smooth_dot = row_sums(x);
+  Tensor probs = (with_grad && input.scalar_type() == at::kFloat) ? *grad : at::empty_like(x);
+  at::_softmax_out(probs, x, 1, false);
+  float* p = probs.data_ptr<float>();
+  // _renormalise: the target's share taken out, the others summed (kernels.rows.target_gap)
+  std::vector<float> p_target(n), gap(n), scale(n);
+  for (int64_t i = 0; i < n; ++i) {
+    p_target[i] = p[i * C + y[i]];
+    p[i * C + y[i]] = 0.0f;
+  }
+  Tensor others_t = row_sums(probs);
+  const float* others = others_t.const_data_ptr<float>();
+  Tensor ratio = at::empty({n}, f32);
+  float* q = ratio.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const float total = others[i] + p_target[i];
+    scale[i] = 1.0f / total;
+    q[i] = others[i] / p_target[i];
+    gap[i] = others[i] * scale[i];
+  }
+  Tensor nll = at::log1p(ratio);
+  float* nl = nll.data_ptr<float>();
+  std::optional<Tensor> lse;
+  if (plain) {
+    // A row whose p_y underflows has an infinite loss: only those are redone.
+    bool infinite = false;
+    for (int64_t i = 0; i < n && !infinite; ++i) infinite = nl[i] == static_cast<float>(kInf);
+    if (infinite) {
+      Tensor underflow = nll.eq(kInf);
+      Tensor rows = x.index({underflow});
+      Tensor index = target.unsqueeze(1).index({underflow});
+      nll.index_put_({underflow}, at::sub(logsumexp_rows(rows), rows.gather(1, index).squeeze(1)));
+    }
+  } else {
+    lse = at::empty({n}, f32);
+    float* l = lse->data_ptr<float>();
+    bool risky_any = false;
+    for (int64_t i = 0; i < n; ++i) {
+      l[i] = xs[i * C + y[i]] + nl[i];
+      risky_any = risky_any || p_target[i] < 1e-30f;
+    }
+    if (risky_any) {  // p_y underflowed: a direct logsumexp for those rows
+      Tensor risky = at::empty({n}, f32.dtype(at::kBool));
+      bool* r = risky.data_ptr<bool>();
+      for (int64_t i = 0; i < n; ++i) r[i] = p_target[i] < 1e-30f;
+      Tensor z_target = x.gather(1, target.unsqueeze(1)).squeeze(1);
+      Tensor fallback = logsumexp_rows(x.index({risky}));
+      lse->index_put_({risky}, fallback);
+      nll.index_put_({risky}, at::sub(fallback, z_target.index({risky})));
+    }
+  }
+  // RowTerms.loss
+  Tensor loss = nll;
+  if (eps > 0.0) {
+    loss = at::empty({n}, f32);
+    float* o = loss.data_ptr<float>();
+    const float* l = lse->const_data_ptr<float>();
+    const float* sd = smooth_dot->const_data_ptr<float>();
+    const float keep = static_cast<float>(1.0 - eps), fc = static_cast<float>(double(C)),
+                spread = static_cast<float>(eps / double(C));
+    for (int64_t i = 0; i < n; ++i) o[i] = nl[i] * keep + (l[i] * fc - sd[i]) * spread;
+  }
+  loss = reduce(loss, reduction);
+  if (with_grad) {
+    // RowTerms.coefficients of uniform terms: Python floats (doubles), used as float32.
+    const double a = reduction == "mean" ? 1.0 / double(n) : 1.0;
+    const double target_part = 1.0 * (eps == 0.0 ? a : (1.0 - eps) * a);
+    double coef = target_part, rest = 0.0, smooth_step = 0.0;
+    if (eps > 0.0) {
+      const double smooth_a = 1.0 * a;
+      rest = smooth_a * (eps * double(C) / double(C));
+      coef = target_part + rest;
+      smooth_step = smooth_a * (-eps / double(C));
+    }
+    const float cf = static_cast<float>(coef), rf = static_cast<float>(rest), sf = static_cast<float>(smooth_step);
+    // apply_gradient: p (coef / total), the target's entry -coef (1 - p_y) (+ rest), + smooth_step
+    for (int64_t i = 0; i < n; ++i) {
+      float* row = p + i * C;
+      const float factor = scale[i] * cf;
+      for (int64_t j = 0; j < C; ++j) row[j] = row[j] * factor;
+      float value = -gap[i] * cf;
+      if (eps > 0.0) value = value + rf;
+      row[y[i]] = value;
+      if (eps > 0.0)
+        for (int64_t j = 0; j < C; ++j) row[j] = row[j] + sf;
+    }
+    if (grad->scalar_type() != at::kFloat) grad->copy_(probs);
+  }
+  if (loss.scalar_type() != input.scalar_type()) loss = loss.to(input.scalar_type());
+  return py::make_tuple(loss, grad.has_value() ? py::cast(*grad) : py::none());
+}
+
 // losskit::cross_entropy's forward (kernels.cross_entropy.cross_entropy_forward) for one
 // chunk on the CPU: (loss, grad or None), or None where the Python kernel must run.
 py::object cross_entropy_forward(const Tensor& input, const Tensor& target, const std::optional<Tensor>& valid_in,
@@ -264,6 +424,9 @@ py::object cross_entropy_forward(const Tensor& input, const Tensor& target, cons
   const int64_t n = input.size(0), num_classes = input.size(1);
   if (rows_per_chunk(num_classes) < n) return py::none();
   at::NoGradGuard no_grad;
+  if (!valid_in.has_value() && !weight.has_value()) {
+    return uniform_cpu(input, target, label_smoothing, reduction, !needs.empty() && needs[0]);
+  }
   // _all_valid: a mask with every row valid is no mask.
   std::optional<Tensor> valid = valid_in;
   if (valid.has_value() && valid->all().item<bool>()) valid.reset();
@@ -290,6 +453,31 @@ py::object cross_entropy_forward(const Tensor& input, const Tensor& target, cons
   return py::make_tuple(loss, grad.has_value() ? py::cast(*grad) : py::none());
 }
 
+// nll_forward where every row counts with weight 1: the gather, the negation and the
+// scatter as loops (exact), the sum an ATen op.
+py::object uniform_nll(const Tensor& input, const Tensor& target, const std::string& reduction, bool with_grad) {
+  const int64_t n = input.size(0), C = input.size(1), s0 = input.stride(0), s1 = input.stride(1);
+  std::vector<int64_t> y;
+  if (!read_targets(target, C, y)) return py::none();
+  Tensor loss = at::empty({n}, input.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  float* l = loss.data_ptr<float>();
+  std::optional<Tensor> grad;
+  if (with_grad) grad = at::zeros(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  const double step = reduction == "mean" ? -1.0 / double(n) : -1.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "nll_loss", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) l[i] = -static_cast<float>(x[i * s0 + y[i] * s1]);
+    if (with_grad) {
+      scalar_t* g = grad->data_ptr<scalar_t>();
+      const scalar_t value = at::Scalar(step).to<scalar_t>();  // as scatter_ converts its value
+      for (int64_t i = 0; i < n; ++i) g[i * C + y[i]] = value;
+    }
+  });
+  loss = reduce(loss, reduction);  // 'mean': loss.sum() / float(n)
+  if (loss.scalar_type() != input.scalar_type()) loss = loss.to(input.scalar_type());
+  return py::make_tuple(loss, grad.has_value() ? py::cast(*grad) : py::none());
+}
+
 // losskit::nll_loss's forward (kernels.cross_entropy.nll_forward) on the CPU.
 py::object nll_forward(const Tensor& input, const Tensor& target, const std::optional<Tensor>& valid_in,
                        const std::optional<Tensor>& weight, int64_t ignore_index, double label_smoothing,
@@ -302,6 +490,7 @@ py::object nll_forward(const Tensor& input, const Tensor& target, const std::opt
   }
   at::NoGradGuard no_grad;
   const int64_t n = input.size(0);
+  if (!valid_in.has_value() && !weight.has_value()) return uniform_nll(input, target, reduction, !needs.empty() && needs[0]);
   std::optional<Tensor> valid = valid_in;
   if (valid.has_value() && valid->all().item<bool>()) valid.reset();
   Tensor safe = valid.has_value() ? at::where(*valid, target, at::Scalar(0)) : target;
