@@ -188,3 +188,24 @@ def test_probabilities_warn_once_at_the_callers_line():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LF.cross_entropy(probs.detach().abs() + 1.0, target)  # non-negative, but rows do not sum to 1
+
+
+@needs_native
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["fused_cross_entropy", "fused_nll_loss"])
+def test_the_fused_ops_compiled_forward_gives_the_python_forwards_bits(op, dtype, opts):
+    # The path of callers that validate their own targets (keras, focal, ...): the fused op
+    # with its native_forward, against its Python forward.
+    from losskit._core.options import CrossEntropyOptions
+    from losskit.kernels import cross_entropy as kernels
+
+    x, target = _logits(24, 9, dtype, underflow=True)
+    target, kwargs = _options(opts, target, 9)
+    eps = kwargs.get("label_smoothing", 0.0) if op == "fused_cross_entropy" else 0.0
+    valid = target != -100
+    for reduction in ("mean", "sum", "none"):
+        options = CrossEntropyOptions(label_smoothing=eps, reduction=reduction)
+        _same_bits(lambda xi: getattr(kernels, op)(xi, torch.where(valid, target, 0), valid, kwargs.get("weight"),
+                                                   options=options),
+                   x, grad_output=_per_row)

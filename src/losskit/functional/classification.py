@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core import switches
-from .._core.checks import full_checks
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import cast, result_dtypes
 from .._core.ops import log_softmax
@@ -31,8 +29,7 @@ from .._core.validation import (
 from ..distributed.dtensor import class_sharded_cross_entropy, is_class_sharded
 from ..kernels import Replay, fused_applies, fused_bce_applies, fused_bce_with_logits, fused_cross_entropy
 from ..kernels.binary_cross_entropy import ReductionOption
-from ..kernels.cross_entropy import fused_nll_loss
-from ..kernels.fused_op import _native_module
+from ..kernels.cross_entropy import eager_class_index, fused_nll_loss
 from ..kernels.probability_cross_entropy import fused_probability_cross_entropy, probability_applies
 
 __all__ = [
@@ -53,51 +50,6 @@ def check_index_targets(input: Tensor, target: Tensor, class_dim: int, ignore_in
     if input.dim() == 1 and tuple(target.shape) == (1,):
         target = target.reshape(())
     return check_class_targets(target, expected, input.shape[class_dim], ignore_index, tuple(input.shape), fn)
-
-
-# The dtypes the compiled checks and kernels serve (float64 stays on the reference path).
-_EAGER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def eager_class_targets(
-    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, probe: bool
-) -> tuple[ClassTargets, bool] | None:
-    """The checks of :func:`check_index_targets` (and the look at the first rows of
-    :func:`warn_if_probabilities` when ``probe``) for an everyday eager CPU call, (N, C)
-    logits and (N,) class indices: one read of the targets in losskit's compiled part
-    instead of a handful of torch calls (at a batch of 64 they cost more than the loss).
-
-    Returns (targets, whether the first rows may be probabilities: the caller asks
-    :func:`warn_if_probabilities`, which decides), or None where anything is unusual:
-    a target out of range (the Python checks then raise their error), another shape,
-    device or dtype, or no compiled part. Everything it accepts, the Python checks accept
-    and validate to the same targets.
-    """
-    if (
-        input.dim() != 2
-        or target.dim() != 1
-        or type(input) is not Tensor
-        or not input.is_cpu
-        or input.dtype not in _EAGER_DTYPES
-        or target.shape[0] != input.shape[0]
-        or not input.shape[0]
-        or (weight is not None and (weight.dim() != 1 or weight.shape[0] != input.shape[1]
-                                    or not weight.is_floating_point()))
-        or torch.compiler.is_compiling()
-        or not switches.native_enabled()
-    ):
-        return None
-    native = _native_module()
-    if native is None:
-        return None
-    probe = probe and full_checks(input)
-    flags = native.check_class_targets(input, target, ignore_index, probe)
-    if flags & 1:  # every target in [0, C), none ignored
-        return ClassTargets(target.long(), ignore_index=ignore_index, all_valid=True), bool(flags & 4)
-    if flags & 2:  # some ignored, the others in [0, C)
-        target = target.long()
-        return ClassTargets(target, target != ignore_index, ignore_index=ignore_index), bool(flags & 4)
-    return None
 
 
 def _class_shape(num_dims: int, class_dim: int, num_classes: int) -> list[int]:
@@ -261,12 +213,17 @@ def cross_entropy(
         fn, ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
         softcap=softcap, temperature=temperature, reduction=reduction,
     )
-    eager = eager_class_targets(input, target, weight, ignore_index, probe=True)
-    if eager is not None:  # the everyday eager CPU call, checked in one read
-        targets, probe = eager
-        if probe:
+    # The everyday eager CPU call, checked and computed in one call into compiled code.
+    eager = eager_class_index(
+        fused_cross_entropy, input, target, weight, options,
+        lambda logits: _class_index_reference(logits, _index_targets(target, ignore_index), weight, options),
+        probe=True,
+    )
+    if eager is not None:
+        loss, maybe_probabilities = eager
+        if maybe_probabilities:
             warn_if_probabilities(input, 1, fn)
-        return class_index_cross_entropy(input, targets, weight, options)
+        return loss
     if is_class_sharded(input):  # a DTensor sharded on classes: the vocab-parallel loss, no gather
         return class_sharded_cross_entropy(input, target, fn, weight=weight, options=options)
     class_dim = class_dim_of(input, fn)
@@ -309,21 +266,7 @@ def class_index_cross_entropy(
 
     def reference(logits: Tensor) -> Tensor:
         """The composed form: also what a fused call replays for a second backward."""
-        class_dim = 0 if logits.dim() == 1 else 1
-        compute, out = result_dtypes(logits)
-        z = _transformed(cast(logits, compute), options)
-        loss, denominator = _class_index_loss(
-            log_softmax(z, class_dim), targets, weight, options.label_smoothing, class_dim
-        )
-        reduction, scale = options.reduction, options.lse_square_scale
-        if not scale:
-            return reduce_loss(loss, reduction, denominator).to(out)
-        # The z-loss is a per-token regulariser: 'mean' averages it over the positions that
-        # count, unweighted, while the cross-entropy divides by the summed target weights.
-        z_loss = torch.where(targets.valid, scale * torch.logsumexp(z, class_dim).square(), 0.0)
-        if reduction == "mean":
-            return (reduce_loss(loss, reduction, denominator) + z_loss.sum() / targets.valid.sum()).to(out)
-        return reduce_loss(loss + z_loss, reduction).to(out)
+        return _class_index_reference(logits, targets, weight, options)
 
     if fused_applies(input, targets.target):
         return fused_cross_entropy(
@@ -331,6 +274,32 @@ def class_index_cross_entropy(
             replay=Replay("cross_entropy", reference, [input]),
         )
     return reference(input)
+
+
+def _class_index_reference(
+    logits: Tensor, targets: ClassTargets, weight: Tensor | None, options: CrossEntropyOptions
+) -> Tensor:
+    """The composed cross_entropy of class-index targets (the oracle of the fused kernel)."""
+    class_dim = 0 if logits.dim() == 1 else 1
+    compute, out = result_dtypes(logits)
+    z = _transformed(cast(logits, compute), options)
+    loss, denominator = _class_index_loss(
+        log_softmax(z, class_dim), targets, weight, options.label_smoothing, class_dim
+    )
+    reduction, scale = options.reduction, options.lse_square_scale
+    if not scale:
+        return reduce_loss(loss, reduction, denominator).to(out)
+    # The z-loss is a per-token regulariser: 'mean' averages it over the positions that
+    # count, unweighted, while the cross-entropy divides by the summed target weights.
+    z_loss = torch.where(targets.valid, scale * torch.logsumexp(z, class_dim).square(), 0.0)
+    if reduction == "mean":
+        return (reduce_loss(loss, reduction, denominator) + z_loss.sum() / targets.valid.sum()).to(out)
+    return reduce_loss(loss + z_loss, reduction).to(out)
+
+
+def _index_targets(target: Tensor, ignore_index: int) -> ClassTargets:
+    """Targets that the compiled checks found valid, for a replay of the composed form."""
+    return ClassTargets(target.long(), ignore_index=ignore_index)
 
 
 def _transformed(logits: Tensor, options: CrossEntropyOptions) -> Tensor:
@@ -380,34 +349,41 @@ def nll_loss(
     """
     fn = "nll_loss"
     reduction = resolve_reduction(size_average, reduce, reduction)
-    eager = eager_class_targets(input, target, weight, ignore_index, probe=False)
+    options = CrossEntropyOptions.checked(fn, ignore_index=ignore_index, reduction=reduction)
+    # The everyday eager CPU call, checked and computed in one call into compiled code.
+    eager = eager_class_index(
+        fused_nll_loss, input, target, weight, options,
+        lambda log_probs: _nll_reference(log_probs, _index_targets(target, ignore_index), weight, reduction),
+        probe=False,
+    )
     if eager is not None:
-        targets = eager[0]
-    else:
-        class_dim = class_dim_of(input, fn)
-        check_floating(input, "input", fn)
-        if weight is not None:
-            check_class_weight(weight, input.shape[class_dim], fn)
-        targets = check_index_targets(input, target, class_dim, ignore_index, fn)
+        return eager[0]
+    class_dim = class_dim_of(input, fn)
+    check_floating(input, "input", fn)
+    if weight is not None:
+        check_class_weight(weight, input.shape[class_dim], fn)
+    targets = check_index_targets(input, target, class_dim, ignore_index, fn)
 
     def reference(log_probs: Tensor) -> Tensor:
         """The composed form: also what a fused call replays for a second backward."""
-        compute, out = result_dtypes(log_probs)
-        # Only the gathered log-probabilities are computed with: gather first, then cast (a
-        # cast of the whole half-precision input would cost a full pass; the gather rounds
-        # nothing).
-        loss, denominator = _class_index_loss(
-            log_probs, targets, weight, 0.0, class_dim_of(log_probs, fn), compute
-        )
-        return cast(reduce_loss(loss, reduction, denominator), out)
+        return _nll_reference(log_probs, targets, weight, reduction)
 
     if fused_applies(input, targets.target):
-        options = CrossEntropyOptions.checked(fn, ignore_index=ignore_index, reduction=reduction)
         return fused_nll_loss(
             input, targets.target, targets.valid_or_none, weight, options=options,
             replay=Replay(fn, reference, [input]),
         )
     return reference(input)
+
+
+def _nll_reference(log_probs: Tensor, targets: ClassTargets, weight: Tensor | None, reduction: str) -> Tensor:
+    """The composed nll_loss (the oracle of the fused kernel)."""
+    compute, out = result_dtypes(log_probs)
+    # Only the gathered log-probabilities are computed with: gather first, then cast (a cast
+    # of the whole half-precision input would cost a full pass; the gather rounds nothing).
+    loss, denominator = _class_index_loss(log_probs, targets, weight, 0.0, class_dim_of(log_probs, "nll_loss"),
+                                          compute)
+    return cast(reduce_loss(loss, reduction, denominator), out)
 
 
 class _BinaryCrossEntropy(torch.autograd.Function):

@@ -30,17 +30,19 @@ machinery comes from :class:`~losskit.kernels.fused_op.FusedOp`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .._core import switches
+from .._core.checks import full_checks
 from .._core.dtypes import cast, result_dtypes
 from .._core.options import CrossEntropyOptions
 from .._core.validation import ClassTargets
 from . import triton_support
-from .fused_op import FusedOp, fused_may_serve
+from .fused_op import FusedOp, Replay, _native_module, fused_may_serve
 from .rows import Coefficients, RowTerms, apply_gradient, row_sums, target_gap, transform_logits
 
 
@@ -340,3 +342,62 @@ def fused_applies(input: Tensor, target: Tensor) -> bool:
         and input.shape[0] > 0
         and fused_may_serve(input)
     )
+
+
+# The dtypes the compiled eager calls serve (float64 stays on the reference path).
+_EAGER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def eager_class_index(
+    op: FusedOp, input: Tensor, target: Tensor, weight: Tensor | None, options: CrossEntropyOptions,
+    reference: Callable[[Tensor], Tensor], probe: bool,
+) -> tuple[Tensor, bool] | None:
+    """An everyday eager CPU call of ``op`` (:data:`fused_cross_entropy` or
+    :data:`fused_nll_loss`) on (N, C) logits and (N,) class indices, whole in one call
+    into losskit's compiled part: the value checks of the targets (and, with ``probe``,
+    the look at the first rows of ``warn_if_probabilities``), the forward, and the
+    autograd node that FusedOp would attach. At a batch of 64 the Python checks and the
+    fused op's Python machinery cost several times the loss itself.
+
+    Returns (loss, whether the first rows may be probabilities: the caller asks
+    ``warn_if_probabilities``, which decides), or None for anything else: no compiled
+    part, another device, dtype or shape, an option it does not compute, a target out of
+    range (the Python path then checks, raises and computes, with the same results).
+    ``reference`` is the composed loss of the logits, for a double backward (Replay).
+    """
+    if (
+        type(input) is not Tensor
+        or input.dim() != 2
+        or target.dim() != 1
+        or not input.is_cpu
+        or input.dtype not in _EAGER_DTYPES
+        or target.shape[0] != input.shape[0]
+        or not input.shape[0]
+        or (weight is not None and (weight.dim() != 1 or weight.shape[0] != input.shape[1]
+                                    or not weight.is_floating_point()))
+        or (op is fused_cross_entropy and (options.softcap is not None or options.temperature != 1.0
+                                           or options.lse_square_scale))
+        or torch.compiler.is_compiling()
+        or not switches.native_enabled()
+        or switches.path() == "reference"  # what fused_may_serve asks, for these dtypes
+        or torch.autograd.forward_ad._current_level >= 0
+        or torch._C._functorch.is_functorch_wrapped_tensor(input)
+    ):
+        return None
+    native = _native_module()
+    if native is None:
+        return None
+    need = torch.is_grad_enabled() and input.requires_grad
+    if op is fused_cross_entropy:
+        made = native.cross_entropy_eager(input, target, weight, options.ignore_index, options.label_smoothing,
+                                          options.reduction, probe and full_checks(input), need)
+    else:
+        made = native.nll_loss_eager(input, target, weight, options.ignore_index, options.reduction, need)
+    if made is None:
+        return None
+    loss, grad, maybe_probabilities = made
+    if need:  # FusedOp.__call__'s native node, named as its autograd.Function
+        replay = Replay(op.name, reference, [input])
+        loss = native.attach(op.eager.__name__ + "Backward", loss.detach() if loss._is_view() else loss, [input],
+                             [grad], options.reduction == "none", (op.name, replay, [True], [input.shape]))
+    return loss, maybe_probabilities

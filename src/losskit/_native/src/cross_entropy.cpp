@@ -542,8 +542,10 @@ py::object nll_forward(const Tensor& input, const Tensor& target, const std::opt
 int64_t check_class_targets(const Tensor& input, const Tensor& target, int64_t ignore_index, bool probe) {
   int64_t flags = 0;
   const int64_t num_classes = input.size(1);
-  if (target.dim() == 1 && target.is_cpu() && !at::isFloatingType(target.scalar_type()) &&
-      target.scalar_type() != at::kBool && !target.is_complex() && num_classes > 0) {
+  const auto kind = target.scalar_type();
+  const bool integral = kind == at::kByte || kind == at::kChar || kind == at::kShort || kind == at::kInt ||
+                        kind == at::kLong;  // what AT_DISPATCH_INTEGRAL_TYPES serves; others go to Python
+  if (target.dim() == 1 && target.is_cpu() && integral && num_classes > 0) {
     bool in_range = true, ignored = false;
     AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "check_class_targets", [&] {
       const scalar_t* data = target.const_data_ptr<scalar_t>();
@@ -579,11 +581,44 @@ int64_t check_class_targets(const Tensor& input, const Tensor& target, int64_t i
   return flags;
 }
 
+// The whole eager call of cross_entropy / nll_loss on (N, C) logits and (N,) class indices
+// of any integer dtype: the checks of check_class_targets, then the forward. None where
+// either declines (the Python path then checks, raises and computes); else (loss,
+// gradient or None, whether the first rows may be probabilities).
+template <typename Forward>
+py::object eager(Forward forward, const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                 int64_t ignore_index, double label_smoothing, const std::string& reduction, bool probe, bool needs_grad) {
+  const int64_t flags = check_class_targets(input, target, ignore_index, probe);
+  if (!(flags & 3)) return py::none();
+  Tensor index = target.scalar_type() == at::kLong ? target : target.to(at::kLong);
+  std::optional<Tensor> valid;
+  if (flags & 2) valid = index.ne(ignore_index);
+  py::object made = forward(input, index, valid, weight, ignore_index, label_smoothing, 0.0, std::nullopt, 1.0,
+                            reduction, std::vector<bool>{needs_grad});
+  if (made.is_none()) return made;
+  auto out = made.cast<py::tuple>();
+  return py::make_tuple(out[0], out[1], bool(flags & 4));
+}
+
+py::object cross_entropy_eager(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                               int64_t ignore_index, double label_smoothing, const std::string& reduction, bool probe,
+                               bool needs_grad) {
+  return eager(cross_entropy_forward, input, target, weight, ignore_index, label_smoothing, reduction, probe,
+               needs_grad);
+}
+
+py::object nll_eager(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                     int64_t ignore_index, const std::string& reduction, bool needs_grad) {
+  return eager(nll_forward, input, target, weight, ignore_index, 0.0, reduction, false, needs_grad);
+}
+
 }  // namespace
 
 void register_cross_entropy(py::module& m) {
   m.def("cross_entropy", &cross_entropy_forward, "losskit::cross_entropy's forward on the CPU, or None");
   m.def("nll_loss", &nll_forward, "losskit::nll_loss's forward on the CPU, or None");
   m.def("check_class_targets", &check_class_targets, "the value checks of class-index targets, in one read");
+  m.def("cross_entropy_eager", &cross_entropy_eager, "an eager CPU cross_entropy call: checks and forward, or None");
+  m.def("nll_loss_eager", &nll_eager, "an eager CPU nll_loss call: checks and forward, or None");
 }
 LOSSKIT_REGISTER(register_cross_entropy)
