@@ -37,7 +37,6 @@ import torch
 from torch import Tensor
 
 from .._core import switches
-from .._core.checks import full_checks
 from .._core.dtypes import cast, result_dtypes
 from .._core.options import CrossEntropyOptions
 from .._core.validation import ClassTargets
@@ -344,10 +343,6 @@ def fused_applies(input: Tensor, target: Tensor) -> bool:
     )
 
 
-# The dtypes the compiled eager calls serve (float64 stays on the reference path).
-_EAGER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def eager_class_index(
     op: FusedOp, input: Tensor, target: Tensor, weight: Tensor | None, options: CrossEntropyOptions,
     reference: Callable[[Tensor], Tensor], probe: bool,
@@ -365,16 +360,12 @@ def eager_class_index(
     range (the Python path then checks, raises and computes, with the same results).
     ``reference`` is the composed loss of the logits, for a double backward (Replay).
     """
+    # The compiled part checks the shapes, dtypes and devices (and declines what it does
+    # not serve); here, what only Python knows.
     if (
         type(input) is not Tensor
-        or input.dim() != 2
-        or target.dim() != 1
-        or not input.is_cpu
-        or input.dtype not in _EAGER_DTYPES
-        or target.shape[0] != input.shape[0]
-        or not input.shape[0]
-        or (weight is not None and (weight.dim() != 1 or weight.shape[0] != input.shape[1]
-                                    or not weight.is_floating_point()))
+        or type(target) is not Tensor
+        or (weight is not None and type(weight) is not Tensor)
         or (op is fused_cross_entropy and (options.softcap is not None or options.temperature != 1.0
                                            or options.lse_square_scale))
         or torch.compiler.is_compiling()
@@ -389,8 +380,10 @@ def eager_class_index(
         return None
     need = torch.is_grad_enabled() and input.requires_grad
     if op is fused_cross_entropy:
+        # full_checks(input) of a plain CPU tensor outside torch.compile (checked above)
+        probe = probe and switches.checks_mode() in ("auto", "full")
         made = native.cross_entropy_eager(input, target, weight, options.ignore_index, options.label_smoothing,
-                                          options.reduction, probe and full_checks(input), need)
+                                          options.reduction, probe, need)
     else:
         made = native.nll_loss_eager(input, target, weight, options.ignore_index, options.reduction, need)
     if made is None:

@@ -588,6 +588,16 @@ int64_t check_class_targets(const Tensor& input, const Tensor& target, int64_t i
 template <typename Forward>
 py::object eager(Forward forward, const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                  int64_t ignore_index, double label_smoothing, const std::string& reduction, bool probe, bool needs_grad) {
+  // What the Python checks would look at, cheaper here: (N, C) logits of a served dtype on
+  // the CPU, (N,) targets, N > 0, a floating (C,) weight on the CPU.
+  if (input.dim() != 2 || target.dim() != 1 || !input.is_cpu() || !served_dtype(input) ||
+      target.size(0) != input.size(0) || input.size(0) == 0) {
+    return py::none();
+  }
+  if (weight.has_value() && (weight->dim() != 1 || weight->size(0) != input.size(1) ||
+                             !at::isFloatingType(weight->scalar_type()) || !weight->is_cpu())) {
+    return py::none();
+  }
   const int64_t flags = check_class_targets(input, target, ignore_index, probe);
   if (!(flags & 3)) return py::none();
   Tensor index = target.scalar_type() == at::kLong ? target : target.to(at::kLong);
