@@ -40,6 +40,34 @@ __all__ = [
 ]
 
 
+_OPTIONS: dict[tuple, CrossEntropyOptions] = {}
+
+
+def _checked_options(fn: str, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+                     softcap: float | None, temperature: float, reduction: str) -> CrossEntropyOptions:
+    """CrossEntropyOptions.checked(fn, ...), remembered by value in eager mode: one dict
+    lookup, where the checked constructor's cache of keyword arguments costs microseconds
+    (a batch of 64 costs a few tens of them in all)."""
+    key = (fn, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, reduction)
+    if not torch.compiler.is_compiling():
+        try:
+            found = _OPTIONS.get(key)
+        except TypeError:  # an unhashable value: the checked constructor deals with it
+            found = None
+        if found is not None:
+            return found
+    options = CrossEntropyOptions.checked(
+        fn, ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        softcap=softcap, temperature=temperature, reduction=reduction,
+    )
+    if not torch.compiler.is_compiling() and len(_OPTIONS) < 256:
+        try:
+            _OPTIONS[key] = options
+        except TypeError:
+            pass
+    return options
+
+
 def check_index_targets(input: Tensor, target: Tensor, class_dim: int, ignore_index: int, fn: str) -> ClassTargets:
     """Class-index targets of (C,), (N, C) or (N, C, d1, ...) logits, validated once: as
     int64, with their ``valid`` mask.
@@ -209,10 +237,7 @@ def cross_entropy(
     """
     fn = "cross_entropy"
     reduction = resolve_reduction(size_average, reduce, reduction)
-    options = CrossEntropyOptions.checked(
-        fn, ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-        softcap=softcap, temperature=temperature, reduction=reduction,
-    )
+    options = _checked_options(fn, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, reduction)
     # The everyday eager CPU call, checked and computed in one call into compiled code.
     eager = eager_class_index(
         fused_cross_entropy, input, target, weight, options,
@@ -349,7 +374,7 @@ def nll_loss(
     """
     fn = "nll_loss"
     reduction = resolve_reduction(size_average, reduce, reduction)
-    options = CrossEntropyOptions.checked(fn, ignore_index=ignore_index, reduction=reduction)
+    options = _checked_options(fn, ignore_index, 0.0, 0.0, None, 1.0, reduction)
     # The everyday eager CPU call, checked and computed in one call into compiled code.
     eager = eager_class_index(
         fused_nll_loss, input, target, weight, options,

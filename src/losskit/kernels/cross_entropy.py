@@ -30,6 +30,7 @@ machinery comes from :class:`~losskit.kernels.fused_op.FusedOp`.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -343,6 +344,14 @@ def fused_applies(input: Tensor, target: Tensor) -> bool:
     )
 
 
+class _LogitsReplay(Replay):
+    """A :class:`Replay` of one input, built without the general constructor's loop."""
+
+    def __init__(self, what: str, reference: Callable[[Tensor], Tensor], logits: Tensor) -> None:
+        self.what, self.reference = what, reference
+        self.handles = [(weakref.ref(logits), logits._version)]
+
+
 def eager_class_index(
     op: FusedOp, input: Tensor, target: Tensor, weight: Tensor | None, options: CrossEntropyOptions,
     reference: Callable[[Tensor], Tensor], probe: bool,
@@ -390,7 +399,7 @@ def eager_class_index(
         return None
     loss, grad, maybe_probabilities = made
     if need:  # FusedOp.__call__'s native node, named as its autograd.Function
-        replay = Replay(op.name, reference, [input])
+        replay = _LogitsReplay(op.name, reference, input)
         loss = native.attach(op.eager.__name__ + "Backward", loss.detach() if loss._is_view() else loss, [input],
                              [grad], options.reduction == "none", (op.name, replay, [True], [input.shape]))
     return loss, maybe_probabilities
