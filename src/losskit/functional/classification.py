@@ -29,6 +29,7 @@ from .._core.validation import (
 from ..distributed.dtensor import class_sharded_cross_entropy, is_class_sharded
 from ..kernels import Replay, fused_applies, fused_bce_applies, fused_bce_with_logits, fused_cross_entropy
 from ..kernels.binary_cross_entropy import ReductionOption
+from ..kernels.cross_entropy import eager_class_index, fused_nll_loss
 from ..kernels.probability_cross_entropy import fused_probability_cross_entropy, probability_applies
 
 __all__ = [
@@ -37,6 +38,34 @@ __all__ = [
     "cross_entropy",
     "nll_loss",
 ]
+
+
+_OPTIONS: dict[tuple, CrossEntropyOptions] = {}
+
+
+def _checked_options(fn: str, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+                     softcap: float | None, temperature: float, reduction: str) -> CrossEntropyOptions:
+    """CrossEntropyOptions.checked(fn, ...), remembered by value in eager mode: one dict
+    lookup, where the checked constructor's cache of keyword arguments costs microseconds
+    (a batch of 64 costs a few tens of them in all)."""
+    key = (fn, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, reduction)
+    if not torch.compiler.is_compiling():
+        try:
+            found = _OPTIONS.get(key)
+        except TypeError:  # an unhashable value: the checked constructor deals with it
+            found = None
+        if found is not None:
+            return found
+    options = CrossEntropyOptions.checked(
+        fn, ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+        softcap=softcap, temperature=temperature, reduction=reduction,
+    )
+    if not torch.compiler.is_compiling() and len(_OPTIONS) < 256:
+        try:
+            _OPTIONS[key] = options
+        except TypeError:
+            pass
+    return options
 
 
 def check_index_targets(input: Tensor, target: Tensor, class_dim: int, ignore_index: int, fn: str) -> ClassTargets:
@@ -208,10 +237,18 @@ def cross_entropy(
     """
     fn = "cross_entropy"
     reduction = resolve_reduction(size_average, reduce, reduction)
-    options = CrossEntropyOptions.checked(
-        fn, ignore_index=ignore_index, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-        softcap=softcap, temperature=temperature, reduction=reduction,
+    options = _checked_options(fn, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, reduction)
+    # The everyday eager CPU call, checked and computed in one call into compiled code.
+    eager = eager_class_index(
+        fused_cross_entropy, input, target, weight, options,
+        lambda logits: _class_index_reference(logits, _index_targets(target, ignore_index), weight, options),
+        probe=True,
     )
+    if eager is not None:
+        loss, maybe_probabilities = eager
+        if maybe_probabilities:
+            warn_if_probabilities(input, 1, fn)
+        return loss
     if is_class_sharded(input):  # a DTensor sharded on classes: the vocab-parallel loss, no gather
         return class_sharded_cross_entropy(input, target, fn, weight=weight, options=options)
     class_dim = class_dim_of(input, fn)
@@ -254,21 +291,7 @@ def class_index_cross_entropy(
 
     def reference(logits: Tensor) -> Tensor:
         """The composed form: also what a fused call replays for a second backward."""
-        class_dim = 0 if logits.dim() == 1 else 1
-        compute, out = result_dtypes(logits)
-        z = _transformed(cast(logits, compute), options)
-        loss, denominator = _class_index_loss(
-            log_softmax(z, class_dim), targets, weight, options.label_smoothing, class_dim
-        )
-        reduction, scale = options.reduction, options.lse_square_scale
-        if not scale:
-            return reduce_loss(loss, reduction, denominator).to(out)
-        # The z-loss is a per-token regulariser: 'mean' averages it over the positions that
-        # count, unweighted, while the cross-entropy divides by the summed target weights.
-        z_loss = torch.where(targets.valid, scale * torch.logsumexp(z, class_dim).square(), 0.0)
-        if reduction == "mean":
-            return (reduce_loss(loss, reduction, denominator) + z_loss.sum() / targets.valid.sum()).to(out)
-        return reduce_loss(loss + z_loss, reduction).to(out)
+        return _class_index_reference(logits, targets, weight, options)
 
     if fused_applies(input, targets.target):
         return fused_cross_entropy(
@@ -276,6 +299,32 @@ def class_index_cross_entropy(
             replay=Replay("cross_entropy", reference, [input]),
         )
     return reference(input)
+
+
+def _class_index_reference(
+    logits: Tensor, targets: ClassTargets, weight: Tensor | None, options: CrossEntropyOptions
+) -> Tensor:
+    """The composed cross_entropy of class-index targets (the oracle of the fused kernel)."""
+    class_dim = 0 if logits.dim() == 1 else 1
+    compute, out = result_dtypes(logits)
+    z = _transformed(cast(logits, compute), options)
+    loss, denominator = _class_index_loss(
+        log_softmax(z, class_dim), targets, weight, options.label_smoothing, class_dim
+    )
+    reduction, scale = options.reduction, options.lse_square_scale
+    if not scale:
+        return reduce_loss(loss, reduction, denominator).to(out)
+    # The z-loss is a per-token regulariser: 'mean' averages it over the positions that
+    # count, unweighted, while the cross-entropy divides by the summed target weights.
+    z_loss = torch.where(targets.valid, scale * torch.logsumexp(z, class_dim).square(), 0.0)
+    if reduction == "mean":
+        return (reduce_loss(loss, reduction, denominator) + z_loss.sum() / targets.valid.sum()).to(out)
+    return reduce_loss(loss + z_loss, reduction).to(out)
+
+
+def _index_targets(target: Tensor, ignore_index: int) -> ClassTargets:
+    """Targets that the compiled checks found valid, for a replay of the composed form."""
+    return ClassTargets(target.long(), ignore_index=ignore_index)
 
 
 def _transformed(logits: Tensor, options: CrossEntropyOptions) -> Tensor:
@@ -325,15 +374,40 @@ def nll_loss(
     """
     fn = "nll_loss"
     reduction = resolve_reduction(size_average, reduce, reduction)
+    options = _checked_options(fn, ignore_index, 0.0, 0.0, None, 1.0, reduction)
+    # The everyday eager CPU call, checked and computed in one call into compiled code.
+    eager = eager_class_index(
+        fused_nll_loss, input, target, weight, options,
+        lambda log_probs: _nll_reference(log_probs, _index_targets(target, ignore_index), weight, reduction),
+        probe=False,
+    )
+    if eager is not None:
+        return eager[0]
     class_dim = class_dim_of(input, fn)
     check_floating(input, "input", fn)
     if weight is not None:
         check_class_weight(weight, input.shape[class_dim], fn)
     targets = check_index_targets(input, target, class_dim, ignore_index, fn)
-    compute, out = result_dtypes(input)
+
+    def reference(log_probs: Tensor) -> Tensor:
+        """The composed form: also what a fused call replays for a second backward."""
+        return _nll_reference(log_probs, targets, weight, reduction)
+
+    if fused_applies(input, targets.target):
+        return fused_nll_loss(
+            input, targets.target, targets.valid_or_none, weight, options=options,
+            replay=Replay(fn, reference, [input]),
+        )
+    return reference(input)
+
+
+def _nll_reference(log_probs: Tensor, targets: ClassTargets, weight: Tensor | None, reduction: str) -> Tensor:
+    """The composed nll_loss (the oracle of the fused kernel)."""
+    compute, out = result_dtypes(log_probs)
     # Only the gathered log-probabilities are computed with: gather first, then cast (a cast
     # of the whole half-precision input would cost a full pass; the gather rounds nothing).
-    loss, denominator = _class_index_loss(input, targets, weight, 0.0, class_dim, compute)
+    loss, denominator = _class_index_loss(log_probs, targets, weight, 0.0, class_dim_of(log_probs, "nll_loss"),
+                                          compute)
     return cast(reduce_loss(loss, reduction, denominator), out)
 
 

@@ -30,6 +30,8 @@ machinery comes from :class:`~losskit.kernels.fused_op.FusedOp`.
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -40,7 +42,7 @@ from .._core.dtypes import cast, result_dtypes
 from .._core.options import CrossEntropyOptions
 from .._core.validation import ClassTargets
 from . import triton_support
-from .fused_op import FusedOp, fused_may_serve
+from .fused_op import FusedOp, Replay, _native_module, fused_may_serve
 from .rows import Coefficients, RowTerms, apply_gradient, row_sums, target_gap, transform_logits
 
 
@@ -261,6 +263,73 @@ fused_cross_entropy = FusedOp(
     differentiable=1,
     options=CrossEntropyOptions,
     forward=cross_entropy_forward,
+    # Eager CPU calls of one chunk without soft-capping, temperature or z-loss: this
+    # forward, op by op in C++ (losskit/_native/src/cross_entropy.cpp).
+    native_forward="cross_entropy",
+)
+
+
+def nll_forward(
+    input: Tensor, target: Tensor, valid: Tensor | None, weight: Tensor | None, *, options: CrossEntropyOptions,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor, tuple[Tensor | None]]:
+    """(loss, (dloss/dinput or None,)): the kernel of ``losskit::nll_loss``, for (N, C)
+    log-probabilities and their validated class-index targets (``valid`` None when all
+    count); only ``ignore_index`` and ``reduction`` of ``options`` apply.
+
+    loss_i = -w_{y_i} x_{i, y_i} (0 where ignored); 'mean' divides the sum by sum_i w_{y_i}
+    (the row count without weight). The gradient is that of one element per row,
+    -w_{y_i} / denominator under 'mean' (0 where nothing counts, as torch), -w_{y_i}
+    otherwise: a zero buffer with one scatter, where autograd through a gather would make
+    the zeros, the scatter and a handful of per-row nodes.
+    """
+    compute, _ = result_dtypes(input)
+    all_valid = _all_valid(valid)
+    safe = target if all_valid else torch.where(valid, target, 0)
+    index = safe.unsqueeze(1)
+    # Only the gathered log-probabilities are cast (a cast of a half-precision input would
+    # be a pass over all of it; the gather rounds nothing).
+    loss = -cast(input.gather(1, index).squeeze(1), compute)
+    row_weight = None  # w_y, 0 where ignored; None: every row counts with weight 1
+    if weight is not None:
+        row_weight = weight.to(compute)[safe]
+        loss = loss * row_weight
+        if not all_valid:
+            row_weight = torch.where(valid, row_weight, 0.0)
+    elif not all_valid:
+        row_weight = valid.to(compute)
+    if not all_valid:
+        # where, never a multiplication: an ignored row's -inf must not become 0 * inf = nan
+        loss = torch.where(valid, loss, 0.0)
+    denominator = None
+    if options.reduction == "mean":
+        if row_weight is None:
+            loss = loss.sum() / float(input.shape[0])
+        else:
+            denominator = row_weight.sum()
+            loss = loss.sum() / denominator
+    elif options.reduction == "sum":
+        loss = loss.sum()
+    grad = None
+    if needs[0]:
+        grad = torch.zeros(input.shape, dtype=input.dtype, device=input.device)
+        if row_weight is None:
+            grad.scatter_(1, index, -1.0 / input.shape[0] if options.reduction == "mean" else -1.0)
+        else:
+            value = row_weight
+            if denominator is not None:
+                value = value * torch.where(denominator != 0, denominator, torch.inf).reciprocal()
+            grad.scatter_(1, index, (-value).to(input.dtype).unsqueeze(1))
+    return cast(loss, input.dtype), (grad,)
+
+
+fused_nll_loss = FusedOp(
+    "nll_loss",
+    tensors=("input", "target", "valid?", "weight?"),
+    differentiable=1,
+    options=CrossEntropyOptions,
+    forward=nll_forward,
+    native_forward="nll_loss",
 )
 
 
@@ -273,3 +342,64 @@ def fused_applies(input: Tensor, target: Tensor) -> bool:
         and input.shape[0] > 0
         and fused_may_serve(input)
     )
+
+
+class _LogitsReplay(Replay):
+    """A :class:`Replay` of one input, built without the general constructor's loop."""
+
+    def __init__(self, what: str, reference: Callable[[Tensor], Tensor], logits: Tensor) -> None:
+        self.what, self.reference = what, reference
+        self.handles = [(weakref.ref(logits), logits._version)]
+
+
+def eager_class_index(
+    op: FusedOp, input: Tensor, target: Tensor, weight: Tensor | None, options: CrossEntropyOptions,
+    reference: Callable[[Tensor], Tensor], probe: bool,
+) -> tuple[Tensor, bool] | None:
+    """An everyday eager CPU call of ``op`` (:data:`fused_cross_entropy` or
+    :data:`fused_nll_loss`) on (N, C) logits and (N,) class indices, whole in one call
+    into losskit's compiled part: the value checks of the targets (and, with ``probe``,
+    the look at the first rows of ``warn_if_probabilities``), the forward, and the
+    autograd node that FusedOp would attach. At a batch of 64 the Python checks and the
+    fused op's Python machinery cost several times the loss itself.
+
+    Returns (loss, whether the first rows may be probabilities: the caller asks
+    ``warn_if_probabilities``, which decides), or None for anything else: no compiled
+    part, another device, dtype or shape, an option it does not compute, a target out of
+    range (the Python path then checks, raises and computes, with the same results).
+    ``reference`` is the composed loss of the logits, for a double backward (Replay).
+    """
+    # The compiled part checks the shapes, dtypes and devices (and declines what it does
+    # not serve); here, what only Python knows.
+    if (
+        type(input) is not Tensor
+        or type(target) is not Tensor
+        or (weight is not None and type(weight) is not Tensor)
+        or (op is fused_cross_entropy and (options.softcap is not None or options.temperature != 1.0
+                                           or options.lse_square_scale))
+        or torch.compiler.is_compiling()
+        or not switches.native_enabled()
+        or switches.path() == "reference"  # what fused_may_serve asks, for these dtypes
+        or torch.autograd.forward_ad._current_level >= 0
+        or torch._C._functorch.is_functorch_wrapped_tensor(input)
+    ):
+        return None
+    native = _native_module()
+    if native is None:
+        return None
+    need = torch.is_grad_enabled() and input.requires_grad
+    if op is fused_cross_entropy:
+        # full_checks(input) of a plain CPU tensor outside torch.compile (checked above)
+        probe = probe and switches.checks_mode() in ("auto", "full")
+        made = native.cross_entropy_eager(input, target, weight, options.ignore_index, options.label_smoothing,
+                                          options.reduction, probe, need)
+    else:
+        made = native.nll_loss_eager(input, target, weight, options.ignore_index, options.reduction, need)
+    if made is None:
+        return None
+    loss, grad, maybe_probabilities = made
+    if need:  # FusedOp.__call__'s native node, named as its autograd.Function
+        replay = _LogitsReplay(op.name, reference, input)
+        loss = native.attach(op.eager.__name__ + "Backward", loss.detach() if loss._is_view() else loss, [input],
+                             [grad], options.reduction == "none", (op.name, replay, [True], [input.shape]))
+    return loss, maybe_probabilities
