@@ -1,0 +1,152 @@
+// The binary losses' kernels in C++ (see losskit/kernels/binary_cross_entropy.py).
+//
+// Each function is the Python kernel's ATen op sequence, op for op, so that it gives the
+// same bits: only the cost of dispatching each op from Python (5-10 us) goes. A call it
+// does not serve (not on the CPU, or the Triton kernel's) returns None and the Python
+// kernel runs instead.
+#include "losskit_native.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+// (loss, gradient of input or None), or None: the call is left to the Python kernel.
+using Made = std::optional<std::vector<OptTensor>>;
+
+// result_dtypes: half precision computes in float32.
+at::ScalarType compute_type(const at::Tensor& t) {
+  auto type = t.scalar_type();
+  return (type == at::kHalf || type == at::kBFloat16) ? at::kFloat : type;
+}
+
+// Tensor.to(dtype): the tensor itself when it already has that dtype.
+at::Tensor as(const at::Tensor& t, at::ScalarType type) { return t.scalar_type() == type ? t : t.to(type); }
+
+// losskit._core.reduction.reduce_loss without a denominator.
+at::Tensor reduce(const at::Tensor& loss, const std::string& reduction) {
+  if (reduction == "sum") return loss.sum();
+  if (reduction == "mean") return loss.mean();
+  return loss;
+}
+
+// bce_with_logits_forward: chunks of rows of the last dimension, as the Python kernel
+// (the chunk edges matter for the bits: ATen computes a row's tail past its last full
+// vector with its scalar code).
+Made bce_with_logits(const at::Tensor& input, const at::Tensor& target, const OptTensor& weight,
+                     const OptTensor& pos_weight, const std::string& reduction, int64_t chunk,
+                     const std::vector<bool>& needs) {
+  if (!input.is_cpu() || chunk <= 0 || input.numel() == 0) return std::nullopt;
+  at::NoGradGuard no_grad;
+  const auto compute = compute_type(input);
+  const auto shape = input.sizes();
+  const int64_t cols = input.dim() ? input.size(-1) : 1;
+  const at::Tensor x = input.reshape({-1, cols});
+  const at::Tensor y = target.reshape({-1, cols});
+  at::Tensor w, pw;
+  if (weight.has_value() && weight->defined()) w = as(*weight, compute).expand(shape).reshape({-1, cols});
+  if (pos_weight.has_value() && pos_weight->defined()) pw = as(*pos_weight, compute).expand(shape).reshape({-1, cols});
+  const bool with_grad = !needs.empty() && needs[0];
+  const int64_t rows = x.size(0);
+  const int64_t step = std::max<int64_t>(1, chunk / std::max<int64_t>(cols, 1));
+  const bool single = rows <= step;  // one chunk: its results are the buffers themselves
+  const double scale = reduction == "mean" ? 1.0 / static_cast<double>(input.numel()) : 1.0;
+  at::Tensor loss, grad;
+  if (!single) {
+    loss = at::empty(x.sizes(), x.options().dtype(compute));
+    if (with_grad) grad = at::empty(x.sizes(), x.options());
+  }
+  for (int64_t start = 0; start < rows; start += step) {
+    const int64_t end = std::min(start + step, rows);
+    const at::Tensor xc = as(x.slice(0, start, end), compute);
+    const at::Tensor yc = as(y.slice(0, start, end), compute);
+    at::Tensor not_y = at::rsub(yc, 1.0);
+    at::Tensor lw;
+    if (pw.defined()) lw = at::addcmul(not_y, pw.slice(0, start, end), yc);
+    at::Tensor log_sigmoid = at::log_sigmoid(xc);
+    at::Tensor chunk_loss = at::mul(not_y, xc).sub_(lw.defined() ? log_sigmoid.mul_(lw) : log_sigmoid);
+    if (w.defined()) chunk_loss.mul_(w.slice(0, start, end));
+    if (single) {
+      loss = chunk_loss;
+    } else {
+      loss.slice(0, start, end).copy_(chunk_loss);
+    }
+    if (with_grad) {
+      at::Tensor sigmoid_neg = at::sigmoid(xc.neg());
+      at::Tensor chunk_grad = not_y.sub_(lw.defined() ? sigmoid_neg.mul_(lw) : sigmoid_neg);
+      if (w.defined()) chunk_grad.mul_(w.slice(0, start, end));
+      if (scale != 1.0) chunk_grad.mul_(scale);
+      if (single) {
+        grad = as(chunk_grad, input.scalar_type());
+      } else {
+        grad.slice(0, start, end).copy_(chunk_grad);
+      }
+    }
+  }
+  std::vector<OptTensor> out;
+  out.push_back(as(reduce(loss.view(shape), reduction), input.scalar_type()));
+  out.push_back(grad.defined() ? OptTensor(grad.view(shape)) : std::nullopt);
+  return out;
+}
+
+// bce_forward: binary cross-entropy on probabilities, torch's clamps, the gradient of the
+// input written out (finite at p = 0 or 1).
+Made bce(const at::Tensor& input, const at::Tensor& target, const OptTensor& weight, const std::string& reduction,
+         const std::vector<bool>& needs) {
+  if (!input.is_cpu()) return std::nullopt;
+  at::NoGradGuard no_grad;
+  const auto compute = compute_type(input);
+  const at::Tensor x = as(input, compute);
+  const at::Tensor y = as(target, compute);
+  at::Tensor w;
+  if (weight.has_value() && weight->defined()) w = as(*weight, compute);
+  at::Tensor log_p = at::log(x).clamp_min_(-100.0);
+  at::Tensor log_1mp = at::log1p(x.neg()).clamp_min_(-100.0);
+  at::Tensor loss = at::rsub(y, 1.0).mul_(log_1mp).add_(at::mul(y, log_p)).neg_();
+  if (w.defined()) loss = loss.mul_(w);
+  at::Tensor grad;
+  if (!needs.empty() && needs[0]) {
+    grad = at::sub(x, y).div_(at::rsub(x, 1.0).mul_(x).clamp_min_(1e-12));
+    if (w.defined()) grad = grad.mul_(w);
+    if (reduction == "mean") grad = grad.div_(input.numel());
+    grad = as(grad, input.scalar_type());
+  }
+  std::vector<OptTensor> out;
+  out.push_back(as(reduce(loss, reduction), input.scalar_type()));
+  out.push_back(grad.defined() ? OptTensor(grad) : std::nullopt);
+  return out;
+}
+
+// Whether every element of a CPU floating-point tensor lies in [0, 1] (NaN does not), read
+// in place: the check of check_in_unit_interval without its half a dozen dispatched ops.
+// False for anything it cannot read so (then the Python check runs and names the value).
+bool in_unit_interval(const at::Tensor& t) {
+  if (!t.is_cpu() || !t.is_floating_point() || t.is_complex()) return false;
+  const at::Tensor c = t.contiguous();
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "losskit_in_unit_interval", [&] {
+    const scalar_t* data = c.const_data_ptr<scalar_t>();
+    for (int64_t i = 0, n = c.numel(); i < n; ++i) {
+      const auto v = static_cast<at::opmath_type<scalar_t>>(data[i]);
+      if (!(v >= 0 && v <= 1)) {
+        ok = false;
+        break;
+      }
+    }
+  });
+  return ok;
+}
+
+}  // namespace
+
+void register_binary(pybind11::module& m) {
+  m.def("binary_cross_entropy_with_logits", &bce_with_logits, "the CPU kernel of bce_with_logits_forward");
+  m.def("binary_cross_entropy", &bce, "the CPU kernel of bce_forward");
+  m.def("in_unit_interval", &in_unit_interval, "every element of a CPU float tensor in [0, 1], NaN not");
+}
+LOSSKIT_REGISTER(register_binary)
