@@ -70,52 +70,63 @@ def bce_with_logits_forward(
         return loss, (grad,)
     compute, _ = result_dtypes(input)
     shape = input.shape
+    cols = shape[-1] if input.dim() else 1
+    n = input.numel()
+    scale = 1.0 / n if reduction == "mean" else 1.0  # 'mean' folded into the gradient
+    step = max(1, chunk // max(cols, 1))
+    if n <= step * cols:
+        # One chunk (a small batch): the whole tensors, weights broadcast by the ops, and
+        # the results are the buffers, without a copy into them.
+        loss, grad = _bce_with_logits_chunk(
+            cast(input, compute), cast(target, compute), None if weight is None else cast(weight, compute),
+            None if pos_weight is None else cast(pos_weight, compute), with_grad, scale,
+        )
+        grad = None if grad is None else cast(grad, input.dtype)
+        return cast(reduce_loss(loss, reduction), input.dtype), (grad,)
     # Rows of the last dimension, so that a weight broadcast from the right (e.g. [C]
     # over [N, C]) is sliced per chunk as a view and never copied to the full size.
-    cols = shape[-1] if input.dim() else 1
     x = input.reshape(-1, cols)
     y = target.reshape(-1, cols)
     w = None if weight is None else weight.to(compute).expand(shape).reshape(-1, cols)
     pw = None if pos_weight is None else pos_weight.to(compute).expand(shape).reshape(-1, cols)
-    n = input.numel()
-    scale = 1.0 / n if reduction == "mean" else 1.0  # 'mean' folded into the gradient
-    rows = x.shape[0]
-    step = max(1, chunk // max(cols, 1))
-    # One chunk (a small batch): its results are the buffers, without a copy into them.
-    single = rows <= step
-    loss = None if single else torch.empty(x.shape, dtype=compute, device=input.device)
-    grad = None if single or not with_grad else torch.empty(x.shape, dtype=input.dtype, device=input.device)
-    # The op sequence of the compiled form (_native/src/binary.cpp), which gives the same
-    # bits; the chunk edges matter too: ATen computes a row's tail past its last full
-    # vector with its scalar code.
-    for start in range(0, rows, step):
+    loss = torch.empty(x.shape, dtype=compute, device=input.device)
+    grad = torch.empty(x.shape, dtype=input.dtype, device=input.device) if with_grad else None
+    for start in range(0, x.shape[0], step):
         part = slice(start, start + step)
-        xc = cast(x[part], compute)
-        yc = cast(y[part], compute)
-        not_y = 1.0 - yc
-        # lw = 1 + (pos_weight - 1) y
-        lw = None if pw is None else torch.addcmul(not_y, pw[part], yc)
-        # aten's log_sigmoid and sigmoid are exact at any magnitude: min(x, 0) - log1p(e^-|x|).
-        log_sigmoid = torch.nn.functional.logsigmoid(xc)
-        chunk_loss = torch.mul(not_y, xc).sub_(log_sigmoid if lw is None else log_sigmoid.mul_(lw))
-        if w is not None:
-            chunk_loss.mul_(w[part])
-        if single:
-            loss = chunk_loss
-        else:
-            loss[part] = chunk_loss
-        if with_grad:
-            sigmoid_neg = torch.sigmoid(xc.neg())
-            chunk_grad = not_y.sub_(sigmoid_neg if lw is None else sigmoid_neg.mul_(lw))
-            if w is not None:
-                chunk_grad.mul_(w[part])
-            if scale != 1.0:
-                chunk_grad.mul_(scale)
-            if single:
-                grad = cast(chunk_grad, input.dtype)
-            else:
-                grad[part] = chunk_grad
+        chunk_loss, chunk_grad = _bce_with_logits_chunk(
+            cast(x[part], compute), cast(y[part], compute), None if w is None else w[part],
+            None if pw is None else pw[part], with_grad, scale,
+        )
+        loss[part] = chunk_loss
+        if grad is not None:
+            grad[part] = chunk_grad
     return cast(reduce_loss(loss.view(shape), reduction), input.dtype), (None if grad is None else grad.view(shape),)
+
+
+def _bce_with_logits_chunk(
+    x: Tensor, y: Tensor, w: Tensor | None, pw: Tensor | None, with_grad: bool, scale: float
+) -> tuple[Tensor, Tensor | None]:
+    """(loss, gradient or None) of a chunk, in the compute dtype; the op sequence of the
+    compiled form (_native/src/binary.cpp), which gives the same bits (its scalars are
+    0-dimensional tensors there, the same numbers at a lower cost)."""
+    not_y = 1.0 - y
+    # lw = 1 + (pos_weight - 1) y
+    lw = None if pw is None else torch.addcmul(not_y, pw, y)
+    # aten's log_sigmoid is exact at any magnitude: min(x, 0) - log1p(z), z = e^-|x|, which
+    # it keeps (buffer); its backward forms lw sigmoid(-x) from z in one pass.
+    log_sigmoid, buffer = torch.ops.aten.log_sigmoid_forward(x)
+    loss = torch.mul(not_y, x).sub_(log_sigmoid if lw is None else log_sigmoid.mul_(lw))
+    if w is not None:
+        loss.mul_(w)
+    if not with_grad:
+        return loss, None
+    sigmoid_neg = torch.sigmoid(x.neg()) if lw is None else torch.ops.aten.log_sigmoid_backward(lw, x, buffer)
+    grad = not_y.sub_(sigmoid_neg)
+    if w is not None:
+        grad.mul_(w)
+    if scale != 1.0:
+        grad.mul_(scale)
+    return loss, grad
 
 
 fused_bce_with_logits = FusedOp(
@@ -138,15 +149,17 @@ def bce_with_logits_chunk(input: Tensor) -> int:
 def fused_bce_applies(input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None) -> bool:
     """CPU, or CUDA with Triton; eager mode (compiled, inductor fuses the reference); non-empty
     input, a target of the input's dtype (so the result dtype needs no promotion), and no
-    gradient wanted for target, weight or pos_weight."""
-    extras = [t for t in (target, weight, pos_weight) if t is not None]
+    gradient wanted for target, weight or pos_weight. The cheap tests first: this runs on
+    every call."""
     return (
-        fused_may_serve(input)
-        and not compiling()
-        and (input.device.type == "cpu" or triton_support.serves(input))
-        and input.numel() > 0
+        input.numel() > 0
         and target.dtype == input.dtype
-        and not any(t.requires_grad for t in extras)
+        and not target.requires_grad
+        and (weight is None or not weight.requires_grad)
+        and (pos_weight is None or not pos_weight.requires_grad)
+        and (input.device.type == "cpu" or triton_support.serves(input))
+        and fused_may_serve(input)
+        and not compiling()
     )
 
 
@@ -161,6 +174,7 @@ def bce_forward(
     log_1mp = torch.log1p(x.neg()).clamp_min_(-100.0)
     # -(y log p + (1 - y) log(1 - p)): the bits of the composed reference, and of torch's
     # (y - 1) log(1 - p) - y log p.
+    # (The compiled form's scalars are 0-dimensional tensors: the same numbers, cheaper.)
     loss = (1.0 - y).mul_(log_1mp).add_(torch.mul(y, log_p)).neg_()
     w = None if weight is None else cast(weight, compute)
     if w is not None:
@@ -194,13 +208,13 @@ def fused_bce_probabilities_applies(input: Tensor, target: Tensor, weight: Tenso
     """CPU eager mode (compiled, inductor fuses the reference); non-empty input, a target of
     the input's dtype, and no gradient wanted for target or weight."""
     return (
-        input.device.type == "cpu"
-        and fused_may_serve(input)
-        and not compiling()
-        and input.numel() > 0
+        input.numel() > 0
         and target.dtype == input.dtype
         and not target.requires_grad
         and (weight is None or not weight.requires_grad)
+        and input.device.type == "cpu"
+        and fused_may_serve(input)
+        and not compiling()
     )
 
 

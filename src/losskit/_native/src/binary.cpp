@@ -10,6 +10,8 @@
 #include <ATen/OpMathType.h>
 
 #include <optional>
+#include <tuple>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -28,68 +30,82 @@ at::ScalarType compute_type(const at::Tensor& t) {
 // Tensor.to(dtype): the tensor itself when it already has that dtype.
 at::Tensor as(const at::Tensor& t, at::ScalarType type) { return t.scalar_type() == type ? t : t.to(type); }
 
-// losskit._core.reduction.reduce_loss without a denominator.
+// A number as a 0-dimensional tensor of the compute dtype: an op with a Python number
+// (1.0 - y, grad * scale) wraps it in a double tensor and casts that on every call, which
+// costs more than the op itself on a small batch; the arithmetic, and so every bit, is the
+// same.
+at::Tensor number(double value, const at::Tensor& like) { return at::scalar_tensor(value, like.options()); }
+
+// reduce_loss: 'mean' is what aten's mean does on the CPU, the sum divided by the count.
 at::Tensor reduce(const at::Tensor& loss, const std::string& reduction) {
   if (reduction == "sum") return loss.sum();
-  if (reduction == "mean") return loss.mean();
+  if (reduction == "mean") return loss.sum().div_(number(static_cast<double>(loss.numel()), loss));
   return loss;
 }
 
-// bce_with_logits_forward: chunks of rows of the last dimension, as the Python kernel
-// (the chunk edges matter for the bits: ATen computes a row's tail past its last full
-// vector with its scalar code).
+// _bce_with_logits_chunk: (loss, gradient or undefined) of a chunk in the compute dtype.
+std::pair<at::Tensor, at::Tensor> bce_with_logits_chunk(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
+                                                        const at::Tensor& pw, bool with_grad, double scale) {
+  at::Tensor not_y = at::sub(number(1.0, y), y);
+  at::Tensor lw;
+  if (pw.defined()) lw = at::addcmul(not_y, pw, y);
+  auto [log_sigmoid, buffer] = at::log_sigmoid_forward(x);
+  at::Tensor loss = at::mul(not_y, x).sub_(lw.defined() ? log_sigmoid.mul_(lw) : log_sigmoid);
+  if (w.defined()) loss.mul_(w);
+  if (!with_grad) return {loss, at::Tensor()};
+  at::Tensor sigmoid_neg = lw.defined() ? at::log_sigmoid_backward(lw, x, buffer) : at::sigmoid(x.neg());
+  at::Tensor grad = not_y.sub_(sigmoid_neg);
+  if (w.defined()) grad.mul_(w);
+  if (scale != 1.0) grad.mul_(number(scale, grad));
+  return {loss, grad};
+}
+
+// bce_with_logits_forward: one chunk for a small input, else chunks of rows of the last
+// dimension, as the Python kernel (the chunk edges matter for the bits: ATen computes a
+// loop's tail past its last full vector with its scalar code).
 Made bce_with_logits(const at::Tensor& input, const at::Tensor& target, const OptTensor& weight,
                      const OptTensor& pos_weight, const std::string& reduction, int64_t chunk,
                      const std::vector<bool>& needs) {
   if (!input.is_cpu() || chunk <= 0 || input.numel() == 0) return std::nullopt;
   at::NoGradGuard no_grad;
   const auto compute = compute_type(input);
+  const auto dtype = input.scalar_type();
   const auto shape = input.sizes();
   const int64_t cols = input.dim() ? input.size(-1) : 1;
+  const int64_t n = input.numel();
+  const double scale = reduction == "mean" ? 1.0 / static_cast<double>(n) : 1.0;
+  const int64_t step = std::max<int64_t>(1, chunk / std::max<int64_t>(cols, 1));
+  const bool with_grad = !needs.empty() && needs[0];
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_pw = pos_weight.has_value() && pos_weight->defined();
+  std::vector<OptTensor> out;
+  if (n <= step * cols) {
+    auto [loss, grad] = bce_with_logits_chunk(as(input, compute), as(target, compute),
+                                              has_w ? as(*weight, compute) : at::Tensor(),
+                                              has_pw ? as(*pos_weight, compute) : at::Tensor(), with_grad, scale);
+    out.push_back(as(reduce(loss, reduction), dtype));
+    out.push_back(grad.defined() ? OptTensor(as(grad, dtype)) : std::nullopt);
+    return out;
+  }
   const at::Tensor x = input.reshape({-1, cols});
   const at::Tensor y = target.reshape({-1, cols});
   at::Tensor w, pw;
-  if (weight.has_value() && weight->defined()) w = as(*weight, compute).expand(shape).reshape({-1, cols});
-  if (pos_weight.has_value() && pos_weight->defined()) pw = as(*pos_weight, compute).expand(shape).reshape({-1, cols});
-  const bool with_grad = !needs.empty() && needs[0];
+  if (has_w) w = as(*weight, compute).expand(shape).reshape({-1, cols});
+  if (has_pw) pw = as(*pos_weight, compute).expand(shape).reshape({-1, cols});
+  at::Tensor loss = at::empty(x.sizes(), x.options().dtype(compute));
+  at::Tensor grad;
+  if (with_grad) grad = at::empty(x.sizes(), x.options());
   const int64_t rows = x.size(0);
-  const int64_t step = std::max<int64_t>(1, chunk / std::max<int64_t>(cols, 1));
-  const bool single = rows <= step;  // one chunk: its results are the buffers themselves
-  const double scale = reduction == "mean" ? 1.0 / static_cast<double>(input.numel()) : 1.0;
-  at::Tensor loss, grad;
-  if (!single) {
-    loss = at::empty(x.sizes(), x.options().dtype(compute));
-    if (with_grad) grad = at::empty(x.sizes(), x.options());
-  }
   for (int64_t start = 0; start < rows; start += step) {
     const int64_t end = std::min(start + step, rows);
-    const at::Tensor xc = as(x.slice(0, start, end), compute);
-    const at::Tensor yc = as(y.slice(0, start, end), compute);
-    at::Tensor not_y = at::rsub(yc, 1.0);
-    at::Tensor lw;
-    if (pw.defined()) lw = at::addcmul(not_y, pw.slice(0, start, end), yc);
-    at::Tensor log_sigmoid = at::log_sigmoid(xc);
-    at::Tensor chunk_loss = at::mul(not_y, xc).sub_(lw.defined() ? log_sigmoid.mul_(lw) : log_sigmoid);
-    if (w.defined()) chunk_loss.mul_(w.slice(0, start, end));
-    if (single) {
-      loss = chunk_loss;
-    } else {
-      loss.slice(0, start, end).copy_(chunk_loss);
-    }
-    if (with_grad) {
-      at::Tensor sigmoid_neg = at::sigmoid(xc.neg());
-      at::Tensor chunk_grad = not_y.sub_(lw.defined() ? sigmoid_neg.mul_(lw) : sigmoid_neg);
-      if (w.defined()) chunk_grad.mul_(w.slice(0, start, end));
-      if (scale != 1.0) chunk_grad.mul_(scale);
-      if (single) {
-        grad = as(chunk_grad, input.scalar_type());
-      } else {
-        grad.slice(0, start, end).copy_(chunk_grad);
-      }
-    }
+    auto [chunk_loss, chunk_grad] = bce_with_logits_chunk(
+        as(x.slice(0, start, end), compute), as(y.slice(0, start, end), compute),
+        w.defined() ? w.slice(0, start, end) : at::Tensor(), pw.defined() ? pw.slice(0, start, end) : at::Tensor(),
+        with_grad, scale);
+    loss.slice(0, start, end).copy_(chunk_loss);
+    if (with_grad) grad.slice(0, start, end).copy_(chunk_grad);
   }
-  std::vector<OptTensor> out;
-  out.push_back(as(reduce(loss.view(shape), reduction), input.scalar_type()));
+  out.push_back(as(reduce(loss.view(shape), reduction), dtype));
   out.push_back(grad.defined() ? OptTensor(grad.view(shape)) : std::nullopt);
   return out;
 }
@@ -105,15 +121,16 @@ Made bce(const at::Tensor& input, const at::Tensor& target, const OptTensor& wei
   const at::Tensor y = as(target, compute);
   at::Tensor w;
   if (weight.has_value() && weight->defined()) w = as(*weight, compute);
+  const at::Tensor one = number(1.0, x);
   at::Tensor log_p = at::log(x).clamp_min_(-100.0);
   at::Tensor log_1mp = at::log1p(x.neg()).clamp_min_(-100.0);
-  at::Tensor loss = at::rsub(y, 1.0).mul_(log_1mp).add_(at::mul(y, log_p)).neg_();
-  if (w.defined()) loss = loss.mul_(w);
+  at::Tensor loss = at::sub(one, y).mul_(log_1mp).add_(at::mul(y, log_p)).neg_();
+  if (w.defined()) loss.mul_(w);
   at::Tensor grad;
   if (!needs.empty() && needs[0]) {
-    grad = at::sub(x, y).div_(at::rsub(x, 1.0).mul_(x).clamp_min_(1e-12));
-    if (w.defined()) grad = grad.mul_(w);
-    if (reduction == "mean") grad = grad.div_(input.numel());
+    grad = at::sub(x, y).div_(at::sub(one, x).mul_(x).clamp_min_(1e-12));
+    if (w.defined()) grad.mul_(w);
+    if (reduction == "mean") grad.div_(number(static_cast<double>(input.numel()), grad));
     grad = as(grad, input.scalar_type());
   }
   std::vector<OptTensor> out;
