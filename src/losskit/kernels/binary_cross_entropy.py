@@ -157,7 +157,7 @@ def fused_bce_applies(input: Tensor, target: Tensor, weight: Tensor | None, pos_
         and not target.requires_grad
         and (weight is None or not weight.requires_grad)
         and (pos_weight is None or not pos_weight.requires_grad)
-        and (input.device.type == "cpu" or triton_support.serves(input))
+        and (input.is_cpu or triton_support.serves(input))
         and fused_may_serve(input)
         and not compiling()
     )
@@ -212,7 +212,7 @@ def fused_bce_probabilities_applies(input: Tensor, target: Tensor, weight: Tenso
         and target.dtype == input.dtype
         and not target.requires_grad
         and (weight is None or not weight.requires_grad)
-        and input.device.type == "cpu"
+        and input.is_cpu
         and fused_may_serve(input)
         and not compiling()
     )
