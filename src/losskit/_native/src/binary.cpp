@@ -43,9 +43,73 @@ at::Tensor reduce(const at::Tensor& loss, const std::string& reduction) {
   return loss;
 }
 
+// How a weight is read in a written-out loop over a contiguous input of ``like``'s shape:
+// 0 absent, 1 one number, 2 one per column of the last dimension (broadcast from the
+// right), 3 one per element; -1 for any other layout, which takes the ATen ops instead.
+int weight_kind(const at::Tensor& w, const at::Tensor& like, int64_t cols) {
+  if (!w.defined()) return 0;
+  if (w.scalar_type() != like.scalar_type() || !w.is_contiguous()) return -1;
+  if (w.numel() == 1) return 1;
+  if (w.sizes() == like.sizes()) return 3;
+  if (w.numel() == cols && w.dim() >= 1 && w.size(-1) == cols) return 2;
+  return -1;
+}
+
+template <typename T>
+inline T weight_at(const T* w, int kind, int64_t i, int64_t cols) {
+  return kind == 1 ? w[0] : (kind == 2 ? w[i % cols] : w[i]);
+}
+
+// Whether the arithmetic between the transcendental ops may run as one written-out loop:
+// contiguous float or double operands. Each step is still one IEEE operation rounded to
+// the dtype (no fused multiply-add: the build targets x86-64 without FMA, in ISO C++
+// mode), so the bits are those of the ATen op sequence, which ATen's kernels also round
+// once per op.
+bool written_out(const at::Tensor& x, const at::Tensor& y, int wk, int pk) {
+  const auto type = x.scalar_type();
+  return (type == at::kFloat || type == at::kDouble) && y.scalar_type() == type && x.is_contiguous() &&
+         y.is_contiguous() && x.sizes() == y.sizes() && wk >= 0 && pk >= 0;
+}
+
 // _bce_with_logits_chunk: (loss, gradient or undefined) of a chunk in the compute dtype.
 std::pair<at::Tensor, at::Tensor> bce_with_logits_chunk(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
                                                         const at::Tensor& pw, bool with_grad, double scale) {
+  const int64_t cols = x.dim() ? x.size(-1) : 1;
+  const int wk = weight_kind(w, x, cols), pk = weight_kind(pw, x, cols);
+  if (written_out(x, y, wk, pk)) {
+    // The transcendental ops as ATen's; the arithmetic around them in one loop, in place
+    // in their results: loss = (1 - y) x - lw log_sigmoid, grad = (1 - y) - lw sigmoid(-x).
+    at::Tensor lw;
+    if (pw.defined()) lw = at::addcmul(at::sub(number(1.0, y), y), pw, y);
+    const auto forward = at::log_sigmoid_forward(x);
+    at::Tensor loss = std::get<0>(forward), buffer = std::get<1>(forward);
+    at::Tensor grad;
+    if (with_grad) grad = lw.defined() ? at::log_sigmoid_backward(lw, x, buffer) : at::sigmoid(x.neg());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "losskit_bce_with_logits", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const scalar_t* lwp = lw.defined() ? lw.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* wp = wk ? w.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* lp = loss.mutable_data_ptr<scalar_t>();
+      scalar_t* gp = with_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+      const scalar_t factor = static_cast<scalar_t>(scale);
+      for (int64_t i = 0, n = x.numel(); i < n; ++i) {
+        const scalar_t not_y = scalar_t(1) - yp[i];
+        const scalar_t linear = not_y * xp[i];
+        const scalar_t weighted = lwp ? lp[i] * lwp[i] : lp[i];
+        scalar_t l = linear - weighted;
+        if (wp) l = l * weight_at(wp, wk, i, cols);
+        lp[i] = l;
+        if (gp) {
+          scalar_t g = not_y - gp[i];
+          if (wp) g = g * weight_at(wp, wk, i, cols);
+          if (scale != 1.0) g = g * factor;
+          gp[i] = g;
+        }
+      }
+    });
+    return {loss, grad};
+  }
   at::Tensor not_y = at::sub(number(1.0, y), y);
   at::Tensor lw;
   if (pw.defined()) lw = at::addcmul(not_y, pw, y);
@@ -121,19 +185,62 @@ Made bce(const at::Tensor& input, const at::Tensor& target, const OptTensor& wei
   const at::Tensor y = as(target, compute);
   at::Tensor w;
   if (weight.has_value() && weight->defined()) w = as(*weight, compute);
+  const int64_t cols = x.dim() ? x.size(-1) : 1;
+  const int wk = weight_kind(w, x, cols);
+  const bool with_grad = !needs.empty() && needs[0];
+  std::vector<OptTensor> out;
+  if (written_out(x, y, wk, 0)) {
+    // The logs as ATen's; the clamps and the arithmetic in one loop, in place in the logs'
+    // results and one gradient buffer.
+    at::Tensor loss = at::log1p(x.neg());
+    at::Tensor log_p = at::log(x);
+    at::Tensor grad = with_grad ? at::empty_like(x) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "losskit_bce", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const scalar_t* wp = wk ? w.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* pp = log_p.const_data_ptr<scalar_t>();
+      scalar_t* lp = loss.mutable_data_ptr<scalar_t>();
+      scalar_t* gp = with_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+      const scalar_t floor = static_cast<scalar_t>(-100.0), tiny = static_cast<scalar_t>(1e-12);
+      const scalar_t count = static_cast<scalar_t>(static_cast<double>(x.numel()));
+      const bool mean = reduction == "mean";
+      for (int64_t i = 0, n = x.numel(); i < n; ++i) {
+        // clamp_min as aten's: max(v, floor), a nan stays nan.
+        const scalar_t log_1mp = lp[i] < floor ? floor : lp[i];
+        const scalar_t log_pi = pp[i] < floor ? floor : pp[i];
+        const scalar_t negative = (scalar_t(1) - yp[i]) * log_1mp;
+        const scalar_t positive = yp[i] * log_pi;
+        scalar_t l = -(negative + positive);
+        if (wp) l = l * weight_at(wp, wk, i, cols);
+        lp[i] = l;
+        if (gp) {
+          const scalar_t diff = xp[i] - yp[i];
+          scalar_t denominator = (scalar_t(1) - xp[i]) * xp[i];
+          denominator = denominator < tiny ? tiny : denominator;
+          scalar_t g = diff / denominator;
+          if (wp) g = g * weight_at(wp, wk, i, cols);
+          if (mean) g = g / count;
+          gp[i] = g;
+        }
+      }
+    });
+    out.push_back(as(reduce(loss, reduction), input.scalar_type()));
+    out.push_back(grad.defined() ? OptTensor(as(grad, input.scalar_type())) : std::nullopt);
+    return out;
+  }
   const at::Tensor one = number(1.0, x);
   at::Tensor log_p = at::log(x).clamp_min_(-100.0);
   at::Tensor log_1mp = at::log1p(x.neg()).clamp_min_(-100.0);
   at::Tensor loss = at::sub(one, y).mul_(log_1mp).add_(at::mul(y, log_p)).neg_();
   if (w.defined()) loss.mul_(w);
   at::Tensor grad;
-  if (!needs.empty() && needs[0]) {
+  if (with_grad) {
     grad = at::sub(x, y).div_(at::sub(one, x).mul_(x).clamp_min_(1e-12));
     if (w.defined()) grad.mul_(w);
     if (reduction == "mean") grad.div_(number(static_cast<double>(input.numel()), grad));
     grad = as(grad, input.scalar_type());
   }
-  std::vector<OptTensor> out;
   out.push_back(as(reduce(loss, reduction), input.scalar_type()));
   out.push_back(grad.defined() ? OptTensor(grad) : std::nullopt);
   return out;
