@@ -17,18 +17,23 @@ from .._core.options import CrossEntropyOptions
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import (
     ClassTargets,
-    check_broadcasts_to,
     check_class_targets,
     check_class_weight,
     check_floating,
-    check_in_unit_interval,
     check_same_shape,
     class_dim_of,
     warn_if_probabilities,
 )
 from ..distributed.dtensor import class_sharded_cross_entropy, is_class_sharded
 from ..kernels import Replay, fused_applies, fused_bce_applies, fused_bce_with_logits, fused_cross_entropy
-from ..kernels.binary_cross_entropy import ReductionOption
+from ..kernels.binary_cross_entropy import (
+    REDUCTION_OPTIONS,
+    bce_with_logits_chunk,
+    check_extra_weight,
+    check_probabilities,
+    fused_bce,
+    fused_bce_probabilities_applies,
+)
 from ..kernels.cross_entropy import eager_class_index, fused_nll_loss
 from ..kernels.probability_cross_entropy import fused_probability_cross_entropy, probability_applies
 
@@ -468,6 +473,9 @@ def binary_cross_entropy(
         ValueError: when ``input`` holds a value outside [0, 1] (or nan), naming it and its
             index; logits belong in :func:`binary_cross_entropy_with_logits`.
 
+    On CPU, when only ``input`` needs a gradient, a fused kernel computes loss and gradient
+    in one pass (:mod:`losskit.kernels.binary_cross_entropy`).
+
     Example:
         >>> import torch
         >>> from losskit.functional import binary_cross_entropy
@@ -482,17 +490,22 @@ def binary_cross_entropy(
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_same_shape(input, target, fn)
     check_floating(input, "input", fn)
-    check_in_unit_interval(
-        input, "input", fn, hint="For raw scores (logits) use binary_cross_entropy_with_logits"
-    )
-    check_in_unit_interval(target, "target", fn)  # as torch, which raises there too
+    check_probabilities(input, "input", fn, hint="For raw scores (logits) use binary_cross_entropy_with_logits")
+    check_probabilities(target, "target", fn)  # as torch, which raises there too
     if weight is not None:
-        check_broadcasts_to(weight, tuple(input.shape), "weight", fn)
-    compute, out = result_dtypes(input, target)
-    loss = _BinaryCrossEntropy.apply(input.to(compute), target.to(compute))
-    if weight is not None:
-        loss = loss * weight.to(compute)
-    return reduce_loss(loss, reduction).to(out)
+        check_extra_weight(weight, tuple(input.shape), "weight", fn)
+
+    def reference(probabilities: Tensor) -> Tensor:
+        compute, out = result_dtypes(probabilities, target)
+        loss = _BinaryCrossEntropy.apply(probabilities.to(compute), target.to(compute))
+        if weight is not None:
+            loss = loss * weight.to(compute)
+        return reduce_loss(loss, reduction).to(out)
+
+    if fused_bce_probabilities_applies(input, target, weight):
+        return fused_bce(input, target, weight, options=REDUCTION_OPTIONS[reduction],
+                         replay=Replay(fn, reference, [input]))
+    return reference(input)
 
 
 @fill_doc(legacy_args=LEGACY_ARGS)
@@ -545,7 +558,7 @@ def binary_cross_entropy_with_logits(
     shape = tuple(input.shape)
     for name, extra in (("weight", weight), ("pos_weight", pos_weight)):
         if extra is not None:
-            check_broadcasts_to(extra, shape, name, fn)
+            check_extra_weight(extra, shape, name, fn)
 
     def reference(logits: Tensor) -> Tensor:
         compute, out = result_dtypes(logits, target, result=(target,))  # torch's: the target's dtype
@@ -560,6 +573,7 @@ def binary_cross_entropy_with_logits(
 
     if fused_bce_applies(input, target, weight, pos_weight):
         return fused_bce_with_logits(
-            input, target, weight, pos_weight, options=ReductionOption(reduction), replay=Replay(fn, reference, [input])
+            input, target, weight, pos_weight, options=REDUCTION_OPTIONS[reduction],
+            replay=Replay(fn, reference, [input]), chunk=bce_with_logits_chunk(input),
         )
     return reference(input)
