@@ -1,0 +1,140 @@
+// The compiled form of the fused pointwise regression losses (mse, l1, smooth_l1, huber):
+// losskit/kernels/pointwise.py's pointwise_forward, op for op, so that the bits are the
+// same (tests/test_native.py, tests/test_native_pointwise.py). See that file for the math:
+// with e = input - target, the terms and the gradient carry the element weights and one
+// factor k (1 / beta for smooth_l1, times 1 / the 'mean' divisor), so that the sum of the
+// terms is the loss and backward only multiplies the gradient by grad_output.
+//
+// Where the Python form writes `torch.mul(e, k)` with a Python float k, the float is a
+// wrapped number (at::native::wrapped_scalar_tensor), as here: the product is formed in
+// e's dtype whatever k's, exactly as the Python form does.
+#include "losskit_native.h"
+
+#include <ATen/ScalarOps.h>
+
+namespace py = pybind11;
+
+namespace {
+
+// (compute, result) dtypes: losskit/_core/dtypes.py's result_dtypes, with huber's result
+// the input's dtype promoted with the weight's (pointwise_dtypes).
+std::pair<at::ScalarType, at::ScalarType> pointwise_dtypes(const std::string& kind, const at::Tensor& input,
+                                                           const at::Tensor& target,
+                                                           const std::optional<at::Tensor>& weight) {
+  at::ScalarType compute = at::promote_types(input.scalar_type(), target.scalar_type());
+  at::ScalarType out = input.scalar_type();
+  if (weight.has_value()) {
+    compute = at::promote_types(compute, weight->scalar_type());
+    out = at::promote_types(out, weight->scalar_type());
+  }
+  if (kind != "huber" || !at::isFloatingType(out)) out = compute;
+  if (compute == at::kHalf || compute == at::kBFloat16) compute = at::kFloat;
+  return {compute, out};
+}
+
+at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+// The factor k: a double (Python float) or a 0-d tensor (1 / the summed weight).
+struct Factor {
+  double value = 1.0;
+  at::Tensor tensor;  // defined: k is this tensor
+  bool unit() const { return !tensor.defined() && value == 1.0; }
+  at::Tensor as_other(const at::Tensor& like) const {
+    return tensor.defined() ? tensor : at::native::wrapped_scalar_tensor(value, like.device());
+  }
+};
+
+// _terms: (loss terms times w k, formed in place of the errors e; their gradient times w k,
+// written into g when it is defined).
+std::pair<at::Tensor, at::Tensor> terms(at::Tensor e, const at::Tensor& w, const std::string& kind, double param,
+                                        const Factor& k, at::Tensor g) {
+  if (kind == "mse") {
+    at::Tensor other = k.as_other(e);
+    g = g.defined() ? at::mul_out(g, e, other) : at::mul(e, other);
+    if (w.defined()) g.mul_(w);
+    at::Tensor loss = e.mul_(g);
+    g.mul_(2.0);
+    return {loss, g};
+  }
+  if (kind == "l1" || param == 0.0) {
+    g = g.defined() ? at::sign_out(g, e) : at::sign(e);
+  } else {
+    g = g.defined() ? at::clamp_out(g, e, -param, param) : at::clamp(e, -param, param);
+    e.sub_(g, 0.5);
+  }
+  if (w.defined()) g.mul_(w);
+  if (!k.unit()) g.mul_(k.as_other(g));
+  return {e.mul_(g), g};
+}
+
+// pointwise_forward(input, target, weight, options=PointwiseOptions(kind, param, reduction,
+// weighted_mean), needs, chunk) -> (loss, grad_input, grad_target), or None for the calls
+// left to the Python form (not on the CPU, or no elements).
+py::object pointwise_regression(const at::Tensor& input, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, const std::string& kind, double param,
+                                const std::string& reduction, bool weighted_mean, int64_t chunk,
+                                const std::vector<bool>& needs) {
+  if (!input.is_cpu() || !target.is_cpu() || (weight.has_value() && !weight->is_cpu())) return py::none();
+  const int64_t n = input.numel();
+  if (n == 0 || chunk <= 0) return py::none();
+  at::Tensor loss, grad, gi, gt;
+  {
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
+    auto [compute, out] = pointwise_dtypes(kind, input, target, weight);
+    Factor k;
+    k.value = kind == "smooth_l1" && param > 0 ? 1.0 / param : 1.0;
+    if (reduction == "mean") {
+      if (weight.has_value() && weighted_mean) {
+        // Python: k / weight.sum() = weight.sum().reciprocal() * k (Tensor.__rtruediv__).
+        k.tensor = at::mul(cast(*weight, compute).sum().reciprocal(), at::native::wrapped_scalar_tensor(k.value));
+      } else {
+        k.value = k.value / static_cast<double>(n);
+      }
+    }
+    if (n <= chunk) {  // one chunk: no slicing, no gathering of partial sums
+      at::Tensor e = at::sub(cast(input, compute), cast(target, compute));
+      at::Tensor w = weight.has_value() ? cast(*weight, compute) : at::Tensor();
+      std::tie(loss, grad) = terms(e, w, kind, param, k, at::Tensor());
+      if (reduction != "none") loss = loss.sum();
+    } else {
+      at::Tensor x = input.reshape(-1), y = target.reshape(-1);
+      at::Tensor w = weight.has_value() ? weight->reshape(-1) : at::Tensor();
+      grad = at::empty(input.sizes(), input.options().dtype(compute));
+      at::Tensor flat_grad = grad.view(-1);
+      // Python: elementwise = empty(n), returned as elementwise.view(input.shape); here the
+      // other way round, so that the loss is no view (autograd's attach takes no view).
+      at::Tensor unreduced =
+          reduction == "none" ? at::empty(input.sizes(), input.options().dtype(compute)) : at::Tensor();
+      at::Tensor elementwise = unreduced.defined() ? unreduced.view(-1) : at::Tensor();
+      std::vector<at::Tensor> partials;
+      for (int64_t start = 0; start < n; start += chunk) {
+        int64_t end = std::min(start + chunk, n);
+        at::Tensor e = at::sub(cast(x.slice(0, start, end), compute), cast(y.slice(0, start, end), compute));
+        at::Tensor wc = w.defined() ? cast(w.slice(0, start, end), compute) : at::Tensor();
+        at::Tensor part = terms(e, wc, kind, param, k, flat_grad.slice(0, start, end)).first;
+        if (elementwise.defined()) {
+          elementwise.slice(0, start, end).copy_(part);
+        } else {
+          partials.push_back(part.sum());
+        }
+      }
+      loss = unreduced.defined() ? unreduced : at::stack(partials).sum();
+    }
+    loss = cast(loss, out);
+    if (needs.size() > 1 && needs[1] && at::isFloatingType(target.scalar_type())) gt = cast(grad, target.scalar_type()).neg();
+    if (!needs.empty() && needs[0]) gi = cast(grad, input.scalar_type());
+  }
+  py::object grad_input = py::none(), grad_target = py::none();
+  if (gi.defined()) grad_input = py::cast(gi);
+  if (gt.defined()) grad_target = py::cast(gt);
+  return py::make_tuple(loss, grad_input, grad_target);
+}
+
+}  // namespace
+
+void register_pointwise(py::module& m) {
+  m.def("pointwise_regression", &pointwise_regression,
+        "the fused pointwise regression losses' forward (kernels/pointwise.py's pointwise_forward)");
+}
+LOSSKIT_REGISTER(register_pointwise)
