@@ -12,8 +12,10 @@ import math
 import torch
 from torch import Tensor
 
+from .. import _native
+from .._core import switches
 from .._core.ops import kl_terms, log_softmax
-from .._core.checks import check_values
+from .._core.checks import check_values, effective_mode
 from .._core.validation import (
     at_index,
     broadcast_shape,
@@ -25,12 +27,30 @@ from .._core.validation import (
 __all__ = ["cross_entropy", "entropy", "js_divergence", "kl_divergence"]
 
 
+def _compiled_checks(x: Tensor):
+    """losskit._native, where it may answer for the value checks of ``x``: checks mode 'full'
+    on a CPU tensor outside torch.func transforms (where the Python checks read the values
+    on the host too), else None."""
+    if not switches.native_enabled() or not x.is_cpu or effective_mode(x) != "full":
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return None
+    return _native.load()
+
+
 def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Tensor:
-    """Validated log-probabilities of ``x`` along ``dim``."""
+    """Validated log-probabilities of ``x`` along ``dim``.
+
+    Where the compiled part serves the checks (:func:`_compiled_checks`), it says in one
+    call whether the Python checks below would pass (the same comparisons); only where
+    they would not do those run, to raise their exception."""
     check_floating(x, name, fn)
     if x.dim() == 0:
         raise ValueError(f"{fn}: {name} must have a dimension holding the distribution; got a 0-d tensor")
+    native = _compiled_checks(x)
     if from_logits:
+        if native is not None and native.logits_ok(x):
+            return log_softmax(x, dim)
         # -inf is a legitimate logit (probability 0); nan and +inf are not.
         def bad_logit(bad: Tensor) -> Exception:
             where = first_index(bad)
@@ -38,10 +58,11 @@ def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Te
 
         check_values(x, lambda: torch.isnan(x) | (x == math.inf), bad_logit, f"{fn}: {name} logits must be finite or -inf")
         return log_softmax(x, dim)
+    if native is not None and -x.dim() <= dim < x.dim() and native.distribution_ok(x, dim, _tolerance(x, dim)):
+        return torch.log(x)
     check_in_unit_interval(x, name, fn)
     sums = x.sum(dim=dim)
-    # float32 sums of a few thousand probabilities drift by ~1e-6; half types by far more.
-    tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(x.dtype, 1e-2) * max(1, x.shape[dim]) ** 0.5
+    tol = _tolerance(x, dim)
 
     def not_summing_to_one(off: Tensor) -> Exception:
         where = first_index(off)
@@ -54,6 +75,12 @@ def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Te
         x, lambda: (sums - 1).abs() > tol, not_summing_to_one, f"{fn}: {name} is not a distribution along dim {dim}"
     )
     return torch.log(x)
+
+
+def _tolerance(x: Tensor, dim: int) -> float:
+    """How far from 1 the sums along ``dim`` may be: float32 sums of a few thousand
+    probabilities drift by ~1e-6; half types by far more."""
+    return {torch.float64: 1e-9, torch.float32: 1e-5}.get(x.dtype, 1e-2) * max(1, x.shape[dim]) ** 0.5
 
 
 def _in_base(nats: Tensor, base: float, fn: str) -> Tensor:

@@ -12,6 +12,8 @@
 
 #include <ATen/ScalarOps.h>
 
+#include <limits>
+
 namespace py = pybind11;
 
 namespace {
@@ -131,10 +133,36 @@ py::object pointwise_regression(const at::Tensor& input, const at::Tensor& targe
   return py::make_tuple(loss, grad_input, grad_target);
 }
 
+// ---- the value checks of losskit.info (info/measures.py's _log_probs) ----------------------
+// The Python checks cost a dozen torch calls a tensor, several times a small measure's math.
+// These answer, in one call, whether the Python checks would pass, by the same ATen ops
+// (comparisons in the tensor's dtype, the row sums as x.sum(dim)): true means they pass;
+// false sends the call to the Python checks, which raise with the message naming the bad
+// value. Checks mode 'full' on the CPU only (the caller sees to that).
+
+// Every element in [0, 1] (NaN counts as outside), and every sum along dim within tol of 1.
+bool distribution_ok(const at::Tensor& x, int64_t dim, double tol) {
+  if (!x.is_cpu() || x.numel() == 0) return false;
+  py::gil_scoped_release release;
+  at::NoGradGuard no_grad;
+  if (at::logical_not(at::logical_and(x.ge(0), x.le(1))).any().item<bool>()) return false;
+  return !x.sum(dim).sub(1).abs().gt(tol).any().item<bool>();
+}
+
+// Every logit finite or -inf (neither NaN nor +inf).
+bool logits_ok(const at::Tensor& x) {
+  if (!x.is_cpu()) return false;
+  py::gil_scoped_release release;
+  at::NoGradGuard no_grad;
+  return !at::logical_or(x.isnan(), x.eq(std::numeric_limits<double>::infinity())).any().item<bool>();
+}
+
 }  // namespace
 
 void register_pointwise(py::module& m) {
   m.def("pointwise_regression", &pointwise_regression,
         "the fused pointwise regression losses' forward (kernels/pointwise.py's pointwise_forward)");
+  m.def("distribution_ok", &distribution_ok, "whether losskit.info's distribution checks pass");
+  m.def("logits_ok", &logits_ok, "whether losskit.info's logit checks pass");
 }
 LOSSKIT_REGISTER(register_pointwise)
