@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import _native
 from .._core import switches
-from .._core.ops import kl_terms, log_softmax
+from .._core.ops import log_softmax
 from .._core.checks import check_values, effective_mode
 from .._core.validation import (
     at_index,
@@ -38,8 +38,9 @@ def _compiled_checks(x: Tensor):
     return _native.load()
 
 
-def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Tensor:
-    """Validated log-probabilities of ``x`` along ``dim``.
+def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool, log: bool = True) -> Tensor | None:
+    """Validated log-probabilities of ``x`` along ``dim`` (probabilities given: None unless
+    ``log``, for a caller that needs only the probabilities).
 
     Where the compiled part serves the checks (:func:`_compiled_checks`), it says in one
     call whether the Python checks below would pass (the same comparisons); only where
@@ -59,7 +60,7 @@ def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Te
         check_values(x, lambda: torch.isnan(x) | (x == math.inf), bad_logit, f"{fn}: {name} logits must be finite or -inf")
         return log_softmax(x, dim)
     if native is not None and -x.dim() <= dim < x.dim() and native.distribution_ok(x, dim, _tolerance(x, dim)):
-        return torch.log(x)
+        return torch.log(x) if log else None
     check_in_unit_interval(x, name, fn)
     sums = x.sum(dim=dim)
     tol = _tolerance(x, dim)
@@ -74,7 +75,7 @@ def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Te
     check_values(
         x, lambda: (sums - 1).abs() > tol, not_summing_to_one, f"{fn}: {name} is not a distribution along dim {dim}"
     )
-    return torch.log(x)
+    return torch.log(x) if log else None
 
 
 def _tolerance(x: Tensor, dim: int) -> float:
@@ -89,12 +90,24 @@ def _in_base(nats: Tensor, base: float, fn: str) -> Tensor:
     return nats if base == math.e else nats / math.log(base)
 
 
-def _plogq(log_p: Tensor, log_q: Tensor, dim: int) -> Tensor:
+def _probs(x: Tensor, log_x: Tensor | None, from_logits: bool) -> Tensor:
+    """The probabilities: ``x`` itself where it holds them (not exp(log x), one op and its
+    rounding fewer), else exp of the log-softmax."""
+    return log_x.exp() if from_logits else x
+
+
+def _plogq(p: Tensor, log_q: Tensor, dim: int) -> Tensor:
     """sum_c p_c * log q_c with 0 * log 0 = 0, and p > 0 at q = 0 giving -inf."""
-    p = log_p.exp()
     # Mask log q before the product, not after: where(p > 0, p * log_q, 0) would still
     # back-propagate 0 * -inf = nan through the branch it did not take.
     return (p * torch.where(p > 0, log_q, 0.0)).sum(dim)
+
+
+def _kl_terms(p: Tensor, log_p: Tensor, log_q: Tensor, dim: int) -> Tensor:
+    """sum_c p_c (log p_c - log q_c) along ``dim``, 0 log 0 = 0 (losskit._core.ops.kl_terms
+    with the probabilities given): the difference is masked before the product, so a p of 0
+    passes no 0 * inf = nan to the gradient; p > 0 where q = 0 gives +inf, as KL does."""
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(dim)
 
 
 def entropy(p: Tensor, dim: int = -1, *, base: float = math.e, from_logits: bool = False) -> Tensor:
@@ -124,7 +137,7 @@ def entropy(p: Tensor, dim: int = -1, *, base: float = math.e, from_logits: bool
     """
     fn = "entropy"
     log_p = _log_probs(p, "p", fn, dim, from_logits)
-    return _in_base(-_plogq(log_p, log_p, dim), base, fn)
+    return _in_base(-_plogq(_probs(p, log_p, from_logits), log_p, dim), base, fn)
 
 
 def cross_entropy(
@@ -151,9 +164,9 @@ def cross_entropy(
     """
     fn = "cross_entropy"
     broadcast_shape(p, q, ("p", "q"), fn)
-    log_p = _log_probs(p, "p", fn, dim, from_logits)
+    log_p = _log_probs(p, "p", fn, dim, from_logits, log=from_logits)  # log p: only for the softmax
     log_q = _log_probs(q, "q", fn, dim, from_logits)
-    return _in_base(-_plogq(log_p, log_q, dim), base, fn)
+    return _in_base(-_plogq(_probs(p, log_p, from_logits), log_q, dim), base, fn)
 
 
 def kl_divergence(
@@ -186,7 +199,7 @@ def kl_divergence(
     broadcast_shape(p, q, ("p", "q"), fn)
     log_p = _log_probs(p, "p", fn, dim, from_logits)
     log_q = _log_probs(q, "q", fn, dim, from_logits)
-    return _in_base(kl_terms(log_p, log_q, dim), base, fn)
+    return _in_base(_kl_terms(_probs(p, log_p, from_logits), log_p, log_q, dim), base, fn)
 
 
 def js_divergence(
@@ -222,4 +235,5 @@ def js_divergence(
     log_q = _log_probs(q, "q", fn, dim, from_logits)
     # log m = log((p + q) / 2), formed in log space so that tiny probabilities keep precision.
     log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-    return _in_base(0.5 * (kl_terms(log_p, log_m, dim) + kl_terms(log_q, log_m, dim)), base, fn)
+    kl_p = _kl_terms(_probs(p, log_p, from_logits), log_p, log_m, dim)
+    return _in_base(0.5 * (kl_p + _kl_terms(_probs(q, log_q, from_logits), log_q, log_m, dim)), base, fn)
