@@ -222,3 +222,26 @@ def test_info_checks_raise_the_same_messages_with_and_without_the_compiled_part(
                     getattr(info, fn)(*args)
             messages.append(str(error.value))
         assert messages[0] == messages[1]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("flaw", ["none", "sum", "negative", "nan"])
+def test_distribution_checks_of_a_large_tensor(flaw, dtype):
+    """Past 65536 elements the check takes ATen's reductions: the same decisions."""
+    x = torch.randn(300, 300, generator=torch.Generator().manual_seed(8)).softmax(-1)
+    if flaw == "sum":
+        x[7, 3] += 0.5  # past bfloat16's tolerance (0.17 at 300 classes) too
+    elif flaw == "negative":
+        x[7, 3], x[7, 4] = -x[7, 3], x[7, 4] + 2 * x[7, 3]
+    elif flaw == "nan":
+        x[7, 3] = math.nan
+    x = x.to(dtype)
+    tol = {torch.float32: 1e-5}.get(dtype, 1e-2) * 300 ** 0.5
+    assert native.distribution_ok(x, -1, tol) == (flaw == "none")
+    if flaw != "none":
+        with pytest.raises(ValueError) as error:
+            info.entropy(x)
+        with switches.without_native(), pytest.raises(ValueError) as ref:
+            info.entropy(x)
+        assert str(error.value) == str(ref.value)

@@ -10,9 +10,11 @@
 // e's dtype whatever k's, exactly as the Python form does.
 #include "losskit_native.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ScalarOps.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -150,18 +152,36 @@ py::object pointwise_regression(const at::Tensor& input, const at::Tensor& targe
 // row closer to the edge than that answers false, and the Python check decides.
 template <typename scalar_t>
 bool rows_ok(const scalar_t* data, int64_t rows, int64_t n, double tol, double eps, double rel) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* row = data + r * n;
-    double sum = 0.0;
-    for (int64_t c = 0; c < n; ++c) {
-      double v = static_cast<double>(row[c]);
-      if (!(v >= 0.0 && v <= 1.0)) return false;
-      sum += v;
+  std::atomic<bool> ok{true};
+  // Rows are independent: split them over torch's threads (a large batch is megabytes).
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end && ok.load(std::memory_order_relaxed); ++r) {
+      const scalar_t* row = data + r * n;
+      // Four partial sums (in any order: the slack below covers every order's error) and
+      // no early exit inside a row, so that the compiler keeps the loop tight.
+      double sums[4] = {0.0, 0.0, 0.0, 0.0};
+      bool inside = true;
+      int64_t c = 0;
+      for (; c + 4 <= n; c += 4) {
+        for (int k = 0; k < 4; ++k) {
+          double v = static_cast<double>(row[c + k]);
+          inside &= (v >= 0.0) & (v <= 1.0);
+          sums[k] += v;
+        }
+      }
+      for (; c < n; ++c) {
+        double v = static_cast<double>(row[c]);
+        inside &= (v >= 0.0) & (v <= 1.0);
+        sums[0] += v;
+      }
+      double sum = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+      double slack = (static_cast<double>(n) * eps + 2.0 * rel) * std::max(sum, 1.0);
+      if (!inside || std::abs(sum - 1.0) * (1.0 + 2.0 * rel) + slack > tol * (1.0 - 2.0 * rel)) {
+        ok.store(false, std::memory_order_relaxed);
+      }
     }
-    double slack = (static_cast<double>(n) * eps + 2.0 * rel) * std::max(sum, 1.0);
-    if (std::abs(sum - 1.0) * (1.0 + 2.0 * rel) + slack > tol * (1.0 - 2.0 * rel)) return false;
-  }
-  return true;
+  });
+  return ok.load();
 }
 
 // Every element in [0, 1] (NaN counts as outside), and every sum along dim within tol of 1.
@@ -170,6 +190,13 @@ bool distribution_ok(const at::Tensor& x, int64_t dim, double tol) {
   py::gil_scoped_release release;
   at::NoGradGuard no_grad;
   const int64_t last = x.dim() - 1;
+  if (x.numel() > (1 << 16)) {
+    // Large: ATen's vectorised reductions beat the one-pass loop (min / max propagate NaN,
+    // so one aminmax is the range check), then the Python check's own ops on the sums.
+    auto [low, high] = at::aminmax(x);
+    if (!(low.item<double>() >= 0.0 && high.item<double>() <= 1.0)) return false;
+    return !x.sum(dim).sub(1).abs().gt(tol).any().item<bool>();
+  }
   if ((dim == -1 || dim == last) && x.is_contiguous()) {
     const int64_t n = x.size(last), rows = x.numel() / n;
     switch (x.scalar_type()) {
