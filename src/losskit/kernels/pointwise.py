@@ -147,12 +147,15 @@ def _sweep(input: Tensor, target: Tensor, weight: Tensor | None, options: Pointw
         partials = []
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
-            e = torch.sub(x[part].to(compute), y[part].to(compute))
+            # reduction='none': the errors, and the terms formed in place of them, are written
+            # straight into the result (one pass fewer than a copy).
+            if elementwise is not None:
+                e = torch.sub(x[part].to(compute), y[part].to(compute), out=elementwise[part])
+            else:
+                e = torch.sub(x[part].to(compute), y[part].to(compute))
             wc = None if w is None else w[part].to(compute)
             terms, _ = _terms(e, wc, kind, param, k, flat_grad[part])
-            if elementwise is not None:
-                elementwise[part] = terms
-            else:
+            if elementwise is None:
                 partials.append(terms.sum())
         loss = elementwise.view(input.shape) if elementwise is not None else torch.stack(partials).sum()
     return (loss if loss.dtype == out else loss.to(out)), grad

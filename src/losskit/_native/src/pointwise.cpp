@@ -116,14 +116,19 @@ py::object pointwise_regression(const at::Tensor& input, const at::Tensor& targe
       std::vector<at::Tensor> partials;
       for (int64_t start = 0; start < n; start += chunk) {
         int64_t end = std::min(start + chunk, n);
-        at::Tensor e = at::sub(cast(x.slice(0, start, end), compute), cast(y.slice(0, start, end), compute));
+        // reduction='none': the errors, and the terms formed in place of them, are written
+        // straight into the result.
+        at::Tensor xc = cast(x.slice(0, start, end), compute), yc = cast(y.slice(0, start, end), compute);
+        at::Tensor e;
+        if (elementwise.defined()) {
+          e = elementwise.slice(0, start, end);
+          at::sub_out(e, xc, yc);
+        } else {
+          e = at::sub(xc, yc);
+        }
         at::Tensor wc = w.defined() ? cast(w.slice(0, start, end), compute) : at::Tensor();
         at::Tensor part = terms(e, wc, kind, param, k, flat_grad.slice(0, start, end)).first;
-        if (elementwise.defined()) {
-          elementwise.slice(0, start, end).copy_(part);
-        } else {
-          partials.push_back(part.sum());
-        }
+        if (!elementwise.defined()) partials.push_back(part.sum());
       }
       loss = unreduced.defined() ? unreduced : at::stack(partials).sum();
     }
