@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .._core.docs import LEGACY_ARGS, fill_doc
 from ..kernels import Replay
-from ..kernels.pointwise import PointwiseOptions, fused_pointwise, fused_pointwise_applies, pointwise_dtypes
+from ..kernels.pointwise import fused_pointwise_applies, fused_pointwise_call, pointwise_dtypes, pointwise_options
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import (
@@ -88,10 +88,9 @@ def _pointwise_loss(
         check_reduction_weight(weight, input, fn)
     kind, param = fused
     if fused_pointwise_applies(input, target, weight):
-        return fused_pointwise(
-            input, target, weight, options=PointwiseOptions(kind, float(param), reduction, weighted_mean),
-            replay=Replay(fn, lambda a, b: _composed(kind, error, a, b, reduction, weight, weighted_mean),
-                          [input, target]),
+        return fused_pointwise_call(
+            input, target, weight, pointwise_options(kind, float(param), reduction, weighted_mean),
+            Replay(fn, lambda a, b: _composed(kind, error, a, b, reduction, weight, weighted_mean), [input, target]),
         )
     return _composed(kind, error, input, target, reduction, weight, weighted_mean)
 

@@ -12,8 +12,10 @@ import math
 import torch
 from torch import Tensor
 
-from .._core.ops import kl_terms, log_softmax
-from .._core.checks import check_values
+from .. import _native
+from .._core import switches
+from .._core.ops import log_softmax
+from .._core.checks import check_values, effective_mode
 from .._core.validation import (
     at_index,
     broadcast_shape,
@@ -25,12 +27,31 @@ from .._core.validation import (
 __all__ = ["cross_entropy", "entropy", "js_divergence", "kl_divergence"]
 
 
-def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Tensor:
-    """Validated log-probabilities of ``x`` along ``dim``."""
+def _compiled_checks(x: Tensor):
+    """losskit._native, where it may answer for the value checks of ``x``: checks mode 'full'
+    on a CPU tensor outside torch.func transforms (where the Python checks read the values
+    on the host too), else None."""
+    if not switches.native_enabled() or not x.is_cpu or effective_mode(x) != "full":
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return None
+    return _native.load()
+
+
+def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool, log: bool = True) -> Tensor | None:
+    """Validated log-probabilities of ``x`` along ``dim`` (probabilities given: None unless
+    ``log``, for a caller that needs only the probabilities).
+
+    Where the compiled part serves the checks (:func:`_compiled_checks`), it says in one
+    call whether the Python checks below would pass (the same comparisons); only where
+    they would not do those run, to raise their exception."""
     check_floating(x, name, fn)
     if x.dim() == 0:
         raise ValueError(f"{fn}: {name} must have a dimension holding the distribution; got a 0-d tensor")
+    native = _compiled_checks(x)
     if from_logits:
+        if native is not None and native.logits_ok(x):
+            return log_softmax(x, dim)
         # -inf is a legitimate logit (probability 0); nan and +inf are not.
         def bad_logit(bad: Tensor) -> Exception:
             where = first_index(bad)
@@ -38,10 +59,11 @@ def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Te
 
         check_values(x, lambda: torch.isnan(x) | (x == math.inf), bad_logit, f"{fn}: {name} logits must be finite or -inf")
         return log_softmax(x, dim)
+    if native is not None and -x.dim() <= dim < x.dim() and native.distribution_ok(x, dim, _tolerance(x, dim)):
+        return torch.log(x) if log else None
     check_in_unit_interval(x, name, fn)
     sums = x.sum(dim=dim)
-    # float32 sums of a few thousand probabilities drift by ~1e-6; half types by far more.
-    tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(x.dtype, 1e-2) * max(1, x.shape[dim]) ** 0.5
+    tol = _tolerance(x, dim)
 
     def not_summing_to_one(off: Tensor) -> Exception:
         where = first_index(off)
@@ -53,7 +75,13 @@ def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool) -> Te
     check_values(
         x, lambda: (sums - 1).abs() > tol, not_summing_to_one, f"{fn}: {name} is not a distribution along dim {dim}"
     )
-    return torch.log(x)
+    return torch.log(x) if log else None
+
+
+def _tolerance(x: Tensor, dim: int) -> float:
+    """How far from 1 the sums along ``dim`` may be: float32 sums of a few thousand
+    probabilities drift by ~1e-6; half types by far more."""
+    return {torch.float64: 1e-9, torch.float32: 1e-5}.get(x.dtype, 1e-2) * max(1, x.shape[dim]) ** 0.5
 
 
 def _in_base(nats: Tensor, base: float, fn: str) -> Tensor:
@@ -62,12 +90,32 @@ def _in_base(nats: Tensor, base: float, fn: str) -> Tensor:
     return nats if base == math.e else nats / math.log(base)
 
 
-def _plogq(log_p: Tensor, log_q: Tensor, dim: int) -> Tensor:
+def _probs(x: Tensor, log_x: Tensor | None, from_logits: bool) -> Tensor:
+    """The probabilities: ``x`` itself where it holds them (not exp(log x), one op and its
+    rounding fewer), else exp of the log-softmax."""
+    return log_x.exp() if from_logits else x
+
+
+def _plogq(p: Tensor, log_q: Tensor, dim: int) -> Tensor:
     """sum_c p_c * log q_c with 0 * log 0 = 0, and p > 0 at q = 0 giving -inf."""
-    p = log_p.exp()
     # Mask log q before the product, not after: where(p > 0, p * log_q, 0) would still
     # back-propagate 0 * -inf = nan through the branch it did not take.
     return (p * torch.where(p > 0, log_q, 0.0)).sum(dim)
+
+
+def _xlogy(p: Tensor, q: Tensor) -> Tensor:
+    """p log q of probabilities, in one op (what :func:`_plogq` forms in four): 0 where
+    p = 0 (whatever q, NaN aside), -inf where p > 0 and q = 0. The gradients are _plogq's
+    too: log q (0 where p = 0) for p, p / q for q (0 where p = 0 < q; 0 / 0 = nan where both
+    are 0, as the masked log's backward gives)."""
+    return torch.special.xlogy(p, q)
+
+
+def _kl_terms(p: Tensor, log_p: Tensor, log_q: Tensor, dim: int) -> Tensor:
+    """sum_c p_c (log p_c - log q_c) along ``dim``, 0 log 0 = 0 (losskit._core.ops.kl_terms
+    with the probabilities given): the difference is masked before the product, so a p of 0
+    passes no 0 * inf = nan to the gradient; p > 0 where q = 0 gives +inf, as KL does."""
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(dim)
 
 
 def entropy(p: Tensor, dim: int = -1, *, base: float = math.e, from_logits: bool = False) -> Tensor:
@@ -96,8 +144,10 @@ def entropy(p: Tensor, dim: int = -1, *, base: float = math.e, from_logits: bool
         Shannon, "A Mathematical Theory of Communication", 1948.
     """
     fn = "entropy"
-    log_p = _log_probs(p, "p", fn, dim, from_logits)
-    return _in_base(-_plogq(log_p, log_p, dim), base, fn)
+    log_p = _log_probs(p, "p", fn, dim, from_logits, log=from_logits)
+    if not from_logits:  # probabilities: _xlogy's one op
+        return _in_base(-_xlogy(p, p).sum(dim), base, fn)
+    return _in_base(-_plogq(_probs(p, log_p, from_logits), log_p, dim), base, fn)
 
 
 def cross_entropy(
@@ -124,9 +174,11 @@ def cross_entropy(
     """
     fn = "cross_entropy"
     broadcast_shape(p, q, ("p", "q"), fn)
-    log_p = _log_probs(p, "p", fn, dim, from_logits)
-    log_q = _log_probs(q, "q", fn, dim, from_logits)
-    return _in_base(-_plogq(log_p, log_q, dim), base, fn)
+    log_p = _log_probs(p, "p", fn, dim, from_logits, log=from_logits)  # log p: only for the softmax
+    log_q = _log_probs(q, "q", fn, dim, from_logits, log=from_logits)
+    if not from_logits:  # probabilities: _xlogy's one op
+        return _in_base(-_xlogy(p, q).sum(dim), base, fn)
+    return _in_base(-_plogq(_probs(p, log_p, from_logits), log_q, dim), base, fn)
 
 
 def kl_divergence(
@@ -159,7 +211,7 @@ def kl_divergence(
     broadcast_shape(p, q, ("p", "q"), fn)
     log_p = _log_probs(p, "p", fn, dim, from_logits)
     log_q = _log_probs(q, "q", fn, dim, from_logits)
-    return _in_base(kl_terms(log_p, log_q, dim), base, fn)
+    return _in_base(_kl_terms(_probs(p, log_p, from_logits), log_p, log_q, dim), base, fn)
 
 
 def js_divergence(
@@ -195,4 +247,5 @@ def js_divergence(
     log_q = _log_probs(q, "q", fn, dim, from_logits)
     # log m = log((p + q) / 2), formed in log space so that tiny probabilities keep precision.
     log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-    return _in_base(0.5 * (kl_terms(log_p, log_m, dim) + kl_terms(log_q, log_m, dim)), base, fn)
+    kl_p = _kl_terms(_probs(p, log_p, from_logits), log_p, log_m, dim)
+    return _in_base(0.5 * (kl_p + _kl_terms(_probs(q, log_q, from_logits), log_q, log_m, dim)), base, fn)

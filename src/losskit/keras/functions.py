@@ -54,6 +54,9 @@ def same_rank(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def _cast(y_true: Tensor, y_pred: Tensor) -> tuple[Tensor, Tensor]:
     """Both as tensors, y_true in y_pred's dtype (Keras casts labels to the predictions')."""
+    if (isinstance(y_true, Tensor) and isinstance(y_pred, Tensor) and y_true.dtype == y_pred.dtype
+            and y_true.device == y_pred.device):
+        return y_true, y_pred  # what the conversions below give, without their microseconds
     y_pred = torch.as_tensor(y_pred)
     return torch.as_tensor(y_true, device=y_pred.device).to(y_pred.dtype), y_pred
 
@@ -153,13 +156,34 @@ def poisson(y_true: Tensor, y_pred: Tensor) -> Tensor:
     return (y_pred - y_true * (y_pred + EPSILON).log()).mean(dim=-1)
 
 
+# From this many elements on, a float32 Keras mse / mae is faster as losskit.functional's
+# fused element-wise loss (one sweep, the gradient made in it) than as the composed ops,
+# which autograd walks back pass by pass; below it the composed ops cost fewer Python calls.
+_FUSED_FROM = 1 << 16
+
+
+def _fused_elementwise(y_true: Tensor, y_pred: Tensor) -> bool:
+    """Whether losskit.functional's element-wise loss (reduction='none') computes a Keras
+    mse / mae of these aligned tensors before the mean over the last axis: float32 tensors of
+    one shape (Keras broadcasts others) and of at least ``_FUSED_FROM`` elements. The numbers
+    are the composed form's, bit for bit: (p - y)^2 and |p - y| are (y - p)^2 and |y - p|
+    exactly, and so are their gradients, 2 (p - y) g and sign(p - y) g (float16 / bfloat16
+    would not be: the fused loss computes them in float32 and rounds once)."""
+    return (y_pred.dtype == torch.float32 and y_true.dtype == torch.float32 and y_true.shape == y_pred.shape
+            and y_pred.numel() >= _FUSED_FROM)
+
+
 def mean_squared_error(y_true: Tensor, y_pred: Tensor) -> Tensor:
     y_true, y_pred = _pair(y_true, y_pred)
+    if _fused_elementwise(y_true, y_pred):
+        return F.mse_loss(y_pred, y_true, reduction="none").mean(dim=-1)
     return (y_true - y_pred).square().mean(dim=-1)
 
 
 def mean_absolute_error(y_true: Tensor, y_pred: Tensor) -> Tensor:
     y_true, y_pred = _pair(y_true, y_pred)
+    if _fused_elementwise(y_true, y_pred):
+        return F.l1_loss(y_pred, y_true, reduction="none").mean(dim=-1)
     return (y_true - y_pred).abs().mean(dim=-1)
 
 

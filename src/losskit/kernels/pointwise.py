@@ -16,7 +16,12 @@ temporaries stay in cache; the gradient is the only full-size buffer written (to
 input and target for backward instead). The gradient of the target is minus the input's.
 
 Eager calls only: under torch.compile inductor fuses the composed form by itself. The
-autograd and replay machinery comes from :class:`~losskit.kernels.fused_op.FusedOp`.
+autograd and replay machinery comes from :class:`~losskit.kernels.fused_op.FusedOp`; the
+compiled form of :func:`pointwise_forward` (``losskit._native``'s pointwise_regression,
+src/pointwise.cpp) is this file's Python op for op, with the same bits. A small loss costs
+what its Python costs, so :func:`fused_pointwise_call` takes that compiled form and
+FusedOp's C++ autograd node directly, without FusedOp's general call (tens of
+microseconds of Python at a batch of 64).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch import Tensor
 from .._core import switches
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss
-from .fused_op import FusedOp, compiling, fused_may_serve
+from .fused_op import FusedOp, Replay, _native_module, compiling, fused_may_serve
 
 
 @dataclass(frozen=True)
@@ -53,37 +58,76 @@ def pointwise_dtypes(
     return result_dtypes(input, target, weight, result=(input, weight) if kind == "huber" else None)
 
 
+_OPTIONS: dict[tuple, PointwiseOptions] = {}
+
+
+def pointwise_options(kind: str, param: float, reduction: str, weighted_mean: bool) -> PointwiseOptions:
+    """The options object of these values, made once (a frozen dataclass costs microseconds
+    to build, a call's whole budget at a batch of 64)."""
+    key = (kind, param, reduction, weighted_mean)
+    options = _OPTIONS.get(key)
+    if options is None:
+        if len(_OPTIONS) > 256:  # any float param is a key: keep the cache bounded
+            _OPTIONS.clear()
+        options = _OPTIONS[key] = PointwiseOptions(kind, param, reduction, weighted_mean)
+    return options
+
+
 def fused_pointwise_applies(input: Tensor, target: Tensor, weight: Tensor | None) -> bool:
     """Eager calls that want a first-order gradient, with input and target of one shape and
     no gradient wanted for the weight (what the fused sweep computes)."""
     return (
-        torch.is_grad_enabled()
-        and (input.requires_grad or target.requires_grad)
-        and not compiling()
+        (input.requires_grad or target.requires_grad)
+        and torch.is_grad_enabled()
         and input.shape == target.shape
-        and fused_may_serve(input, target)
-        and (weight is None or (not weight.requires_grad and fused_may_serve(weight)))
+        and not compiling()
+        and (fused_may_serve(input, target) if weight is None
+             else not weight.requires_grad and fused_may_serve(input, target, weight))
     )
 
 
+def fused_pointwise_call(
+    input: Tensor, target: Tensor, weight: Tensor | None, options: PointwiseOptions, replay: Replay
+) -> Tensor:
+    """The fused loss of a call :func:`fused_pointwise_applies` accepts: what
+    ``fused_pointwise(...)`` gives (same values, gradients, grad_fn and replay), by the
+    compiled forward and FusedOp's C++ node where they serve the call."""
+    chunk = switches.chunks().pointwise_elements
+    native = _native_module() if switches.native_enabled() else None
+    if native is not None:
+        # Grad mode is on (fused_pointwise_applies), so a tensor wants a gradient exactly
+        # when it requires one: FusedOp's wants_grad.
+        needs = [input.requires_grad, target.requires_grad]
+        made = native.pointwise_regression(input, target, weight, options.kind, options.param, options.reduction,
+                                           options.weighted_mean, chunk, needs)
+        if made is not None:  # the loss is never a view there
+            loss, grad_input, grad_target = made
+            return native.attach(_NODE_NAME, loss, [input, target], [grad_input, grad_target],
+                                 options.reduction == "none", (fused_pointwise.name, replay, needs,
+                                                               [input.shape, target.shape]))
+    return fused_pointwise(input, target, weight, options=options, replay=replay, chunk=chunk)
+
+
 def pointwise_forward(
-    input: Tensor, target: Tensor, weight: Tensor | None, *, options: PointwiseOptions, needs: tuple[bool, bool]
+    input: Tensor, target: Tensor, weight: Tensor | None, *, options: PointwiseOptions, needs: tuple[bool, bool],
+    chunk: int,
 ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None]]:
-    """(the loss reduced by ``reduction``, (d/d input, d/d target)), in the inputs' dtypes."""
+    """(the loss reduced by ``reduction``, (d/d input, d/d target)), in the inputs' dtypes, in
+    chunks of ``chunk`` elements. The compiled form (``losskit._native``'s
+    pointwise_regression, src/pointwise.cpp) is this function op for op."""
     compute, out = pointwise_dtypes(options.kind, input, target, weight)
     if input.numel() == 0:  # 'mean' is 0/0 = nan, 'sum' 0, 'none' empty; the gradients are empty
         empty = input.new_empty(input.shape, dtype=compute)
         loss, grad = reduce_loss(empty, options.reduction).to(out), empty
     else:
-        loss, grad = _sweep(input, target, weight, options, compute, out)
+        loss, grad = _sweep(input, target, weight, options, compute, out, chunk)
     grad_target = -grad.to(target.dtype) if needs[1] and target.dtype.is_floating_point else None
     return loss, (grad.to(input.dtype) if needs[0] else None, grad_target)
 
 
-def _sweep(input: Tensor, target: Tensor, weight: Tensor | None, options: PointwiseOptions, compute, out):
+def _sweep(input: Tensor, target: Tensor, weight: Tensor | None, options: PointwiseOptions, compute, out, chunk: int):
     kind, param, reduction = options.kind, options.param, options.reduction
     n = input.numel()
-    chunk = switches.chunks().pointwise_elements
     k: float | Tensor = 1.0 / param if kind == "smooth_l1" and param > 0 else 1.0
     if reduction == "mean":
         k = k / weight.to(compute).sum() if weight is not None and options.weighted_mean else k / n
@@ -103,12 +147,15 @@ def _sweep(input: Tensor, target: Tensor, weight: Tensor | None, options: Pointw
         partials = []
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
-            e = torch.sub(x[part].to(compute), y[part].to(compute))
+            # reduction='none': the errors, and the terms formed in place of them, are written
+            # straight into the result (one pass fewer than a copy).
+            if elementwise is not None:
+                e = torch.sub(x[part].to(compute), y[part].to(compute), out=elementwise[part])
+            else:
+                e = torch.sub(x[part].to(compute), y[part].to(compute))
             wc = None if w is None else w[part].to(compute)
             terms, _ = _terms(e, wc, kind, param, k, flat_grad[part])
-            if elementwise is not None:
-                elementwise[part] = terms
-            else:
+            if elementwise is None:
                 partials.append(terms.sum())
         loss = elementwise.view(input.shape) if elementwise is not None else torch.stack(partials).sum()
     return (loss if loss.dtype == out else loss.to(out)), grad
@@ -148,4 +195,9 @@ fused_pointwise = FusedOp(
     options=PointwiseOptions,
     forward=pointwise_forward,
     unreduced="elements",
+    extras=(("int", "chunk"),),
+    native_forward="pointwise_regression",
 )
+
+# FusedOp's name of the node (FusedPointwiseRegressionBackward), as its general call gives it.
+_NODE_NAME = fused_pointwise.eager.__name__ + "Backward"

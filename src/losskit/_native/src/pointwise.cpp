@@ -1,0 +1,236 @@
+// The compiled form of the fused pointwise regression losses (mse, l1, smooth_l1, huber):
+// losskit/kernels/pointwise.py's pointwise_forward, op for op, so that the bits are the
+// same (tests/test_native.py, tests/test_native_pointwise.py). See that file for the math:
+// with e = input - target, the terms and the gradient carry the element weights and one
+// factor k (1 / beta for smooth_l1, times 1 / the 'mean' divisor), so that the sum of the
+// terms is the loss and backward only multiplies the gradient by grad_output.
+//
+// Where the Python form writes `torch.mul(e, k)` with a Python float k, the float is a
+// wrapped number (at::native::wrapped_scalar_tensor), as here: the product is formed in
+// e's dtype whatever k's, exactly as the Python form does.
+#include "losskit_native.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ScalarOps.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+
+namespace py = pybind11;
+
+namespace {
+
+// (compute, result) dtypes: losskit/_core/dtypes.py's result_dtypes, with huber's result
+// the input's dtype promoted with the weight's (pointwise_dtypes).
+std::pair<at::ScalarType, at::ScalarType> pointwise_dtypes(const std::string& kind, const at::Tensor& input,
+                                                           const at::Tensor& target,
+                                                           const std::optional<at::Tensor>& weight) {
+  at::ScalarType compute = at::promote_types(input.scalar_type(), target.scalar_type());
+  at::ScalarType out = input.scalar_type();
+  if (weight.has_value()) {
+    compute = at::promote_types(compute, weight->scalar_type());
+    out = at::promote_types(out, weight->scalar_type());
+  }
+  if (kind != "huber" || !at::isFloatingType(out)) out = compute;
+  if (compute == at::kHalf || compute == at::kBFloat16) compute = at::kFloat;
+  return {compute, out};
+}
+
+at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+// The factor k: a double (Python float) or a 0-d tensor (1 / the summed weight).
+struct Factor {
+  double value = 1.0;
+  at::Tensor tensor;  // defined: k is this tensor
+  bool unit() const { return !tensor.defined() && value == 1.0; }
+  at::Tensor as_other(const at::Tensor& like) const {
+    return tensor.defined() ? tensor : at::native::wrapped_scalar_tensor(value, like.device());
+  }
+};
+
+// _terms: (loss terms times w k, formed in place of the errors e; their gradient times w k,
+// written into g when it is defined).
+std::pair<at::Tensor, at::Tensor> terms(at::Tensor e, const at::Tensor& w, const std::string& kind, double param,
+                                        const Factor& k, at::Tensor g) {
+  if (kind == "mse") {
+    at::Tensor other = k.as_other(e);
+    g = g.defined() ? at::mul_out(g, e, other) : at::mul(e, other);
+    if (w.defined()) g.mul_(w);
+    at::Tensor loss = e.mul_(g);
+    g.mul_(2.0);
+    return {loss, g};
+  }
+  if (kind == "l1" || param == 0.0) {
+    g = g.defined() ? at::sign_out(g, e) : at::sign(e);
+  } else {
+    g = g.defined() ? at::clamp_out(g, e, -param, param) : at::clamp(e, -param, param);
+    e.sub_(g, 0.5);
+  }
+  if (w.defined()) g.mul_(w);
+  if (!k.unit()) g.mul_(k.as_other(g));
+  return {e.mul_(g), g};
+}
+
+// pointwise_forward(input, target, weight, options=PointwiseOptions(kind, param, reduction,
+// weighted_mean), needs, chunk) -> (loss, grad_input, grad_target), or None for the calls
+// left to the Python form (not on the CPU, or no elements).
+py::object pointwise_regression(const at::Tensor& input, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, const std::string& kind, double param,
+                                const std::string& reduction, bool weighted_mean, int64_t chunk,
+                                const std::vector<bool>& needs) {
+  if (!input.is_cpu() || !target.is_cpu() || (weight.has_value() && !weight->is_cpu())) return py::none();
+  const int64_t n = input.numel();
+  if (n == 0 || chunk <= 0) return py::none();
+  at::Tensor loss, grad, gi, gt;
+  {
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
+    auto [compute, out] = pointwise_dtypes(kind, input, target, weight);
+    Factor k;
+    k.value = kind == "smooth_l1" && param > 0 ? 1.0 / param : 1.0;
+    if (reduction == "mean") {
+      if (weight.has_value() && weighted_mean) {
+        // Python: k / weight.sum() = weight.sum().reciprocal() * k (Tensor.__rtruediv__).
+        k.tensor = at::mul(cast(*weight, compute).sum().reciprocal(), at::native::wrapped_scalar_tensor(k.value));
+      } else {
+        k.value = k.value / static_cast<double>(n);
+      }
+    }
+    if (n <= chunk) {  // one chunk: no slicing, no gathering of partial sums
+      at::Tensor e = at::sub(cast(input, compute), cast(target, compute));
+      at::Tensor w = weight.has_value() ? cast(*weight, compute) : at::Tensor();
+      std::tie(loss, grad) = terms(e, w, kind, param, k, at::Tensor());
+      if (reduction != "none") loss = loss.sum();
+    } else {
+      at::Tensor x = input.reshape(-1), y = target.reshape(-1);
+      at::Tensor w = weight.has_value() ? weight->reshape(-1) : at::Tensor();
+      grad = at::empty(input.sizes(), input.options().dtype(compute));
+      at::Tensor flat_grad = grad.view(-1);
+      // Python: elementwise = empty(n), returned as elementwise.view(input.shape); here the
+      // other way round, so that the loss is no view (autograd's attach takes no view).
+      at::Tensor unreduced =
+          reduction == "none" ? at::empty(input.sizes(), input.options().dtype(compute)) : at::Tensor();
+      at::Tensor elementwise = unreduced.defined() ? unreduced.view(-1) : at::Tensor();
+      std::vector<at::Tensor> partials;
+      for (int64_t start = 0; start < n; start += chunk) {
+        int64_t end = std::min(start + chunk, n);
+        // reduction='none': the errors, and the terms formed in place of them, are written
+        // straight into the result.
+        at::Tensor xc = cast(x.slice(0, start, end), compute), yc = cast(y.slice(0, start, end), compute);
+        at::Tensor e;
+        if (elementwise.defined()) {
+          e = elementwise.slice(0, start, end);
+          at::sub_out(e, xc, yc);
+        } else {
+          e = at::sub(xc, yc);
+        }
+        at::Tensor wc = w.defined() ? cast(w.slice(0, start, end), compute) : at::Tensor();
+        at::Tensor part = terms(e, wc, kind, param, k, flat_grad.slice(0, start, end)).first;
+        if (!elementwise.defined()) partials.push_back(part.sum());
+      }
+      loss = unreduced.defined() ? unreduced : at::stack(partials).sum();
+    }
+    loss = cast(loss, out);
+    if (needs.size() > 1 && needs[1] && at::isFloatingType(target.scalar_type())) gt = cast(grad, target.scalar_type()).neg();
+    if (!needs.empty() && needs[0]) gi = cast(grad, input.scalar_type());
+  }
+  py::object grad_input = py::none(), grad_target = py::none();
+  if (gi.defined()) grad_input = py::cast(gi);
+  if (gt.defined()) grad_target = py::cast(gt);
+  return py::make_tuple(loss, grad_input, grad_target);
+}
+
+// ---- the value checks of losskit.info (info/measures.py's _log_probs) ----------------------
+// The Python checks cost a dozen torch calls a tensor, several times a small measure's math.
+// These answer, in one call, whether the Python checks would pass, by the same ATen ops
+// (comparisons in the tensor's dtype, the row sums as x.sum(dim)): true means they pass;
+// false sends the call to the Python checks, which raise with the message naming the bad
+// value. Checks mode 'full' on the CPU only (the caller sees to that).
+
+// Rows along the last dimension of a contiguous x, in one pass: every element in [0, 1]
+// (the comparisons are exact, NaN fails them) and every row sum, in double, so far within
+// tol of 1 that the Python check's sum (x.sum(dim) in x's dtype: float32 accumulation for
+// the half types, then rounded to the dtype; |sum - 1| rounded again; tol rounded to the
+// dtype) is within it too, whatever its rounding errors: those are bounded by `slack`. A
+// row closer to the edge than that answers false, and the Python check decides.
+template <typename scalar_t>
+bool rows_ok(const scalar_t* data, int64_t rows, int64_t n, double tol, double eps, double rel) {
+  std::atomic<bool> ok{true};
+  // Rows are independent: split them over torch's threads (a large batch is megabytes).
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end && ok.load(std::memory_order_relaxed); ++r) {
+      const scalar_t* row = data + r * n;
+      // Four partial sums (in any order: the slack below covers every order's error) and
+      // no early exit inside a row, so that the compiler keeps the loop tight.
+      double sums[4] = {0.0, 0.0, 0.0, 0.0};
+      bool inside = true;
+      int64_t c = 0;
+      for (; c + 4 <= n; c += 4) {
+        for (int k = 0; k < 4; ++k) {
+          double v = static_cast<double>(row[c + k]);
+          inside &= (v >= 0.0) & (v <= 1.0);
+          sums[k] += v;
+        }
+      }
+      for (; c < n; ++c) {
+        double v = static_cast<double>(row[c]);
+        inside &= (v >= 0.0) & (v <= 1.0);
+        sums[0] += v;
+      }
+      double sum = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+      double slack = (static_cast<double>(n) * eps + 2.0 * rel) * std::max(sum, 1.0);
+      if (!inside || std::abs(sum - 1.0) * (1.0 + 2.0 * rel) + slack > tol * (1.0 - 2.0 * rel)) {
+        ok.store(false, std::memory_order_relaxed);
+      }
+    }
+  });
+  return ok.load();
+}
+
+// Every element in [0, 1] (NaN counts as outside), and every sum along dim within tol of 1.
+bool distribution_ok(const at::Tensor& x, int64_t dim, double tol) {
+  if (!x.is_cpu() || x.numel() == 0) return false;
+  py::gil_scoped_release release;
+  at::NoGradGuard no_grad;
+  const int64_t last = x.dim() - 1;
+  if (x.numel() > (1 << 16)) {
+    // Large: ATen's vectorised reductions beat the one-pass loop (min / max propagate NaN,
+    // so one aminmax is the range check), then the Python check's own ops on the sums.
+    auto [low, high] = at::aminmax(x);
+    if (!(low.item<double>() >= 0.0 && high.item<double>() <= 1.0)) return false;
+    return !x.sum(dim).sub(1).abs().gt(tol).any().item<bool>();
+  }
+  if ((dim == -1 || dim == last) && x.is_contiguous()) {
+    const int64_t n = x.size(last), rows = x.numel() / n;
+    switch (x.scalar_type()) {
+      case at::kFloat: return rows_ok(x.const_data_ptr<float>(), rows, n, tol, 0x1p-24, 0x1p-24);
+      case at::kDouble: return rows_ok(x.const_data_ptr<double>(), rows, n, tol, 0x1p-53, 0x1p-53);
+      case at::kBFloat16: return rows_ok(x.const_data_ptr<at::BFloat16>(), rows, n, tol, 0x1p-24, 0x1p-8);
+      case at::kHalf: return rows_ok(x.const_data_ptr<at::Half>(), rows, n, tol, 0x1p-24, 0x1p-11);
+      default: break;
+    }
+  }
+  // The Python check's own ops.
+  if (at::logical_not(at::logical_and(x.ge(0), x.le(1))).any().item<bool>()) return false;
+  return !x.sum(dim).sub(1).abs().gt(tol).any().item<bool>();
+}
+
+// Every logit finite or -inf (neither NaN nor +inf).
+bool logits_ok(const at::Tensor& x) {
+  if (!x.is_cpu()) return false;
+  py::gil_scoped_release release;
+  at::NoGradGuard no_grad;
+  return !at::logical_or(x.isnan(), x.eq(std::numeric_limits<double>::infinity())).any().item<bool>();
+}
+
+}  // namespace
+
+void register_pointwise(py::module& m) {
+  m.def("pointwise_regression", &pointwise_regression,
+        "the fused pointwise regression losses' forward (kernels/pointwise.py's pointwise_forward)");
+  m.def("distribution_ok", &distribution_ok, "whether losskit.info's distribution checks pass");
+  m.def("logits_ok", &logits_ok, "whether losskit.info's logit checks pass");
+}
+LOSSKIT_REGISTER(register_pointwise)
