@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._core import switches
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range, extremes
+from ..kernels.fused_op import Replay, _native_module, compiling, fused_may_serve, wants_grad
 
 __all__ = [
     "cosine_embedding_loss",
@@ -40,13 +42,45 @@ def _hinge(z: Tensor) -> Tensor:
     return torch.where(z > 0, z, 0.0)
 
 
-def _check_classes(target: Tensor, counted: Tensor | bool, num_classes: int, fn: str, lowest: int) -> None:
+def _check_classes(target: Tensor, counted: Callable[[], Tensor | bool], num_classes: int, fn: str, lowest: int,
+                   native=None) -> bool:
     """check_target_range, after a one-op look at the extremes where checks read values on
-    the host: targets within [lowest, num_classes) need no element-wise mask."""
-    seen = extremes(target)
-    if seen is not None and seen[0] >= lowest and seen[1] < num_classes:
-        return
-    check_target_range(target, target.new_ones((), dtype=torch.bool) & counted, num_classes, fn)
+    the host (a loop in C++ where ``native`` is given): targets within [lowest, num_classes)
+    need no element-wise mask. Returns whether they all lie there, as far as it was looked
+    (the compiled kernels read only targets known to be in range)."""
+    if native is not None:
+        if native.classes_in_range(target, lowest, num_classes):
+            return True
+    else:
+        seen = extremes(target)
+        if seen is not None and seen[0] >= lowest and seen[1] < num_classes:
+            return True
+    check_target_range(target, target.new_ones((), dtype=torch.bool) & counted(), num_classes, fn)
+    return False
+
+
+def _native_for(input: Tensor, *others: Tensor | None):
+    """The compiled module (losskit._native) where it serves this call: eager, on the CPU,
+    where a fused kernel may serve (not float64, torch.func transforms, forward AD) and
+    nothing but the input wants a gradient; else None."""
+    if compiling() or not input.is_cpu or not switches.native_enabled():
+        return None
+    tensors = [t for t in others if t is not None]
+    if any(t.requires_grad for t in tensors) or not fused_may_serve(input, *tensors):
+        return None
+    return _native_module()
+
+
+def _attach(native, name: str, made: tuple, input: Tensor, per_row: bool, reference: Callable[[Tensor], Tensor]):
+    """The loss made by a compiled kernel, with the C++ autograd node that hands out its
+    gradient (see kernels/fused_op.py); create_graph and a second backward replay the call
+    on the Python path."""
+    loss, grad = made
+    if grad is None:
+        return loss
+    replay = Replay(name, reference, [input])
+    node = "Fused" + name.title().replace("_", "") + "Backward"
+    return native.attach(node, loss, [input], [grad], per_row, (name, replay, [True], [input.shape]))
 
 
 def _class_rows(input: Tensor, target: Tensor, fn: str, target_like_input: bool) -> None:
@@ -189,9 +223,17 @@ def multilabel_margin_loss(
         input, target = input.reshape(1), target.reshape(1)
     _class_rows(input, target, fn, target_like_input=True)
     num_classes = input.shape[-1]
+    native = None if scalar else _native_for(input, target)
     # Targets count up to the first -1 of each row.
+    in_range = _check_classes(target, lambda: (target == -1).cumsum(dim=-1) == 0, num_classes, fn, lowest=-1,
+                              native=native)
+    if native is not None and in_range:
+        caller = target
+        made = native.multilabel_margin(input, target, reduction, wants_grad(input))
+        if made is not None:
+            return _attach(native, fn, made, input, reduction == "none",
+                           lambda x: multilabel_margin_loss(x, caller, reduction=reduction))
     counted = (target == -1).cumsum(dim=-1) == 0
-    _check_classes(target, counted, num_classes, fn, lowest=-1)
     compute, out = result_dtypes(input)
     unbatched = input.dim() == 1
     x, target, counted = (t.unsqueeze(0) for t in (input.to(compute), target, counted)) if unbatched else (
@@ -218,9 +260,12 @@ def _multilabel_margin_pairs(x: Tensor, safe: Tensor, counted: Tensor, scale: fl
     listed = torch.zeros_like(x).scatter_add_(1, safe, counted.to(x.dtype))  # how often each class is listed
     z = (1 - x).unsqueeze(2) + x.unsqueeze(1)
     count = (z > 0) & (listed > 0).unsqueeze(2) & (listed == 0).unsqueeze(1)
-    weight = torch.where(count, listed.mul_(scale).unsqueeze(2), 0.0)  # (times pair (j, i) counts) * scale
-    loss = torch.where(count, z * weight, 0.0).sum((1, 2))
-    return loss, weight.sum(1) - weight.sum(2)
+    times = torch.where(count, listed.unsqueeze(2), 0.0)  # how often pair (j, i) counts
+    # The gradient from integer counts (exact in any order of summation), scaled once: the
+    # same numbers as the rows form and the compiled loop (losskit._native margin.cpp).
+    grad = (times.sum(1) - times.sum(2)).mul_(scale)
+    loss = torch.where(count, z * times.mul_(scale), 0.0).sum((1, 2))
+    return loss, grad
 
 
 def _multilabel_margin_rows(x: Tensor, safe: Tensor, counted: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -349,6 +394,8 @@ def multi_margin_loss(
     if p not in (1, 2):
         raise ValueError(f"{fn}: p must be 1 or 2; got {p}")
     check_floating(input, "input", fn)
+    caller = target
+    native = _native_for(input, target, weight) if input.dim() else None
     if input.dim() == 0:  # as torch: one score, one class
         input = input.reshape(1)
     # As torch, a (C,) input takes a target of shape () or (1,), and 'none' keeps its shape.
@@ -357,9 +404,14 @@ def multi_margin_loss(
         target = target.reshape(())
     _class_rows(input, target, fn, target_like_input=False)
     num_classes = input.shape[-1]
-    _check_classes(target, True, num_classes, fn, lowest=0)
+    in_range = _check_classes(target, lambda: True, num_classes, fn, lowest=0, native=native)
     if weight is not None:
         check_class_weight(weight, num_classes, fn)
+    if native is not None and in_range:
+        made = native.multi_margin(input, target, weight, p, margin, reduction, list(target_shape), wants_grad(input))
+        if made is not None:
+            return _attach(native, fn, made, input, reduction == "none",
+                           lambda x: multi_margin_loss(x, caller, p, margin, weight, reduction=reduction))
     compute, out = result_dtypes(input)
     x = input if input.dtype == compute else input.to(compute)
     rows = x.unsqueeze(0) if x.dim() == 1 else x
