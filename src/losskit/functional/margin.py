@@ -59,28 +59,26 @@ def _check_classes(target: Tensor, counted: Callable[[], Tensor | bool], num_cla
     return False
 
 
-def _native_for(input: Tensor, *others: Tensor | None):
+def _native_for(input: Tensor, target: Tensor, weight: Tensor | None = None):
     """The compiled module (losskit._native) where it serves this call: eager, on the CPU,
     where a fused kernel may serve (not float64, torch.func transforms, forward AD) and
     nothing but the input wants a gradient; else None."""
-    if compiling() or not input.is_cpu or not switches.native_enabled():
+    if not input.is_cpu or not switches.native_enabled() or compiling():
         return None
-    tensors = [t for t in others if t is not None]
-    if any(t.requires_grad for t in tensors) or not fused_may_serve(input, *tensors):
-        return None
-    return _native_module()
+    if weight is None:
+        return _native_module() if fused_may_serve(input, target) else None
+    return _native_module() if not weight.requires_grad and fused_may_serve(input, target, weight) else None
 
 
-def _attach(native, name: str, made: tuple, input: Tensor, per_row: bool, reference: Callable[[Tensor], Tensor]):
+def _attach(native, fn: str, node: str, made: tuple, input: Tensor, per_row: bool,
+            reference: Callable[[Tensor], Tensor]):
     """The loss made by a compiled kernel, with the C++ autograd node that hands out its
     gradient (see kernels/fused_op.py); create_graph and a second backward replay the call
     on the Python path."""
     loss, grad = made
     if grad is None:
         return loss
-    replay = Replay(name, reference, [input])
-    node = "Fused" + name.title().replace("_", "") + "Backward"
-    return native.attach(node, loss, [input], [grad], per_row, (name, replay, [True], [input.shape]))
+    return native.attach(node, loss, [input], [grad], per_row, (fn, Replay(fn, reference, [input]), [True], [input.shape]))
 
 
 def _class_rows(input: Tensor, target: Tensor, fn: str, target_like_input: bool) -> None:
@@ -231,7 +229,7 @@ def multilabel_margin_loss(
         caller = target
         made = native.multilabel_margin(input, target, reduction, wants_grad(input))
         if made is not None:
-            return _attach(native, fn, made, input, reduction == "none",
+            return _attach(native, fn, "FusedMultilabelMarginLossBackward", made, input, reduction == "none",
                            lambda x: multilabel_margin_loss(x, caller, reduction=reduction))
     counted = (target == -1).cumsum(dim=-1) == 0
     compute, out = result_dtypes(input)
@@ -410,7 +408,7 @@ def multi_margin_loss(
     if native is not None and in_range:
         made = native.multi_margin(input, target, weight, p, margin, reduction, list(target_shape), wants_grad(input))
         if made is not None:
-            return _attach(native, fn, made, input, reduction == "none",
+            return _attach(native, fn, "FusedMultiMarginLossBackward", made, input, reduction == "none",
                            lambda x: multi_margin_loss(x, caller, p, margin, weight, reduction=reduction))
     compute, out = result_dtypes(input)
     x = input if input.dtype == compute else input.to(compute)
@@ -434,12 +432,13 @@ class _MultiMargin(torch.autograd.Function):
         if row_weight is not None:
             scale = row_weight * scale
         hinge = torch.add(x, margin - x.gather(1, index)).clamp_min_(0).scatter_(1, index, 0.0)
-        if p == 1:
-            grad = (hinge > 0).to(x.dtype).mul_(scale)
+        if p == 1:  # the target's gradient is minus the count of terms (exact), scaled once
+            grad = (hinge > 0).to(x.dtype)
+            grad.scatter_(1, index, grad.sum(1, keepdim=True).neg_()).mul_(scale)
         else:
             grad = hinge * (2 * scale)
+            grad.scatter_(1, index, grad.sum(1, keepdim=True).neg_())
             hinge.square_()
-        grad.scatter_(1, index, grad.sum(1, keepdim=True).neg_())
         ctx.save_for_backward(grad)
         ctx.per_row = reduction == "none"
         if row_weight is None:  # the scale is one number: sum first

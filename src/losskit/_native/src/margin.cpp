@@ -97,22 +97,30 @@ py::object multi_margin(const at::Tensor& input, const at::Tensor& target, const
     const float shift = at_margin - row[y];  // margin - x_y, then x_i + that: torch's order
     const float g = ws != nullptr ? ws[y] * step : step;
     if (ws != nullptr) row_step.data_ptr<float>()[r] = g;
+    int64_t terms = 0;
     for (int64_t i = 0; i < c; ++i) {
       float h = row[i] + shift;
       h = std::isnan(h) ? h : (h < 0 ? 0.0f : h);  // clamp_min(0), which keeps nan
       if (i == y) h = 0.0f;
+      terms += h > 0;
       if (need_grad) gs[r * c + i] = p == 1 ? static_cast<float>(h > 0) * g : h * (g * 2);
       hs[r * c + i] = p == 1 ? h : h * h;
     }
+    // p = 1: the target's gradient is minus the count of terms, scaled once.
+    if (need_grad && p == 1) gs[r * c + y] = -static_cast<float>(terms) * g;
   }
-  if (need_grad) {
+  if (need_grad && p != 1) {
     at::Tensor sums = grad.sum(1);
     const float* ss = sums.const_data_ptr<float>();
     for (int64_t r = 0; r < n; ++r) gs[r * c + t[r]] = -ss[r];
   }
   at::Tensor loss;
-  if (ws == nullptr) {
-    loss = reduction == "none" ? hinge.sum(1) * scale : hinge.sum() * scale;
+  if (ws == nullptr && reduction != "none") {
+    loss = hinge.sum();
+    float* value = loss.data_ptr<float>();
+    *value = *value * step;  // the Python kernel's hinge.sum() * scale, in float32
+  } else if (ws == nullptr) {
+    loss = hinge.sum(1) * scale;
   } else {
     loss = (hinge.sum(1, true) * row_step).squeeze(1);
   }
@@ -123,17 +131,16 @@ py::object multi_margin(const at::Tensor& input, const at::Tensor& target, const
   return py::make_tuple(loss, need_grad ? py::cast(grad) : py::none());
 }
 
-// How often each class is listed among the targets of its row (up to the row's first -1),
-// as float32: the Python kernel's scatter_add of the counted mask, whose sums are integers.
-at::Tensor listed_counts(const at::Tensor& target, int64_t rows, int64_t classes) {
-  at::Tensor listed = at::zeros({rows, classes}, at::TensorOptions().dtype(at::kFloat));
-  float* out = listed.data_ptr<float>();
+// How often each class is listed among the targets of its row (up to the row's first -1):
+// the Python kernel's scatter_add of the counted mask, whose float32 sums are integers.
+std::vector<float> listed_counts(const at::Tensor& target, int64_t rows, int64_t classes) {
+  std::vector<float> listed(rows * classes, 0.0f);
   const int64_t* t = target.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < classes; ++k) {
       const int64_t j = t[r * classes + k];
       if (j < 0) break;  // the first -1 ends the row's targets (checked: j < classes)
-      out[r * classes + j] += 1.0f;
+      listed[r * classes + j] += 1.0f;
     }
   }
   return listed;
@@ -142,13 +149,13 @@ at::Tensor listed_counts(const at::Tensor& target, int64_t rows, int64_t classes
 // functional/margin.py _multilabel_margin_pairs: the terms z (times listed_j * scale) of the
 // counted pairs in one loop, summed by the same ATen reduction; the gradient from exact
 // integer counts, scaled once (as the Python kernel does).
-std::pair<at::Tensor, at::Tensor> multilabel_pairs(const at::Tensor& x, const at::Tensor& listed, double scale,
-                                                   bool need_grad) {
+std::pair<at::Tensor, at::Tensor> multilabel_pairs(const at::Tensor& x, const std::vector<float>& listed,
+                                                   double scale, bool need_grad) {
   const int64_t rows = x.size(0), classes = x.size(1);
   at::Tensor terms = at::empty({rows, classes, classes}, x.options());
   at::Tensor grad = need_grad ? at::empty({rows, classes}, x.options()) : at::Tensor();
   const float* xs = x.const_data_ptr<float>();
-  const float* ls = listed.const_data_ptr<float>();
+  const float* ls = listed.data();
   float* zs = terms.data_ptr<float>();
   float* gs = need_grad ? grad.data_ptr<float>() : nullptr;
   const float step = static_cast<float>(scale);
