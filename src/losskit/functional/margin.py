@@ -13,7 +13,7 @@ from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range, extremes
-from ..kernels.fused_op import Replay, _native_module, compiling, fused_may_serve, wants_grad
+from ..kernels.fused_op import Replay, _native_module, compiling
 
 __all__ = [
     "cosine_embedding_loss",
@@ -60,14 +60,21 @@ def _check_classes(target: Tensor, counted: Callable[[], Tensor | bool], num_cla
 
 
 def _native_for(input: Tensor, target: Tensor, weight: Tensor | None = None):
-    """The compiled module (losskit._native) where it serves this call: eager, on the CPU,
-    where a fused kernel may serve (not float64, torch.func transforms, forward AD) and
-    nothing but the input wants a gradient; else None."""
-    if not input.is_cpu or not switches.native_enabled() or compiling():
+    """The compiled module (losskit._native) where it serves this call, else None: eager
+    calls on the CPU in float32 or a half type (float64 keeps the Python path, as for every
+    fused kernel: gradcheck's dtype), outside torch.func transforms and forward-mode AD,
+    where nothing but the input may want a gradient. fused_may_serve's conditions, spelt
+    out: at a batch of 64 this test is a fair share of the call."""
+    if not input.is_cpu or input.dtype == torch.float64 or not switches.native_enabled():
         return None
-    if weight is None:
-        return _native_module() if fused_may_serve(input, target) else None
-    return _native_module() if not weight.requires_grad and fused_may_serve(input, target, weight) else None
+    if switches.path() == "reference" or compiling() or torch.autograd.forward_ad._current_level >= 0:
+        return None
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if wrapped(input) or wrapped(target):
+        return None
+    if weight is not None and (weight.requires_grad or not weight.is_cpu or wrapped(weight)):
+        return None
+    return _native_module()
 
 
 def _attach(native, fn: str, node: str, made: tuple, input: Tensor, per_row: bool,
@@ -85,9 +92,11 @@ def _class_rows(input: Tensor, target: Tensor, fn: str, target_like_input: bool)
     """(C,) or (N, C) input; target (N,) / () or, for multilabel, input's own shape."""
     if input.dim() not in (1, 2):
         raise ValueError(f"{fn}: input must be (C,) or (N, C); got shape {tuple(input.shape)}")
-    expected = tuple(input.shape) if target_like_input else tuple(input.shape[:-1])
-    if tuple(target.shape) != expected:
-        raise ValueError(f"{fn}: target shape {tuple(target.shape)} must be {expected} for input shape {tuple(input.shape)}")
+    expected = input.shape if target_like_input else input.shape[:-1]
+    if target.shape != expected:
+        raise ValueError(
+            f"{fn}: target shape {tuple(target.shape)} must be {tuple(expected)} for input shape {tuple(input.shape)}"
+        )
     if target.is_floating_point() or target.dtype == torch.bool:
         raise TypeError(f"{fn}: target must hold integer class indices; got {target.dtype}")
 
@@ -227,7 +236,7 @@ def multilabel_margin_loss(
                               native=native)
     if native is not None and in_range:
         caller = target
-        made = native.multilabel_margin(input, target, reduction, wants_grad(input))
+        made = native.multilabel_margin(input, target, reduction, torch.is_grad_enabled() and input.requires_grad)
         if made is not None:
             return _attach(native, fn, "FusedMultilabelMarginLossBackward", made, input, reduction == "none",
                            lambda x: multilabel_margin_loss(x, caller, reduction=reduction))
@@ -246,9 +255,11 @@ def multilabel_margin_loss(
 PAIRWISE_CLASSES = 32
 
 
-def _multilabel_margin_pairs(x: Tensor, safe: Tensor, counted: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """(per-row loss, d(loss)/dx), both times ``scale``, of multilabel_margin_loss from
-    every pair, for small C.
+def _multilabel_margin_pairs(
+    x: Tensor, safe: Tensor, counted: Tensor, scale: float, per_row: bool
+) -> tuple[Tensor, Tensor]:
+    """(per-row loss, or with ``per_row`` False their sum, d(loss)/dx), both times ``scale``,
+    of multilabel_margin_loss from every pair, for small C.
 
     z[n, j, i] = (1 - x_j) + x_i, torch's arithmetic, counts where z > 0, j is listed (as
     often as it is listed) and i is not a target; ties, nan and unlisted pairs count for
@@ -262,11 +273,13 @@ def _multilabel_margin_pairs(x: Tensor, safe: Tensor, counted: Tensor, scale: fl
     # The gradient from integer counts (exact in any order of summation), scaled once: the
     # same numbers as the rows form and the compiled loop (losskit._native margin.cpp).
     grad = (times.sum(1) - times.sum(2)).mul_(scale)
-    loss = torch.where(count, z * times.mul_(scale), 0.0).sum((1, 2))
-    return loss, grad
+    terms = torch.where(count, z * times.mul_(scale), 0.0)
+    return terms.sum((1, 2)) if per_row else terms.sum(), grad
 
 
-def _multilabel_margin_rows(x: Tensor, safe: Tensor, counted: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _multilabel_margin_rows(
+    x: Tensor, safe: Tensor, counted: Tensor, scale: float, per_row: bool = True
+) -> tuple[Tensor, Tensor]:
     """(per-row loss, d(loss)/dx), both times ``scale``, of multilabel_margin_loss, in O(N C)
     memory.
 
@@ -337,10 +350,10 @@ class _MultilabelMargin(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, safe, counted, reduction):  # type: ignore[override]
         rows = _multilabel_margin_pairs if x.shape[1] <= PAIRWISE_CLASSES else _multilabel_margin_rows
-        loss, grad = rows(x, safe, counted, _row_scale(*x.shape, reduction))
+        loss, grad = rows(x, safe, counted, _row_scale(*x.shape, reduction), reduction == "none")
         ctx.save_for_backward(grad)
         ctx.per_row = reduction == "none"
-        return _reduced(loss, reduction)
+        return _reduced(loss, reduction) if loss.dim() else loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -406,7 +419,8 @@ def multi_margin_loss(
     if weight is not None:
         check_class_weight(weight, num_classes, fn)
     if native is not None and in_range:
-        made = native.multi_margin(input, target, weight, p, margin, reduction, list(target_shape), wants_grad(input))
+        made = native.multi_margin(input, target, weight, p, margin, reduction, target_shape,
+                                   torch.is_grad_enabled() and input.requires_grad)
         if made is not None:
             return _attach(native, fn, "FusedMultiMarginLossBackward", made, input, reduction == "none",
                            lambda x: multi_margin_loss(x, caller, p, margin, weight, reduction=reduction))

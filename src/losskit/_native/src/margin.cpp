@@ -34,6 +34,13 @@ double row_scale(int64_t rows, int64_t classes, const std::string& reduction) {
   return reduction == "mean" && rows ? 1.0 / static_cast<double>(classes * rows) : 1.0 / static_cast<double>(classes);
 }
 
+// What the kernels serve: CPU scores computed in float32 (float32 and the half types; float64
+// keeps the Python path).
+bool served(const at::Tensor& input) {
+  const auto type = input.scalar_type();
+  return input.device().is_cpu() && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf);
+}
+
 // functional/margin.py _reduced: the per-row losses, already scaled, summed unless 'none'
 // (an empty batch never reaches here).
 at::Tensor reduced(const at::Tensor& loss, const std::string& reduction) {
@@ -71,7 +78,7 @@ bool classes_in_range(const at::Tensor& target, int64_t lowest, int64_t classes)
 py::object multi_margin(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                         int64_t p, double margin, const std::string& reduction, std::vector<int64_t> target_shape,
                         bool need_grad) {
-  if (!input.device().is_cpu() || input.dim() < 1 || input.dim() > 2) return py::none();
+  if (!served(input) || input.dim() < 1 || input.dim() > 2) return py::none();
   at::Tensor x = (input.scalar_type() == at::kFloat ? input : input.to(at::kFloat)).contiguous();
   const int64_t n = x.dim() == 1 ? 1 : x.size(0), c = x.size(-1);
   if (n == 0 || c == 0) return py::none();
@@ -150,7 +157,7 @@ std::vector<float> listed_counts(const at::Tensor& target, int64_t rows, int64_t
 // counted pairs in one loop, summed by the same ATen reduction; the gradient from exact
 // integer counts, scaled once (as the Python kernel does).
 std::pair<at::Tensor, at::Tensor> multilabel_pairs(const at::Tensor& x, const std::vector<float>& listed,
-                                                   double scale, bool need_grad) {
+                                                   double scale, bool per_row, bool need_grad) {
   const int64_t rows = x.size(0), classes = x.size(1);
   at::Tensor terms = at::empty({rows, classes, classes}, x.options());
   at::Tensor grad = need_grad ? at::empty({rows, classes}, x.options()) : at::Tensor();
@@ -182,7 +189,7 @@ std::pair<at::Tensor, at::Tensor> multilabel_pairs(const at::Tensor& x, const st
       for (int64_t i = 0; i < classes; ++i) gs[r * classes + i] = count[i] * step;
     }
   }
-  return {terms.sum(at::IntArrayRef{1, 2}), grad};
+  return {per_row ? terms.sum(at::IntArrayRef{1, 2}) : terms.sum(), grad};
 }
 
 // torch's loop (see the top of this file), one row at a time, rows in parallel: the per-row
@@ -237,7 +244,7 @@ std::pair<at::Tensor, at::Tensor> multilabel_rows(const at::Tensor& x, const at:
 // ``input`` is the caller's (C,) or (N, C) scores, ``target`` the same shape, already checked.
 py::object multilabel_margin(const at::Tensor& input, const at::Tensor& target, const std::string& reduction,
                              bool need_grad) {
-  if (!input.device().is_cpu() || input.dim() < 1 || input.dim() > 2 || input.sizes() != target.sizes()) {
+  if (!served(input) || input.dim() < 1 || input.dim() > 2 || input.sizes() != target.sizes()) {
     return py::none();
   }
   at::Tensor x = input.scalar_type() == at::kFloat ? input : input.to(at::kFloat);
@@ -249,11 +256,11 @@ py::object multilabel_margin(const at::Tensor& input, const at::Tensor& target, 
   const double scale = row_scale(n, c, reduction);
   at::Tensor loss, grad;
   if (c <= kPairwiseClasses) {
-    std::tie(loss, grad) = multilabel_pairs(x.contiguous(), listed_counts(t, n, c), scale, need_grad);
+    std::tie(loss, grad) = multilabel_pairs(x.contiguous(), listed_counts(t, n, c), scale, reduction == "none", need_grad);
   } else {
     std::tie(loss, grad) = multilabel_rows(x.contiguous(), t, scale, need_grad);
   }
-  loss = reduced(loss, reduction);
+  if (loss.dim()) loss = reduced(loss, reduction);
   if (unbatched && reduction == "none") loss = loss.squeeze(0);
   if (loss.scalar_type() != input.scalar_type()) loss = loss.to(input.scalar_type());
   if (need_grad && unbatched) grad = grad.squeeze(0);
