@@ -65,9 +65,9 @@ def _native_for(input: Tensor, target: Tensor, weight: Tensor | None = None):
     fused kernel: gradcheck's dtype), outside torch.func transforms and forward-mode AD,
     where nothing but the input may want a gradient. fused_may_serve's conditions, spelt
     out: at a batch of 64 this test is a fair share of the call."""
-    if not input.is_cpu or input.dtype == torch.float64 or not switches.native_enabled():
+    if compiling() or not input.is_cpu or input.dtype == torch.float64 or not switches.native_enabled():
         return None
-    if switches.path() == "reference" or compiling() or torch.autograd.forward_ad._current_level >= 0:
+    if switches.path() == "reference" or torch.autograd.forward_ad._current_level >= 0:
         return None
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     if wrapped(input) or wrapped(target):

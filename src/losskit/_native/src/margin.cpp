@@ -41,6 +41,23 @@ bool served(const at::Tensor& input) {
   return input.device().is_cpu() && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf);
 }
 
+// f(pointer to the scores) in their own type: the loops read float32, bfloat16 and float16
+// alike, each value widened to float32 exactly (what the Python kernels' .to(float32) does),
+// without a float32 copy of the input.
+template <typename F>
+void with_scores(const at::Tensor& x, F&& f) {
+  switch (x.scalar_type()) {
+    case at::kBFloat16:
+      f(x.const_data_ptr<at::BFloat16>());
+      break;
+    case at::kHalf:
+      f(x.const_data_ptr<at::Half>());
+      break;
+    default:
+      f(x.const_data_ptr<float>());
+  }
+}
+
 // functional/margin.py _reduced: the per-row losses, already scaled, summed unless 'none'
 // (an empty batch never reaches here).
 at::Tensor reduced(const at::Tensor& loss, const std::string& reduction) {
@@ -79,10 +96,11 @@ py::object multi_margin(const at::Tensor& input, const at::Tensor& target, const
                         int64_t p, double margin, const std::string& reduction, std::vector<int64_t> target_shape,
                         bool need_grad) {
   if (!served(input) || input.dim() < 1 || input.dim() > 2) return py::none();
-  at::Tensor x = (input.scalar_type() == at::kFloat ? input : input.to(at::kFloat)).contiguous();
+  at::Tensor x = input.contiguous();
   const int64_t n = x.dim() == 1 ? 1 : x.size(0), c = x.size(-1);
+  const auto f32 = x.options().dtype(at::kFloat);
   if (n == 0 || c == 0) return py::none();
-  at::Tensor index = target.to(at::kLong).contiguous();
+  at::Tensor index = (target.scalar_type() == at::kLong ? target : target.to(at::kLong)).contiguous();
   const int64_t* t = index.const_data_ptr<int64_t>();
   const double scale = row_scale(n, c, reduction);
   const float step = static_cast<float>(scale);  // a Python float meets a float32 tensor as float32
@@ -90,32 +108,33 @@ py::object multi_margin(const at::Tensor& input, const at::Tensor& target, const
   if (weight.has_value()) w = weight->to(at::kFloat).contiguous();
   const float* ws = w.defined() ? w.const_data_ptr<float>() : nullptr;
 
-  at::Tensor hinge = at::empty({n, c}, x.options());
-  at::Tensor grad = need_grad ? at::empty({n, c}, x.options()) : at::Tensor();
+  at::Tensor hinge = at::empty({n, c}, f32);
+  at::Tensor grad = need_grad ? at::empty({n, c}, f32) : at::Tensor();
   at::Tensor row_step;  // weight of the row's target times scale, (N, 1), where weighted
-  if (ws != nullptr) row_step = at::empty({n, 1}, x.options());
-  const float* xs = x.const_data_ptr<float>();
+  if (ws != nullptr) row_step = at::empty({n, 1}, f32);
   float* hs = hinge.data_ptr<float>();
   float* gs = need_grad ? grad.data_ptr<float>() : nullptr;
   const float at_margin = static_cast<float>(margin);
-  for (int64_t r = 0; r < n; ++r) {
-    const float* row = xs + r * c;
-    const int64_t y = t[r];
-    const float shift = at_margin - row[y];  // margin - x_y, then x_i + that: torch's order
-    const float g = ws != nullptr ? ws[y] * step : step;
-    if (ws != nullptr) row_step.data_ptr<float>()[r] = g;
-    int64_t terms = 0;
-    for (int64_t i = 0; i < c; ++i) {
-      float h = row[i] + shift;
-      h = std::isnan(h) ? h : (h < 0 ? 0.0f : h);  // clamp_min(0), which keeps nan
-      if (i == y) h = 0.0f;
-      terms += h > 0;
-      if (need_grad) gs[r * c + i] = p == 1 ? static_cast<float>(h > 0) * g : h * (g * 2);
-      hs[r * c + i] = p == 1 ? h : h * h;
+  with_scores(x, [&](const auto* xs) {
+    for (int64_t r = 0; r < n; ++r) {
+      const auto* row = xs + r * c;
+      const int64_t y = t[r];
+      const float shift = at_margin - static_cast<float>(row[y]);  // margin - x_y, then x_i + that: torch's order
+      const float g = ws != nullptr ? ws[y] * step : step;
+      if (ws != nullptr) row_step.data_ptr<float>()[r] = g;
+      int64_t terms = 0;
+      for (int64_t i = 0; i < c; ++i) {
+        float h = static_cast<float>(row[i]) + shift;
+        h = std::isnan(h) ? h : (h < 0 ? 0.0f : h);  // clamp_min(0), which keeps nan
+        if (i == y) h = 0.0f;
+        terms += h > 0;
+        if (need_grad) gs[r * c + i] = p == 1 ? static_cast<float>(h > 0) * g : h * (g * 2);
+        hs[r * c + i] = p == 1 ? h : h * h;
+      }
+      // p = 1: the target's gradient is minus the count of terms, scaled once.
+      if (need_grad && p == 1) gs[r * c + y] = -static_cast<float>(terms) * g;
     }
-    // p = 1: the target's gradient is minus the count of terms, scaled once.
-    if (need_grad && p == 1) gs[r * c + y] = -static_cast<float>(terms) * g;
-  }
+  });
   if (need_grad && p != 1) {
     at::Tensor sums = grad.sum(1);
     const float* ss = sums.const_data_ptr<float>();
@@ -159,36 +178,38 @@ std::vector<float> listed_counts(const at::Tensor& target, int64_t rows, int64_t
 std::pair<at::Tensor, at::Tensor> multilabel_pairs(const at::Tensor& x, const std::vector<float>& listed,
                                                    double scale, bool per_row, bool need_grad) {
   const int64_t rows = x.size(0), classes = x.size(1);
-  at::Tensor terms = at::empty({rows, classes, classes}, x.options());
-  at::Tensor grad = need_grad ? at::empty({rows, classes}, x.options()) : at::Tensor();
-  const float* xs = x.const_data_ptr<float>();
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor terms = at::empty({rows, classes, classes}, f32);
+  at::Tensor grad = need_grad ? at::empty({rows, classes}, f32) : at::Tensor();
   const float* ls = listed.data();
   float* zs = terms.data_ptr<float>();
   float* gs = need_grad ? grad.data_ptr<float>() : nullptr;
   const float step = static_cast<float>(scale);
   std::vector<float> count(classes);  // (pairs as non-target) - (pairs as target), an integer
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = xs + r * classes;
-    const float* times = ls + r * classes;
-    std::fill(count.begin(), count.end(), 0.0f);
-    for (int64_t j = 0; j < classes; ++j) {
-      float* out = zs + (r * classes + j) * classes;
-      const float one_minus_a = 1.0f - row[j];
-      const float weight = times[j] * step;
-      for (int64_t i = 0; i < classes; ++i) {
-        const float z = one_minus_a + row[i];
-        const bool counted = z > 0 && times[j] > 0 && times[i] == 0;
-        out[i] = counted ? z * weight : 0.0f;
-        if (counted) {
-          count[i] += times[j];
-          count[j] -= times[j];
+  with_scores(x, [&](const auto* xs) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto* row = xs + r * classes;
+      const float* times = ls + r * classes;
+      std::fill(count.begin(), count.end(), 0.0f);
+      for (int64_t j = 0; j < classes; ++j) {
+        float* out = zs + (r * classes + j) * classes;
+        const float one_minus_a = 1.0f - static_cast<float>(row[j]);
+        const float weight = times[j] * step;
+        for (int64_t i = 0; i < classes; ++i) {
+          const float z = one_minus_a + static_cast<float>(row[i]);
+          const bool counted = z > 0 && times[j] > 0 && times[i] == 0;
+          out[i] = counted ? z * weight : 0.0f;
+          if (counted) {
+            count[i] += times[j];
+            count[j] -= times[j];
+          }
         }
       }
+      if (need_grad) {
+        for (int64_t i = 0; i < classes; ++i) gs[r * classes + i] = count[i] * step;
+      }
     }
-    if (need_grad) {
-      for (int64_t i = 0; i < classes; ++i) gs[r * classes + i] = count[i] * step;
-    }
-  }
+  });
   return {per_row ? terms.sum(at::IntArrayRef{1, 2}) : terms.sum(), grad};
 }
 
@@ -198,44 +219,46 @@ std::pair<at::Tensor, at::Tensor> multilabel_pairs(const at::Tensor& x, const st
 std::pair<at::Tensor, at::Tensor> multilabel_rows(const at::Tensor& x, const at::Tensor& target, double scale,
                                                   bool need_grad) {
   const int64_t rows = x.size(0), classes = x.size(1);
-  at::Tensor loss = at::empty({rows}, x.options());
-  at::Tensor grad = need_grad ? at::empty({rows, classes}, x.options()) : at::Tensor();
-  const float* xs = x.const_data_ptr<float>();
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({rows}, f32);
+  at::Tensor grad = need_grad ? at::empty({rows, classes}, f32) : at::Tensor();
   const int64_t* ts = target.const_data_ptr<int64_t>();
   float* ls = loss.data_ptr<float>();
   float* gs = need_grad ? grad.data_ptr<float>() : nullptr;
   const float step = static_cast<float>(scale);  // as a float32 tensor times a Python float
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(classes, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<char> is_target(classes);
-    std::vector<int64_t> count(need_grad ? classes : 0);
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = xs + r * classes;
-      const int64_t* t = ts + r * classes;
-      std::fill(is_target.begin(), is_target.end(), 0);
-      for (int64_t k = 0; k < classes && t[k] >= 0; ++k) is_target[t[k]] = 1;
-      if (need_grad) std::fill(count.begin(), count.end(), 0);
-      double sum = 0;
-      for (int64_t k = 0; k < classes && t[k] >= 0; ++k) {
-        const int64_t j = t[k];
-        const float one_minus_a = 1.0f - row[j];
-        int64_t terms = 0;
-        for (int64_t d = 0; d < classes; ++d) {
-          if (is_target[d]) continue;
-          const float z = one_minus_a + row[d];
-          if (z > 0) {
-            sum += z;
-            ++terms;
-            if (need_grad) ++count[d];
+  with_scores(x, [&](const auto* xs) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(classes, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<char> is_target(classes);
+      std::vector<int64_t> count(need_grad ? classes : 0);
+      for (int64_t r = begin; r < end; ++r) {
+        const auto* row = xs + r * classes;
+        const int64_t* t = ts + r * classes;
+        std::fill(is_target.begin(), is_target.end(), 0);
+        for (int64_t k = 0; k < classes && t[k] >= 0; ++k) is_target[t[k]] = 1;
+        if (need_grad) std::fill(count.begin(), count.end(), 0);
+        double sum = 0;
+        for (int64_t k = 0; k < classes && t[k] >= 0; ++k) {
+          const int64_t j = t[k];
+          const float one_minus_a = 1.0f - static_cast<float>(row[j]);
+          int64_t terms = 0;
+          for (int64_t d = 0; d < classes; ++d) {
+            if (is_target[d]) continue;
+            const float z = one_minus_a + static_cast<float>(row[d]);
+            if (z > 0) {
+              sum += z;
+              ++terms;
+              if (need_grad) ++count[d];
+            }
           }
+          if (need_grad) count[j] -= terms;
         }
-        if (need_grad) count[j] -= terms;
+        ls[r] = static_cast<float>(sum) * step;
+        if (need_grad) {
+          float* g = gs + r * classes;
+          for (int64_t d = 0; d < classes; ++d) g[d] = static_cast<float>(count[d]) * step;
+        }
       }
-      ls[r] = static_cast<float>(sum) * step;
-      if (need_grad) {
-        float* g = gs + r * classes;
-        for (int64_t d = 0; d < classes; ++d) g[d] = static_cast<float>(count[d]) * step;
-      }
-    }
+    });
   });
   return {loss, grad};
 }
@@ -247,18 +270,18 @@ py::object multilabel_margin(const at::Tensor& input, const at::Tensor& target, 
   if (!served(input) || input.dim() < 1 || input.dim() > 2 || input.sizes() != target.sizes()) {
     return py::none();
   }
-  at::Tensor x = input.scalar_type() == at::kFloat ? input : input.to(at::kFloat);
+  at::Tensor x = input.contiguous();
   const bool unbatched = x.dim() == 1;
   if (unbatched) x = x.unsqueeze(0);
   const int64_t n = x.size(0), c = x.size(1);
   if (n == 0 || c == 0) return py::none();
-  at::Tensor t = target.to(at::kLong).contiguous();
+  at::Tensor t = (target.scalar_type() == at::kLong ? target : target.to(at::kLong)).contiguous();
   const double scale = row_scale(n, c, reduction);
   at::Tensor loss, grad;
   if (c <= kPairwiseClasses) {
-    std::tie(loss, grad) = multilabel_pairs(x.contiguous(), listed_counts(t, n, c), scale, reduction == "none", need_grad);
+    std::tie(loss, grad) = multilabel_pairs(x, listed_counts(t, n, c), scale, reduction == "none", need_grad);
   } else {
-    std::tie(loss, grad) = multilabel_rows(x.contiguous(), t, scale, need_grad);
+    std::tie(loss, grad) = multilabel_rows(x, t, scale, need_grad);
   }
   if (loss.dim()) loss = reduced(loss, reduction);
   if (unbatched && reduction == "none") loss = loss.squeeze(0);
