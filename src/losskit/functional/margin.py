@@ -350,7 +350,8 @@ class _MultilabelMargin(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, safe, counted, reduction):  # type: ignore[override]
         rows = _multilabel_margin_pairs if x.shape[1] <= PAIRWISE_CLASSES else _multilabel_margin_rows
-        loss, grad = rows(x, safe, counted, _row_scale(*x.shape, reduction), reduction == "none")
+        # An empty batch keeps its per-row losses: their 'mean' is 0 / 0, as torch's.
+        loss, grad = rows(x, safe, counted, _row_scale(*x.shape, reduction), reduction == "none" or not x.shape[0])
         ctx.save_for_backward(grad)
         ctx.per_row = reduction == "none"
         return _reduced(loss, reduction) if loss.dim() else loss
