@@ -59,6 +59,9 @@ def _check_classes(target: Tensor, counted: Callable[[], Tensor | bool], num_cla
     return False
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _native_for(input: Tensor, target: Tensor, weight: Tensor | None = None):
     """The compiled module (losskit._native) where it serves this call, else None: eager
     calls on the CPU in float32 or a half type (float64 keeps the Python path, as for every
@@ -70,8 +73,8 @@ def _native_for(input: Tensor, target: Tensor, weight: Tensor | None = None):
     if switches.path() == "reference" or torch.autograd.forward_ad._current_level >= 0:
         return None
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if wrapped(input) or wrapped(target):
-        return None
+    if wrapped(input) or wrapped(target) or type(input) not in _PLAIN or type(target) not in _PLAIN:
+        return None  # subclasses (fake tensors, DTensor, ...) keep their own dispatch
     if weight is not None and (weight.requires_grad or not weight.is_cpu or wrapped(weight)):
         return None
     return _native_module()
