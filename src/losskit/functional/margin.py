@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._core import switches
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range, extremes
+from ..kernels.fused_op import Replay, _native_module, compiling
 
 __all__ = [
     "cosine_embedding_loss",
@@ -40,22 +42,64 @@ def _hinge(z: Tensor) -> Tensor:
     return torch.where(z > 0, z, 0.0)
 
 
-def _check_classes(target: Tensor, counted: Tensor | bool, num_classes: int, fn: str, lowest: int) -> None:
+def _check_classes(target: Tensor, counted: Callable[[], Tensor | bool], num_classes: int, fn: str, lowest: int,
+                   native=None) -> bool:
     """check_target_range, after a one-op look at the extremes where checks read values on
-    the host: targets within [lowest, num_classes) need no element-wise mask."""
-    seen = extremes(target)
-    if seen is not None and seen[0] >= lowest and seen[1] < num_classes:
-        return
-    check_target_range(target, target.new_ones((), dtype=torch.bool) & counted, num_classes, fn)
+    the host (a loop in C++ where ``native`` is given): targets within [lowest, num_classes)
+    need no element-wise mask. Returns whether they all lie there, as far as it was looked
+    (the compiled kernels read only targets known to be in range)."""
+    if native is not None:
+        if native.classes_in_range(target, lowest, num_classes):
+            return True
+    else:
+        seen = extremes(target)
+        if seen is not None and seen[0] >= lowest and seen[1] < num_classes:
+            return True
+    check_target_range(target, target.new_ones((), dtype=torch.bool) & counted(), num_classes, fn)
+    return False
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _native_for(input: Tensor, target: Tensor, weight: Tensor | None = None):
+    """The compiled module (losskit._native) where it serves this call, else None: eager
+    calls on the CPU in float32 or a half type (float64 keeps the Python path, as for every
+    fused kernel: gradcheck's dtype), outside torch.func transforms and forward-mode AD,
+    where nothing but the input may want a gradient. fused_may_serve's conditions, spelt
+    out: at a batch of 64 this test is a fair share of the call."""
+    if compiling() or not input.is_cpu or input.dtype == torch.float64 or not switches.native_enabled():
+        return None
+    if switches.path() == "reference" or torch.autograd.forward_ad._current_level >= 0:
+        return None
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if wrapped(input) or wrapped(target) or type(input) not in _PLAIN or type(target) not in _PLAIN:
+        return None  # subclasses (fake tensors, DTensor, ...) keep their own dispatch
+    if weight is not None and (weight.requires_grad or not weight.is_cpu or wrapped(weight)):
+        return None
+    return _native_module()
+
+
+def _attach(native, fn: str, node: str, made: tuple, input: Tensor, per_row: bool,
+            reference: Callable[[Tensor], Tensor]):
+    """The loss made by a compiled kernel, with the C++ autograd node that hands out its
+    gradient (see kernels/fused_op.py); create_graph and a second backward replay the call
+    on the Python path."""
+    loss, grad = made
+    if grad is None:
+        return loss
+    return native.attach(node, loss, [input], [grad], per_row, (fn, Replay(fn, reference, [input]), [True], [input.shape]))
 
 
 def _class_rows(input: Tensor, target: Tensor, fn: str, target_like_input: bool) -> None:
     """(C,) or (N, C) input; target (N,) / () or, for multilabel, input's own shape."""
     if input.dim() not in (1, 2):
         raise ValueError(f"{fn}: input must be (C,) or (N, C); got shape {tuple(input.shape)}")
-    expected = tuple(input.shape) if target_like_input else tuple(input.shape[:-1])
-    if tuple(target.shape) != expected:
-        raise ValueError(f"{fn}: target shape {tuple(target.shape)} must be {expected} for input shape {tuple(input.shape)}")
+    expected = input.shape if target_like_input else input.shape[:-1]
+    if target.shape != expected:
+        raise ValueError(
+            f"{fn}: target shape {tuple(target.shape)} must be {tuple(expected)} for input shape {tuple(input.shape)}"
+        )
     if target.is_floating_point() or target.dtype == torch.bool:
         raise TypeError(f"{fn}: target must hold integer class indices; got {target.dtype}")
 
@@ -189,9 +233,17 @@ def multilabel_margin_loss(
         input, target = input.reshape(1), target.reshape(1)
     _class_rows(input, target, fn, target_like_input=True)
     num_classes = input.shape[-1]
+    native = None if scalar else _native_for(input, target)
     # Targets count up to the first -1 of each row.
+    in_range = _check_classes(target, lambda: (target == -1).cumsum(dim=-1) == 0, num_classes, fn, lowest=-1,
+                              native=native)
+    if native is not None and in_range:
+        caller = target
+        made = native.multilabel_margin(input, target, reduction, torch.is_grad_enabled() and input.requires_grad)
+        if made is not None:
+            return _attach(native, fn, "FusedMultilabelMarginLossBackward", made, input, reduction == "none",
+                           lambda x: multilabel_margin_loss(x, caller, reduction=reduction))
     counted = (target == -1).cumsum(dim=-1) == 0
-    _check_classes(target, counted, num_classes, fn, lowest=-1)
     compute, out = result_dtypes(input)
     unbatched = input.dim() == 1
     x, target, counted = (t.unsqueeze(0) for t in (input.to(compute), target, counted)) if unbatched else (
@@ -206,9 +258,11 @@ def multilabel_margin_loss(
 PAIRWISE_CLASSES = 32
 
 
-def _multilabel_margin_pairs(x: Tensor, safe: Tensor, counted: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """(per-row loss, d(loss)/dx), both times ``scale``, of multilabel_margin_loss from
-    every pair, for small C.
+def _multilabel_margin_pairs(
+    x: Tensor, safe: Tensor, counted: Tensor, scale: float, per_row: bool
+) -> tuple[Tensor, Tensor]:
+    """(per-row loss, or with ``per_row`` False their sum, d(loss)/dx), both times ``scale``,
+    of multilabel_margin_loss from every pair, for small C.
 
     z[n, j, i] = (1 - x_j) + x_i, torch's arithmetic, counts where z > 0, j is listed (as
     often as it is listed) and i is not a target; ties, nan and unlisted pairs count for
@@ -218,12 +272,17 @@ def _multilabel_margin_pairs(x: Tensor, safe: Tensor, counted: Tensor, scale: fl
     listed = torch.zeros_like(x).scatter_add_(1, safe, counted.to(x.dtype))  # how often each class is listed
     z = (1 - x).unsqueeze(2) + x.unsqueeze(1)
     count = (z > 0) & (listed > 0).unsqueeze(2) & (listed == 0).unsqueeze(1)
-    weight = torch.where(count, listed.mul_(scale).unsqueeze(2), 0.0)  # (times pair (j, i) counts) * scale
-    loss = torch.where(count, z * weight, 0.0).sum((1, 2))
-    return loss, weight.sum(1) - weight.sum(2)
+    times = torch.where(count, listed.unsqueeze(2), 0.0)  # how often pair (j, i) counts
+    # The gradient from integer counts (exact in any order of summation), scaled once: the
+    # same numbers as the rows form and the compiled loop (losskit._native margin.cpp).
+    grad = (times.sum(1) - times.sum(2)).mul_(scale)
+    terms = torch.where(count, z * times.mul_(scale), 0.0)
+    return terms.sum((1, 2)) if per_row else terms.sum(), grad
 
 
-def _multilabel_margin_rows(x: Tensor, safe: Tensor, counted: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _multilabel_margin_rows(
+    x: Tensor, safe: Tensor, counted: Tensor, scale: float, per_row: bool = True
+) -> tuple[Tensor, Tensor]:
     """(per-row loss, d(loss)/dx), both times ``scale``, of multilabel_margin_loss, in O(N C)
     memory.
 
@@ -294,10 +353,11 @@ class _MultilabelMargin(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, safe, counted, reduction):  # type: ignore[override]
         rows = _multilabel_margin_pairs if x.shape[1] <= PAIRWISE_CLASSES else _multilabel_margin_rows
-        loss, grad = rows(x, safe, counted, _row_scale(*x.shape, reduction))
+        # An empty batch keeps its per-row losses: their 'mean' is 0 / 0, as torch's.
+        loss, grad = rows(x, safe, counted, _row_scale(*x.shape, reduction), reduction == "none" or not x.shape[0])
         ctx.save_for_backward(grad)
         ctx.per_row = reduction == "none"
-        return _reduced(loss, reduction)
+        return _reduced(loss, reduction) if loss.dim() else loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -349,6 +409,8 @@ def multi_margin_loss(
     if p not in (1, 2):
         raise ValueError(f"{fn}: p must be 1 or 2; got {p}")
     check_floating(input, "input", fn)
+    caller = target
+    native = _native_for(input, target, weight) if input.dim() else None
     if input.dim() == 0:  # as torch: one score, one class
         input = input.reshape(1)
     # As torch, a (C,) input takes a target of shape () or (1,), and 'none' keeps its shape.
@@ -357,9 +419,15 @@ def multi_margin_loss(
         target = target.reshape(())
     _class_rows(input, target, fn, target_like_input=False)
     num_classes = input.shape[-1]
-    _check_classes(target, True, num_classes, fn, lowest=0)
+    in_range = _check_classes(target, lambda: True, num_classes, fn, lowest=0, native=native)
     if weight is not None:
         check_class_weight(weight, num_classes, fn)
+    if native is not None and in_range:
+        made = native.multi_margin(input, target, weight, p, margin, reduction, target_shape,
+                                   torch.is_grad_enabled() and input.requires_grad)
+        if made is not None:
+            return _attach(native, fn, "FusedMultiMarginLossBackward", made, input, reduction == "none",
+                           lambda x: multi_margin_loss(x, caller, p, margin, weight, reduction=reduction))
     compute, out = result_dtypes(input)
     x = input if input.dtype == compute else input.to(compute)
     rows = x.unsqueeze(0) if x.dim() == 1 else x
@@ -382,12 +450,13 @@ class _MultiMargin(torch.autograd.Function):
         if row_weight is not None:
             scale = row_weight * scale
         hinge = torch.add(x, margin - x.gather(1, index)).clamp_min_(0).scatter_(1, index, 0.0)
-        if p == 1:
-            grad = (hinge > 0).to(x.dtype).mul_(scale)
+        if p == 1:  # the target's gradient is minus the count of terms (exact), scaled once
+            grad = (hinge > 0).to(x.dtype)
+            grad.scatter_(1, index, grad.sum(1, keepdim=True).neg_()).mul_(scale)
         else:
             grad = hinge * (2 * scale)
+            grad.scatter_(1, index, grad.sum(1, keepdim=True).neg_())
             hinge.square_()
-        grad.scatter_(1, index, grad.sum(1, keepdim=True).neg_())
         ctx.save_for_backward(grad)
         ctx.per_row = reduction == "none"
         if row_weight is None:  # the scale is one number: sum first
