@@ -13,7 +13,7 @@ from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range, extremes
-from ..kernels.fused_op import Replay, _native_module, compiling
+from ..kernels.fused_op import Replay, attach_precomputed, compiling, native_module
 
 __all__ = [
     "cosine_embedding_loss",
@@ -77,7 +77,7 @@ def _native_for(input: Tensor, target: Tensor, weight: Tensor | None = None):
         return None  # subclasses (fake tensors, DTensor, ...) keep their own dispatch
     if weight is not None and (weight.requires_grad or not weight.is_cpu or wrapped(weight)):
         return None
-    return _native_module()
+    return native_module()
 
 
 def _attach(native, fn: str, node: str, made: tuple, input: Tensor, per_row: bool,
@@ -88,7 +88,7 @@ def _attach(native, fn: str, node: str, made: tuple, input: Tensor, per_row: boo
     loss, grad = made
     if grad is None:
         return loss
-    return native.attach(node, loss, [input], [grad], per_row, (fn, Replay(fn, reference, [input]), [True], [input.shape]))
+    return attach_precomputed(native, node, fn, loss, [input], [grad], per_row, Replay(fn, reference, [input]))
 
 
 def _class_rows(input: Tensor, target: Tensor, fn: str, target_like_input: bool) -> None:

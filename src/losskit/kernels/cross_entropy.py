@@ -42,7 +42,7 @@ from .._core.dtypes import cast, result_dtypes
 from .._core.options import CrossEntropyOptions
 from .._core.validation import ClassTargets
 from . import triton_support
-from .fused_op import FusedOp, Replay, _native_module, fused_may_serve
+from .fused_op import FusedOp, Replay, native_module, fused_may_serve
 from .rows import Coefficients, RowTerms, apply_gradient, row_sums, target_gap, transform_logits
 
 
@@ -384,7 +384,7 @@ def eager_class_index(
         or torch._C._functorch.is_functorch_wrapped_tensor(input)
     ):
         return None
-    native = _native_module()
+    native = native_module()
     if native is None:
         return None
     need = torch.is_grad_enabled() and input.requires_grad
@@ -398,8 +398,7 @@ def eager_class_index(
     if made is None:
         return None
     loss, grad, maybe_probabilities = made
-    if need:  # FusedOp.__call__'s native node, named as its autograd.Function
-        replay = _LogitsReplay(op.name, reference, input)
-        loss = native.attach(op.eager.__name__ + "Backward", loss.detach() if loss._is_view() else loss, [input],
-                             [grad], options.reduction == "none", (op.name, replay, [True], [input.shape]))
+    if need:  # FusedOp.__call__'s native node
+        loss = op.attach(native, loss, [input], [grad], options.reduction == "none",
+                         _LogitsReplay(op.name, reference, input))
     return loss, maybe_probabilities

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from .._core import switches
-from .fused_op import _native_module
+from .fused_op import native_module
 
 MINUS_INF = float("-inf")
 
@@ -137,7 +137,7 @@ def _forward_variables(emit: Tensor, labels: Tensor, first_state: Tensor) -> Ten
     skip = emit.new_full((width, batch), MINUS_INF)
     skip[2:].masked_fill_(labels[2:] != labels[:-2], 0.0)
     skip = skip.view(-1)
-    native = _native_module() if switches.native_enabled() else None
+    native = native_module() if switches.native_enabled() else None
     if native is not None:  # the same ops from C++ (losskit/_native/src/ctc.cpp)
         native.ctc_frames(buffer, emit, skip)
         return buffer

@@ -181,7 +181,8 @@ class FusedOp:
             for eager calls: called with the custom op's flat arguments (tensors, option
             values in field order, extras, needs), it returns ``(loss, *gradients)`` exactly
             as ``forward`` would, bit for bit (tests/test_native.py), or None for a call it
-            does not serve.
+            does not serve. It runs with grad mode off (``at::NoGradGuard``): the caller
+            does not turn it off.
     """
 
     def __init__(
@@ -224,40 +225,43 @@ class FusedOp:
         self.op.register_autograd(self._compiled_backward, setup_context=self._compiled_setup)
         # Named as it shows in grad_fn: FusedCrossEntropyBackward, ...
         self.eager = type("Fused" + name.title().replace("_", ""), (_EagerFunction,), {"fused": self})
+        self.node_name = self.eager.__name__ + "Backward"
 
     # ---- the call ----------------------------------------------------------------------------
     def __call__(self, *tensors: Tensor | None, options: Any, replay: Replay | None = None, **extras: Any) -> Tensor:
         """The loss; its gradients reach autograd as described in the module docstring.
         ``replay`` serves the backward passes the precomputed gradients cannot."""
-        needs = [wants_grad(t) for t in tensors[: self.n_diff]]
+        grad_mode = torch.is_grad_enabled()
+        needs = [grad_mode and t is not None and t.requires_grad for t in tensors[: self.n_diff]]
         if compiling():
             option_values = [getattr(options, name) for name in self.option_names]
             return self.op(*tensors, *option_values, *self._extra_values(extras), needs)[0]
+        native = native_module() if switches.native_enabled() else None
+        if native is not None and self.native_forward is not None and (not any(needs) or self.precomputes(options)):
+            # The compiled forward turns grad mode off itself (its contract, below), which
+            # saves the Python no_grad context: several microseconds of a small call.
+            made = getattr(native, self.native_forward)(
+                *tensors, *[getattr(options, name) for name in self.option_names], *self._extra_values(extras), needs
+            )
+            if made is not None:
+                if not any(needs):
+                    return made[0]
+                return self.attach(native, made[0], tensors[: self.n_diff], made[1:], self.per_row(options), replay)
         if not any(needs):
-            native = _native_module() if switches.native_enabled() else None
-            return self._forward(native, tensors, options, (False,) * self.n_diff, extras)[0]
-        native = _native_module() if switches.native_enabled() else None
+            return self.forward(*tensors, options=options, needs=(False,) * self.n_diff, **extras)[0]
         if native is None or not self.precomputes(options):
             return self.eager.apply(_Call(options, extras, replay), *tensors)
         with torch.no_grad():
-            loss, grads = self._forward(native, tensors, options, tuple(needs), extras)
-        differentiable = tensors[: self.n_diff]
-        shapes = [None if t is None else t.shape for t in differentiable]
-        return native.attach(self.eager.__name__ + "Backward", loss.detach() if loss._is_view() else loss,
-                             list(differentiable), [g if need else None for g, need in zip(grads, needs)],
-                             self.per_row(options), (self.name, replay, needs, shapes))
+            loss, grads = self.forward(*tensors, options=options, needs=tuple(needs), **extras)
+        return self.attach(native, loss, tensors[: self.n_diff], [g if need else None for g, need in zip(grads, needs)],
+                           self.per_row(options), replay)
 
-    def _forward(self, native, tensors, options, needs: tuple[bool, ...], extras: dict[str, Any]):
-        """(loss, gradients) of an eager call: the kernel's compiled form where it has one
-        and it serves the call (it answers None where it does not), else ``forward``."""
-        if native is not None and self.native_forward is not None:
-            made = getattr(native, self.native_forward)(
-                *tensors, *[getattr(options, name) for name in self.option_names], *self._extra_values(extras),
-                list(needs),
-            )
-            if made is not None:
-                return made[0], made[1:]
-        return self.forward(*tensors, options=options, needs=needs, **extras)
+    def attach(self, native, loss: Tensor, inputs: Sequence[Tensor | None], grads: Sequence[Tensor | None],
+               per_row: bool, replay: Replay | None) -> Tensor:
+        """``loss``, made without autograd, with the C++ node of :mod:`losskit._native`
+        that hands out ``grads`` (None: not wanted) once, scaled by grad_output, and is
+        named as the op's autograd.Function (``FusedCrossEntropyBackward``, ...)."""
+        return attach_precomputed(native, self.node_name, self.name, loss, inputs, grads, per_row, replay)
 
     def _extra_values(self, extras: dict[str, Any]) -> list[Any]:
         return [extras[n] for n in self.extra_names]
@@ -320,7 +324,7 @@ class FusedOp:
 _native_loaded: list = []
 
 
-def _native_module():
+def native_module():
     """losskit's compiled module with its replay handler set, or None (see :mod:`losskit._native`)."""
     if not _native_loaded:
         module = _native.load()
@@ -328,6 +332,20 @@ def _native_module():
             module.set_replay_handler(_replay_for_native)
         _native_loaded.append(module)
     return _native_loaded[0]
+
+
+def attach_precomputed(native, node_name: str, what: str, loss: Tensor, inputs: Sequence[Tensor | None],
+                       grads: Sequence[Tensor | None], per_row: bool, replay: Replay | None) -> Tensor:
+    """``loss`` (made without autograd) with the C++ autograd node of :mod:`losskit._native`
+    named ``node_name``: backward hands out ``grads`` (None where not wanted; one per
+    input) once, scaled by grad_output (per row of ``grad_output`` when ``per_row``);
+    ``create_graph`` and a second backward replay the call on the reference path
+    (``replay``; None: such a backward raises, naming ``what``). What every eager fused
+    call ends with, whether :class:`FusedOp` or a loss's own compiled call made it."""
+    needs = [g is not None for g in grads]
+    shapes = [None if t is None else t.shape for t in inputs]
+    return native.attach(node_name, loss.detach() if loss._is_view() else loss, list(inputs), list(grads), per_row,
+                         (what, replay, needs, shapes))
 
 
 def _replay_for_native(name: str, call: tuple, grad_output: Tensor, create_graph: bool) -> list[Tensor | None]:

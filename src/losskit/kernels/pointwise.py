@@ -34,7 +34,7 @@ from torch import Tensor
 from .._core import switches
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss
-from .fused_op import FusedOp, Replay, _native_module, compiling, fused_may_serve
+from .fused_op import FusedOp, Replay, native_module, compiling, fused_may_serve
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def fused_pointwise_call(
     ``fused_pointwise(...)`` gives (same values, gradients, grad_fn and replay), by the
     compiled forward and FusedOp's C++ node where they serve the call."""
     chunk = switches.chunks().pointwise_elements
-    native = _native_module() if switches.native_enabled() else None
+    native = native_module() if switches.native_enabled() else None
     if native is not None:
         # Grad mode is on (fused_pointwise_applies), so a tensor wants a gradient exactly
         # when it requires one: FusedOp's wants_grad.
@@ -102,9 +102,8 @@ def fused_pointwise_call(
                                            options.weighted_mean, chunk, needs)
         if made is not None:  # the loss is never a view there
             loss, grad_input, grad_target = made
-            return native.attach(_NODE_NAME, loss, [input, target], [grad_input, grad_target],
-                                 options.reduction == "none", (fused_pointwise.name, replay, needs,
-                                                               [input.shape, target.shape]))
+            return fused_pointwise.attach(native, loss, [input, target], [grad_input, grad_target],
+                                          options.reduction == "none", replay)
     return fused_pointwise(input, target, weight, options=options, replay=replay, chunk=chunk)
 
 
@@ -198,6 +197,3 @@ fused_pointwise = FusedOp(
     extras=(("int", "chunk"),),
     native_forward="pointwise_regression",
 )
-
-# FusedOp's name of the node (FusedPointwiseRegressionBackward), as its general call gives it.
-_NODE_NAME = fused_pointwise.eager.__name__ + "Backward"

@@ -96,6 +96,7 @@ py::object multi_margin(const at::Tensor& input, const at::Tensor& target, const
                         int64_t p, double margin, const std::string& reduction, std::vector<int64_t> target_shape,
                         bool need_grad) {
   if (!served(input) || input.dim() < 1 || input.dim() > 2) return py::none();
+  at::NoGradGuard no_grad;  // the loss and gradient are made here; attach() gives the autograd node
   at::Tensor x = input.contiguous();
   const int64_t n = x.dim() == 1 ? 1 : x.size(0), c = x.size(-1);
   const auto f32 = x.options().dtype(at::kFloat);
@@ -270,6 +271,7 @@ py::object multilabel_margin(const at::Tensor& input, const at::Tensor& target, 
   if (!served(input) || input.dim() < 1 || input.dim() > 2 || input.sizes() != target.sizes()) {
     return py::none();
   }
+  at::NoGradGuard no_grad;  // the loss and gradient are made here; attach() gives the autograd node
   at::Tensor x = input.contiguous();
   const bool unbatched = x.dim() == 1;
   if (unbatched) x = x.unsqueeze(0);
