@@ -178,4 +178,7 @@ def without_native() -> contextlib.AbstractContextManager[None]:
 
 
 def native_enabled() -> bool:
-    return _local.native
+    """Whether losskit's compiled code may serve calls in this thread: not within
+    :func:`without_native`, nor within :func:`triton_on_cpu`, where the Triton kernels are
+    to serve the CPU tensors the compiled forms would otherwise take."""
+    return _local.native and not _local.triton_on_cpu
