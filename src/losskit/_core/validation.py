@@ -12,6 +12,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from .. import _native
+from . import switches
 from .checks import check_values, effective_mode, full_checks
 
 
@@ -104,6 +106,11 @@ def extremes(t: Tensor) -> tuple[int, int] | None:
     element-wise mask."""
     if not t.numel() or not full_checks(t):
         return None
+    if t.is_cpu and switches.native_enabled():  # one loop in C++ (losskit._native), else three ops here
+        native = _native.load()
+        seen = None if native is None else native.int_extremes(t)
+        if seen is not None:
+            return seen
     low, high = t.aminmax()
     return int(low), int(high)
 
@@ -167,7 +174,7 @@ def check_class_targets(
             f"{fn}: target shape {_shape(target)} does not fit input shape {tuple(input_shape)}; "
             f"class-index targets must have shape {tuple(expected)}"
         )
-    target = target.long()
+    target = target if target.dtype == torch.long else target.long()
     seen = extremes(target) if num_classes > 0 else None
     if seen is not None and 0 <= seen[0] and seen[1] < num_classes and not seen[0] <= ignore_index <= seen[1]:
         return ClassTargets(target, ignore_index=ignore_index, all_valid=True)

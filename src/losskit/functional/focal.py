@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._core.ops import log_softmax
-from .._core.dtypes import result_dtypes
+from .._core.dtypes import cast, result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import check_class_weight, check_floating, check_same_shape, class_dim_of
 from .classification import check_index_targets
@@ -76,23 +76,31 @@ def _focusing(q: Tensor, gamma: float) -> Tensor:
     prediction), and times the loss's 0 there it would be nan; the loss itself vanishes
     faster than q, so its true gradient there is 0. q = 0 takes a constant instead.
     """
+    if gamma >= 1:  # the derivative gamma q^(gamma - 1) is finite at q = 0: the plain power
+        return q**gamma
     positive = q > 0
     return torch.where(positive, torch.where(positive, q, 1.0) ** gamma, float(gamma == 0))
 
 
-def _target_log_probs(input: Tensor, target: Tensor, ignore_index: int, fn: str) -> tuple[Tensor, Tensor, Tensor, int]:
-    """(log p_y, valid mask, safe target, class dim) for class-index targets."""
+def _target_log_probs(
+    input: Tensor, target: Tensor, ignore_index: int, fn: str
+) -> tuple[Tensor, Tensor | None, Tensor, int]:
+    """(log p_y, valid mask or None where every target counts, safe target, class dim) for
+    class-index targets."""
     class_dim = class_dim_of(input, fn)
     check_floating(input, "input", fn)
     targets = check_index_targets(input, target, class_dim, ignore_index, fn)
     compute, _ = result_dtypes(input)
-    valid, safe = targets.valid, targets.safe()
-    log_p = log_softmax(input.to(compute), class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
-    return log_p, valid, safe, class_dim
+    safe = targets.safe()
+    log_p = log_softmax(cast(input, compute), class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+    return log_p, targets.valid_or_none, safe, class_dim
 
 
-def _mean_over_valid(loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    """'mean' over the targets that are not ignored (nan when none is), as cross_entropy."""
+def _mean_over_valid(loss: Tensor, valid: Tensor | None, reduction: str) -> Tensor:
+    """'mean' over the targets that are not ignored (nan when none is), as cross_entropy;
+    ``valid`` None: every target counts."""
+    if valid is None:
+        return reduce_loss(loss, reduction)
     return reduce_loss(torch.where(valid, loss, 0.0), reduction, valid.sum())
 
 
@@ -142,7 +150,7 @@ def softmax_focal_loss(
         loss = alpha.to(loss.dtype)[safe] * loss
     elif alpha is not None:
         loss = alpha * loss
-    return _mean_over_valid(loss, valid, reduction).to(input.dtype)
+    return cast(_mean_over_valid(loss, valid, reduction), input.dtype)
 
 
 def poly1_cross_entropy(
@@ -181,4 +189,4 @@ def poly1_cross_entropy(
     reduction = resolve_reduction(None, None, reduction)
     log_p, valid, _, _ = _target_log_probs(input, target, ignore_index, fn)
     loss = -log_p - epsilon * torch.expm1(log_p)
-    return _mean_over_valid(loss, valid, reduction).to(input.dtype)
+    return cast(_mean_over_valid(loss, valid, reduction), input.dtype)
