@@ -27,12 +27,36 @@ def test_the_catalog_bench_figures_are_those_of_its_csv():
             if r["mode"] == "full" and r["metric"] == "time" and r["provider"] == "losskit" and r["ratio_to_torch"]]
     ratios = {(r["kernel"], r["size"], r["shape"], r["dtype"]): f"{float(r['ratio_to_torch']):.2f}x" for r in rows}
     section = README.read_text().split("### Every loss against torch", 1)[1]
+    section, compiled = section.split("**The compiled part.**", 1)
     quoted = re.findall(r"^\| `([\w.]+)` \| (small|large) (\S+) \| ([\d.]+x) \|", section, re.M)
     assert quoted, "the README's slowest-losses table is missing"
     for kernel, size, shape, ratio in quoted:
         assert ratios[(kernel, size, shape, "float32")] == ratio, (kernel, size)
     stamp = re.search(r"From the run of (\S+) ", section).group(1)
     assert stamp == rows[0]["timestamp"]
+    # The summary: losses, median ratio, how many within 1.0x and 1.25x, per dtype and size.
+    import statistics
+
+    summary = re.findall(r"^\| (float32|bfloat16) \| (small|large) \| (\d+) \| ([\d.]+)x \| (\d+) \| (\d+) \|$",
+                         section, re.M)
+    assert len(summary) == 4, "the summary table is missing"
+    for dtype, size, count, median, within_one, within_quarter in summary:
+        values = [float(r["ratio_to_torch"]) for r in rows if r["dtype"] == dtype and r["size"] == size]
+        assert (int(count), f"{statistics.median(values):.2f}") == (len(values), median), (dtype, size)
+        assert int(within_one) == sum(v <= 1.0 for v in values), (dtype, size)
+        assert int(within_quarter) == sum(v <= 1.25 for v in values), (dtype, size)
+    # The before / after table of the compiled part: the run before it, kept beside, and this one.
+    before_rows = [r for r in csv.DictReader((README.parent / "benchmarks" / "results" /
+                                              "catalog-before-native.csv").open())
+                   if r["mode"] == "full" and r["metric"] == "time" and r["provider"] == "losskit"
+                   and r["ratio_to_torch"]]
+    before = {(r["kernel"], r["size"], r["shape"]): f"{float(r['ratio_to_torch']):.2f}x" for r in before_rows
+              if r["dtype"] == "float32"}
+    pairs = re.findall(r"^\| `([\w.]+)` \| (small|large) (\S+) \| ([\d.]+x) \| ([\d.]+x) \|$", compiled, re.M)
+    assert len(pairs) >= 10, "the compiled part's before / after table is missing"
+    for kernel, size, shape, was, now in pairs:
+        assert before[(kernel, size, shape)] == was, (kernel, size, "before")
+        assert ratios[(kernel, size, shape, "float32")] == now, (kernel, size, "after")
 
 
 def test_the_before_after_figures_are_those_of_its_csv():
