@@ -44,6 +44,9 @@ class PrecomputedBackward : public Node {
   variable_list apply(variable_list&& grad_outputs) override {
     const at::Tensor& grad_output = grad_outputs[0];
     if (at::GradMode::is_enabled() || grads_.empty()) {
+      TORCH_CHECK(replay_handler != nullptr,
+                  "losskit: a backward to replay, but no replay handler is set (losskit.kernels.fused_op.native_module "
+                  "sets it when it loads this module)");
       py::gil_scoped_acquire gil;
       auto replayed = (*replay_handler)(name_, replay_, grad_output, at::GradMode::is_enabled())
                           .cast<std::vector<std::optional<at::Tensor>>>();
