@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core import switches
 from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range, extremes
-from ..kernels.fused_op import Replay, attach_precomputed, compiling, native_module
+from ..kernels.fused_op import Replay, attach_precomputed, eager_native
 
 __all__ = [
     "cosine_embedding_loss",
@@ -59,25 +58,17 @@ def _check_classes(target: Tensor, counted: Callable[[], Tensor | bool], num_cla
     return False
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
 def _native_for(input: Tensor, target: Tensor, weight: Tensor | None = None):
     """The compiled module (losskit._native) where it serves this call, else None: eager
     calls on the CPU in float32 or a half type (float64 keeps the Python path, as for every
-    fused kernel: gradcheck's dtype), outside torch.func transforms and forward-mode AD,
-    where nothing but the input may want a gradient. fused_may_serve's conditions, spelt
-    out: at a batch of 64 this test is a fair share of the call."""
-    if compiling() or not input.is_cpu or input.dtype == torch.float64 or not switches.native_enabled():
+    fused kernel: gradcheck's dtype), outside torch.func transforms and forward-mode AD
+    (:func:`~losskit.kernels.fused_op.eager_native`), where nothing but the input may want
+    a gradient."""
+    if not input.is_cpu or input.dtype == torch.float64:
         return None
-    if switches.path() == "reference" or torch.autograd.forward_ad._current_level >= 0:
+    if weight is not None and (weight.requires_grad or not weight.is_cpu):
         return None
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if wrapped(input) or wrapped(target) or type(input) not in _PLAIN or type(target) not in _PLAIN:
-        return None  # subclasses (fake tensors, DTensor, ...) keep their own dispatch
-    if weight is not None and (weight.requires_grad or not weight.is_cpu or wrapped(weight)):
-        return None
-    return native_module()
+    return eager_native(input, target, weight)
 
 
 def _attach(native, fn: str, node: str, made: tuple, input: Tensor, per_row: bool,

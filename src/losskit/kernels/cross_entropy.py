@@ -42,7 +42,7 @@ from .._core.dtypes import cast, result_dtypes
 from .._core.options import CrossEntropyOptions
 from .._core.validation import ClassTargets
 from . import triton_support
-from .fused_op import FusedOp, Replay, native_module, fused_may_serve
+from .fused_op import FusedOp, Replay, eager_native, fused_may_serve
 from .rows import Coefficients, RowTerms, apply_gradient, row_sums, target_gap, transform_logits
 
 
@@ -371,20 +371,10 @@ def eager_class_index(
     """
     # The compiled part checks the shapes, dtypes and devices (and declines what it does
     # not serve); here, what only Python knows.
-    if (
-        type(input) is not Tensor
-        or type(target) is not Tensor
-        or (weight is not None and type(weight) is not Tensor)
-        or (op is fused_cross_entropy and (options.softcap is not None or options.temperature != 1.0
-                                           or options.lse_square_scale))
-        or torch.compiler.is_compiling()
-        or not switches.native_enabled()
-        or switches.path() == "reference"  # what fused_may_serve asks, for these dtypes
-        or torch.autograd.forward_ad._current_level >= 0
-        or torch._C._functorch.is_functorch_wrapped_tensor(input)
-    ):
+    if op is fused_cross_entropy and (options.softcap is not None or options.temperature != 1.0
+                                      or options.lse_square_scale):
         return None
-    native = native_module()
+    native = eager_native(input, target, weight)
     if native is None:
         return None
     need = torch.is_grad_enabled() and input.requires_grad

@@ -334,6 +334,28 @@ def native_module():
     return _native_loaded[0]
 
 
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def eager_native(*tensors: Tensor | None):
+    """losskit's compiled module where an eager call on these tensors (None: absent) may
+    take a compiled form of its own, else None: outside torch.compile, forward-mode AD,
+    torch.func transforms and :func:`~losskit._core.switches.reference_only`, on plain
+    tensors (subclasses such as fake tensors and DTensor keep their own dispatch).
+    :func:`fused_may_serve`'s conditions, at a fraction of its cost (at a batch of 64 this
+    test is a fair share of a call), without its dtype rule, which each compiled form
+    applies by declining what it does not serve."""
+    if compiling() or not switches.native_enabled() or switches.path() == "reference":
+        return None
+    if torch.autograd.forward_ad._current_level >= 0:
+        return None
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSORS or wrapped(t)):
+            return None
+    return native_module()
+
+
 def attach_precomputed(native, node_name: str, what: str, loss: Tensor, inputs: Sequence[Tensor | None],
                        grads: Sequence[Tensor | None], per_row: bool, replay: Replay | None) -> Tensor:
     """``loss`` (made without autograd) with the C++ autograd node of :mod:`losskit._native`
