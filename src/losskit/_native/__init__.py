@@ -92,6 +92,19 @@ def load() -> ModuleType | None:
     return None
 
 
+def _seed(folder: Path) -> None:
+    """Start a new build from the newest earlier one beside it, so that ninja recompiles only
+    the sources that changed since (it compares times and commands, and its dependency log
+    names the headers each object read); a fresh folder would recompile every file."""
+    if (folder / "build.ninja").exists():
+        return
+    earlier = [d for d in folder.parent.iterdir()
+               if d.is_dir() and d != folder and len(d.name) == len(folder.name) and (d / "build.ninja").exists()]
+    if earlier:
+        newest = max(earlier, key=lambda d: d.stat().st_mtime)
+        shutil.copytree(newest, folder, dirs_exist_ok=True)  # copy2: the objects keep their times
+
+
 def build(verbose: bool = False) -> Path:
     """Compile the extension into the first writable build folder; returns the library."""
     from torch.utils import cpp_extension
@@ -103,6 +116,7 @@ def build(verbose: bool = False) -> Path:
         except OSError as error:
             last_error = error
             continue
+        _seed(folder)
         cpp_extension.load(NAME, [str(s) for s in SOURCES], extra_cflags=_CFLAGS, build_directory=str(folder),
                            verbose=verbose)
         for stale in folder.parent.iterdir():  # builds of earlier sources

@@ -3,7 +3,11 @@
 // touches no other.
 #pragma once
 
-#include <torch/extension.h>
+// ATen and torch's pybind11 type casters only: torch/extension.h (the whole C++ frontend)
+// doubles each file's compile time. A file that needs more includes it itself.
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <vector>
 
