@@ -177,6 +177,13 @@ def without_native() -> contextlib.AbstractContextManager[None]:
     return _switched("native", False)
 
 
+def native_serves() -> bool:
+    """:func:`native_enabled`, and not within :func:`reference_only`: whether a compiled form
+    may serve an eager call of this thread (one read of the switches, as every call asks)."""
+    local = _local
+    return local.native and not local.triton_on_cpu and local.path != "reference"
+
+
 def native_enabled() -> bool:
     """Whether losskit's compiled code may serve calls in this thread: not within
     :func:`without_native`, nor within :func:`triton_on_cpu`, where the Triton kernels are

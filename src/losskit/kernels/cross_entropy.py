@@ -378,17 +378,15 @@ def eager_class_index(
     if native is None:
         return None
     need = torch.is_grad_enabled() and input.requires_grad
+    # FusedOp.attach's node, attached in the same call: (node name, what, replay)
+    node = (op.node_name, op.name, _LogitsReplay(op.name, reference, input)) if need else None
     if op is fused_cross_entropy:
         # full_checks(input) of a plain CPU tensor outside torch.compile (checked above)
         probe = probe and switches.checks_mode() in ("auto", "full")
         made = native.cross_entropy_eager(input, target, weight, options.ignore_index, options.label_smoothing,
-                                          options.reduction, probe, need)
+                                          options.reduction, probe, need, node)
     else:
-        made = native.nll_loss_eager(input, target, weight, options.ignore_index, options.reduction, need)
+        made = native.nll_loss_eager(input, target, weight, options.ignore_index, options.reduction, need, node)
     if made is None:
         return None
-    loss, grad, maybe_probabilities = made
-    if need:  # FusedOp.__call__'s native node
-        loss = op.attach(native, loss, [input], [grad], options.reduction == "none",
-                         _LogitsReplay(op.name, reference, input))
-    return loss, maybe_probabilities
+    return made[0], made[2]

@@ -335,6 +335,9 @@ def native_module():
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_forward_ad = torch.autograd.forward_ad
+_functorch_level = torch._C._functorch.maybe_current_level
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def eager_native(*tensors: Tensor | None):
@@ -345,15 +348,14 @@ def eager_native(*tensors: Tensor | None):
     :func:`fused_may_serve`'s conditions, at a fraction of its cost (at a batch of 64 this
     test is a fair share of a call), without its dtype rule, which each compiled form
     applies by declining what it does not serve."""
-    if compiling() or not switches.native_enabled() or switches.path() == "reference":
+    if torch.compiler.is_compiling() or not switches.native_serves() or _forward_ad._current_level >= 0:
         return None
-    if torch.autograd.forward_ad._current_level >= 0:
-        return None
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    # Inside a torch.func transform (a functorch level) every tensor may be a wrapper.
+    transformed = _functorch_level() is not None
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN_TENSORS or wrapped(t)):
+        if t is not None and (type(t) not in _PLAIN_TENSORS or transformed and _functorch_wrapped(t)):
             return None
-    return native_module()
+    return _native_loaded[0] if _native_loaded else native_module()
 
 
 def attach_precomputed(native, node_name: str, what: str, loss: Tensor, inputs: Sequence[Tensor | None],

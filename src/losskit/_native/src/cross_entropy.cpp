@@ -9,6 +9,7 @@
 // z-loss, and batches the CPU kernel would take in several chunks.
 #include "losskit_native.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -562,11 +563,12 @@ int64_t check_class_targets(const Tensor& input, const Tensor& target, int64_t i
     if (in_range) flags |= ignored ? 2 : 1;
   }
   if (probe && input.numel() > 0 && num_classes >= 2 && input.is_cpu()) {
-    Tensor head = input.slice(0, 0, 8);
+    // The first 8 rows read in place: a slice of logits that require grad would be an
+    // autograd view (a node and its bookkeeping: ~10 us, more than the loop).
     bool negative = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, head.scalar_type(), "check_class_targets", [&] {
-      const int64_t rows = head.size(0), s0 = head.stride(0), s1 = head.stride(1);
-      const scalar_t* data = head.const_data_ptr<scalar_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "check_class_targets", [&] {
+      const int64_t rows = std::min<int64_t>(input.size(0), 8), s0 = input.stride(0), s1 = input.stride(1);
+      const scalar_t* data = input.const_data_ptr<scalar_t>();
       for (int64_t i = 0; i < rows && !negative; ++i) {
         for (int64_t j = 0; j < num_classes; ++j) {
           if (static_cast<float>(data[i * s0 + j * s1]) < 0.0f) {
@@ -585,9 +587,13 @@ int64_t check_class_targets(const Tensor& input, const Tensor& target, int64_t i
 // of any integer dtype: the checks of check_class_targets, then the forward. None where
 // either declines (the Python path then checks, raises and computes); else (loss,
 // gradient or None, whether the first rows may be probabilities).
+//
+// ``node``: None, or (node name, what, replay) to attach the fused op's autograd node here
+// (attach_precomputed) when a gradient is made, instead of a second call from Python.
 template <typename Forward>
 py::object eager(Forward forward, const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-                 int64_t ignore_index, double label_smoothing, const std::string& reduction, bool probe, bool needs_grad) {
+                 int64_t ignore_index, double label_smoothing, const std::string& reduction, bool probe, bool needs_grad,
+                 const py::object& node) {
   // What the Python checks would look at, cheaper here: (N, C) logits of a served dtype on
   // the CPU, (N,) targets, N > 0, a floating (C,) weight on the CPU.
   if (input.dim() != 2 || target.dim() != 1 || !input.is_cpu() || !served_dtype(input) ||
@@ -607,19 +613,30 @@ py::object eager(Forward forward, const Tensor& input, const Tensor& target, con
                             reduction, std::vector<bool>{needs_grad});
   if (made.is_none()) return made;
   auto out = made.cast<py::tuple>();
-  return py::make_tuple(out[0], out[1], bool(flags & 4));
+  if (node.is_none() || out[1].is_none()) return py::make_tuple(out[0], out[1], bool(flags & 4));
+  // fused_op.attach_precomputed: the loss (never an autograd view) and the node's call record
+  // (what, replay, needs, shapes) for a replayed backward.
+  auto spec = node.cast<py::tuple>();
+  Tensor loss = out[0].cast<Tensor>();
+  if (loss.is_view()) loss = loss.detach();
+  py::list needs, shapes;
+  needs.append(true);
+  shapes.append(py::cast(input.sizes().vec()));
+  loss = losskit::attach_precomputed(spec[0].cast<std::string>(), loss, {input}, {out[1].cast<Tensor>()},
+                                     reduction == "none", py::make_tuple(spec[1], spec[2], needs, shapes));
+  return py::make_tuple(loss, py::none(), bool(flags & 4));
 }
 
 py::object cross_entropy_eager(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                                int64_t ignore_index, double label_smoothing, const std::string& reduction, bool probe,
-                               bool needs_grad) {
+                               bool needs_grad, const py::object& node) {
   return eager(cross_entropy_forward, input, target, weight, ignore_index, label_smoothing, reduction, probe,
-               needs_grad);
+               needs_grad, node);
 }
 
 py::object nll_eager(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-                     int64_t ignore_index, const std::string& reduction, bool needs_grad) {
-  return eager(nll_forward, input, target, weight, ignore_index, 0.0, reduction, false, needs_grad);
+                     int64_t ignore_index, const std::string& reduction, bool needs_grad, const py::object& node) {
+  return eager(nll_forward, input, target, weight, ignore_index, 0.0, reduction, false, needs_grad, node);
 }
 
 }  // namespace
@@ -628,7 +645,7 @@ void register_cross_entropy(py::module& m) {
   m.def("cross_entropy", &cross_entropy_forward, "losskit::cross_entropy's forward on the CPU, or None");
   m.def("nll_loss", &nll_forward, "losskit::nll_loss's forward on the CPU, or None");
   m.def("check_class_targets", &check_class_targets, "the value checks of class-index targets, in one read");
-  m.def("cross_entropy_eager", &cross_entropy_eager, "an eager CPU cross_entropy call: checks and forward, or None");
-  m.def("nll_loss_eager", &nll_eager, "an eager CPU nll_loss call: checks and forward, or None");
+  m.def("cross_entropy_eager", &cross_entropy_eager, "an eager CPU cross_entropy call: checks, forward and autograd node, or None");
+  m.def("nll_loss_eager", &nll_eager, "an eager CPU nll_loss call: checks, forward and autograd node, or None");
 }
 LOSSKIT_REGISTER(register_cross_entropy)

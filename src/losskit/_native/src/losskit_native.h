@@ -9,6 +9,8 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <optional>
+#include <string>
 #include <vector>
 
 namespace losskit {
@@ -19,6 +21,12 @@ inline std::vector<Registrar>& registrars() {
   static std::vector<Registrar> all;
   return all;
 }
+
+// precomputed.cpp's attach(): ``loss`` gets the precomputed-gradient autograd node ``name``,
+// for a loss's own compiled call that makes its autograd node without going back to Python.
+at::Tensor attach_precomputed(std::string name, at::Tensor loss, const std::vector<std::optional<at::Tensor>>& inputs,
+                              const std::vector<std::optional<at::Tensor>>& grads, bool per_row,
+                              pybind11::object replay);
 
 struct Register {
   explicit Register(Registrar registrar) { registrars().push_back(registrar); }

@@ -79,9 +79,11 @@ class PrecomputedBackward : public Node {
   py::object replay_;
 };
 
+}  // namespace
+
 // ``loss`` (made without autograd) gets a grad_fn named ``name`` whose edges lead to the
 // ``inputs`` that require grad and whose gradients are ``grads`` (None where not made).
-at::Tensor attach(std::string name, at::Tensor loss, const std::vector<std::optional<at::Tensor>>& inputs,
+at::Tensor losskit::attach_precomputed(std::string name, at::Tensor loss, const std::vector<std::optional<at::Tensor>>& inputs,
                   const std::vector<std::optional<at::Tensor>>& grads, bool per_row, py::object replay) {
   TORCH_CHECK(inputs.size() == grads.size(), "losskit attach: ", inputs.size(), " inputs, ", grads.size(), " grads");
   torch::autograd::edge_list edges;
@@ -100,6 +102,8 @@ at::Tensor attach(std::string name, at::Tensor loss, const std::vector<std::opti
   torch::autograd::set_history(loss, node);
   return loss;
 }
+
+namespace {
 
 // The gradients a grad_fn made by attach() keeps for backward (none for any other node):
 // what tests/test_memory.py counts.
@@ -122,7 +126,7 @@ void set_replay_handler(py::object handler) {
 }  // namespace
 
 void register_precomputed(py::module& m) {
-  m.def("attach", &attach, "the precomputed-gradient autograd node of a fused loss");
+  m.def("attach", &losskit::attach_precomputed, "the precomputed-gradient autograd node of a fused loss");
   m.def("held", &held, "the gradients a losskit grad_fn keeps for backward");
   m.def("set_replay_handler", &set_replay_handler, "the Python function that replays a call for create_graph");
 }
