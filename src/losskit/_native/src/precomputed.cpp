@@ -22,6 +22,17 @@ namespace {
 // set once when losskit first loads this module.
 py::object* replay_handler = nullptr;
 
+// Whether a one-element CPU tensor holds exactly 1, read in place (item() would dispatch).
+bool is_one(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return *t.const_data_ptr<float>() == 1.0f;
+    case at::kDouble: return *t.const_data_ptr<double>() == 1.0;
+    case at::kBFloat16: return static_cast<float>(*t.const_data_ptr<at::BFloat16>()) == 1.0f;
+    case at::kHalf: return static_cast<float>(*t.const_data_ptr<at::Half>()) == 1.0f;
+    default: return t.item<double>() == 1.0;
+  }
+}
+
 class PrecomputedBackward : public Node {
  public:
   PrecomputedBackward(std::string name, std::vector<at::Tensor> grads, bool per_row, py::object replay)
@@ -58,7 +69,7 @@ class PrecomputedBackward : public Node {
     grads_.clear();
     // A scalar grad_output of exactly 1 (loss.backward()) leaves the buffers as they are;
     // reading it is free on the CPU only (elsewhere it would wait for the device).
-    if (!per_row_ && grad_output.is_cpu() && grad_output.item<double>() == 1.0) return grads;
+    if (!per_row_ && grad_output.is_cpu() && grad_output.numel() == 1 && is_one(grad_output)) return grads;
     for (auto& grad : grads) {
       if (!grad.defined()) continue;
       at::Tensor factor = grad_output;
