@@ -241,19 +241,22 @@ def cross_entropy(
         Improving Open Language Models at a Practical Size", 2024 (soft-capping).
     """
     fn = "cross_entropy"
+    if (size_average is None and reduce is None and softcap is None and type(temperature) is float
+            and temperature == 1.0 and type(lse_square_scale) is float and lse_square_scale == 0.0):
+        # The everyday eager CPU call, checked and computed in one call into compiled code.
+        eager = eager_class_index(
+            fused_cross_entropy, input, target, weight, ignore_index, label_smoothing, reduction,
+            lambda logits: _class_index_reference(logits, _index_targets(target, ignore_index), weight, _checked_options(
+                fn, ignore_index, label_smoothing, 0.0, None, 1.0, reduction)),
+            probe=True,
+        )
+        if eager is not None:
+            loss, maybe_probabilities = eager
+            if maybe_probabilities:
+                warn_if_probabilities(input, 1, fn)
+            return loss
     reduction = resolve_reduction(size_average, reduce, reduction)
     options = _checked_options(fn, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, reduction)
-    # The everyday eager CPU call, checked and computed in one call into compiled code.
-    eager = eager_class_index(
-        fused_cross_entropy, input, target, weight, options,
-        lambda logits: _class_index_reference(logits, _index_targets(target, ignore_index), weight, options),
-        probe=True,
-    )
-    if eager is not None:
-        loss, maybe_probabilities = eager
-        if maybe_probabilities:
-            warn_if_probabilities(input, 1, fn)
-        return loss
     if is_class_sharded(input):  # a DTensor sharded on classes: the vocab-parallel loss, no gather
         return class_sharded_cross_entropy(input, target, fn, weight=weight, options=options)
     class_dim = class_dim_of(input, fn)
@@ -378,16 +381,17 @@ def nll_loss(
         torch.nn.NLLLoss (torch 2.13).
     """
     fn = "nll_loss"
+    if size_average is None and reduce is None:
+        # The everyday eager CPU call, checked and computed in one call into compiled code.
+        eager = eager_class_index(
+            fused_nll_loss, input, target, weight, ignore_index, 0.0, reduction,
+            lambda log_probs: _nll_reference(log_probs, _index_targets(target, ignore_index), weight, reduction),
+            probe=False,
+        )
+        if eager is not None:
+            return eager[0]
     reduction = resolve_reduction(size_average, reduce, reduction)
     options = _checked_options(fn, ignore_index, 0.0, 0.0, None, 1.0, reduction)
-    # The everyday eager CPU call, checked and computed in one call into compiled code.
-    eager = eager_class_index(
-        fused_nll_loss, input, target, weight, options,
-        lambda log_probs: _nll_reference(log_probs, _index_targets(target, ignore_index), weight, reduction),
-        probe=False,
-    )
-    if eager is not None:
-        return eager[0]
     class_dim = class_dim_of(input, fn)
     check_floating(input, "input", fn)
     if weight is not None:

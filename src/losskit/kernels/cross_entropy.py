@@ -30,7 +30,6 @@ machinery comes from :class:`~losskit.kernels.fused_op.FusedOp`.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -344,49 +343,38 @@ def fused_applies(input: Tensor, target: Tensor) -> bool:
     )
 
 
-class _LogitsReplay(Replay):
-    """A :class:`Replay` of one input, built without the general constructor's loop."""
-
-    def __init__(self, what: str, reference: Callable[[Tensor], Tensor], logits: Tensor) -> None:
-        self.what, self.reference = what, reference
-        self.handles = [(weakref.ref(logits), logits._version)]
-
-
 def eager_class_index(
-    op: FusedOp, input: Tensor, target: Tensor, weight: Tensor | None, options: CrossEntropyOptions,
-    reference: Callable[[Tensor], Tensor], probe: bool,
+    op: FusedOp, input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float,
+    reduction: str, reference: Callable[[Tensor], Tensor], probe: bool,
 ) -> tuple[Tensor, bool] | None:
     """An everyday eager CPU call of ``op`` (:data:`fused_cross_entropy` or
     :data:`fused_nll_loss`) on (N, C) logits and (N,) class indices, whole in one call
-    into losskit's compiled part: the value checks of the targets (and, with ``probe``,
-    the look at the first rows of ``warn_if_probabilities``), the forward, and the
-    autograd node that FusedOp would attach. At a batch of 64 the Python checks and the
-    fused op's Python machinery cost several times the loss itself.
+    into losskit's compiled part: the checks of the options and of the targets' values
+    (and, with ``probe``, the look at the first rows of ``warn_if_probabilities``), the
+    forward, and the autograd node that FusedOp would attach. At a batch of 64 the Python
+    checks and the fused op's Python machinery cost several times the loss itself.
 
     Returns (loss, whether the first rows may be probabilities: the caller asks
     ``warn_if_probabilities``, which decides), or None for anything else: no compiled
-    part, another device, dtype or shape, an option it does not compute, a target out of
-    range (the Python path then checks, raises and computes, with the same results).
-    ``reference`` is the composed loss of the logits, for a double backward (Replay).
+    part, another device, dtype or shape, an option it does not compute or that is out of
+    range, a target out of range (the Python path then checks, raises and computes, with
+    the same results). ``reference`` is the composed loss of the logits, for a double
+    backward (the node makes its :class:`Replay` only if one is asked for).
     """
-    # The compiled part checks the shapes, dtypes and devices (and declines what it does
-    # not serve); here, what only Python knows.
-    if op is fused_cross_entropy and (options.softcap is not None or options.temperature != 1.0
-                                      or options.lse_square_scale):
-        return None
+    if type(ignore_index) is not int or type(label_smoothing) not in (float, int) or type(reduction) is not str:
+        return None  # the Python path checks (and converts) them
     native = eager_native(input, target, weight)
     if native is None:
         return None
     need = torch.is_grad_enabled() and input.requires_grad
-    # FusedOp.attach's node, attached in the same call: (node name, what, replay)
-    node = (op.node_name, op.name, _LogitsReplay(op.name, reference, input)) if need else None
+    node = (op.node_name, op.name, reference) if need else None
     if op is fused_cross_entropy:
         # full_checks(input) of a plain CPU tensor outside torch.compile (checked above)
         probe = probe and switches.checks_mode() in ("auto", "full")
-        made = native.cross_entropy_eager(input, target, weight, options.ignore_index, options.label_smoothing,
-                                          options.reduction, probe, need, node)
+        made = native.cross_entropy_eager(input, target, weight, ignore_index, label_smoothing, reduction, probe, need,
+                                          node)
     else:
-        made = native.nll_loss_eager(input, target, weight, options.ignore_index, options.reduction, need, node)
+        made = native.nll_loss_eager(input, target, weight, ignore_index, reduction, need, node)
     if made is None:
         return None
     return made[0], made[2]

@@ -376,6 +376,10 @@ def _replay_for_native(name: str, call: tuple, grad_output: Tensor, create_graph
     """The backward passes the C++ node of :mod:`losskit._native` hands back to Python:
     ``create_graph=True`` and a second backward, replayed on the reference path."""
     what, replay, needs, shapes = call
+    if type(replay) is tuple:  # (reference, weak reference to the one input, its version), from C++
+        reference, handle, version = replay
+        replay = Replay.__new__(Replay)
+        replay.what, replay.reference, replay.handles = what, reference, [(handle, version)]
     if replay is None:
         raise RuntimeError(
             f"losskit {what}: a second backward through the same graph, or create_graph=True, is not supported by "

@@ -602,8 +602,10 @@ int64_t check_class_targets(const Tensor& input, const Tensor& target, int64_t i
 // either declines (the Python path then checks, raises and computes); else (loss,
 // gradient or None, whether the first rows may be probabilities).
 //
-// ``node``: None, or (node name, what, replay) to attach the fused op's autograd node here
-// (attach_precomputed) when a gradient is made, instead of a second call from Python.
+// ``node``: None, or (node name, what, reference) to attach the fused op's autograd node
+// here (attach_precomputed) when a gradient is made, instead of a second call from Python.
+// Its replay is (reference, a weak reference to the logits, their version), which
+// fused_op._replay_for_native turns into a Replay if a double backward asks for one.
 template <typename Forward>
 py::object eager(Forward forward, const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                  int64_t ignore_index, double label_smoothing, const std::string& reduction, bool probe, bool needs_grad,
@@ -612,6 +614,11 @@ py::object eager(Forward forward, const Tensor& input, const Tensor& target, con
   // the CPU, (N,) targets, N > 0, a floating (C,) weight on the CPU.
   if (input.dim() != 2 || target.dim() != 1 || !input.is_cpu() || !served_dtype(input) ||
       target.size(0) != input.size(0) || input.size(0) == 0) {
+    return py::none();
+  }
+  // Options the Python checks would reject (or convert) are theirs to report.
+  if ((reduction != "mean" && reduction != "sum" && reduction != "none") ||
+      !(label_smoothing >= 0.0 && label_smoothing <= 1.0)) {
     return py::none();
   }
   if (weight.has_value() && (weight->dim() != 1 || weight->size(0) != input.size(1) ||
@@ -636,8 +643,12 @@ py::object eager(Forward forward, const Tensor& input, const Tensor& target, con
   py::list needs, shapes;
   needs.append(true);
   shapes.append(py::cast(input.sizes().vec()));
+  py::object logits = py::cast(input);  // the Python object of the logits
+  auto handle = py::reinterpret_steal<py::object>(PyWeakref_NewRef(logits.ptr(), nullptr));
+  if (!handle) throw py::error_already_set();
+  py::tuple replay = py::make_tuple(spec[2], handle, input._version());
   loss = losskit::attach_precomputed(spec[0].cast<std::string>(), loss, {input}, {out[1].cast<Tensor>()},
-                                     reduction == "none", py::make_tuple(spec[1], spec[2], needs, shapes));
+                                     reduction == "none", py::make_tuple(spec[1], replay, needs, shapes));
   return py::make_tuple(loss, py::none(), bool(flags & 4));
 }
 
