@@ -161,3 +161,107 @@ def test_targets_out_of_range_take_the_python_path(mode):
         loss = LF.multilabel_margin_loss(x, target)
     assert loss.grad_fn.name() == "_MultilabelMarginBackward"
     _same(loss, LF.multilabel_margin_loss(x, torch.tensor([[1, -1, 0, 0]] * 3)))
+
+
+# ---- the composed losses: the Python form's ops, run from C++ (embedding.cpp) --------------
+
+def _composed_calls(dtype, shape):
+    """(name, fn, differentiable leaves, other arguments, options) for each composed loss."""
+    g = torch.Generator().manual_seed(12)
+
+    def x(scale=2.0):
+        return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+    signs = (torch.randint(0, 2, shape, generator=g) * 2 - 1).to(dtype)
+    row_signs = torch.tensor([1, -1, 0, 2] * shape[0])[: shape[0]].to(dtype)  # 0 and 2: neither label
+    multi_hot = torch.rand(shape, generator=g).round().to(dtype)
+    weight = torch.rand(shape[-1], generator=g) + 0.1
+    hinge_target = torch.tensor([1.0, -1.0, 0.0, 2.0] * (shape[0] * shape[1]))[: shape[0] * shape[1]].reshape(shape)
+    return [
+        ("soft_margin", LF.soft_margin_loss, [x()], [signs], {}),
+        ("multilabel_soft_margin", LF.multilabel_soft_margin_loss, [x()], [multi_hot], {}),
+        ("multilabel_soft_margin weighted", LF.multilabel_soft_margin_loss, [x()], [multi_hot],
+         {"weight": weight.to(dtype)}),
+        ("margin_ranking", LF.margin_ranking_loss, [x(), x()], [signs], {"margin": 0.3}),
+        ("hinge_embedding", LF.hinge_embedding_loss, [x().abs()], [hinge_target.to(dtype)], {"margin": 1.5}),
+        ("cosine_embedding", LF.cosine_embedding_loss, [x(), x()], [row_signs], {"margin": 0.2}),
+        ("triplet_margin", LF.triplet_margin_loss, [x(), x(), x()], [], {"p": 1.5, "swap": True, "margin": 0.5}),
+        ("triplet_margin p=2", LF.triplet_margin_loss, [x(), x(), x()], [], {}),
+        ("triplet_margin_with_distance", LF.triplet_margin_with_distance_loss, [x(), x(), x()], [], {"swap": True}),
+    ]
+
+
+def _composed_run(fn, leaves, others, kwargs, grad_output_seed):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    loss = fn(*leaves, *others, **kwargs)
+    go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_output_seed)).to(loss.dtype)
+    grads = torch.autograd.grad(loss, leaves, go, create_graph=True)
+    # create_graph: the second derivative goes through the same graph (where the gradient
+    # depends on the inputs: not for the piecewise-linear hinges)
+    outer = sum(g.float().pow(2).sum() for g in grads)
+    second = torch.autograd.grad(outer, leaves, allow_unused=True) if outer.requires_grad else []
+    return loss.detach(), [g.detach() for g in grads], second, loss.grad_fn.name()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("index", range(9))
+def test_composed_losses_same_bits_and_graph_as_python(index, reduction, dtype):
+    name, fn, leaves, others, kwargs = _composed_calls(dtype, (6, 5))[index]
+    got = _composed_run(fn, leaves, others, {**kwargs, "reduction": reduction}, index)
+    with switches.without_native():
+        ref = _composed_run(fn, leaves, others, {**kwargs, "reduction": reduction}, index)
+    assert got[3] == ref[3], name  # the same autograd graph: the same last node
+    _same(got[0], ref[0])
+    for a, b in zip(got[1], ref[1]):
+        _same(a, b)
+    for a, b in zip(got[2], ref[2]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            _same(a, b)
+
+
+@needs_native
+def test_composed_losses_take_the_compiled_form_where_it_serves(monkeypatch):
+    from losskit.kernels.fused_op import native_module
+
+    module, taken = native_module(), []
+    for name in ("soft_margin", "multilabel_soft_margin", "margin_ranking", "hinge_embedding", "cosine_embedding",
+                 "triplet_margin"):
+        compiled = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _f=compiled, _n=name: taken.append(_n) or _f(*args))
+    for _, fn, leaves, others, kwargs in _composed_calls(torch.float32, (4, 3)):
+        fn(*leaves, *others, **kwargs)
+    assert taken == ["soft_margin", "multilabel_soft_margin", "multilabel_soft_margin", "margin_ranking",
+                     "hinge_embedding", "cosine_embedding", "triplet_margin", "triplet_margin", "triplet_margin"]
+    taken.clear()
+    x = torch.randn(4, 3)
+    with switches.without_native():
+        LF.soft_margin_loss(x, x.sign())
+    LF.soft_margin_loss(x.to("meta"), x.sign().to("meta"))
+    assert taken == []
+
+
+@needs_native
+def test_composed_losses_keep_the_python_form_where_the_compiled_one_does_not_serve():
+    # A tensor margin, unequal shapes that broadcast, a weight that enlarges the result: the
+    # Python form, with the same result; and the same errors on both paths.
+    a = torch.randn(4, 3, requires_grad=True)
+    b, y = torch.randn(4, 3), torch.randn(4, 3).sign()
+    margin = torch.tensor(0.25)
+    with switches.without_native():
+        ref = LF.margin_ranking_loss(a, b, y, margin=margin)
+    _same(LF.margin_ranking_loss(a, b, y, margin=margin), ref)
+    row = torch.randn(1, 3)
+    with switches.without_native():
+        ref = LF.margin_ranking_loss(a, row, y)
+    _same(LF.margin_ranking_loss(a, row, y), ref)
+    weight = torch.rand(2, 4, 3)
+    with switches.without_native():
+        ref = LF.multilabel_soft_margin_loss(a, y.clamp_min(0), weight=weight, reduction="none")
+    _same(LF.multilabel_soft_margin_loss(a, y.clamp_min(0), weight=weight, reduction="none"), ref)
+    with pytest.raises(ValueError, match="triplet_margin_loss: margin must be > 0; got 0.0"):
+        LF.triplet_margin_loss(a, b, b, margin=0.0)
+    with pytest.raises(ValueError, match="triplet_margin_with_distance_loss: margin must be > 0; got -1.0"):
+        LF.triplet_margin_with_distance_loss(a, b, b, margin=-1.0)

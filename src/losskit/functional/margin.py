@@ -71,6 +71,25 @@ def _native_for(input: Tensor, target: Tensor, weight: Tensor | None = None):
     return eager_native(input, target, weight)
 
 
+def _composed_native(*tensors: Tensor | None):
+    """The compiled module where it serves an eager call of a composed loss (soft margin,
+    multilabel soft margin, margin ranking, hinge and cosine embedding, triplet): CPU tensors
+    of real types, outside torch.compile, torch.func transforms and forward-mode AD
+    (:func:`~losskit.kernels.fused_op.eager_native`), else None. Its forms run this file's
+    ops from C++ (losskit._native embedding.cpp), every dtype included: the same ops build
+    the same autograd graph, so values and gradients are the same bits."""
+    for t in tensors:
+        if t is not None and (not t.is_cpu or t.is_complex()):
+            return None
+    return eager_native(*tensors)
+
+
+def _plain_numbers(*values) -> bool:
+    """Python floats, or ints a float64 holds exactly, which the compiled forms take as
+    doubles to the same effect (anything else, a tensor margin say, keeps the Python form)."""
+    return all(type(v) is float or (type(v) is int and abs(v) <= 2**53) for v in values)
+
+
 def _attach(native, fn: str, node: str, made: tuple, input: Tensor, per_row: bool,
             reference: Callable[[Tensor], Tensor]):
     """The loss made by a compiled kernel, with the C++ autograd node that hands out its
@@ -129,6 +148,9 @@ def soft_margin_loss(
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_floating(input, "input", fn)
     broadcast_shape(input, target, ("input", "target"), fn)
+    native = _composed_native(input, target)
+    if native is not None:
+        return native.soft_margin(input, target, reduction)
     # torch's kernel writes into a tensor like the input: the input's dtype, whatever the target's.
     compute, out = result_dtypes(input, target, result=(input,))
     return reduce_loss(F.softplus(-target.to(compute) * input.to(compute)), reduction).to(out)
@@ -170,7 +192,10 @@ def multilabel_soft_margin_loss(
     fn = "multilabel_soft_margin_loss"
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_floating(input, "input", fn)
-    broadcast_shape(input, target, ("input", "target"), fn)
+    shape = broadcast_shape(input, target, ("input", "target"), fn)
+    native = _composed_native(input, target, weight)
+    if native is not None and (weight is None or _trailing_broadcast(weight.shape, shape)):
+        return native.multilabel_soft_margin(input, target, weight, reduction)
     compute, out = result_dtypes(input, target, weight)
     x, y = input.to(compute), target.to(compute)
     loss = -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x))
@@ -247,6 +272,11 @@ def multilabel_margin_loss(
 # where sorting each row takes some forty (each a fixed cost that dominates at small C).
 # Beyond it, the sorted form keeps memory O(N C).
 PAIRWISE_CLASSES = 32
+
+
+def _trailing_broadcast(small: torch.Size, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor of shape ``small`` broadcasts to ``shape`` without enlarging it."""
+    return len(small) <= len(shape) and all(s in (1, n) for s, n in zip(reversed(small), reversed(shape)))
 
 
 def _multilabel_margin_pairs(
@@ -501,6 +531,10 @@ def margin_ranking_loss(
     check_floating(input1, "input1", fn)
     if input1.shape != input2.shape:  # equal shapes broadcast; torch.broadcast_shapes costs tens of us
         broadcast_shape(input1, input2, ("input1", "input2"), fn)
+    elif input1.shape == target.shape and _plain_numbers(margin):
+        native = _composed_native(input1, input2, target)
+        if native is not None:
+            return native.margin_ranking(input1, input2, target, margin, reduction)
     compute, out = result_dtypes(input1, input2, target)
     # (x2 - x1) y is -y (x1 - x2) exactly (a difference changes sign exactly), one op fewer.
     loss = ((input2.to(compute) - input1.to(compute)) * target.to(compute) + margin).clamp_min(0)
@@ -545,6 +579,10 @@ def hinge_embedding_loss(
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_floating(input, "input", fn)
     broadcast_shape(input, target, ("input", "target"), fn)
+    if _plain_numbers(margin):
+        native = _composed_native(input, target)
+        if native is not None:
+            return native.hinge_embedding(input, target, margin, reduction)
     compute, out = result_dtypes(input)
     x = input.to(compute)
     margin_term = torch.where(target != 1, (margin - x).clamp_min(0), 0.0)
@@ -597,6 +635,10 @@ def cosine_embedding_loss(
             f"{fn}: expected input1 and input2 of one shape, (N, D) or (D,), and target (N,) or (); got input1 "
             f"{tuple(input1.shape)}, input2 {tuple(input2.shape)}, target {tuple(target.shape)}"
         )
+    if _plain_numbers(margin):
+        native = _composed_native(input1, input2, target)
+        if native is not None:
+            return native.cosine_embedding(input1, input2, target, margin, reduction)
     compute, out = result_dtypes(input1, input2)
     a, b = input1.to(compute), input2.to(compute)
     epsilon = 1e-12
@@ -619,6 +661,12 @@ def pairwise_distance(x1: Tensor, x2: Tensor, p: float = 2.0, eps: float = 1e-6,
     return torch.linalg.vector_norm(x1 - x2 + eps, ord=p, dim=-1, keepdim=keepdim)
 
 
+def _triplet_checks(fn: str, anchor: Tensor, positive: Tensor, negative: Tensor, margin: float) -> None:
+    if not margin > 0:  # as torch: with margin <= 0 the loss can never ask for a gap
+        raise ValueError(f"{fn}: margin must be > 0; got {margin}")
+    _same_ndim(fn, anchor=anchor, positive=positive, negative=negative)
+
+
 def _triplet(
     fn: str,
     anchor: Tensor,
@@ -630,9 +678,7 @@ def _triplet(
     reduction: str,
 ) -> Tensor:
     """max(d(a, p) - d(a, n) + margin, 0); with swap, d(a, n) becomes min(d(a, n), d(p, n))."""
-    if not margin > 0:  # as torch: with margin <= 0 the loss can never ask for a gap
-        raise ValueError(f"{fn}: margin must be > 0; got {margin}")
-    _same_ndim(fn, anchor=anchor, positive=positive, negative=negative)
+    _triplet_checks(fn, anchor, positive, negative, margin)
     dist_pos = distance(anchor, positive)
     dist_neg = distance(anchor, negative)
     if swap:
@@ -683,6 +729,11 @@ def triplet_margin_loss(
     fn = "triplet_margin_loss"
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_floating(anchor, "anchor", fn)
+    if anchor.shape == positive.shape == negative.shape and _plain_numbers(margin, p, eps) and isinstance(swap, bool):
+        native = _composed_native(anchor, positive, negative)
+        if native is not None:
+            _triplet_checks(fn, anchor, positive, negative, margin)
+            return native.triplet_margin(anchor, positive, negative, margin, p, eps, swap, reduction, True)
     compute, out = result_dtypes(anchor, positive, negative)
     a, pos, neg = (t.to(compute) for t in (anchor, positive, negative))
     return _triplet(fn, a, pos, neg, lambda u, v: pairwise_distance(u, v, p, eps), margin, swap, reduction).to(out)
@@ -725,4 +776,12 @@ def triplet_margin_with_distance_loss(
     """
     fn = "triplet_margin_with_distance_loss"
     reduction = resolve_reduction(None, None, reduction)
+    if (distance_function is None and isinstance(anchor, Tensor) and isinstance(positive, Tensor)
+            and isinstance(negative, Tensor) and anchor.shape == positive.shape == negative.shape
+            and _plain_numbers(margin) and isinstance(swap, bool)):
+        native = _composed_native(anchor, positive, negative)
+        if native is not None:
+            _triplet_checks(fn, anchor, positive, negative, margin)
+            # pairwise_distance's defaults, in the inputs' own dtype
+            return native.triplet_margin(anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction, False)
     return _triplet(fn, anchor, positive, negative, distance_function or pairwise_distance, margin, swap, reduction)

@@ -18,6 +18,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -116,25 +117,30 @@ py::object multi_margin(const at::Tensor& input, const at::Tensor& target, const
   float* hs = hinge.data_ptr<float>();
   float* gs = need_grad ? grad.data_ptr<float>() : nullptr;
   const float at_margin = static_cast<float>(margin);
+  float* steps = ws != nullptr ? row_step.data_ptr<float>() : nullptr;
   with_scores(x, [&](const auto* xs) {
-    for (int64_t r = 0; r < n; ++r) {
-      const auto* row = xs + r * c;
-      const int64_t y = t[r];
-      const float shift = at_margin - static_cast<float>(row[y]);  // margin - x_y, then x_i + that: torch's order
-      const float g = ws != nullptr ? ws[y] * step : step;
-      if (ws != nullptr) row_step.data_ptr<float>()[r] = g;
-      int64_t terms = 0;
-      for (int64_t i = 0; i < c; ++i) {
-        float h = static_cast<float>(row[i]) + shift;
-        h = std::isnan(h) ? h : (h < 0 ? 0.0f : h);  // clamp_min(0), which keeps nan
-        if (i == y) h = 0.0f;
-        terms += h > 0;
-        if (need_grad) gs[r * c + i] = p == 1 ? static_cast<float>(h > 0) * g : h * (g * 2);
-        hs[r * c + i] = p == 1 ? h : h * h;
+    // Rows are independent (each writes its own row of hinge and grad): split them over
+    // torch's threads, which changes no value.
+    at::parallel_for(0, n, std::max<int64_t>(1, 32768 / c), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const auto* row = xs + r * c;
+        const int64_t y = t[r];
+        const float shift = at_margin - static_cast<float>(row[y]);  // margin - x_y, then x_i + that: torch's order
+        const float g = ws != nullptr ? ws[y] * step : step;
+        if (steps != nullptr) steps[r] = g;
+        int64_t terms = 0;
+        for (int64_t i = 0; i < c; ++i) {
+          float h = static_cast<float>(row[i]) + shift;
+          h = std::isnan(h) ? h : (h < 0 ? 0.0f : h);  // clamp_min(0), which keeps nan
+          if (i == y) h = 0.0f;
+          terms += h > 0;
+          if (need_grad) gs[r * c + i] = p == 1 ? static_cast<float>(h > 0) * g : h * (g * 2);
+          hs[r * c + i] = p == 1 ? h : h * h;
+        }
+        // p = 1: the target's gradient is minus the count of terms, scaled once.
+        if (need_grad && p == 1) gs[r * c + y] = -static_cast<float>(terms) * g;
       }
-      // p = 1: the target's gradient is minus the count of terms, scaled once.
-      if (need_grad && p == 1) gs[r * c + y] = -static_cast<float>(terms) * g;
-    }
+    });
   });
   if (need_grad && p != 1) {
     at::Tensor sums = grad.sum(1);
