@@ -426,6 +426,19 @@ def multi_margin_loss(
         torch.nn.MultiMarginLoss (torch 2.13).
     """
     fn = "multi_margin_loss"
+    if (size_average is None and reduce is None and type(p) is int and _plain_numbers(margin)
+            and type(reduction) is str):
+        # The everyday eager CPU call, checked and computed in one call into compiled code
+        # (it declines anything unusual, which the checks below then see).
+        native = eager_native(input, target, weight)
+        if native is not None:
+            made = native.multi_margin_eager(
+                input, target, weight, p, margin, reduction, torch.is_grad_enabled() and input.requires_grad,
+                ("FusedMultiMarginLossBackward", fn,
+                 lambda x: multi_margin_loss(x, target, p, margin, weight, reduction=reduction)),
+            )
+            if made is not None:
+                return made[0]
     reduction = resolve_reduction(size_average, reduce, reduction)
     if p not in (1, 2):
         raise ValueError(f"{fn}: p must be 1 or 2; got {p}")

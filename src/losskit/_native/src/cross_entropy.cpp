@@ -635,20 +635,7 @@ py::object eager(Forward forward, const Tensor& input, const Tensor& target, con
   if (made.is_none()) return made;
   auto out = made.cast<py::tuple>();
   if (node.is_none() || out[1].is_none()) return py::make_tuple(out[0], out[1], bool(flags & 4));
-  // fused_op.attach_precomputed: the loss (never an autograd view) and the node's call record
-  // (what, replay, needs, shapes) for a replayed backward.
-  auto spec = node.cast<py::tuple>();
-  Tensor loss = out[0].cast<Tensor>();
-  if (loss.is_view()) loss = loss.detach();
-  py::list needs, shapes;
-  needs.append(true);
-  shapes.append(py::cast(input.sizes().vec()));
-  py::object logits = py::cast(input);  // the Python object of the logits
-  auto handle = py::reinterpret_steal<py::object>(PyWeakref_NewRef(logits.ptr(), nullptr));
-  if (!handle) throw py::error_already_set();
-  py::tuple replay = py::make_tuple(spec[2], handle, input._version());
-  loss = losskit::attach_precomputed(spec[0].cast<std::string>(), loss, {input}, {out[1].cast<Tensor>()},
-                                     reduction == "none", py::make_tuple(spec[1], replay, needs, shapes));
+  Tensor loss = losskit::attach_one(node, out[0].cast<Tensor>(), input, out[1].cast<Tensor>(), reduction == "none");
   return py::make_tuple(loss, py::none(), bool(flags & 4));
 }
 

@@ -28,6 +28,13 @@ at::Tensor attach_precomputed(std::string name, at::Tensor loss, const std::vect
                               const std::vector<std::optional<at::Tensor>>& grads, bool per_row,
                               pybind11::object replay);
 
+// attach_precomputed for a loss of one differentiable input, from a compiled eager call:
+// ``node`` is (node name, what, reference), and the replay a double backward may ask for is
+// (reference, a weak reference to ``input``, its version), which
+// losskit.kernels.fused_op._replay_for_native turns into a Replay only then.
+at::Tensor attach_one(const pybind11::object& node, at::Tensor loss, const at::Tensor& input, const at::Tensor& grad,
+                      bool per_row);
+
 struct Register {
   explicit Register(Registrar registrar) { registrars().push_back(registrar); }
 };

@@ -164,6 +164,35 @@ py::object multi_margin(const at::Tensor& input, const at::Tensor& target, const
   return py::make_tuple(loss, need_grad ? py::cast(grad) : py::none());
 }
 
+// The everyday eager call of multi_margin_loss, whole: (N, C) scores of a served dtype, (N,)
+// integer class indices all in [0, C), no weight or a (C,) floating CPU weight that wants no
+// gradient, p 1 or 2, a known reduction; then multi_margin and, where a gradient is made,
+// the autograd node (``node``: None or (node name, what, reference); see attach_one). None
+// for anything else: functional/margin.py then checks, raises and computes as before.
+py::object multi_margin_eager(const at::Tensor& input, const at::Tensor& target,
+                              const std::optional<at::Tensor>& weight, int64_t p, double margin,
+                              const std::string& reduction, bool need_grad, const py::object& node) {
+  if (!served(input) || input.dim() != 2 || target.dim() != 1 || target.size(0) != input.size(0) ||
+      input.size(0) == 0 || input.size(1) == 0 || (p != 1 && p != 2) ||
+      (reduction != "mean" && reduction != "sum" && reduction != "none")) {
+    return py::none();
+  }
+  const auto kind = target.scalar_type();
+  if (!at::isIntegralType(kind, /*includeBool=*/false) || !target.device().is_cpu()) return py::none();
+  if (weight.has_value() && (weight->dim() != 1 || weight->size(0) != input.size(1) || !weight->device().is_cpu() ||
+                             !at::isFloatingType(weight->scalar_type()) || weight->requires_grad())) {
+    return py::none();
+  }
+  if (!classes_in_range(target, 0, input.size(1))) return py::none();
+  py::object made = multi_margin(input, target, weight, p, margin, reduction, {input.size(0)}, need_grad);
+  if (made.is_none() || node.is_none()) return made;
+  auto out = made.cast<py::tuple>();
+  if (out[1].is_none()) return made;
+  return py::make_tuple(losskit::attach_one(node, out[0].cast<at::Tensor>(), input, out[1].cast<at::Tensor>(),
+                                            reduction == "none"),
+                        py::none());
+}
+
 // How often each class is listed among the targets of its row (up to the row's first -1):
 // the Python kernel's scatter_add of the counted mask, whose float32 sums are integers.
 std::vector<float> listed_counts(const at::Tensor& target, int64_t rows, int64_t classes) {
@@ -303,6 +332,7 @@ py::object multilabel_margin(const at::Tensor& input, const at::Tensor& target, 
 void register_margin(py::module& m) {
   m.def("classes_in_range", &classes_in_range, "whether every class index lies in [lowest, classes)");
   m.def("multi_margin", &multi_margin, "multi_margin_loss and its gradient (eager CPU)");
+  m.def("multi_margin_eager", &multi_margin_eager, "an eager CPU multi_margin_loss call: checks, forward and node");
   m.def("multilabel_margin", &multilabel_margin, "multilabel_margin_loss and its gradient (eager CPU)");
 }
 LOSSKIT_REGISTER(register_margin)

@@ -114,6 +114,21 @@ at::Tensor losskit::attach_precomputed(std::string name, at::Tensor loss, const 
   return loss;
 }
 
+at::Tensor losskit::attach_one(const py::object& node, at::Tensor loss, const at::Tensor& input,
+                               const at::Tensor& grad, bool per_row) {
+  auto spec = node.cast<py::tuple>();
+  if (loss.is_view()) loss = loss.detach();  // as fused_op.attach_precomputed: never an autograd view
+  py::list needs, shapes;
+  needs.append(true);
+  shapes.append(py::cast(input.sizes().vec()));
+  py::object tensor = py::cast(input);  // the input's Python object
+  auto handle = py::reinterpret_steal<py::object>(PyWeakref_NewRef(tensor.ptr(), nullptr));
+  if (!handle) throw py::error_already_set();
+  py::tuple replay = py::make_tuple(spec[2], handle, input._version());
+  return attach_precomputed(spec[0].cast<std::string>(), loss, {input}, {grad}, per_row,
+                            py::make_tuple(spec[1], replay, needs, shapes));
+}
+
 namespace {
 
 // The gradients a grad_fn made by attach() keeps for backward (none for any other node):
