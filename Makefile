@@ -1,6 +1,6 @@
 # `make tour` and `make test` each do the whole set-up on a fresh machine: a virtual
 # environment in .venv, the pinned dependencies (constraints.txt), losskit itself and its
-# compiled part (losskit._native: a minute with the machine's C++ compiler, then cached
+# compiled part (losskit._native: about two minutes with the machine's C++ compiler, then cached
 # until its sources, torch or Python change).
 PYTHON ?= python3
 VENV := .venv
