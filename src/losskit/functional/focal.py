@@ -10,6 +10,8 @@ from .._core.ops import log_softmax
 from .._core.dtypes import cast, result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import check_class_weight, check_floating, check_same_shape, class_dim_of
+from ..kernels import Replay
+from ..kernels.pointwise import elementwise_options, fused_elementwise_applies, fused_elementwise_call
 from .classification import check_index_targets
 
 __all__ = ["poly1_cross_entropy", "sigmoid_focal_loss", "softmax_focal_loss"]
@@ -58,6 +60,19 @@ def sigmoid_focal_loss(
         raise ValueError(f"{fn}: gamma must be >= 0; got {gamma}")
     if not (0 <= alpha <= 1 or alpha == -1):
         raise ValueError(f"{fn}: alpha must lie in [0, 1], or be -1 for no class balancing; got {alpha}")
+    # Eager calls that want the logits' gradient: the loss by the ops below and its gradient
+    # written out beside it (kernels/pointwise.py). 0 < gamma < 1 (where the focusing term's
+    # gradient needs _focusing's guard) and a gradient for the targets stay with autograd.
+    if (gamma == 0 or gamma >= 1) and not targets.requires_grad and fused_elementwise_applies(inputs, targets):
+        return fused_elementwise_call(
+            inputs, targets, None, elementwise_options("sigmoid_focal", reduction, float(alpha), float(gamma), False, False),
+            Replay(fn, lambda a, b: _sigmoid_focal(a, b, alpha, gamma, reduction), [inputs, targets]),
+        )
+    return _sigmoid_focal(inputs, targets, alpha, gamma, reduction)
+
+
+def _sigmoid_focal(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
+    """sigmoid_focal_loss's composed form, which autograd differentiates (the fused path's oracle)."""
     compute, out = result_dtypes(inputs, targets)
     x, y = inputs.to(compute), targets.to(compute)
     p = torch.sigmoid(x)
