@@ -293,7 +293,8 @@ def elementwise_forward(
     compute, out = result_dtypes(input, target, extra) if kind == "gaussian" else result_dtypes(input, target)
     x, y = _as(input, compute), _as(target, compute)
     n = x.numel()
-    k = 1.0 / n if reduction == "mean" else (1.0 / x.shape[0] if reduction == "batchmean" and x.dim() else 1.0)
+    # k: 1 / the 'mean' divisor (an empty 'mean' is nan whatever k; its gradient is empty).
+    k = 1.0 / max(n, 1) if reduction == "mean" else (1.0 / max(x.shape[0], 1) if reduction == "batchmean" and x.dim() else 1.0)
     gx = gy = ge = None
     if kind == "poisson":
         if options.flag:  # log-rate

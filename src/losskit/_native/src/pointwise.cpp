@@ -17,6 +17,8 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <stdexcept>
 
 namespace py = pybind11;
 
@@ -227,9 +229,129 @@ bool logits_ok(const at::Tensor& x) {
 
 }  // namespace
 
+// ---- the element-wise likelihood losses (kernels/pointwise.py's elementwise_forward) -------
+// poisson_nll, gaussian_nll, kl_div and sigmoid_focal: the loss by the composed form's own
+// ops and the gradient written out beside it, op for op as the Python form (see the comment
+// above ElementwiseOptions there for the math). A Python float operand is a wrapped number
+// here as there (Tensor.mul(Scalar) and friends wrap it), so every product has the same bits.
+
+namespace {
+
+at::Tensor scale(at::Tensor g, double k) { return k == 1.0 ? g : g.mul_(k); }
+
+// elementwise_forward(input, target, extra, options=ElementwiseOptions(kind, reduction, a, b,
+// flag, extra), needs) -> (loss, grad_input, grad_target, grad_extra), or None for the calls
+// left to the Python form (not on the CPU, or no elements).
+py::object elementwise_loss(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& extra,
+                            const std::string& kind, const std::string& reduction, double a, double b, bool flag,
+                            bool extra_flag, const std::vector<bool>& needs) {
+  if (!input.is_cpu() || !target.is_cpu() || (extra.has_value() && !extra->is_cpu())) return py::none();
+  if (input.numel() == 0 || needs.size() != 3) return py::none();
+  at::Tensor loss, gx, gy, ge;
+  {
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
+    at::ScalarType compute = at::promote_types(input.scalar_type(), target.scalar_type());
+    if (kind == "gaussian" && extra.has_value()) compute = at::promote_types(compute, extra->scalar_type());
+    const at::ScalarType out = compute;
+    if (compute == at::kHalf || compute == at::kBFloat16) compute = at::kFloat;
+    at::Tensor x = cast(input, compute), y = cast(target, compute);
+    const int64_t n = x.numel();
+    double k = 1.0;
+    if (reduction == "mean") k = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
+    if (reduction == "batchmean" && x.dim() > 0) k = 1.0 / static_cast<double>(std::max<int64_t>(x.size(0), 1));
+    at::Tensor terms;
+    if (kind == "poisson") {
+      if (flag) {  // log-rate
+        at::Tensor e = at::exp(x);
+        terms = at::sub(e, at::mul(y, x));
+        if (needs[1]) gy = x.mul(-k);
+        if (needs[0]) gx = scale(at::sub_out(e, e, y), k);
+      } else {
+        at::Tensor shifted = x.add(a);
+        at::Tensor log_rate = at::log(shifted);
+        terms = at::sub(x, at::mul(y, log_rate));
+        if (needs[1]) gy = log_rate.mul(-k);
+        if (needs[0]) gx = scale(at::rsub(at::div(y, shifted), 1), k);
+      }
+      if (extra_flag) {  // Stirling's term
+        at::Tensor stirling = at::add(at::sub(at::mul(y, at::log(y)), y), at::log(y.mul(2 * M_PI)).mul(0.5));
+        terms = at::add(terms, stirling.masked_fill(y.le(1), 0));
+      }
+    } else if (kind == "gaussian") {
+      at::Tensor v = cast(*extra, compute);
+      at::Tensor d = at::sub(x, y);
+      v = at::add(v, at::sub(at::clamp(v, at::Scalar(a), std::nullopt), v));
+      at::Tensor q = at::div(d.square(), v);
+      terms = at::add(at::log(v), q).mul(0.5);
+      if (flag) terms = terms.add(0.5 * std::log(2 * M_PI));
+      if (needs[0] || needs[1]) {
+        at::Tensor g = scale(d.div_(v), k);
+        if (needs[0]) gx = g;
+        if (needs[1]) gy = g.neg();
+      }
+      if (needs[2]) ge = at::rsub(q, 1).div_(v).mul_(0.5 * k);
+    } else if (kind == "kl_div") {
+      if (flag) {  // log target
+        at::Tensor ey = at::exp(y);
+        terms = at::mul(ey, at::sub(y, x));
+        if (needs[1]) gy = scale(at::add(terms, ey), k);
+        if (needs[0]) gx = ey.mul_(-k);
+      } else {
+        terms = at::sub(at::xlogy(y, y), at::mul(y, x));
+        if (needs[0]) gx = y.mul(-k);
+      }
+    } else if (kind == "sigmoid_focal") {
+      const double alpha = a, gamma = b;
+      at::Tensor p = at::sigmoid(x);
+      at::Tensor bce = at::sub(at::mul(at::rsub(y, 1), x), at::log_sigmoid(x));
+      at::Tensor p_t = at::add(at::mul(p, y), at::mul(at::rsub(p, 1), at::rsub(y, 1)));
+      at::Tensor q = at::rsub(p_t, 1);
+      at::Tensor focus = gamma == 0 ? at::Tensor() : at::pow(q, gamma);
+      terms = focus.defined() ? at::mul(bce, focus) : bce;
+      at::Tensor a_t;
+      if (alpha >= 0) {
+        a_t = at::add(y.mul(alpha), at::rsub(y, 1).mul(1 - alpha));
+        terms = at::mul(a_t, terms);
+      }
+      if (needs[0]) {
+        at::Tensor g = at::sub(p, y);
+        if (gamma != 0) {
+          g.mul_(focus);
+          at::Tensor slope = at::rsub(p, 1).mul_(p).mul_(at::sub(y, at::rsub(y, 1)));
+          if (gamma != 1) slope.mul_(q.pow_(gamma - 1));
+          g.sub_(slope.mul_(bce), gamma);
+        }
+        if (a_t.defined()) g.mul_(a_t);
+        gx = scale(g, k);
+      }
+    } else {
+      throw std::invalid_argument("losskit elementwise_loss: unknown kind " + kind);
+    }
+    if (reduction == "none") {
+      loss = terms;
+    } else if (reduction == "mean") {
+      loss = terms.mean();
+    } else {
+      loss = terms.sum();
+      if (reduction == "batchmean" && x.dim() > 0) loss = loss.div(x.size(0));
+    }
+    loss = cast(loss, out);
+    if (gx.defined()) gx = cast(gx, input.scalar_type());
+    if (gy.defined()) gy = cast(gy, target.scalar_type());
+    if (ge.defined()) ge = cast(ge, extra->scalar_type());
+  }
+  auto maybe = [](const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); };
+  return py::make_tuple(loss, maybe(gx), maybe(gy), maybe(ge));
+}
+
+}  // namespace
+
 void register_pointwise(py::module& m) {
   m.def("pointwise_regression", &pointwise_regression,
         "the fused pointwise regression losses' forward (kernels/pointwise.py's pointwise_forward)");
+  m.def("elementwise_loss", &elementwise_loss,
+        "the fused element-wise likelihood losses' forward (kernels/pointwise.py's elementwise_forward)");
   m.def("distribution_ok", &distribution_ok, "whether losskit.info's distribution checks pass");
   m.def("logits_ok", &logits_ok, "whether losskit.info's logit checks pass");
 }
