@@ -347,11 +347,97 @@ py::object elementwise_loss(const at::Tensor& input, const at::Tensor& target, c
 
 }  // namespace
 
+// ---- the target-probability losses on logits (kernels/pointwise.py's target_prob_forward) --
+// softmax_focal_loss and poly1_cross_entropy of [N, C] logits: the log-softmax read at the
+// target and the gradient c (onehot(y) - softmax), op for op as the Python form.
+
+namespace {
+
+at::Tensor reduce(const at::Tensor& loss, const std::string& reduction, const at::Tensor& denominator) {
+  if (reduction == "none") return loss;
+  if (reduction == "sum") return loss.sum();
+  return denominator.defined() ? at::div(loss.sum(), denominator) : loss.mean();
+}
+
+// target_prob_forward(input, target, valid, alpha, options=TargetProbOptions(kind,
+// reduction, param, alpha), needs) -> (loss, grad_input), or None (not on the CPU, not
+// [N, C], no rows).
+py::object target_prob_loss(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& valid,
+                            const std::optional<at::Tensor>& alpha, const std::string& kind,
+                            const std::string& reduction, double param, double alpha_scalar,
+                            const std::vector<bool>& needs) {
+  if (!input.is_cpu() || !target.is_cpu() || input.dim() != 2 || input.size(0) == 0 || input.size(1) == 0) {
+    return py::none();
+  }
+  if ((valid.has_value() && !valid->is_cpu()) || (alpha.has_value() && !alpha->is_cpu())) return py::none();
+  at::Tensor loss, grad;
+  {
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
+    at::ScalarType compute = input.scalar_type();
+    if (compute == at::kHalf || compute == at::kBFloat16) compute = at::kFloat;
+    at::Tensor x = cast(input, compute);
+    at::Tensor shifted = at::sub(x, x.amax({1}, true));
+    at::Tensor index = target.unsqueeze(1);
+    at::Tensor shifted_y = shifted.gather(1, index);
+    at::Tensor e = shifted.exp_();
+    at::Tensor sums = e.sum({1}, true);
+    at::Tensor log_p = at::sub(shifted_y, sums.log()).squeeze(1);
+    at::Tensor coef;
+    if (kind == "focal") {
+      const double gamma = param;
+      at::Tensor q = at::expm1(log_p).neg();
+      if (gamma == 0) {
+        loss = log_p.neg();
+        coef = at::full_like(log_p, -1.0);
+      } else {
+        at::Tensor focus = at::pow(q, gamma);
+        loss = at::mul(focus.neg(), log_p);
+        at::Tensor slope = log_p.exp().mul_(log_p);
+        if (gamma != 1) slope.mul_(q.pow_(gamma - 1));
+        coef = slope.mul_(gamma).sub_(focus);
+      }
+      if (alpha.has_value()) {
+        at::Tensor weight = cast(*alpha, loss.scalar_type()).index({target});
+        loss = at::mul(weight, loss);
+        coef.mul_(weight);
+      } else if (alpha_scalar != 1.0) {
+        loss = loss.mul(alpha_scalar);
+        coef.mul_(alpha_scalar);
+      }
+    } else if (kind == "poly1") {
+      loss = at::sub(log_p.neg(), at::expm1(log_p).mul(param));
+      coef = log_p.exp().mul_(-param).sub_(1);
+    } else {
+      throw std::invalid_argument("losskit target_prob_loss: unknown kind " + kind);
+    }
+    if (!valid.has_value()) {
+      loss = reduce(loss, reduction, at::Tensor());
+      if (reduction == "mean") coef.mul_(1.0 / static_cast<double>(std::max<int64_t>(x.size(0), 1)));
+    } else {
+      at::Tensor count = valid->sum();
+      loss = reduce(at::where(*valid, loss, at::Scalar(0.0)), reduction, count);
+      if (reduction == "mean") coef.div_(count);
+      coef = at::where(*valid, coef, at::Scalar(0.0));
+    }
+    if (!needs.empty() && needs[0]) {
+      coef = coef.unsqueeze(1);
+      grad = cast(e.mul_(at::div(coef.neg(), sums)).scatter_add_(1, index, coef), input.scalar_type());
+    }
+    loss = cast(loss, input.scalar_type());
+  }
+  return py::make_tuple(loss, grad.defined() ? py::cast(grad) : py::none());
+}
+
+}  // namespace
+
 void register_pointwise(py::module& m) {
   m.def("pointwise_regression", &pointwise_regression,
         "the fused pointwise regression losses' forward (kernels/pointwise.py's pointwise_forward)");
   m.def("elementwise_loss", &elementwise_loss,
         "the fused element-wise likelihood losses' forward (kernels/pointwise.py's elementwise_forward)");
+  m.def("target_prob_loss", &target_prob_loss,
+        "the fused focal and poly-1 losses' forward (kernels/pointwise.py's target_prob_forward)");
   m.def("distribution_ok", &distribution_ok, "whether losskit.info's distribution checks pass");
   m.def("logits_ok", &logits_ok, "whether losskit.info's logit checks pass");
 }
