@@ -16,6 +16,8 @@ from .. import _native
 from .._core import switches
 from .._core.ops import log_softmax
 from .._core.checks import check_values, effective_mode
+from ..kernels import Replay
+from ..kernels.pointwise import fused_row_divergence_applies, fused_row_divergence_call, row_divergence_options
 from .._core.validation import (
     at_index,
     broadcast_shape,
@@ -209,9 +211,27 @@ def kl_divergence(
     """
     fn = "kl_divergence"
     broadcast_shape(p, q, ("p", "q"), fn)
+    if (
+        not from_logits and p.dtype == q.dtype and (dim == -1 or dim == p.dim() - 1)
+        and fused_row_divergence_applies(q, p)
+    ):
+        # Probabilities, the gradient wanted for q only: the checks, then the sum by the ops
+        # below and q's gradient beside it (kernels/pointwise.py).
+        _log_probs(p, "p", fn, dim, from_logits, log=False)
+        _log_probs(q, "q", fn, dim, from_logits, log=False)
+        nats = fused_row_divergence_call(
+            q, p, None, row_divergence_options("info_kl", "none", 0.0, False, 0),
+            Replay(fn, lambda a, b: _kl_divergence(b, a, dim), [q, p]),
+        )
+        return _in_base(nats, base, fn)
     log_p = _log_probs(p, "p", fn, dim, from_logits)
     log_q = _log_probs(q, "q", fn, dim, from_logits)
     return _in_base(_kl_terms(_probs(p, log_p, from_logits), log_p, log_q, dim), base, fn)
+
+
+def _kl_divergence(p: Tensor, q: Tensor, dim: int) -> Tensor:
+    """kl_divergence of checked probabilities in nats: its composed form (the fused path's oracle)."""
+    return _kl_terms(p, torch.log(p), torch.log(q), dim)
 
 
 def js_divergence(
