@@ -431,6 +431,98 @@ py::object target_prob_loss(const at::Tensor& input, const at::Tensor& target, c
 
 }  // namespace
 
+// ---- the row divergences (kernels/pointwise.py's row_divergence_forward) ----------------------
+// functional.js_divergence of a student against a fixed teacher and info.kl_divergence of
+// checked probabilities, rows along the last dimension: the rows by the composed form's ops
+// and the student's gradient kept from their terms, op for op as the Python form.
+
+namespace {
+
+at::Tensor log_softmax_last(const at::Tensor& x) {
+  at::Tensor shifted = at::sub(x, x.amax({-1}, true));
+  return at::sub(shifted, shifted.exp().sum({-1}, true).log());
+}
+
+// row_divergence_forward(input, target, labels, options=RowDivergenceOptions(kind,
+// reduction, param, flag, ignore_index), needs) -> (loss, grad_input), or None.
+py::object row_divergence(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& labels,
+                          const std::string& kind, const std::string& reduction, double beta, bool from_logits,
+                          int64_t ignore_index, const std::vector<bool>& needs) {
+  if (!input.is_cpu() || !target.is_cpu() || (labels.has_value() && !labels->is_cpu())) return py::none();
+  if (input.numel() == 0 || needs.empty()) return py::none();
+  at::Tensor loss, grad;
+  {
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
+    if (kind == "info_kl") {
+      const at::Tensor &q = input, &p = target;
+      at::Tensor log_p = at::log(p), log_q = at::log(q);
+      at::Tensor positive = p.gt(0);
+      loss = at::mul(p, at::where(positive, at::sub(log_p, log_q), at::Scalar(0.0))).sum({-1});
+      if (needs[0]) grad = at::where(positive, p, at::Scalar(0.0)).neg_().div_(q);
+      return py::make_tuple(loss, grad.defined() ? py::cast(grad) : py::none());
+    }
+    if (kind != "js") throw std::invalid_argument("losskit row_divergence: unknown kind " + kind);
+    at::ScalarType compute = at::promote_types(input.scalar_type(), target.scalar_type());
+    const at::ScalarType out = compute;
+    if (compute == at::kHalf || compute == at::kBFloat16) compute = at::kFloat;
+    at::Tensor log_q = cast(input, compute), log_p = cast(target, compute);
+    if (from_logits) {
+      log_q = log_softmax_last(log_q);
+      log_p = log_softmax_last(log_p);
+    }
+    at::Tensor q = beta != 0.0 || from_logits ? at::exp(log_q) : at::Tensor();
+    at::Tensor rows;
+    if (beta == 0.0) {
+      at::Tensor p = log_p.exp();
+      rows = at::mul(p, at::where(p.gt(0), at::sub(log_p, log_q), at::Scalar(0.0))).sum({-1});
+      grad = p.neg_();
+    } else if (beta == 1.0) {
+      at::Tensor terms = at::mul(q, at::where(q.gt(0), at::sub(log_q, log_p), at::Scalar(0.0)));
+      rows = terms.sum({-1});
+      grad = terms.add_(q);
+    } else {
+      at::Tensor log_m = at::logaddexp(log_p.add(std::log(beta)), log_q.add(std::log(1.0 - beta)));
+      at::Tensor p = log_p.exp();
+      at::Tensor kl_p = at::mul(p, at::where(p.gt(0), at::sub(log_p, log_m), at::Scalar(0.0))).sum({-1});
+      at::Tensor terms = at::mul(q, at::where(q.gt(0), at::sub(log_q, log_m), at::Scalar(0.0)));
+      rows = at::add(kl_p.mul(beta), terms.sum({-1}).mul(1.0 - beta));
+      grad = terms.mul_(1.0 - beta);
+    }
+    at::Tensor counted, count;
+    if (labels.has_value()) {
+      counted = labels->ne(ignore_index);
+      rows = at::where(counted, rows, at::Scalar(0.0));
+      count = counted.sum();
+    }
+    at::Tensor factor;
+    double scalar = 1.0;
+    if (reduction == "batchmean") {
+      if (count.defined()) {
+        loss = at::div(rows.sum(), count);
+        factor = at::where(counted, count.reciprocal(), at::Scalar(0.0));
+      } else {
+        loss = rows.sum().div(rows.numel());
+        scalar = 1.0 / static_cast<double>(std::max<int64_t>(rows.numel(), 1));
+      }
+    } else {
+      loss = reduction == "sum" ? rows.sum() : rows;
+      if (counted.defined()) factor = at::where(counted, at::Scalar(1.0), at::Scalar(0.0));
+    }
+    if (factor.defined()) {
+      grad = grad.mul_(factor.unsqueeze(-1));
+    } else if (scalar != 1.0) {
+      grad = grad.mul_(scalar);
+    }
+    if (from_logits) grad = grad.sub_(at::mul(q, grad.sum({-1}, true)));
+    loss = cast(loss, out);
+    grad = needs[0] ? cast(grad, input.scalar_type()) : at::Tensor();
+  }
+  return py::make_tuple(loss, grad.defined() ? py::cast(grad) : py::none());
+}
+
+}  // namespace
+
 void register_pointwise(py::module& m) {
   m.def("pointwise_regression", &pointwise_regression,
         "the fused pointwise regression losses' forward (kernels/pointwise.py's pointwise_forward)");
@@ -438,6 +530,8 @@ void register_pointwise(py::module& m) {
         "the fused element-wise likelihood losses' forward (kernels/pointwise.py's elementwise_forward)");
   m.def("target_prob_loss", &target_prob_loss,
         "the fused focal and poly-1 losses' forward (kernels/pointwise.py's target_prob_forward)");
+  m.def("row_divergence", &row_divergence,
+        "the fused row divergences' forward (kernels/pointwise.py's row_divergence_forward)");
   m.def("distribution_ok", &distribution_ok, "whether losskit.info's distribution checks pass");
   m.def("logits_ok", &logits_ok, "whether losskit.info's logit checks pass");
 }
