@@ -450,19 +450,19 @@ py::object row_divergence(const at::Tensor& input, const at::Tensor& target, con
                           int64_t ignore_index, const std::vector<bool>& needs) {
   if (!input.is_cpu() || !target.is_cpu() || (labels.has_value() && !labels->is_cpu())) return py::none();
   if (input.numel() == 0 || needs.empty()) return py::none();
+  if (kind != "js" && kind != "info_kl") throw std::invalid_argument("losskit row_divergence: unknown kind " + kind);
   at::Tensor loss, grad;
-  {
+  if (kind == "info_kl") {
     py::gil_scoped_release release;
     at::NoGradGuard no_grad;
-    if (kind == "info_kl") {
-      const at::Tensor &q = input, &p = target;
-      at::Tensor log_p = at::log(p), log_q = at::log(q);
-      at::Tensor positive = p.gt(0);
-      loss = at::mul(p, at::where(positive, at::sub(log_p, log_q), at::Scalar(0.0))).sum({-1});
-      if (needs[0]) grad = at::where(positive, p, at::Scalar(0.0)).neg_().div_(q);
-      return py::make_tuple(loss, grad.defined() ? py::cast(grad) : py::none());
-    }
-    if (kind != "js") throw std::invalid_argument("losskit row_divergence: unknown kind " + kind);
+    const at::Tensor &q = input, &p = target;
+    at::Tensor log_p = at::log(p), log_q = at::log(q);
+    at::Tensor positive = p.gt(0);
+    loss = at::mul(p, at::where(positive, at::sub(log_p, log_q), at::Scalar(0.0))).sum({-1});
+    if (needs[0]) grad = at::where(positive, p, at::Scalar(0.0)).neg_().div_(q);
+  } else {
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
     at::ScalarType compute = at::promote_types(input.scalar_type(), target.scalar_type());
     const at::ScalarType out = compute;
     if (compute == at::kHalf || compute == at::kBFloat16) compute = at::kFloat;
