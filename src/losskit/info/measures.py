@@ -17,7 +17,13 @@ from .._core import switches
 from .._core.ops import log_softmax
 from .._core.checks import check_values, effective_mode
 from ..kernels import Replay
-from ..kernels.pointwise import fused_row_divergence_applies, fused_row_divergence_call, row_divergence_options
+from ..kernels.fused_op import attach_precomputed, native_module
+from ..kernels.pointwise import (
+    fused_row_divergence,
+    fused_row_divergence_applies,
+    fused_row_divergence_call,
+    row_divergence_options,
+)
 from .._core.validation import (
     at_index,
     broadcast_shape,
@@ -216,7 +222,18 @@ def kl_divergence(
         and fused_row_divergence_applies(q, p)
     ):
         # Probabilities, the gradient wanted for q only: the checks, then the sum by the ops
-        # below and q's gradient beside it (kernels/pointwise.py).
+        # below and q's gradient beside it (kernels/pointwise.py). Where the compiled part
+        # serves the checks, one call makes both and the result; where a check would fail,
+        # it declines, and the Python checks below raise.
+        native = native_module() if p.dim() > 0 and p.dtype.is_floating_point and _compiled_checks(p) else None
+        if native is not None:
+            made = native.row_divergence(q, p, None, "info_kl", "none", _tolerance(p, -1), True, 0, [True, False, False])
+            if made is not None:
+                nats, grad = made
+                return _in_base(attach_precomputed(
+                    native, fused_row_divergence.node_name, fn, nats, [q], [grad], True,
+                    Replay(fn, lambda a, b: _kl_divergence(b, a, dim), [q, p]),
+                ), base, fn)
         _log_probs(p, "p", fn, dim, from_logits, log=False)
         _log_probs(q, "q", fn, dim, from_logits, log=False)
         nats = fused_row_divergence_call(

@@ -453,6 +453,10 @@ py::object row_divergence(const at::Tensor& input, const at::Tensor& target, con
   if (kind != "js" && kind != "info_kl") throw std::invalid_argument("losskit row_divergence: unknown kind " + kind);
   at::Tensor loss, grad;
   if (kind == "info_kl") {
+    // from_logits here means: run losskit.info's value checks first (distribution_ok, with
+    // the tolerance in beta's place); where they would fail, decline, and the Python checks
+    // raise.
+    if (from_logits && !(distribution_ok(target, -1, beta) && distribution_ok(input, -1, beta))) return py::none();
     py::gil_scoped_release release;
     at::NoGradGuard no_grad;
     const at::Tensor &q = input, &p = target;
