@@ -291,13 +291,26 @@ def elementwise_forward(
     comment above ElementwiseOptions). The compiled form is this function op for op."""
     kind, reduction = options.kind, options.reduction
     compute, out = result_dtypes(input, target, extra) if kind == "gaussian" else result_dtypes(input, target)
-    x, y = _as(input, compute), _as(target, compute)
+    # Poisson's counts (log-rate, no Stirling term) and kl_div's input (log target) enter
+    # binary ops only: they stay as given (see below).
+    x = input if kind == "kl_div" and options.flag else _as(input, compute)
+    y = target if kind == "poisson" and options.flag and not options.extra else _as(target, compute)
     n = x.numel()
     # k: 1 / the 'mean' divisor (an empty 'mean' is nan whatever k; its gradient is empty).
     k = 1.0 / max(n, 1) if reduction == "mean" else (1.0 / max(x.shape[0], 1) if reduction == "batchmean" and x.dim() else 1.0)
     gx = gy = ge = None
     if kind == "poisson":
-        if options.flag:  # log-rate
+        if options.flag and not options.extra:  # log-rate
+            # The counts enter binary ops only, which read a half-type tensor as float32 on
+            # the fly (exactly, as the cast would): one pass fewer than casting them first.
+            e = torch.exp(x)
+            product = y * x
+            terms = torch.sub(e, product, out=product)
+            if needs[1]:
+                gy = x * -k
+            if needs[0]:
+                gx = _scaled(torch.sub(e, y, out=e), k, input.dtype)
+        elif options.flag:
             e = torch.exp(x)
             terms = e - y * x
             if needs[1]:
@@ -335,12 +348,13 @@ def elementwise_forward(
     elif kind == "kl_div":
         if options.flag:  # log target
             ey = torch.exp(y)
-            terms = ey * (y - x)
+            gap = y - x  # the input read as float32 on the fly, as the cast would
+            terms = torch.mul(ey, gap, out=gap)
             if needs[1]:
                 gy = terms + ey
                 gy = gy if k == 1.0 else gy.mul_(k)
             if needs[0]:
-                gx = ey.mul_(-k)
+                gx = _scaled(ey, -k, input.dtype)
         else:
             terms = torch.xlogy(y, y) - y * x
             if needs[0]:
@@ -379,6 +393,17 @@ def elementwise_forward(
             loss = loss / x.shape[0]
     grads = (gx, gy, ge)
     return _as(loss, out), tuple(None if g is None else _as(g, t.dtype) for g, t in zip(grads, (input, target, extra)))
+
+
+def _scaled(g: Tensor, k: float, dtype: torch.dtype) -> Tensor:
+    """``g`` times ``k`` in ``dtype``: in place where ``g`` has it, else written straight
+    into a tensor of ``dtype`` (the product formed in g's dtype and rounded once, the bits of
+    ``(g * k).to(dtype)`` in one pass instead of two)."""
+    if g.dtype == dtype:
+        return g if k == 1.0 else g.mul_(k)
+    if k == 1.0:
+        return g.to(dtype)
+    return torch.mul(g, k, out=torch.empty(g.shape, dtype=dtype, device=g.device))
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:

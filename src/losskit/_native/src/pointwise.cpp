@@ -239,6 +239,15 @@ namespace {
 
 at::Tensor scale(at::Tensor g, double k) { return k == 1.0 ? g : g.mul_(k); }
 
+// Python's _scaled: g times k in dtype, written straight into a tensor of dtype where g's
+// differs (the product in g's dtype, rounded once).
+at::Tensor scaled(const at::Tensor& g, double k, at::ScalarType dtype) {
+  if (g.scalar_type() == dtype) return k == 1.0 ? g : g.mul_(k);
+  if (k == 1.0) return g.to(dtype);
+  at::Tensor out = at::empty(g.sizes(), g.options().dtype(dtype));
+  return at::mul_out(out, g, at::native::wrapped_scalar_tensor(k));
+}
+
 // elementwise_forward(input, target, extra, options=ElementwiseOptions(kind, reduction, a, b,
 // flag, extra), needs) -> (loss, grad_input, grad_target, grad_extra), or None for the calls
 // left to the Python form (not on the CPU, or no elements).
@@ -255,14 +264,23 @@ py::object elementwise_loss(const at::Tensor& input, const at::Tensor& target, c
     if (kind == "gaussian" && extra.has_value()) compute = at::promote_types(compute, extra->scalar_type());
     const at::ScalarType out = compute;
     if (compute == at::kHalf || compute == at::kBFloat16) compute = at::kFloat;
-    at::Tensor x = cast(input, compute), y = cast(target, compute);
+    // Poisson's counts (log-rate, no Stirling term) and kl_div's input (log target) enter
+    // binary ops only: they stay as given, as in the Python form.
+    at::Tensor x = kind == "kl_div" && flag ? input : cast(input, compute);
+    at::Tensor y = kind == "poisson" && flag && !extra_flag ? target : cast(target, compute);
     const int64_t n = x.numel();
     double k = 1.0;
     if (reduction == "mean") k = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
     if (reduction == "batchmean" && x.dim() > 0) k = 1.0 / static_cast<double>(std::max<int64_t>(x.size(0), 1));
     at::Tensor terms;
     if (kind == "poisson") {
-      if (flag) {  // log-rate
+      if (flag && !extra_flag) {  // log-rate
+        at::Tensor e = at::exp(x);
+        at::Tensor product = at::mul(y, x);
+        terms = at::sub_out(product, e, product);
+        if (needs[1]) gy = x.mul(-k);
+        if (needs[0]) gx = scaled(at::sub_out(e, e, y), k, input.scalar_type());
+      } else if (flag) {
         at::Tensor e = at::exp(x);
         terms = at::sub(e, at::mul(y, x));
         if (needs[1]) gy = x.mul(-k);
@@ -294,9 +312,10 @@ py::object elementwise_loss(const at::Tensor& input, const at::Tensor& target, c
     } else if (kind == "kl_div") {
       if (flag) {  // log target
         at::Tensor ey = at::exp(y);
-        terms = at::mul(ey, at::sub(y, x));
+        at::Tensor gap = at::sub(y, x);
+        terms = at::mul_out(gap, ey, gap);
         if (needs[1]) gy = scale(at::add(terms, ey), k);
-        if (needs[0]) gx = ey.mul_(-k);
+        if (needs[0]) gx = scaled(ey, -k, input.scalar_type());
       } else {
         terms = at::sub(at::xlogy(y, y), at::mul(y, x));
         if (needs[0]) gx = y.mul(-k);
