@@ -291,10 +291,11 @@ def elementwise_forward(
     comment above ElementwiseOptions). The compiled form is this function op for op."""
     kind, reduction = options.kind, options.reduction
     compute, out = result_dtypes(input, target, extra) if kind == "gaussian" else result_dtypes(input, target)
-    # Poisson's counts (log-rate, no Stirling term) and kl_div's input (log target) enter
-    # binary ops only: they stay as given (see below).
+    # Poisson's counts (log-rate, no Stirling term), gaussian's target and kl_div's input
+    # (log target) enter binary ops only: they stay as given (see below).
     x = input if kind == "kl_div" and options.flag else _as(input, compute)
-    y = target if kind == "poisson" and options.flag and not options.extra else _as(target, compute)
+    lazy = (kind == "poisson" and options.flag and not options.extra) or kind == "gaussian"
+    y = target if lazy else _as(target, compute)
     n = x.numel()
     # k: 1 / the 'mean' divisor (an empty 'mean' is nan whatever k; its gradient is empty).
     k = 1.0 / max(n, 1) if reduction == "mean" else (1.0 / max(x.shape[0], 1) if reduction == "batchmean" and x.dim() else 1.0)
@@ -332,19 +333,21 @@ def elementwise_forward(
             terms = terms + stirling.masked_fill(y <= 1, 0)
     elif kind == "gaussian":
         v = _as(extra, compute)
-        d = x - y
+        d = x - y  # the target read as float32 on the fly, as the cast would
         v = v + (v.clamp(min=options.a) - v)  # the composed form's clamped value
         q = d.square() / v
         terms = 0.5 * (torch.log(v) + q)
         if options.flag:
             terms = terms + 0.5 * math.log(2 * math.pi)
-        if needs[0] or needs[1]:
+        if needs[1]:
             g = d.div_(v)
             g = g if k == 1.0 else g.mul_(k)
             gx = g if needs[0] else None
-            gy = g.neg() if needs[1] else None
+            gy = g.neg()
+        elif needs[0]:
+            gx = _scaled(d.div_(v), k, input.dtype)
         if needs[2]:
-            ge = torch.rsub(q, 1).div_(v).mul_(0.5 * k)
+            ge = _scaled(torch.rsub(q, 1).div_(v), 0.5 * k, extra.dtype)
     elif kind == "kl_div":
         if options.flag:  # log target
             ey = torch.exp(y)

@@ -264,10 +264,10 @@ py::object elementwise_loss(const at::Tensor& input, const at::Tensor& target, c
     if (kind == "gaussian" && extra.has_value()) compute = at::promote_types(compute, extra->scalar_type());
     const at::ScalarType out = compute;
     if (compute == at::kHalf || compute == at::kBFloat16) compute = at::kFloat;
-    // Poisson's counts (log-rate, no Stirling term) and kl_div's input (log target) enter
-    // binary ops only: they stay as given, as in the Python form.
+    // Poisson's counts (log-rate, no Stirling term), gaussian's target and kl_div's input
+    // (log target) enter binary ops only: they stay as given, as in the Python form.
     at::Tensor x = kind == "kl_div" && flag ? input : cast(input, compute);
-    at::Tensor y = kind == "poisson" && flag && !extra_flag ? target : cast(target, compute);
+    at::Tensor y = (kind == "poisson" && flag && !extra_flag) || kind == "gaussian" ? target : cast(target, compute);
     const int64_t n = x.numel();
     double k = 1.0;
     if (reduction == "mean") k = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
@@ -303,12 +303,14 @@ py::object elementwise_loss(const at::Tensor& input, const at::Tensor& target, c
       at::Tensor q = at::div(d.square(), v);
       terms = at::add(at::log(v), q).mul(0.5);
       if (flag) terms = terms.add(0.5 * std::log(2 * M_PI));
-      if (needs[0] || needs[1]) {
+      if (needs[1]) {
         at::Tensor g = scale(d.div_(v), k);
         if (needs[0]) gx = g;
-        if (needs[1]) gy = g.neg();
+        gy = g.neg();
+      } else if (needs[0]) {
+        gx = scaled(d.div_(v), k, input.scalar_type());
       }
-      if (needs[2]) ge = at::rsub(q, 1).div_(v).mul_(0.5 * k);
+      if (needs[2]) ge = scaled(at::rsub(q, 1).div_(v), 0.5 * k, extra->scalar_type());
     } else if (kind == "kl_div") {
       if (flag) {  // log target
         at::Tensor ey = at::exp(y);
