@@ -239,13 +239,10 @@ namespace {
 
 at::Tensor scale(at::Tensor g, double k) { return k == 1.0 ? g : g.mul_(k); }
 
-// Python's _scaled: g times k in dtype, written straight into a tensor of dtype where g's
-// differs (the product in g's dtype, rounded once).
-at::Tensor scaled(const at::Tensor& g, double k, at::ScalarType dtype) {
-  if (g.scalar_type() == dtype) return k == 1.0 ? g : g.mul_(k);
-  if (k == 1.0) return g.to(dtype);
-  at::Tensor out = at::empty(g.sizes(), g.options().dtype(dtype));
-  return at::mul_out(out, g, at::native::wrapped_scalar_tensor(k));
+// Python's _scaled: g times k (in place), in dtype.
+at::Tensor scaled(at::Tensor g, double k, at::ScalarType dtype) {
+  if (k != 1.0) g.mul_(k);
+  return cast(g, dtype);
 }
 
 // elementwise_forward(input, target, extra, options=ElementwiseOptions(kind, reduction, a, b,
