@@ -1,4 +1,15 @@
-"""Fused pointwise regression losses: loss and gradient in one sweep over chunks.
+"""Fused pointwise losses: loss and gradient made in forward, without autograd's chain.
+
+Four fused ops live here, each with its compiled form in losskit._native's src/pointwise.cpp
+(op for op, the same bits): the pointwise regression losses below (mse, l1, smooth_l1,
+huber); the element-wise likelihood losses (poisson_nll, gaussian_nll, kl_div,
+sigmoid_focal: :func:`elementwise_forward`); the target-probability losses on logits
+(softmax_focal, poly-1: :func:`target_prob_forward`); and the row divergences
+(js_divergence, info.kl_divergence: :func:`row_divergence_forward`). The last three form
+the loss by the composed form's own ops (the same bits) and write the gradient out beside it;
+each section opens with its math.
+
+The pointwise regression losses: loss and gradient in one sweep over chunks.
 
 With e = input - target and, for each loss, its written-out derivative g:
 
