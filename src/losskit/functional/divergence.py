@@ -13,6 +13,15 @@ from .._core.ops import kl_terms, log_softmax
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import broadcast_shape, check_floating
+from ..kernels import Replay
+from ..kernels.pointwise import (
+    elementwise_options,
+    fused_elementwise_applies,
+    fused_elementwise_call,
+    fused_row_divergence_applies,
+    fused_row_divergence_call,
+    row_divergence_options,
+)
 
 __all__ = ["js_divergence", "kl_div"]
 
@@ -74,6 +83,19 @@ def kl_div(
     check_floating(input, "input", fn)
     check_floating(target, "target", fn)
     broadcast_shape(input, target, ("input", "target"), fn)
+    # Eager calls that want a gradient: the terms by the ops below and their gradient
+    # written out beside them (kernels/pointwise.py); xlogy(y, y)'s gradient for a
+    # probability target stays with autograd.
+    if fused_elementwise_applies(input, target) and (log_target or not target.requires_grad):
+        return fused_elementwise_call(
+            input, target, None, elementwise_options("kl_div", reduction, 0.0, 0.0, bool(log_target), False),
+            Replay(fn, lambda a, b: _kl_div(a, b, reduction, log_target), [input, target]),
+        )
+    return _kl_div(input, target, reduction, log_target)
+
+
+def _kl_div(input: Tensor, target: Tensor, reduction: str, log_target: bool) -> Tensor:
+    """kl_div's composed form, which autograd differentiates (the fused path's oracle)."""
     compute, out = result_dtypes(input, target)
     x, y = input.to(compute), target.to(compute)
     if log_target:
@@ -141,6 +163,20 @@ def js_divergence(
     check_floating(input, "input", fn)
     if input.shape != target.shape:
         raise ValueError(f"{fn}: target shape {tuple(target.shape)} must match input shape {tuple(input.shape)}")
+    # Eager calls that want the student's gradient: the rows by the ops below and the
+    # gradient kept from their terms (kernels/pointwise.py).
+    if fused_row_divergence_applies(input, target) and (labels is None or labels.shape == input.shape[:-1]):
+        return fused_row_divergence_call(
+            input, target, labels, row_divergence_options("js", reduction, float(beta), bool(from_logits), ignore_index),
+            Replay(fn, lambda a, b: _js(a, b, beta, from_logits, labels, ignore_index, reduction), [input, target]),
+        )
+    return _js(input, target, beta, from_logits, labels, ignore_index, reduction)
+
+
+def _js(input: Tensor, target: Tensor, beta: float, from_logits: bool, labels: Tensor | None, ignore_index: int,
+        reduction: str) -> Tensor:
+    """js_divergence's composed form, which autograd differentiates (the fused path's oracle)."""
+    fn = "js_divergence"
     compute, out = result_dtypes(input, target)
     log_q, log_p = input.to(compute), target.to(compute)
     if from_logits:

@@ -9,7 +9,16 @@ from torch import Tensor
 from .._core.ops import log_softmax
 from .._core.dtypes import cast, result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
-from .._core.validation import check_class_weight, check_floating, check_same_shape, class_dim_of
+from .._core.validation import ClassTargets, check_class_weight, check_floating, check_same_shape, class_dim_of
+from ..kernels import Replay
+from ..kernels.pointwise import (
+    elementwise_options,
+    fused_elementwise_applies,
+    fused_elementwise_call,
+    fused_target_prob_applies,
+    fused_target_prob_call,
+    target_prob_options,
+)
 from .classification import check_index_targets
 
 __all__ = ["poly1_cross_entropy", "sigmoid_focal_loss", "softmax_focal_loss"]
@@ -58,6 +67,19 @@ def sigmoid_focal_loss(
         raise ValueError(f"{fn}: gamma must be >= 0; got {gamma}")
     if not (0 <= alpha <= 1 or alpha == -1):
         raise ValueError(f"{fn}: alpha must lie in [0, 1], or be -1 for no class balancing; got {alpha}")
+    # Eager calls that want the logits' gradient: the loss by the ops below and its gradient
+    # written out beside it (kernels/pointwise.py). 0 < gamma < 1 (where the focusing term's
+    # gradient needs _focusing's guard) and a gradient for the targets stay with autograd.
+    if (gamma == 0 or gamma >= 1) and not targets.requires_grad and fused_elementwise_applies(inputs, targets):
+        return fused_elementwise_call(
+            inputs, targets, None, elementwise_options("sigmoid_focal", reduction, float(alpha), float(gamma), False, False),
+            Replay(fn, lambda a, b: _sigmoid_focal(a, b, alpha, gamma, reduction), [inputs, targets]),
+        )
+    return _sigmoid_focal(inputs, targets, alpha, gamma, reduction)
+
+
+def _sigmoid_focal(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
+    """sigmoid_focal_loss's composed form, which autograd differentiates (the fused path's oracle)."""
     compute, out = result_dtypes(inputs, targets)
     x, y = inputs.to(compute), targets.to(compute)
     p = torch.sigmoid(x)
@@ -82,18 +104,20 @@ def _focusing(q: Tensor, gamma: float) -> Tensor:
     return torch.where(positive, torch.where(positive, q, 1.0) ** gamma, float(gamma == 0))
 
 
-def _target_log_probs(
-    input: Tensor, target: Tensor, ignore_index: int, fn: str
-) -> tuple[Tensor, Tensor | None, Tensor, int]:
-    """(log p_y, valid mask or None where every target counts, safe target, class dim) for
-    class-index targets."""
+def _index_targets(input: Tensor, target: Tensor, ignore_index: int, fn: str) -> tuple[ClassTargets, int]:
+    """(the validated class-index targets, the class dim)."""
     class_dim = class_dim_of(input, fn)
     check_floating(input, "input", fn)
-    targets = check_index_targets(input, target, class_dim, ignore_index, fn)
+    return check_index_targets(input, target, class_dim, ignore_index, fn), class_dim
+
+
+def _target_log_probs(input: Tensor, targets: ClassTargets, class_dim: int) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(log p_y, valid mask or None where every target counts, safe target) for class-index
+    targets."""
     compute, _ = result_dtypes(input)
     safe = targets.safe()
     log_p = log_softmax(cast(input, compute), class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
-    return log_p, targets.valid_or_none, safe, class_dim
+    return log_p, targets.valid_or_none, safe
 
 
 def _mean_over_valid(loss: Tensor, valid: Tensor | None, reduction: str) -> Tensor:
@@ -142,11 +166,31 @@ def softmax_focal_loss(
     reduction = resolve_reduction(None, None, reduction)
     if gamma < 0:
         raise ValueError(f"{fn}: gamma must be >= 0; got {gamma}")
-    log_p, valid, safe, class_dim = _target_log_probs(input, target, ignore_index, fn)
+    targets, class_dim = _index_targets(input, target, ignore_index, fn)
+    if isinstance(alpha, Tensor):
+        check_class_weight(alpha, input.shape[class_dim], fn)
+    # Eager [N, C] logits that want a gradient: the loss by the ops below and its gradient
+    # written out beside it, in one pass over the logits (kernels/pointwise.py).
+    if (gamma == 0 or gamma >= 1) and fused_target_prob_applies(input) and not (
+        isinstance(alpha, Tensor) and alpha.requires_grad
+    ):
+        weight = alpha if isinstance(alpha, Tensor) else None
+        scalar = 1.0 if alpha is None or weight is not None else float(alpha)
+        return fused_target_prob_call(
+            input, targets.safe(), targets.valid_or_none, weight,
+            target_prob_options("focal", reduction, float(gamma), scalar),
+            Replay(fn, lambda a: _softmax_focal(a, targets, class_dim, alpha, gamma, reduction), [input]),
+        )
+    return _softmax_focal(input, targets, class_dim, alpha, gamma, reduction)
+
+
+def _softmax_focal(input: Tensor, targets: ClassTargets, class_dim: int, alpha: Tensor | float | None, gamma: float,
+                   reduction: str) -> Tensor:
+    """softmax_focal_loss's composed form, which autograd differentiates (the fused path's oracle)."""
+    log_p, valid, safe = _target_log_probs(input, targets, class_dim)
     # (1 - p)^gamma from log p: -expm1(log p) keeps 1 - p exact when p is tiny.
     loss = -_focusing(-torch.expm1(log_p), gamma) * log_p
     if isinstance(alpha, Tensor):
-        check_class_weight(alpha, input.shape[class_dim], fn)
         loss = alpha.to(loss.dtype)[safe] * loss
     elif alpha is not None:
         loss = alpha * loss
@@ -187,6 +231,17 @@ def poly1_cross_entropy(
     """
     fn = "poly1_cross_entropy"
     reduction = resolve_reduction(None, None, reduction)
-    log_p, valid, _, _ = _target_log_probs(input, target, ignore_index, fn)
+    targets, class_dim = _index_targets(input, target, ignore_index, fn)
+    if fused_target_prob_applies(input):  # as softmax_focal_loss
+        return fused_target_prob_call(
+            input, targets.safe(), targets.valid_or_none, None, target_prob_options("poly1", reduction, float(epsilon), 1.0),
+            Replay(fn, lambda a: _poly1(a, targets, class_dim, epsilon, reduction), [input]),
+        )
+    return _poly1(input, targets, class_dim, epsilon, reduction)
+
+
+def _poly1(input: Tensor, targets: ClassTargets, class_dim: int, epsilon: float, reduction: str) -> Tensor:
+    """poly1_cross_entropy's composed form, which autograd differentiates (the fused path's oracle)."""
+    log_p, valid, _ = _target_log_probs(input, targets, class_dim)
     loss = -log_p - epsilon * torch.expm1(log_p)
     return cast(_mean_over_valid(loss, valid, reduction), input.dtype)

@@ -29,7 +29,15 @@ from torch import Tensor
 
 from .._core.docs import LEGACY_ARGS, fill_doc
 from ..kernels import Replay
-from ..kernels.pointwise import fused_pointwise_applies, fused_pointwise_call, pointwise_dtypes, pointwise_options
+from ..kernels.pointwise import (
+    elementwise_options,
+    fused_elementwise_applies,
+    fused_elementwise_call,
+    fused_pointwise_applies,
+    fused_pointwise_call,
+    pointwise_dtypes,
+    pointwise_options,
+)
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import (
@@ -322,6 +330,19 @@ def poisson_nll_loss(
     check_floating(input, "input", fn)
     check_real(target, "target", fn)
     broadcast_shape(input, target, ("input", "target"), fn)
+    # Eager calls that want a gradient: the loss by the composed form's ops and its gradient
+    # written out beside it (kernels/pointwise.py), except the Stirling term's gradient for
+    # the counts, which the kernel does not write out.
+    if fused_elementwise_applies(input, target) and not (full and target.requires_grad):
+        return fused_elementwise_call(
+            input, target, None, elementwise_options("poisson", reduction, float(eps), 0.0, bool(log_input), bool(full)),
+            Replay(fn, lambda a, b: _poisson(a, b, log_input, full, eps, reduction), [input, target]),
+        )
+    return _poisson(input, target, log_input, full, eps, reduction)
+
+
+def _poisson(input: Tensor, target: Tensor, log_input: bool, full: bool, eps: float, reduction: str) -> Tensor:
+    """poisson_nll_loss's composed form, which autograd differentiates (the fused path's oracle)."""
     compute, out = result_dtypes(input, target)
     x, y = input.to(compute), target.to(compute)
     loss = torch.exp(x) - y * x if log_input else x - y * torch.log(x + eps)
@@ -391,6 +412,16 @@ def gaussian_nll_loss(
                 f"{fn}: var of shape {tuple(var.shape)} does not fit input shape {tuple(input.shape)}: it must "
                 "match it, lack its last dimension, or have size 1 in the one dimension where it differs"
             )
+    if fused_elementwise_applies(input, target, var):
+        return fused_elementwise_call(
+            input, target, var, elementwise_options("gaussian", reduction, float(eps), 0.0, bool(full), False),
+            Replay(fn, lambda a, b, v: _gaussian(a, b, v, full, eps, reduction), [input, target, var]),
+        )
+    return _gaussian(input, target, var, full, eps, reduction)
+
+
+def _gaussian(input: Tensor, target: Tensor, var: Tensor, full: bool, eps: float, reduction: str) -> Tensor:
+    """gaussian_nll_loss's composed form, which autograd differentiates (the fused path's oracle)."""
     compute, out = result_dtypes(input, target, var)
     x, y, v = input.to(compute), target.to(compute), var.to(compute)
     # Clamp the value, not the gradient: (clamped - v) is a constant to autograd.

@@ -16,6 +16,14 @@ from .. import _native
 from .._core import switches
 from .._core.ops import log_softmax
 from .._core.checks import check_values, effective_mode
+from ..kernels import Replay
+from ..kernels.fused_op import attach_precomputed, eager_native
+from ..kernels.pointwise import (
+    fused_row_divergence,
+    fused_row_divergence_applies,
+    fused_row_divergence_call,
+    row_divergence_options,
+)
 from .._core.validation import (
     at_index,
     broadcast_shape,
@@ -209,9 +217,41 @@ def kl_divergence(
     """
     fn = "kl_divergence"
     broadcast_shape(p, q, ("p", "q"), fn)
+    if (
+        not from_logits and q.requires_grad and not p.requires_grad and torch.is_grad_enabled()
+        and p.dtype == q.dtype and p.dtype.is_floating_point and p.shape == q.shape and p.dim() > 0
+        and (dim == -1 or dim == p.dim() - 1)
+    ):
+        # Probabilities, the gradient wanted for q only: the checks, then the sum by the ops
+        # below and q's gradient beside it (kernels/pointwise.py). Where the compiled part
+        # serves the checks, one call makes both and the result (float64 stays with the
+        # composed form, as fused_may_serve has it); where a check would fail, it declines,
+        # and the Python checks below raise.
+        native = eager_native(q, p) if p.dtype != torch.float64 else None
+        if native is not None and _compiled_checks(p) is not None:
+            made = native.row_divergence(q, p, None, "info_kl", "none", _tolerance(p, -1), True, 0, [True, False, False])
+            if made is not None:
+                nats, grad = made
+                return _in_base(attach_precomputed(
+                    native, fused_row_divergence.node_name, fn, nats, [q], [grad], True,
+                    Replay(fn, lambda a, b: _kl_divergence(b, a, dim), [q, p]),
+                ), base, fn)
+        if fused_row_divergence_applies(q, p):
+            _log_probs(p, "p", fn, dim, from_logits, log=False)
+            _log_probs(q, "q", fn, dim, from_logits, log=False)
+            nats = fused_row_divergence_call(
+                q, p, None, row_divergence_options("info_kl", "none", 0.0, False, 0),
+                Replay(fn, lambda a, b: _kl_divergence(b, a, dim), [q, p]),
+            )
+            return _in_base(nats, base, fn)
     log_p = _log_probs(p, "p", fn, dim, from_logits)
     log_q = _log_probs(q, "q", fn, dim, from_logits)
     return _in_base(_kl_terms(_probs(p, log_p, from_logits), log_p, log_q, dim), base, fn)
+
+
+def _kl_divergence(p: Tensor, q: Tensor, dim: int) -> Tensor:
+    """kl_divergence of checked probabilities in nats: its composed form (the fused path's oracle)."""
+    return _kl_terms(p, torch.log(p), torch.log(q), dim)
 
 
 def js_divergence(

@@ -17,6 +17,8 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <stdexcept>
 
 namespace py = pybind11;
 
@@ -227,9 +229,331 @@ bool logits_ok(const at::Tensor& x) {
 
 }  // namespace
 
+// ---- the element-wise likelihood losses (kernels/pointwise.py's elementwise_forward) -------
+// poisson_nll, gaussian_nll, kl_div and sigmoid_focal: the loss by the composed form's own
+// ops and the gradient written out beside it, op for op as the Python form (see the comment
+// above ElementwiseOptions there for the math). A Python float operand is a wrapped number
+// here as there (Tensor.mul(Scalar) and friends wrap it), so every product has the same bits.
+
+namespace {
+
+at::Tensor scale(at::Tensor g, double k) { return k == 1.0 ? g : g.mul_(k); }
+
+// Python's _scaled: g times k (in place), in dtype.
+at::Tensor scaled(at::Tensor g, double k, at::ScalarType dtype) {
+  if (k != 1.0) g.mul_(k);
+  return cast(g, dtype);
+}
+
+// elementwise_forward(input, target, extra, options=ElementwiseOptions(kind, reduction, a, b,
+// flag, extra), needs) -> (loss, grad_input, grad_target, grad_extra), or None for the calls
+// left to the Python form (not on the CPU, or no elements).
+py::object elementwise_loss(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& extra,
+                            const std::string& kind, const std::string& reduction, double a, double b, bool flag,
+                            bool extra_flag, const std::vector<bool>& needs) {
+  if (!input.is_cpu() || !target.is_cpu() || (extra.has_value() && !extra->is_cpu())) return py::none();
+  if (input.numel() == 0 || needs.size() != 3) return py::none();
+  at::Tensor loss, gx, gy, ge;
+  {
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
+    at::ScalarType compute = at::promote_types(input.scalar_type(), target.scalar_type());
+    if (kind == "gaussian" && extra.has_value()) compute = at::promote_types(compute, extra->scalar_type());
+    const at::ScalarType out = compute;
+    if (compute == at::kHalf || compute == at::kBFloat16) compute = at::kFloat;
+    // Poisson's counts (log-rate, no Stirling term), gaussian's target and kl_div's input
+    // (log target) enter binary ops only: they stay as given, as in the Python form.
+    at::Tensor x = kind == "kl_div" && flag ? input : cast(input, compute);
+    at::Tensor y = (kind == "poisson" && flag && !extra_flag) || kind == "gaussian" ? target : cast(target, compute);
+    const int64_t n = x.numel();
+    double k = 1.0;
+    if (reduction == "mean") k = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
+    if (reduction == "batchmean" && x.dim() > 0) k = 1.0 / static_cast<double>(std::max<int64_t>(x.size(0), 1));
+    at::Tensor terms;
+    if (kind == "poisson") {
+      if (flag && !extra_flag) {  // log-rate
+        at::Tensor e = at::exp(x);
+        at::Tensor product = at::mul(y, x);
+        terms = at::sub_out(product, e, product);
+        if (needs[1]) gy = x.mul(-k);
+        if (needs[0]) gx = scaled(at::sub_out(e, e, y), k, input.scalar_type());
+      } else if (flag) {
+        at::Tensor e = at::exp(x);
+        terms = at::sub(e, at::mul(y, x));
+        if (needs[1]) gy = x.mul(-k);
+        if (needs[0]) gx = scale(at::sub_out(e, e, y), k);
+      } else {
+        at::Tensor shifted = x.add(a);
+        at::Tensor log_rate = at::log(shifted);
+        terms = at::sub(x, at::mul(y, log_rate));
+        if (needs[1]) gy = log_rate.mul(-k);
+        if (needs[0]) gx = scale(at::rsub(at::div(y, shifted), 1), k);
+      }
+      if (extra_flag) {  // Stirling's term
+        at::Tensor stirling = at::add(at::sub(at::mul(y, at::log(y)), y), at::log(y.mul(2 * M_PI)).mul(0.5));
+        terms = at::add(terms, stirling.masked_fill(y.le(1), 0));
+      }
+    } else if (kind == "gaussian") {
+      at::Tensor v = cast(*extra, compute);
+      at::Tensor d = at::sub(x, y);
+      v = at::add(v, at::sub(at::clamp(v, at::Scalar(a), std::nullopt), v));
+      at::Tensor q = at::div(d.square(), v);
+      terms = at::add(at::log(v), q).mul(0.5);
+      if (flag) terms = terms.add(0.5 * std::log(2 * M_PI));
+      if (needs[1]) {
+        at::Tensor g = scale(d.div_(v), k);
+        if (needs[0]) gx = g;
+        gy = g.neg();
+      } else if (needs[0]) {
+        gx = scaled(d.div_(v), k, input.scalar_type());
+      }
+      if (needs[2]) ge = scaled(at::rsub(q, 1).div_(v), 0.5 * k, extra->scalar_type());
+    } else if (kind == "kl_div") {
+      if (flag) {  // log target
+        at::Tensor ey = at::exp(y);
+        at::Tensor gap = at::sub(y, x);
+        terms = at::mul_out(gap, ey, gap);
+        if (needs[1]) gy = scale(at::add(terms, ey), k);
+        if (needs[0]) gx = scaled(ey, -k, input.scalar_type());
+      } else {
+        terms = at::sub(at::xlogy(y, y), at::mul(y, x));
+        if (needs[0]) gx = y.mul(-k);
+      }
+    } else if (kind == "sigmoid_focal") {
+      const double alpha = a, gamma = b;
+      at::Tensor p = at::sigmoid(x);
+      at::Tensor bce = at::sub(at::mul(at::rsub(y, 1), x), at::log_sigmoid(x));
+      at::Tensor p_t = at::add(at::mul(p, y), at::mul(at::rsub(p, 1), at::rsub(y, 1)));
+      at::Tensor q = at::rsub(p_t, 1);
+      at::Tensor focus = gamma == 0 ? at::Tensor() : at::pow(q, gamma);
+      terms = focus.defined() ? at::mul(bce, focus) : bce;
+      at::Tensor a_t;
+      if (alpha >= 0) {
+        a_t = at::add(y.mul(alpha), at::rsub(y, 1).mul(1 - alpha));
+        terms = at::mul(a_t, terms);
+      }
+      if (needs[0]) {
+        at::Tensor g = at::sub(p, y);
+        if (gamma != 0) {
+          g.mul_(focus);
+          at::Tensor slope = at::rsub(p, 1).mul_(p).mul_(at::sub(y, at::rsub(y, 1)));
+          if (gamma != 1) slope.mul_(q.pow_(gamma - 1));
+          g.sub_(slope.mul_(bce), gamma);
+        }
+        if (a_t.defined()) g.mul_(a_t);
+        gx = scale(g, k);
+      }
+    } else {
+      throw std::invalid_argument("losskit elementwise_loss: unknown kind " + kind);
+    }
+    if (reduction == "none") {
+      loss = terms;
+    } else if (reduction == "mean") {
+      loss = terms.mean();
+    } else {
+      loss = terms.sum();
+      if (reduction == "batchmean" && x.dim() > 0) loss = loss.div(x.size(0));
+    }
+    loss = cast(loss, out);
+    if (gx.defined()) gx = cast(gx, input.scalar_type());
+    if (gy.defined()) gy = cast(gy, target.scalar_type());
+    if (ge.defined()) ge = cast(ge, extra->scalar_type());
+  }
+  auto maybe = [](const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); };
+  return py::make_tuple(loss, maybe(gx), maybe(gy), maybe(ge));
+}
+
+}  // namespace
+
+// ---- the target-probability losses on logits (kernels/pointwise.py's target_prob_forward) --
+// softmax_focal_loss and poly1_cross_entropy of [N, C] logits: the log-softmax read at the
+// target and the gradient c (onehot(y) - softmax), op for op as the Python form.
+
+namespace {
+
+at::Tensor reduce(const at::Tensor& loss, const std::string& reduction, const at::Tensor& denominator) {
+  if (reduction == "none") return loss;
+  if (reduction == "sum") return loss.sum();
+  return denominator.defined() ? at::div(loss.sum(), denominator) : loss.mean();
+}
+
+// target_prob_forward(input, target, valid, alpha, options=TargetProbOptions(kind,
+// reduction, param, alpha), needs) -> (loss, grad_input), or None (not on the CPU, not
+// [N, C], no rows).
+py::object target_prob_loss(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& valid,
+                            const std::optional<at::Tensor>& alpha, const std::string& kind,
+                            const std::string& reduction, double param, double alpha_scalar,
+                            const std::vector<bool>& needs) {
+  if (!input.is_cpu() || !target.is_cpu() || input.dim() != 2 || input.size(0) == 0 || input.size(1) == 0) {
+    return py::none();
+  }
+  if ((valid.has_value() && !valid->is_cpu()) || (alpha.has_value() && !alpha->is_cpu())) return py::none();
+  at::Tensor loss, grad;
+  {
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
+    at::ScalarType compute = input.scalar_type();
+    if (compute == at::kHalf || compute == at::kBFloat16) compute = at::kFloat;
+    at::Tensor x = cast(input, compute);
+    at::Tensor shifted = at::sub(x, x.amax({1}, true));
+    at::Tensor index = target.unsqueeze(1);
+    at::Tensor shifted_y = shifted.gather(1, index);
+    at::Tensor e = shifted.exp_();
+    at::Tensor sums = e.sum({1}, true);
+    at::Tensor log_p = at::sub(shifted_y, sums.log()).squeeze(1);
+    at::Tensor coef;
+    if (kind == "focal") {
+      const double gamma = param;
+      at::Tensor q = at::expm1(log_p).neg();
+      if (gamma == 0) {
+        loss = log_p.neg();
+        coef = at::full_like(log_p, -1.0);
+      } else {
+        at::Tensor focus = at::pow(q, gamma);
+        loss = at::mul(focus.neg(), log_p);
+        at::Tensor slope = log_p.exp().mul_(log_p);
+        if (gamma != 1) slope.mul_(q.pow_(gamma - 1));
+        coef = slope.mul_(gamma).sub_(focus);
+      }
+      if (alpha.has_value()) {
+        at::Tensor weight = cast(*alpha, loss.scalar_type()).index({target});
+        loss = at::mul(weight, loss);
+        coef.mul_(weight);
+      } else if (alpha_scalar != 1.0) {
+        loss = loss.mul(alpha_scalar);
+        coef.mul_(alpha_scalar);
+      }
+    } else if (kind == "poly1") {
+      loss = at::sub(log_p.neg(), at::expm1(log_p).mul(param));
+      coef = log_p.exp().mul_(-param).sub_(1);
+    } else {
+      throw std::invalid_argument("losskit target_prob_loss: unknown kind " + kind);
+    }
+    if (!valid.has_value()) {
+      loss = reduce(loss, reduction, at::Tensor());
+      if (reduction == "mean") coef.mul_(1.0 / static_cast<double>(std::max<int64_t>(x.size(0), 1)));
+    } else {
+      at::Tensor count = valid->sum();
+      loss = reduce(at::where(*valid, loss, at::Scalar(0.0)), reduction, count);
+      if (reduction == "mean") coef.div_(count);
+      coef = at::where(*valid, coef, at::Scalar(0.0));
+    }
+    if (!needs.empty() && needs[0]) {
+      coef = coef.unsqueeze(1);
+      grad = cast(e.mul_(at::div(coef.neg(), sums)).scatter_add_(1, index, coef), input.scalar_type());
+    }
+    loss = cast(loss, input.scalar_type());
+  }
+  return py::make_tuple(loss, grad.defined() ? py::cast(grad) : py::none());
+}
+
+}  // namespace
+
+// ---- the row divergences (kernels/pointwise.py's row_divergence_forward) ----------------------
+// functional.js_divergence of a student against a fixed teacher and info.kl_divergence of
+// checked probabilities, rows along the last dimension: the rows by the composed form's ops
+// and the student's gradient kept from their terms, op for op as the Python form.
+
+namespace {
+
+at::Tensor log_softmax_last(const at::Tensor& x) {
+  at::Tensor shifted = at::sub(x, x.amax({-1}, true));
+  return at::sub(shifted, shifted.exp().sum({-1}, true).log());
+}
+
+// row_divergence_forward(input, target, labels, options=RowDivergenceOptions(kind,
+// reduction, param, flag, ignore_index), needs) -> (loss, grad_input), or None.
+py::object row_divergence(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& labels,
+                          const std::string& kind, const std::string& reduction, double beta, bool from_logits,
+                          int64_t ignore_index, const std::vector<bool>& needs) {
+  if (!input.is_cpu() || !target.is_cpu() || (labels.has_value() && !labels->is_cpu())) return py::none();
+  if (input.numel() == 0 || needs.empty()) return py::none();
+  if (kind != "js" && kind != "info_kl") throw std::invalid_argument("losskit row_divergence: unknown kind " + kind);
+  at::Tensor loss, grad;
+  if (kind == "info_kl") {
+    // from_logits here means: run losskit.info's value checks first (distribution_ok, with
+    // the tolerance in beta's place); where they would fail, decline, and the Python checks
+    // raise.
+    if (from_logits && !(distribution_ok(target, -1, beta) && distribution_ok(input, -1, beta))) return py::none();
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
+    const at::Tensor &q = input, &p = target;
+    at::Tensor log_p = at::log(p), log_q = at::log(q);
+    at::Tensor positive = p.gt(0);
+    loss = at::mul(p, at::where(positive, at::sub(log_p, log_q), at::Scalar(0.0))).sum({-1});
+    if (needs[0]) grad = at::where(positive, p, at::Scalar(0.0)).neg_().div_(q);
+  } else {
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
+    at::ScalarType compute = at::promote_types(input.scalar_type(), target.scalar_type());
+    const at::ScalarType out = compute;
+    if (compute == at::kHalf || compute == at::kBFloat16) compute = at::kFloat;
+    at::Tensor log_q = cast(input, compute), log_p = cast(target, compute);
+    if (from_logits) {
+      log_q = log_softmax_last(log_q);
+      log_p = log_softmax_last(log_p);
+    }
+    at::Tensor q = beta != 0.0 || from_logits ? at::exp(log_q) : at::Tensor();
+    at::Tensor rows;
+    if (beta == 0.0) {
+      at::Tensor p = log_p.exp();
+      rows = at::mul(p, at::where(p.gt(0), at::sub(log_p, log_q), at::Scalar(0.0))).sum({-1});
+      grad = p.neg_();
+    } else if (beta == 1.0) {
+      at::Tensor terms = at::mul(q, at::where(q.gt(0), at::sub(log_q, log_p), at::Scalar(0.0)));
+      rows = terms.sum({-1});
+      grad = terms.add_(q);
+    } else {
+      at::Tensor log_m = at::logaddexp(log_p.add(std::log(beta)), log_q.add(std::log(1.0 - beta)));
+      at::Tensor p = log_p.exp();
+      at::Tensor kl_p = at::mul(p, at::where(p.gt(0), at::sub(log_p, log_m), at::Scalar(0.0))).sum({-1});
+      at::Tensor terms = at::mul(q, at::where(q.gt(0), at::sub(log_q, log_m), at::Scalar(0.0)));
+      rows = at::add(kl_p.mul(beta), terms.sum({-1}).mul(1.0 - beta));
+      grad = terms.mul_(1.0 - beta);
+    }
+    at::Tensor counted, count;
+    if (labels.has_value()) {
+      counted = labels->ne(ignore_index);
+      rows = at::where(counted, rows, at::Scalar(0.0));
+      count = counted.sum();
+    }
+    at::Tensor factor;
+    double scalar = 1.0;
+    if (reduction == "batchmean") {
+      if (count.defined()) {
+        loss = at::div(rows.sum(), count);
+        factor = at::where(counted, count.reciprocal(), at::Scalar(0.0));
+      } else {
+        loss = rows.sum().div(rows.numel());
+        scalar = 1.0 / static_cast<double>(std::max<int64_t>(rows.numel(), 1));
+      }
+    } else {
+      loss = reduction == "sum" ? rows.sum() : rows;
+      if (counted.defined()) factor = at::where(counted, at::Scalar(1.0), at::Scalar(0.0));
+    }
+    if (factor.defined()) {
+      grad = grad.mul_(factor.unsqueeze(-1));
+    } else if (scalar != 1.0) {
+      grad = grad.mul_(scalar);
+    }
+    if (from_logits) grad = grad.sub_(at::mul(q, grad.sum({-1}, true)));
+    loss = cast(loss, out);
+    grad = needs[0] ? cast(grad, input.scalar_type()) : at::Tensor();
+  }
+  return py::make_tuple(loss, grad.defined() ? py::cast(grad) : py::none());
+}
+
+}  // namespace
+
 void register_pointwise(py::module& m) {
   m.def("pointwise_regression", &pointwise_regression,
         "the fused pointwise regression losses' forward (kernels/pointwise.py's pointwise_forward)");
+  m.def("elementwise_loss", &elementwise_loss,
+        "the fused element-wise likelihood losses' forward (kernels/pointwise.py's elementwise_forward)");
+  m.def("target_prob_loss", &target_prob_loss,
+        "the fused focal and poly-1 losses' forward (kernels/pointwise.py's target_prob_forward)");
+  m.def("row_divergence", &row_divergence,
+        "the fused row divergences' forward (kernels/pointwise.py's row_divergence_forward)");
   m.def("distribution_ok", &distribution_ok, "whether losskit.info's distribution checks pass");
   m.def("logits_ok", &logits_ok, "whether losskit.info's logit checks pass");
 }
