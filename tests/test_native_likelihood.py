@@ -1,7 +1,7 @@
 """The fused paths of poisson_nll_loss, gaussian_nll_loss, kl_div, sigmoid_focal_loss,
 softmax_focal_loss, poly1_cross_entropy, js_divergence and info.kl_divergence
-(kernels/pointwise.py's elementwise_forward, target_prob_forward and row_divergence_forward,
-and their compiled forms in src/pointwise.cpp):
+(the elementwise_forward, target_prob_forward and row_divergence_forward of kernels/likelihood.py,
+target_probability.py and row_divergence.py, and their compiled forms in src/pointwise.cpp):
 
 - the loss has the composed form's bits (the fused forms form it by the same ops), and the
   written-out gradient agrees with autograd's through the composed form (the oracle, run

@@ -14,14 +14,8 @@ from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import broadcast_shape, check_floating
 from ..kernels import Replay
-from ..kernels.pointwise import (
-    elementwise_options,
-    fused_elementwise_applies,
-    fused_elementwise_call,
-    fused_row_divergence_applies,
-    fused_row_divergence_call,
-    row_divergence_options,
-)
+from ..kernels.likelihood import elementwise_options, fused_elementwise_applies, fused_elementwise_call
+from ..kernels.row_divergence import fused_row_divergence_applies, fused_row_divergence_call, row_divergence_options
 
 __all__ = ["js_divergence", "kl_div"]
 
@@ -84,7 +78,7 @@ def kl_div(
     check_floating(target, "target", fn)
     broadcast_shape(input, target, ("input", "target"), fn)
     # Eager calls that want a gradient: the terms by the ops below and their gradient
-    # written out beside them (kernels/pointwise.py); xlogy(y, y)'s gradient for a
+    # written out beside them (kernels/likelihood.py); xlogy(y, y)'s gradient for a
     # probability target stays with autograd.
     if fused_elementwise_applies(input, target) and (log_target or not target.requires_grad):
         return fused_elementwise_call(
@@ -164,7 +158,7 @@ def js_divergence(
     if input.shape != target.shape:
         raise ValueError(f"{fn}: target shape {tuple(target.shape)} must match input shape {tuple(input.shape)}")
     # Eager calls that want the student's gradient: the rows by the ops below and the
-    # gradient kept from their terms (kernels/pointwise.py).
+    # gradient kept from their terms (kernels/row_divergence.py).
     if fused_row_divergence_applies(input, target) and (labels is None or labels.shape == input.shape[:-1]):
         return fused_row_divergence_call(
             input, target, labels, row_divergence_options("js", reduction, float(beta), bool(from_logits), ignore_index),

@@ -11,14 +11,8 @@ from .._core.dtypes import cast, result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import ClassTargets, check_class_weight, check_floating, check_same_shape, class_dim_of
 from ..kernels import Replay
-from ..kernels.pointwise import (
-    elementwise_options,
-    fused_elementwise_applies,
-    fused_elementwise_call,
-    fused_target_prob_applies,
-    fused_target_prob_call,
-    target_prob_options,
-)
+from ..kernels.likelihood import elementwise_options, fused_elementwise_applies, fused_elementwise_call
+from ..kernels.target_probability import fused_target_prob_applies, fused_target_prob_call, target_prob_options
 from .classification import check_index_targets
 
 __all__ = ["poly1_cross_entropy", "sigmoid_focal_loss", "softmax_focal_loss"]
@@ -68,7 +62,7 @@ def sigmoid_focal_loss(
     if not (0 <= alpha <= 1 or alpha == -1):
         raise ValueError(f"{fn}: alpha must lie in [0, 1], or be -1 for no class balancing; got {alpha}")
     # Eager calls that want the logits' gradient: the loss by the ops below and its gradient
-    # written out beside it (kernels/pointwise.py). 0 < gamma < 1 (where the focusing term's
+    # written out beside it (kernels/likelihood.py). 0 < gamma < 1 (where the focusing term's
     # gradient needs _focusing's guard) and a gradient for the targets stay with autograd.
     if (gamma == 0 or gamma >= 1) and not targets.requires_grad and fused_elementwise_applies(inputs, targets):
         return fused_elementwise_call(
@@ -170,7 +164,7 @@ def softmax_focal_loss(
     if isinstance(alpha, Tensor):
         check_class_weight(alpha, input.shape[class_dim], fn)
     # Eager [N, C] logits that want a gradient: the loss by the ops below and its gradient
-    # written out beside it, in one pass over the logits (kernels/pointwise.py).
+    # written out beside it, in one pass over the logits (kernels/target_probability.py).
     if (gamma == 0 or gamma >= 1) and fused_target_prob_applies(input) and not (
         isinstance(alpha, Tensor) and alpha.requires_grad
     ):

@@ -29,15 +29,8 @@ from torch import Tensor
 
 from .._core.docs import LEGACY_ARGS, fill_doc
 from ..kernels import Replay
-from ..kernels.pointwise import (
-    elementwise_options,
-    fused_elementwise_applies,
-    fused_elementwise_call,
-    fused_pointwise_applies,
-    fused_pointwise_call,
-    pointwise_dtypes,
-    pointwise_options,
-)
+from ..kernels.likelihood import elementwise_options, fused_elementwise_applies, fused_elementwise_call
+from ..kernels.pointwise import fused_pointwise_applies, fused_pointwise_call, pointwise_dtypes, pointwise_options
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import (
@@ -331,7 +324,7 @@ def poisson_nll_loss(
     check_real(target, "target", fn)
     broadcast_shape(input, target, ("input", "target"), fn)
     # Eager calls that want a gradient: the loss by the composed form's ops and its gradient
-    # written out beside it (kernels/pointwise.py), except the Stirling term's gradient for
+    # written out beside it (kernels/likelihood.py), except the Stirling term's gradient for
     # the counts, which the kernel does not write out.
     if fused_elementwise_applies(input, target) and not (full and target.requires_grad):
         return fused_elementwise_call(

@@ -18,7 +18,7 @@ from .._core.ops import log_softmax
 from .._core.checks import check_values, effective_mode
 from ..kernels import Replay
 from ..kernels.fused_op import attach_precomputed, eager_native
-from ..kernels.pointwise import (
+from ..kernels.row_divergence import (
     fused_row_divergence,
     fused_row_divergence_applies,
     fused_row_divergence_call,
@@ -223,7 +223,7 @@ def kl_divergence(
         and (dim == -1 or dim == p.dim() - 1)
     ):
         # Probabilities, the gradient wanted for q only: the checks, then the sum by the ops
-        # below and q's gradient beside it (kernels/pointwise.py). Where the compiled part
+        # below and q's gradient beside it (kernels/row_divergence.py). Where the compiled part
         # serves the checks, one call makes both and the result (float64 stays with the
         # composed form, as fused_may_serve has it); where a check would fail, it declines,
         # and the Python checks below raise.

@@ -229,7 +229,7 @@ bool logits_ok(const at::Tensor& x) {
 
 }  // namespace
 
-// ---- the element-wise likelihood losses (kernels/pointwise.py's elementwise_forward) -------
+// ---- the element-wise likelihood losses (kernels/likelihood.py's elementwise_forward) ------
 // poisson_nll, gaussian_nll, kl_div and sigmoid_focal: the loss by the composed form's own
 // ops and the gradient written out beside it, op for op as the Python form (see the comment
 // above ElementwiseOptions there for the math). A Python float operand is a wrapped number
@@ -365,7 +365,7 @@ py::object elementwise_loss(const at::Tensor& input, const at::Tensor& target, c
 
 }  // namespace
 
-// ---- the target-probability losses on logits (kernels/pointwise.py's target_prob_forward) --
+// ---- the target-probability losses on logits (kernels/target_probability.py's target_prob_forward)
 // softmax_focal_loss and poly1_cross_entropy of [N, C] logits: the log-softmax read at the
 // target and the gradient c (onehot(y) - softmax), op for op as the Python form.
 
@@ -449,7 +449,7 @@ py::object target_prob_loss(const at::Tensor& input, const at::Tensor& target, c
 
 }  // namespace
 
-// ---- the row divergences (kernels/pointwise.py's row_divergence_forward) ----------------------
+// ---- the row divergences (kernels/row_divergence.py's row_divergence_forward) -----------------
 // functional.js_divergence of a student against a fixed teacher and info.kl_divergence of
 // checked probabilities, rows along the last dimension: the rows by the composed form's ops
 // and the student's gradient kept from their terms, op for op as the Python form.
@@ -549,11 +549,11 @@ void register_pointwise(py::module& m) {
   m.def("pointwise_regression", &pointwise_regression,
         "the fused pointwise regression losses' forward (kernels/pointwise.py's pointwise_forward)");
   m.def("elementwise_loss", &elementwise_loss,
-        "the fused element-wise likelihood losses' forward (kernels/pointwise.py's elementwise_forward)");
+        "the fused element-wise likelihood losses' forward (kernels/likelihood.py's elementwise_forward)");
   m.def("target_prob_loss", &target_prob_loss,
-        "the fused focal and poly-1 losses' forward (kernels/pointwise.py's target_prob_forward)");
+        "the fused focal and poly-1 losses' forward (kernels/target_probability.py's target_prob_forward)");
   m.def("row_divergence", &row_divergence,
-        "the fused row divergences' forward (kernels/pointwise.py's row_divergence_forward)");
+        "the fused row divergences' forward (kernels/row_divergence.py's row_divergence_forward)");
   m.def("distribution_ok", &distribution_ok, "whether losskit.info's distribution checks pass");
   m.def("logits_ok", &logits_ok, "whether losskit.info's logit checks pass");
 }
