@@ -565,6 +565,12 @@ NOTES: dict[str, str] = {
     "functional.gaussian_nll_loss": F32_MATH,
     "functional.kl_div": F32_MATH,
     "functional.sigmoid_focal_loss": F32_MATH,
+    "functional.soft_margin_loss": F32_MATH,
+    "functional.multilabel_soft_margin_loss": F32_MATH,
+    "functional.margin_ranking_loss": F32_MATH,
+    "functional.hinge_embedding_loss": F32_MATH,
+    "functional.cosine_embedding_loss": F32_MATH,
+    "functional.triplet_margin_loss": F32_MATH,
     "functional.cross_entropy": "checks the class indices on the host and looks at the first rows for probabilities "
                                 "given as logits (a warning; CPU eager only)",
     "functional.nll_loss": CHECKS_TARGETS,
