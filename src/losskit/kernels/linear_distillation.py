@@ -195,8 +195,10 @@ def _chunk(s: Tensor, t: Tensor, target: Tensor | None, options: DistillationOpt
         rows = rows + (1.0 - beta) * kl_q
         if want_grad:
             grad = qr.sub_(q.mul_(kl_q.unsqueeze(1))).mul_(1.0 - beta)
-    rows = rows * options.weight_soft_loss
-    if grad is not None:
+    # A factor of 1 (the defaults) is left out: the product would be the same bits.
+    if options.weight_soft_loss != 1.0:
+        rows = rows * options.weight_soft_loss
+    if grad is not None and options.weight_soft_loss / temperature != 1.0:
         grad.mul_(options.weight_soft_loss / temperature)
     if hard_rows is not None:
         rows = rows + options.weight_hard_loss * hard_rows
@@ -384,6 +386,8 @@ fused_distillation = FusedOp(
     options=DistillationOptions,
     extras=(("int", "chunk_rows"),),
     forward=distillation_forward,
+    # distillation_forward and _chunk op for op in C++ (losskit/_native/src/posttraining.cpp).
+    native_forward="distillation",
     # reduction='none': the per-token grad_output is folded into each row's factor in backward.
     precomputes=lambda options: options.reduction != "none",
     recompute=distillation_recompute,

@@ -10,6 +10,9 @@
 // arithmetic on the floats (-beta * k * w) is kept in the same order.
 #include "losskit_native.h"
 
+#include <ATen/ScalarOps.h>
+
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -144,10 +147,146 @@ py::object kto(const at::Tensor& logps, const std::optional<at::Tensor>& ref_log
   return py::make_tuple(loss, grad_or_none(grad));
 }
 
+// losskit/_core/ops.py's log_softmax: (x - max) - log(sum(exp(x - max))).
+at::Tensor log_softmax(const at::Tensor& x) {
+  at::Tensor shifted = at::sub(x, x.amax({-1}, true));
+  return at::sub(shifted, shifted.exp().sum({-1}, true).log());
+}
+
+// losskit/kernels/linear_distillation.py's _chunk: (per-row loss, d loss / d s or undefined),
+// overwriting the buffers s and t.
+std::pair<at::Tensor, at::Tensor> distillation_chunk(at::Tensor s, at::Tensor t, const std::optional<at::Tensor>& target,
+                                                     double beta, double temperature, double weight_hard,
+                                                     double weight_soft, bool want_grad) {
+  at::Tensor hard_rows, hard_grad;
+  if (weight_hard != 0.0 && target.has_value()) {
+    at::Tensor column = target->unsqueeze(1);
+    at::Tensor log_q1 = log_softmax(s);
+    hard_rows = log_q1.gather(1, column).squeeze(1).neg();
+    if (want_grad) {
+      hard_grad = log_q1.exp_().scatter_add_(1, column, at::full_like(column, -1, log_q1.options()));
+    }
+  }
+  if (temperature != 1.0) {
+    s.div_(temperature);
+    t.div_(temperature);
+  }
+  at::Tensor log_q = log_softmax(s), log_p = log_softmax(t);
+  at::Tensor q = log_q.exp();
+  at::Tensor rows, grad;
+  if (beta == 0.0) {
+    at::Tensor p = log_p.exp();
+    rows = at::mul(p, at::where(at::gt(p, 0), at::sub(log_p, log_q), 0.0)).sum(-1);
+    if (want_grad) grad = q.sub_(p);
+  } else if (beta == 1.0) {
+    at::Tensor qr = at::mul(q, at::where(at::gt(q, 0), at::sub(log_q, log_p), 0.0));
+    rows = qr.sum(-1);
+    if (want_grad) grad = qr.sub_(q.mul_(rows.unsqueeze(1)));
+  } else {
+    at::Tensor p = log_p.exp();
+    at::Tensor m = at::add(at::mul(p, beta), at::mul(q, 1.0 - beta));
+    at::Tensor log_m = at::where(at::gt(m, 0), m, 1.0).log_();
+    rows = at::mul(at::mul(p, at::where(at::gt(p, 0), at::sub(log_p, log_m), 0.0)).sum(-1), beta);
+    at::Tensor qr = at::mul(q, at::where(at::gt(q, 0), at::sub(log_q, log_m), 0.0));
+    at::Tensor kl_q = qr.sum(-1);
+    rows = at::add(rows, at::mul(kl_q, 1.0 - beta));
+    if (want_grad) grad = qr.sub_(q.mul_(kl_q.unsqueeze(1))).mul_(1.0 - beta);
+  }
+  if (weight_soft != 1.0) rows = at::mul(rows, weight_soft);
+  if (grad.defined() && weight_soft / temperature != 1.0) grad.mul_(weight_soft / temperature);
+  if (hard_rows.defined()) {
+    rows = at::add(rows, at::mul(hard_rows, weight_hard));
+    if (hard_grad.defined()) grad.add_(hard_grad, weight_hard);
+  }
+  return {rows, grad};
+}
+
+// linear_distillation.py's distillation_forward: (loss, d loss / d student), or None.
+py::object distillation(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+                        const std::optional<at::Tensor>& valid, double beta, double temperature, int64_t ignore_index,
+                        double weight_hard, double weight_soft, const std::string& reduction, int64_t chunk_rows,
+                        const std::vector<bool>& needs) {
+  (void)ignore_index;  // the targets come validated, their mask in ``valid``
+  if (!plain_cpu(student) || !plain_cpu(teacher) || student.dim() < 1 || (target.has_value() && !target->is_cpu()) ||
+      (valid.has_value() && !valid->is_cpu())) {
+    return py::none();
+  }
+  const bool want_grad = needs[0];
+  at::Tensor loss, grad;
+  {
+    at::NoGradGuard no_grad;
+    auto [compute, out] = result_dtypes({&student, &teacher});
+    const int64_t num_classes = student.size(-1);
+    at::Tensor s_all = student.reshape({-1, num_classes}), t_all = teacher.reshape({-1, num_classes});
+    const int64_t n = s_all.size(0);
+    if (n == 0) return py::none();
+    // _row_factor: a number (factor_value) or one value per row (factor).
+    at::Tensor factor;
+    double factor_value = 1.0;
+    if (want_grad) {
+      if (reduction == "mean") {
+        if (valid.has_value()) {
+          factor = at::reciprocal(cast(valid->sum().clamp_min(1), compute));
+        } else {
+          factor_value = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
+        }
+      }
+      if (valid.has_value()) {
+        factor = factor.defined() ? at::where(*valid, factor, 0.0) : at::mul(valid->to(compute), factor_value);
+      }
+      grad = at::empty({n, num_classes}, s_all.options().dtype(compute));
+    }
+    at::Tensor losses = at::empty({n}, s_all.options().dtype(compute));
+    const int64_t size = std::max<int64_t>(1, std::min(chunk_rows, n));
+    for (int64_t start = 0; start < n; start += size) {
+      const int64_t stop = std::min(start + size, n);
+      at::Tensor s = s_all.slice(0, start, stop).to(compute, false, true, at::MemoryFormat::Contiguous);
+      at::Tensor t = t_all.slice(0, start, stop).to(compute, false, true, at::MemoryFormat::Contiguous);
+      at::Tensor chunk_valid;
+      if (valid.has_value()) {
+        chunk_valid = valid->slice(0, start, stop);
+        at::Tensor ignored = chunk_valid.logical_not().unsqueeze(1);
+        s.masked_fill_(ignored, 0.0);
+        t.masked_fill_(ignored, 0.0);
+      }
+      std::optional<at::Tensor> chunk_target;
+      if (target.has_value()) chunk_target = target->slice(0, start, stop);
+      auto [row_loss, grad_s] =
+          distillation_chunk(s, t, chunk_target, beta, temperature, weight_hard, weight_soft, want_grad);
+      losses.slice(0, start, stop).copy_(chunk_valid.defined() ? at::where(chunk_valid, row_loss, 0.0) : row_loss);
+      if (grad_s.defined()) {
+        at::Tensor part = grad.slice(0, start, stop);
+        if (factor.defined()) {
+          at::mul_out(part, grad_s, factor.slice(0, start, stop).unsqueeze(1));
+        } else {
+          at::mul_out(part, grad_s, at::native::wrapped_scalar_tensor(factor_value, grad_s.device()));
+        }
+      }
+    }
+    // reduce_rows
+    if (reduction == "none") {
+      loss = losses;
+    } else {
+      at::Tensor total = losses.sum();
+      if (reduction == "sum") {
+        loss = total;
+      } else if (!valid.has_value()) {
+        loss = at::div(total, static_cast<double>(std::max<int64_t>(n, 1)));
+      } else {
+        loss = at::div(total, cast(valid->sum().clamp_min(1), total.scalar_type()));
+      }
+    }
+    loss = cast(loss, out);
+    if (grad.defined()) grad = cast(grad.reshape(student.sizes()), student.scalar_type());
+  }
+  return py::make_tuple(loss, grad_or_none(grad));
+}
+
 }  // namespace
 
 void register_posttraining(py::module& m) {
   m.def("preference_pair", &preference_pair, "losskit.functional.preference's pair_forward (logistic, orpo)");
   m.def("kto", &kto, "losskit.functional.preference's kto_forward");
+  m.def("distillation", &distillation, "losskit.kernels.linear_distillation's distillation_forward");
 }
 LOSSKIT_REGISTER(register_posttraining)
