@@ -596,7 +596,16 @@ NOTES: dict[str, str] = {
     "functional.linear_cross_entropy": "never forms the [N, C] logits: chunks over tokens (less memory)",
     "functional.linear_log_probs": "never forms the [N, C] logits: forms each chunk again in backward (less memory)",
     "functional.linear_log_probs_and_entropy": "never forms the [N, C] logits: forms each chunk again in backward",
-    "functional.orpo_loss": "checks the log-probs are <= 0 on the host (checks mode 'full', the CPU default)",
+    "functional.dpo_loss": "computes bfloat16 in float32 (the written-out form computes in bfloat16)",
+    "functional.simpo_loss": "computes bfloat16 in float32 (the written-out form computes in bfloat16)",
+    "functional.cpo_loss": "computes bfloat16 in float32 (the written-out form computes in bfloat16)",
+    "functional.kto_loss": "computes bfloat16 in float32 (the written-out form computes in bfloat16)",
+    "functional.grpo_loss": "computes bfloat16 in float32 (the written-out form computes in bfloat16)",
+    "functional.orpo_loss": "checks the log-probs are <= 0 on the host (checks mode 'full', the CPU default); forms "
+                            "log(1 - e^x) in both of Maechler's branches (log1p(-e^x) loses digits near x = 0); "
+                            "bfloat16 in float32 (the written-out form computes in bfloat16)",
+    "functional.distillation_loss": "log-softmax as (x - max) - log sum exp(x - max), exact for large logits, and "
+                                    "0 log 0 = 0 guards on p, q and the mixture (a dozen passes per chunk)",
     "functional.linear_distillation_loss": "never forms either model's [N, V] logits: chunks over tokens (less "
                                            "memory)",
     "functional.topk_distillation_loss": "checks the cached teacher (ids in range and distinct, log-probabilities) "

@@ -51,8 +51,11 @@ import math
 import torch
 from torch import Tensor
 
+from dataclasses import dataclass
+
 from .._core.dtypes import cast, result_dtypes
 from .._core.validation import check_floating
+from ..kernels.fused_op import FusedOp, Replay, fused_may_serve
 
 __all__ = ["grpo_loss"]
 
@@ -150,6 +153,22 @@ def grpo_loss(
     _check_options(fn, loss_type, importance_sampling_level, beta, epsilon_low, epsilon_high, max_completion_length,
                    num_items, delta, sapo_temperature_pos, sapo_temperature_neg, ref_log_probs)
     _check_tensors(fn, log_probs, old_log_probs, advantages, mask, ref_log_probs, num_items)
+
+    if (beta == 0.0 and delta is None and loss_type in _CLIPPED and importance_sampling_level == "token"
+            and old_log_probs is not None and not isinstance(num_items, Tensor) and log_probs.numel() > 0
+            and not (advantages.requires_grad and torch.is_grad_enabled())
+            and fused_may_serve(log_probs, old_log_probs, advantages)):
+        length = log_probs.shape[-1] if max_completion_length is None else max_completion_length
+        options = _clipped_options(loss_type, float(epsilon_low), float(epsilon_high), int(length),
+                                   None if num_items is None else float(num_items))
+        old = old_log_probs.detach()
+
+        def reference(lp: Tensor) -> Tensor:
+            return grpo_loss(lp, old, advantages, mask, beta=0.0, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                             loss_type=loss_type, max_completion_length=max_completion_length, num_items=num_items)
+
+        return fused_clipped(log_probs, old, advantages, mask, options=options,
+                             replay=Replay(fn, reference, [log_probs]))
 
     tensors = [log_probs, advantages] + [t for t in (old_log_probs, ref_log_probs) if t is not None]
     compute, out = result_dtypes(*tensors)
@@ -273,3 +292,86 @@ def _check_tensors(fn, log_probs, old_log_probs, advantages, mask, ref_log_probs
             raise ValueError(f"{fn}: num_items must be a number or a 0-d tensor; got shape {tuple(num_items.shape)}")
         if num_items.is_complex():
             raise TypeError(f"{fn}: num_items must be a real count; got {num_items.dtype}")
+
+
+# ---- the fused clipped surrogate ---------------------------------------------------------------
+# The clipped loss types without the KL term (beta = 0, TRL's default since 0.19), token-level
+# ratios and no delta: the loss and the gradient of the log-probs in one pass, which the C++
+# node of losskit._native hands out in backward. Per counted token, with u = rho A and
+# c = clip(rho, 1 - eps_low, 1 + eps_high) A:
+#
+#   l = -min(u, c),   dl/d log pi = -u [u <= c]
+#
+# (du/d log pi = u; c's derivative is u inside the clip range, where u = c, and 0 outside it,
+# where the minimum picks c only if u > c; torch's minimum splits a tie's gradient in halves,
+# which add up to the same u), times the normaliser of the loss type.
+
+
+@dataclass(frozen=True)
+class ClippedOptions:
+    """loss_type: one of _CLIPPED; length: dr_grpo's L_max; num_items: dapo's N (None: this
+    batch's token count)."""
+
+    loss_type: str
+    epsilon_low: float
+    epsilon_high: float
+    length: int
+    num_items: float | None
+    reduction: str = "mean"
+
+
+_OPTIONS: dict = {}
+
+
+def _clipped_options(*values) -> ClippedOptions:
+    """The options object of these values, made once (building a frozen dataclass costs
+    microseconds, a fair share of a call at a batch of 64)."""
+    options = _OPTIONS.get(values)
+    if options is None:
+        if len(_OPTIONS) > 256:  # any float is a key: keep the cache bounded
+            _OPTIONS.clear()
+        options = _OPTIONS[values] = ClippedOptions(*values)
+    return options
+
+
+def clipped_forward(log_probs, old_log_probs, advantages, mask, *, options: ClippedOptions, needs):
+    """(loss, (d loss / d log_probs,)) of the fused clipped surrogate."""
+    compute, out = result_dtypes(log_probs, advantages, old_log_probs)
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    # Masked positions are replaced before any arithmetic (see grpo_loss).
+    log_ratio = torch.where(keep, cast(log_probs, compute), 0.0) - torch.where(keep, cast(old_log_probs, compute), 0.0)
+    ratio = torch.exp(log_ratio)
+    adv = cast(advantages, compute)
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else torch.where(keep, adv, 0.0)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - options.epsilon_low, 1 + options.epsilon_high) * adv
+    # -min(u, c) on the counted tokens, 0 elsewhere: ratio is 1 there and adv finite.
+    per_token = torch.where(keep, torch.minimum(unclipped, clipped), 0.0)
+    rows, loss_type = log_probs.shape[0], options.loss_type
+    if loss_type == "grpo":
+        # Each sequence over its own tokens, then the mean over sequences.
+        scale: Tensor | float = keep.sum(-1, keepdim=True).clamp(min=1).to(compute).mul_(-rows).reciprocal_()
+        loss = (per_token * scale).sum()
+    else:
+        if loss_type == "dr_grpo":
+            scale = -1.0 / (rows * options.length)
+        elif loss_type == "luspo":
+            scale = -1.0 / rows
+        elif loss_type == "bnpo" or options.num_items is None:
+            scale = keep.sum().clamp(min=1).to(compute).neg().reciprocal()
+        else:
+            scale = -1.0 / max(options.num_items, 1.0)
+        loss = per_token.sum() * scale
+    grad = None
+    if needs[0]:
+        grad = torch.where(keep & (unclipped <= clipped), unclipped, 0.0).mul_(scale).to(log_probs.dtype)
+    return loss.to(out), (grad,)
+
+
+fused_clipped = FusedOp(
+    "grpo_clipped",
+    tensors=("log_probs", "old_log_probs", "advantages", "mask"),
+    differentiable=1,
+    options=ClippedOptions,
+    forward=clipped_forward,
+)

@@ -54,10 +54,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core.checks import check_values
+from dataclasses import dataclass
+
+from .._core.checks import check_values, effective_mode
 from .._core.dtypes import cast, result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import at_index, check_floating, first_index
+from ..kernels.fused_op import FusedOp, Replay, eager_native, fused_may_serve
 
 __all__ = ["cpo_loss", "dpo_loss", "kto_loss", "orpo_loss", "simpo_loss"]
 
@@ -115,6 +118,193 @@ def _refs(fn: str, ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor |
         raise ValueError(f"{fn}: {missing} is None but its partner is given; pass both reference log-probs, "
                          "or neither for a reference-free loss")
     return ref_chosen_logps is not None
+
+
+# ---- the fused forms: loss and gradient in one pass ------------------------------------------------
+# The logistic losses (DPO's sigmoid, SimPO, CPO), ORPO and KTO are a few elementwise
+# operations per pair; their composed forms cost a dozen autograd nodes, which at a batch of
+# 64 is the whole time of a call. The fused forms below make the loss and the gradients of
+# the policy log-probs in forward (the C++ node of losskit._native hands them out in
+# backward), with the written-out derivatives:
+#
+#   logistic  l = -(1 - e) log s(z) - e log s(-z),  z = beta h - gamma
+#             dl/dz = -(1 - e) s(-z) + e s(z);  dz/d chosen = beta = -dz/d rejected
+#   orpo      l = -beta log s(L),  L = (c - r) - (log(1 - e^c) - log(1 - e^r))
+#             dl/dL = -beta s(-L);  dL/dc = -1 / expm1(c),  dL/dr = 1 / expm1(r)
+#   kto       l = w s(u),  u = -beta (r - z0) (desirable), beta (r - z0) (undesirable)
+#             dl/dr = w s(u) (1 - s(u)) du/dr  (sigmoid's own backward: s (1 - s))
+#
+# times 1 / (number of pairs) for 'mean'. losskit._native's preference_pair and kto
+# (src/posttraining.cpp) are these functions op for op, with the same bits
+# (tests/test_native.py); float64 stays on the composed path (fused_may_serve), which is
+# also the double-backward replay.
+
+
+@dataclass(frozen=True)
+class PairOptions:
+    """kind: 'logistic' or 'orpo'; gamma: SimPO's margin (0 otherwise); label_smoothing:
+    the logistic losses' epsilon."""
+
+    kind: str
+    beta: float
+    gamma: float
+    label_smoothing: float
+    reduction: str
+
+
+@dataclass(frozen=True)
+class KtoOptions:
+    beta: float
+    z0: float
+    desirable_weight: float
+    undesirable_weight: float
+    reduction: str
+
+
+_OPTIONS: dict = {}
+
+
+def _options(cls, *values):
+    """The options object of these values, made once (a frozen dataclass costs microseconds
+    to build, a fair share of a call at a batch of 64)."""
+    key = (cls, *values)
+    options = _OPTIONS.get(key)
+    if options is None:
+        if len(_OPTIONS) > 256:  # any float is a key: keep the cache bounded
+            _OPTIONS.clear()
+        options = _OPTIONS[key] = cls(*values)
+    return options
+
+
+def _mean_factor(n: int, reduction: str) -> float:
+    return 1.0 / n if reduction == "mean" else 1.0
+
+
+def _reduce_negated(terms: Tensor, reduction: str) -> Tensor:
+    """-terms reduced: the negation on the scalar, not on every term."""
+    if reduction == "none":
+        return terms.neg()
+    return (terms.mean() if reduction == "mean" else terms.sum()).neg()
+
+
+def pair_forward(chosen, rejected, ref_chosen, ref_rejected, *, options: PairOptions, needs, check: bool):
+    """(loss, (d/d chosen, d/d rejected)) of the fused pair losses (``check`` serves the
+    compiled form only: the Python caller has checked the values already)."""
+    compute, out = result_dtypes(chosen, rejected, ref_chosen, ref_rejected)
+    c, r = cast(chosen, compute), cast(rejected, compute)
+    beta, reduction = options.beta, options.reduction
+    k = _mean_factor(chosen.numel(), reduction)
+    if options.kind == "orpo":
+        n = c.numel()
+        x = torch.cat([c.reshape(-1), r.reshape(-1)])
+        # log(1 - e^x), Maechler's two branches (see _log1mexp), both formed on every value:
+        # no gradient passes through them here, so the unused branch's inf is harmless.
+        em = torch.expm1(x)
+        low = x < -math.log(2)
+        log1mexp = torch.where(low, torch.log1p(torch.exp(x).neg_()), torch.log(em.neg()))
+        log_odds = (c - r).reshape(-1) - (log1mexp[:n] - log1mexp[n:])
+        ls = F.logsigmoid(log_odds)
+        loss = reduce_loss((ls * -beta).reshape(chosen.shape), reduction)
+        grads = [None, None]
+        if needs[0] or needs[1]:
+            sk = torch.sigmoid(log_odds.neg()) * (beta * k)
+            grads[0] = (sk / em[:n]).reshape(chosen.shape) if needs[0] else None
+            grads[1] = (sk.neg() / em[n:]).reshape(rejected.shape) if needs[1] else None
+    else:
+        h = c - r if ref_chosen is None else (c - cast(ref_chosen, compute)) - (r - cast(ref_rejected, compute))
+        z = h * beta
+        if options.gamma != 0.0:
+            z = z - options.gamma
+        eps = options.label_smoothing
+        ls = F.logsigmoid(z)
+        if eps == 0.0:
+            loss = _reduce_negated(ls, reduction)
+        else:
+            loss = reduce_loss(ls * -(1 - eps) - F.logsigmoid(z.neg()) * eps, reduction)
+        grads = [None, None]
+        if needs[0] or needs[1]:
+            # dl/dz times beta k; the rejected side's is its negative (an exact negation).
+            dz = torch.sigmoid(z.neg())
+            if eps != 0.0:
+                dz = dz * (1 - eps) - torch.sigmoid(z) * eps
+            grads[0] = dz * (-beta * k) if needs[0] else None
+            grads[1] = dz * (beta * k) if needs[1] else None
+    return loss.to(out), (None if grads[0] is None else grads[0].to(chosen.dtype),
+                          None if grads[1] is None else grads[1].to(rejected.dtype))
+
+
+fused_pair = FusedOp(
+    "preference_pair",
+    tensors=("chosen", "rejected", "ref_chosen?", "ref_rejected?"),
+    differentiable=2,
+    options=PairOptions,
+    extras=(("bool", "check"),),
+    forward=pair_forward,
+    unreduced="elements",
+    native_forward="preference_pair",
+)
+
+
+def kto_forward(logps, ref_logps, desirable, *, options: KtoOptions, needs):
+    """(loss, (d/d logps,)) of the fused KTO loss with a number for z0."""
+    compute, out = result_dtypes(logps, ref_logps)
+    r = cast(logps, compute)
+    if ref_logps is not None:
+        r = r - cast(ref_logps, compute)
+    beta, reduction = options.beta, options.reduction
+    wd, wu = options.desirable_weight, options.undesirable_weight
+    a = (r - options.z0 if options.z0 != 0.0 else r) * beta
+    s = torch.sigmoid(torch.where(desirable, a.neg(), a))
+    loss = reduce_loss(s if wd == 1.0 and wu == 1.0 else torch.where(desirable, s * wd, s * wu), reduction)
+    grad = None
+    if needs[0]:
+        k = _mean_factor(logps.numel(), reduction)
+        ds = s * (1 - s)  # sigmoid's backward, as autograd forms it
+        grad = torch.where(desirable, ds * (-beta * k * wd), ds * (beta * k * wu)).to(logps.dtype)
+    return loss.to(out), (grad,)
+
+
+fused_kto = FusedOp(
+    "kto",
+    tensors=("logps", "ref_logps?", "desirable"),
+    differentiable=1,
+    options=KtoOptions,
+    forward=kto_forward,
+    unreduced="elements",
+    native_forward="kto",
+)
+
+
+def _pair_call(fn: str, reference, chosen: Tensor, rejected: Tensor, ref_chosen: Tensor | None,
+               ref_rejected: Tensor | None, options: PairOptions) -> Tensor:
+    """The fused loss of a pair call, by the compiled form where it serves (ORPO's value
+    check included: it declines a call with a positive log-prob, which the Python check
+    below then reports), else the checks and FusedOp."""
+    if ref_chosen is not None:
+        ref_chosen, ref_rejected = ref_chosen.detach(), ref_rejected.detach()
+    check = options.kind == "orpo"
+    native = eager_native(chosen, rejected, ref_chosen, ref_rejected)
+    if native is not None:
+        grad_mode = torch.is_grad_enabled()
+        needs = [grad_mode and chosen.requires_grad, grad_mode and rejected.requires_grad]
+        made = native.preference_pair(chosen, rejected, ref_chosen, ref_rejected, options.kind, options.beta,
+                                      options.gamma, options.label_smoothing, options.reduction,
+                                      check and effective_mode(chosen) == "full", needs)
+        if made is not None:
+            if not any(needs):
+                return made[0]
+            return fused_pair.attach(native, made[0], [chosen, rejected], made[1:], options.reduction == "none",
+                                     Replay(fn, reference, [chosen, rejected]))
+    if check:
+        for name, t in (("chosen_logps", chosen), ("rejected_logps", rejected)):
+            _check_not_positive(t, name, fn)
+    return fused_pair(chosen, rejected, ref_chosen, ref_rejected, options=options,
+                      replay=Replay(fn, reference, [chosen, rejected]), check=False)
+
+
+def _fused_serves(*tensors: Tensor | None) -> bool:
+    """Non-empty tensors the fused kernels may serve (float64 stays composed)."""
+    return tensors[0].numel() > 0 and fused_may_serve(*[t for t in tensors if t is not None])
 
 
 # ---- DPO ------------------------------------------------------------------------------------------
@@ -200,15 +390,21 @@ def dpo_loss(
     _check_logps(fn, chosen_logps=chosen_logps, rejected_logps=rejected_logps,
                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
 
-    tensors = [chosen_logps, rejected_logps] + ([ref_chosen_logps, ref_rejected_logps] if has_ref else [])
-    compute, out = result_dtypes(*tensors)
-    chosen, rejected = cast(chosen_logps, compute), cast(rejected_logps, compute)
-    if has_ref:
-        # The reference model is frozen: its log-probs are constants of the objective.
-        chosen = chosen - cast(ref_chosen_logps.detach(), compute)
-        rejected = rejected - cast(ref_rejected_logps.detach(), compute)
-    loss = _dpo_terms(chosen, rejected, beta, loss_type, label_smoothing, discopop_tau)
-    return reduce_loss(loss, reduction).to(out)
+    def reference(chosen_logps: Tensor, rejected_logps: Tensor) -> Tensor:
+        tensors = [chosen_logps, rejected_logps] + ([ref_chosen_logps, ref_rejected_logps] if has_ref else [])
+        compute, out = result_dtypes(*tensors)
+        chosen, rejected = cast(chosen_logps, compute), cast(rejected_logps, compute)
+        if has_ref:
+            # The reference model is frozen: its log-probs are constants of the objective.
+            chosen = chosen - cast(ref_chosen_logps.detach(), compute)
+            rejected = rejected - cast(ref_rejected_logps.detach(), compute)
+        loss = _dpo_terms(chosen, rejected, beta, loss_type, label_smoothing, discopop_tau)
+        return reduce_loss(loss, reduction).to(out)
+
+    if loss_type == "sigmoid" and _fused_serves(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps):
+        return _pair_call(fn, reference, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                          _options(PairOptions, "logistic", float(beta), 0.0, float(label_smoothing), reduction))
+    return reference(chosen_logps, rejected_logps)
 
 
 def check_dpo_options(fn: str, beta: float, loss_type: str, label_smoothing: float, discopop_tau: float) -> None:
@@ -316,9 +512,17 @@ def simpo_loss(
     if not math.isfinite(gamma):
         raise ValueError(f"{fn}: gamma must be a finite number; got {gamma}")
     _check_logps(fn, chosen_logps=chosen_logps, rejected_logps=rejected_logps)
-    compute, out = result_dtypes(chosen_logps, rejected_logps)
-    z = beta * (cast(chosen_logps, compute) - cast(rejected_logps, compute)) - gamma
-    return reduce_loss(_smoothed_logistic(z, label_smoothing), reduction).to(out)
+
+    def reference(chosen_logps: Tensor, rejected_logps: Tensor) -> Tensor:
+        compute, out = result_dtypes(chosen_logps, rejected_logps)
+        z = beta * (cast(chosen_logps, compute) - cast(rejected_logps, compute)) - gamma
+        return reduce_loss(_smoothed_logistic(z, label_smoothing), reduction).to(out)
+
+    if _fused_serves(chosen_logps, rejected_logps):
+        return _pair_call(fn, reference, chosen_logps, rejected_logps, None, None,
+                          _options(PairOptions, "logistic", float(beta), float(gamma), float(label_smoothing),
+                                   reduction))
+    return reference(chosen_logps, rejected_logps)
 
 
 def cpo_loss(
@@ -367,9 +571,16 @@ def cpo_loss(
     _check_beta(beta, fn)
     _check_smoothing(label_smoothing, fn)
     _check_logps(fn, chosen_logps=chosen_logps, rejected_logps=rejected_logps)
-    compute, out = result_dtypes(chosen_logps, rejected_logps)
-    z = beta * (cast(chosen_logps, compute) - cast(rejected_logps, compute))
-    return reduce_loss(_smoothed_logistic(z, label_smoothing), reduction).to(out)
+
+    def reference(chosen_logps: Tensor, rejected_logps: Tensor) -> Tensor:
+        compute, out = result_dtypes(chosen_logps, rejected_logps)
+        z = beta * (cast(chosen_logps, compute) - cast(rejected_logps, compute))
+        return reduce_loss(_smoothed_logistic(z, label_smoothing), reduction).to(out)
+
+    if _fused_serves(chosen_logps, rejected_logps):
+        return _pair_call(fn, reference, chosen_logps, rejected_logps, None, None,
+                          _options(PairOptions, "logistic", float(beta), 0.0, float(label_smoothing), reduction))
+    return reference(chosen_logps, rejected_logps)
 
 
 # ---- ORPO -----------------------------------------------------------------------------------------
@@ -425,12 +636,19 @@ def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 0.1
     reduction = resolve_reduction(None, None, reduction)
     _check_beta(beta, fn)
     _check_logps(fn, chosen_logps=chosen_logps, rejected_logps=rejected_logps)
+
+    def reference(chosen_logps: Tensor, rejected_logps: Tensor) -> Tensor:
+        compute, out = result_dtypes(chosen_logps, rejected_logps)
+        c, r = cast(chosen_logps, compute), cast(rejected_logps, compute)
+        log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
+        return reduce_loss(-beta * F.logsigmoid(log_odds), reduction).to(out)
+
+    if _fused_serves(chosen_logps, rejected_logps):  # the values are checked there
+        return _pair_call(fn, reference, chosen_logps, rejected_logps, None, None,
+                          _options(PairOptions, "orpo", float(beta), 0.0, 0.0, reduction))
     for name, t in (("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps)):
         _check_not_positive(t, name, fn)
-    compute, out = result_dtypes(chosen_logps, rejected_logps)
-    c, r = cast(chosen_logps, compute), cast(rejected_logps, compute)
-    log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
-    return reduce_loss(-beta * F.logsigmoid(log_odds), reduction).to(out)
+    return reference(chosen_logps, rejected_logps)
 
 
 def _check_not_positive(t: Tensor, name: str, fn: str) -> None:
@@ -520,6 +738,17 @@ def kto_loss(
                              f"{tuple(shape)}") from None
     elif kl is not None and not math.isfinite(kl):
         raise ValueError(f"{fn}: kl must be a finite number, a tensor or None; got {kl}")
+
+    if not isinstance(kl, Tensor) and _fused_serves(logps, ref_logps):
+        z0_value = 0.0 if kl is None else max(float(kl), 0.0)
+        ref = None if ref_logps is None else ref_logps.detach()
+        options = _options(KtoOptions, float(beta), z0_value, float(desirable_weight), float(undesirable_weight),
+                           reduction)
+        return fused_kto(logps, ref, desirable, options=options,
+                         replay=Replay(fn, lambda x: kto_loss(x, ref_logps, desirable, beta=beta, kl=kl,
+                                                              desirable_weight=desirable_weight,
+                                                              undesirable_weight=undesirable_weight,
+                                                              reduction=reduction), [logps]))
 
     tensors = [logps] + ([ref_logps] if ref_logps is not None else [])
     compute, out = result_dtypes(*tensors)

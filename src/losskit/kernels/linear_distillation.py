@@ -195,8 +195,10 @@ def _chunk(s: Tensor, t: Tensor, target: Tensor | None, options: DistillationOpt
         rows = rows + (1.0 - beta) * kl_q
         if want_grad:
             grad = qr.sub_(q.mul_(kl_q.unsqueeze(1))).mul_(1.0 - beta)
-    rows = rows * options.weight_soft_loss
-    if grad is not None:
+    # A factor of 1 (the defaults) is left out: the product would be the same bits.
+    if options.weight_soft_loss != 1.0:
+        rows = rows * options.weight_soft_loss
+    if grad is not None and options.weight_soft_loss / temperature != 1.0:
         grad.mul_(options.weight_soft_loss / temperature)
     if hard_rows is not None:
         rows = rows + options.weight_hard_loss * hard_rows
@@ -316,4 +318,77 @@ fused_linear_distillation = FusedOp(
     # tokens: reduction='none' keeps the inputs and makes the gradients in backward.
     precomputes=lambda options: options.reduction != "none",
     recompute=linear_distillation_recompute,
+)
+
+
+# ---- the same loss from both models' logits ----------------------------------------------------
+def distillation_forward(student, teacher, target, valid, *, options: DistillationOptions, needs, chunk_rows: int):
+    """(loss, (d loss / d student,)) of :func:`losskit.functional.distillation_loss` from
+    logits ``[..., V]``, by :func:`_chunk` over chunks of ``chunk_rows`` token rows: the loss
+    and the student's gradient in one pass (the composed path forms the log-space mixture
+    with its guarded logaddexp and keeps every intermediate for autograd). The teacher
+    gets no gradient here; a call whose teacher wants one takes the composed path. The
+    gradient is in the student's dtype, the loss in the promoted dtype of both."""
+    compute, out = result_dtypes(student, teacher)
+    num_classes = student.shape[-1]
+    s_all, t_all = student.reshape(-1, num_classes), teacher.reshape(-1, num_classes)
+    n = s_all.shape[0]
+    want_grad = bool(needs[0])
+    factor = _row_factor(valid, n, options, compute, None) if want_grad else None
+    grad = torch.empty((n, num_classes), dtype=compute, device=student.device) if want_grad else None
+    losses = s_all.new_empty(n, dtype=compute)
+    size = max(1, min(chunk_rows, n))
+    for start in range(0, n, size):
+        rows = slice(start, min(start + size, n))
+        # _chunk overwrites its buffers: fresh copies in the compute dtype.
+        s = s_all[rows].to(compute, copy=True, memory_format=torch.contiguous_format)
+        t = t_all[rows].to(compute, copy=True, memory_format=torch.contiguous_format)
+        chunk_valid = None if valid is None else valid[rows]
+        if chunk_valid is not None:
+            # An ignored token's logits may hold anything (inf, nan): read as 0, they pass
+            # nothing to the loss or to the gradient.
+            s.masked_fill_(~chunk_valid.unsqueeze(1), 0.0)
+            t.masked_fill_(~chunk_valid.unsqueeze(1), 0.0)
+        row_loss, grad_s = _chunk(s, t, None if target is None else target[rows], options, want_grad)
+        losses[rows] = row_loss if chunk_valid is None else torch.where(chunk_valid, row_loss, 0.0)
+        if grad_s is not None:
+            torch.mul(grad_s, factor[rows].unsqueeze(1) if isinstance(factor, Tensor) else factor, out=grad[rows])
+    loss = reduce_rows(losses, valid, options.reduction).to(out)
+    return loss, (None if grad is None else grad.reshape(student.shape).to(student.dtype),)
+
+
+def distillation_recompute(student, teacher, target, valid, *, options: DistillationOptions, needs,
+                           grad_output: Tensor, chunk_rows: int):
+    """reduction='none': the student's gradient with each token's grad_output in its row factor."""
+    compute, _ = result_dtypes(student, teacher)
+    num_classes = student.shape[-1]
+    s_all, t_all = student.reshape(-1, num_classes), teacher.reshape(-1, num_classes)
+    n = s_all.shape[0]
+    factor = _row_factor(valid, n, options, compute, grad_output)
+    grad = torch.empty((n, num_classes), dtype=compute, device=student.device)
+    size = max(1, min(chunk_rows, n))
+    for start in range(0, n, size):
+        rows = slice(start, min(start + size, n))
+        s = s_all[rows].to(compute, copy=True, memory_format=torch.contiguous_format)
+        t = t_all[rows].to(compute, copy=True, memory_format=torch.contiguous_format)
+        if valid is not None:
+            s.masked_fill_(~valid[rows].unsqueeze(1), 0.0)
+            t.masked_fill_(~valid[rows].unsqueeze(1), 0.0)
+        _, grad_s = _chunk(s, t, None if target is None else target[rows], options, True)
+        torch.mul(grad_s, factor[rows].unsqueeze(1), out=grad[rows])
+    return (grad.reshape(student.shape).to(student.dtype),)
+
+
+fused_distillation = FusedOp(
+    "distillation",
+    tensors=("student", "teacher", "target?", "valid?"),
+    differentiable=1,
+    options=DistillationOptions,
+    extras=(("int", "chunk_rows"),),
+    forward=distillation_forward,
+    # distillation_forward and _chunk op for op in C++ (losskit/_native/src/posttraining.cpp).
+    native_forward="distillation",
+    # reduction='none': the per-token grad_output is folded into each row's factor in backward.
+    precomputes=lambda options: options.reduction != "none",
+    recompute=distillation_recompute,
 )
