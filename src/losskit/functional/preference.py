@@ -49,12 +49,11 @@ returns one loss per pair (example).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from dataclasses import dataclass
 
 from .._core.checks import check_values, effective_mode
 from .._core.dtypes import cast, result_dtypes
