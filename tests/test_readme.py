@@ -52,11 +52,20 @@ def test_the_catalog_bench_figures_are_those_of_its_csv():
                    and r["ratio_to_torch"]]
     before = {(r["kernel"], r["size"], r["shape"]): f"{float(r['ratio_to_torch']):.2f}x" for r in before_rows
               if r["dtype"] == "float32"}
-    pairs = re.findall(r"^\| `([\w.]+)` \| (small|large) (\S+) \| ([\d.]+x) \| ([\d.]+x) \|$", compiled, re.M)
-    assert len(pairs) >= 10, "the compiled part's before / after table is missing"
-    for kernel, size, shape, was, now in pairs:
-        assert before[(kernel, size, shape)] == was, (kernel, size, "before")
-        assert ratios[(kernel, size, shape, "float32")] == now, (kernel, size, "after")
+    compiled, this_round = compiled.split("**This round.**", 1)
+    # ... and the table of this round: the previous run (kept beside) and this one.
+    previous_rows = [r for r in csv.DictReader((README.parent / "benchmarks" / "results" /
+                                                "catalog-previous.csv").open())
+                     if r["mode"] == "full" and r["metric"] == "time" and r["provider"] == "losskit"
+                     and r["ratio_to_torch"] and r["dtype"] == "float32"]
+    previous = {(r["kernel"], r["size"], r["shape"]): f"{float(r['ratio_to_torch']):.2f}x" for r in previous_rows}
+    pair_row = r"^\| `([\w.]+)` \| (small|large) (\S+) \| ([\d.]+x) \| ([\d.]+x) \|$"
+    for part, earlier, least in ((compiled, before, 10), (this_round, previous, 10)):
+        pairs = re.findall(pair_row, part, re.M)
+        assert len(pairs) >= least, "a before / after table is missing"
+        for kernel, size, shape, was, now in pairs:
+            assert earlier[(kernel, size, shape)] == was, (kernel, size, "before")
+            assert ratios[(kernel, size, shape, "float32")] == now, (kernel, size, "after")
 
 
 def test_the_before_after_figures_are_those_of_its_csv():
