@@ -24,9 +24,13 @@ tour: install
 	$(BIN)/losskit tour
 
 # LOSSKIT_NATIVE=require: a missing compiled part fails the suite instead of leaving every
-# loss on its Python form unnoticed (tests/test_native.py compares the two).
+# loss on its Python form unnoticed (tests/test_native.py compares the two). One pytest
+# process per core (pytest-xdist); an idle one takes tests from the other's queue, so that
+# the long files (the torch.compile cases, the ahead-of-time Triton compiles) end together.
+# The processes share inductor's on-disk cache of compiled graphs.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, len(os.sched_getaffinity(0))))")
 test: install
-	LOSSKIT_NATIVE=require $(BIN)/python -m pytest
+	LOSSKIT_NATIVE=require $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # The differential fuzz against torch at full size: 2000 examples per loss (FUZZ_EXAMPLES),
 # tens of thousands of calls. The seed is printed; `make fuzz SEED=...` replays a run.

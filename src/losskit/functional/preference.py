@@ -653,7 +653,7 @@ def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 0.1
 def _check_not_positive(t: Tensor, name: str, fn: str) -> None:
     def report(bad: Tensor) -> Exception:
         where = first_index(bad)
-        return ValueError(f"{fn}: {name} must hold log-probabilities (<= 0); found {float(t[where]):g}"
+        return ValueError(f"{fn}: {name} must hold log-probabilities (<= 0); found {float(t.detach()[where]):g}"
                           f"{at_index(where)}")
 
     check_values(t, lambda: t > 0, report, f"{fn}: {name} must hold log-probabilities (<= 0)")
