@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 from .._core.dtypes import cast, result_dtypes
 from .._core.validation import check_floating
-from ..kernels.fused_op import FusedOp, Replay, fused_may_serve
+from ..kernels.fused_op import FusedOp, Replay, fused_may_serve, remembered_options
 
 __all__ = ["grpo_loss"]
 
@@ -159,7 +159,7 @@ def grpo_loss(
             and not (advantages.requires_grad and torch.is_grad_enabled())
             and fused_may_serve(log_probs, old_log_probs, advantages)):
         length = log_probs.shape[-1] if max_completion_length is None else max_completion_length
-        options = _clipped_options(loss_type, float(epsilon_low), float(epsilon_high), int(length),
+        options = remembered_options(ClippedOptions, loss_type, float(epsilon_low), float(epsilon_high), int(length),
                                    None if num_items is None else float(num_items))
         old = old_log_probs.detach()
 
@@ -318,20 +318,6 @@ class ClippedOptions:
     length: int
     num_items: float | None
     reduction: str = "mean"
-
-
-_OPTIONS: dict = {}
-
-
-def _clipped_options(*values) -> ClippedOptions:
-    """The options object of these values, made once (building a frozen dataclass costs
-    microseconds, a fair share of a call at a batch of 64)."""
-    options = _OPTIONS.get(values)
-    if options is None:
-        if len(_OPTIONS) > 256:  # any float is a key: keep the cache bounded
-            _OPTIONS.clear()
-        options = _OPTIONS[values] = ClippedOptions(*values)
-    return options
 
 
 def clipped_forward(log_probs, old_log_probs, advantages, mask, *, options: ClippedOptions, needs):

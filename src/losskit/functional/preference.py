@@ -59,7 +59,7 @@ from .._core.checks import check_values, effective_mode
 from .._core.dtypes import cast, result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import at_index, check_floating, first_index
-from ..kernels.fused_op import FusedOp, Replay, eager_native, fused_may_serve
+from ..kernels.fused_op import FusedOp, Replay, eager_native, fused_may_serve, remembered_options
 
 __all__ = ["cpo_loss", "dpo_loss", "kto_loss", "orpo_loss", "simpo_loss"]
 
@@ -158,21 +158,6 @@ class KtoOptions:
     desirable_weight: float
     undesirable_weight: float
     reduction: str
-
-
-_OPTIONS: dict = {}
-
-
-def _options(cls, *values):
-    """The options object of these values, made once (a frozen dataclass costs microseconds
-    to build, a fair share of a call at a batch of 64)."""
-    key = (cls, *values)
-    options = _OPTIONS.get(key)
-    if options is None:
-        if len(_OPTIONS) > 256:  # any float is a key: keep the cache bounded
-            _OPTIONS.clear()
-        options = _OPTIONS[key] = cls(*values)
-    return options
 
 
 def _mean_factor(n: int, reduction: str) -> float:
@@ -402,7 +387,8 @@ def dpo_loss(
 
     if loss_type == "sigmoid" and _fused_serves(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps):
         return _pair_call(fn, reference, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                          _options(PairOptions, "logistic", float(beta), 0.0, float(label_smoothing), reduction))
+                          remembered_options(PairOptions, "logistic", float(beta), 0.0, float(label_smoothing),
+                                             reduction))
     return reference(chosen_logps, rejected_logps)
 
 
@@ -519,7 +505,7 @@ def simpo_loss(
 
     if _fused_serves(chosen_logps, rejected_logps):
         return _pair_call(fn, reference, chosen_logps, rejected_logps, None, None,
-                          _options(PairOptions, "logistic", float(beta), float(gamma), float(label_smoothing),
+                          remembered_options(PairOptions, "logistic", float(beta), float(gamma), float(label_smoothing),
                                    reduction))
     return reference(chosen_logps, rejected_logps)
 
@@ -578,7 +564,8 @@ def cpo_loss(
 
     if _fused_serves(chosen_logps, rejected_logps):
         return _pair_call(fn, reference, chosen_logps, rejected_logps, None, None,
-                          _options(PairOptions, "logistic", float(beta), 0.0, float(label_smoothing), reduction))
+                          remembered_options(PairOptions, "logistic", float(beta), 0.0, float(label_smoothing),
+                                             reduction))
     return reference(chosen_logps, rejected_logps)
 
 
@@ -644,7 +631,7 @@ def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 0.1
 
     if _fused_serves(chosen_logps, rejected_logps):  # the values are checked there
         return _pair_call(fn, reference, chosen_logps, rejected_logps, None, None,
-                          _options(PairOptions, "orpo", float(beta), 0.0, 0.0, reduction))
+                          remembered_options(PairOptions, "orpo", float(beta), 0.0, 0.0, reduction))
     for name, t in (("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps)):
         _check_not_positive(t, name, fn)
     return reference(chosen_logps, rejected_logps)
@@ -741,8 +728,8 @@ def kto_loss(
     if not isinstance(kl, Tensor) and _fused_serves(logps, ref_logps):
         z0_value = 0.0 if kl is None else max(float(kl), 0.0)
         ref = None if ref_logps is None else ref_logps.detach()
-        options = _options(KtoOptions, float(beta), z0_value, float(desirable_weight), float(undesirable_weight),
-                           reduction)
+        options = remembered_options(KtoOptions, float(beta), z0_value, float(desirable_weight),
+                                     float(undesirable_weight), reduction)
         return fused_kto(logps, ref, desirable, options=options,
                          replay=Replay(fn, lambda x: kto_loss(x, ref_logps, desirable, beta=beta, kl=kl,
                                                               desirable_weight=desirable_weight,

@@ -321,6 +321,22 @@ class FusedOp:
         return (*grads, *([None] * (self.n_tensors - self.n_diff + len(ctx.args))))
 
 
+_REMEMBERED: dict = {}
+
+
+def remembered_options(cls: type, *values: Any) -> Any:
+    """``cls(*values)``, an options dataclass, made once per distinct values: building a
+    frozen dataclass costs microseconds, a fair share of a call at a batch of 64. Any float
+    is a key, so the memory is bounded (cleared past 256 entries)."""
+    key = (cls, *values)
+    options = _REMEMBERED.get(key)
+    if options is None:
+        if len(_REMEMBERED) > 256:
+            _REMEMBERED.clear()
+        options = _REMEMBERED[key] = cls(*values)
+    return options
+
+
 _native_loaded: list = []
 
 
