@@ -8,6 +8,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 
 #include <optional>
 #include <tuple>
@@ -72,8 +73,13 @@ bool written_out(const at::Tensor& x, const at::Tensor& y, int wk, int pk) {
 }
 
 // _bce_with_logits_chunk: (loss, gradient or undefined) of a chunk in the compute dtype.
+// ``loss_into`` / ``grad_into``, when defined, are where the written-out loop puts its
+// results (contiguous, of x's shape and dtype): the chunked caller's output rows, which
+// saves copying each chunk there.
 std::pair<at::Tensor, at::Tensor> bce_with_logits_chunk(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
-                                                        const at::Tensor& pw, bool with_grad, double scale) {
+                                                        const at::Tensor& pw, bool with_grad, double scale,
+                                                        at::Tensor loss_into = at::Tensor(),
+                                                        at::Tensor grad_into = at::Tensor()) {
   const int64_t cols = x.dim() ? x.size(-1) : 1;
   const int wk = weight_kind(w, x, cols), pk = weight_kind(pw, x, cols);
   if (written_out(x, y, wk, pk)) {
@@ -81,10 +87,18 @@ std::pair<at::Tensor, at::Tensor> bce_with_logits_chunk(const at::Tensor& x, con
     // in their results: loss = (1 - y) x - lw log_sigmoid, grad = (1 - y) - lw sigmoid(-x).
     at::Tensor lw;
     if (pw.defined()) lw = at::addcmul(at::sub(number(1.0, y), y), pw, y);
-    const auto forward = at::log_sigmoid_forward(x);
-    at::Tensor loss = std::get<0>(forward), buffer = std::get<1>(forward);
+    at::Tensor loss = loss_into.defined() ? loss_into : at::empty_like(x);
+    at::Tensor buffer = at::empty({0}, x.options());
+    at::log_sigmoid_forward_out(loss, buffer, x);
     at::Tensor grad;
-    if (with_grad) grad = lw.defined() ? at::log_sigmoid_backward(lw, x, buffer) : at::sigmoid(x.neg());
+    if (with_grad) {
+      grad = grad_into.defined() ? grad_into : at::empty_like(x);
+      if (lw.defined()) {
+        at::log_sigmoid_backward_out(grad, lw, x, buffer);
+      } else {
+        at::sigmoid_out(grad, x.neg());
+      }
+    }
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "losskit_bce_with_logits", [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
@@ -93,20 +107,23 @@ std::pair<at::Tensor, at::Tensor> bce_with_logits_chunk(const at::Tensor& x, con
       scalar_t* lp = loss.mutable_data_ptr<scalar_t>();
       scalar_t* gp = with_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
       const scalar_t factor = static_cast<scalar_t>(scale);
-      for (int64_t i = 0, n = x.numel(); i < n; ++i) {
-        const scalar_t not_y = scalar_t(1) - yp[i];
-        const scalar_t linear = not_y * xp[i];
-        const scalar_t weighted = lwp ? lp[i] * lwp[i] : lp[i];
-        scalar_t l = linear - weighted;
-        if (wp) l = l * weight_at(wp, wk, i, cols);
-        lp[i] = l;
-        if (gp) {
-          scalar_t g = not_y - gp[i];
-          if (wp) g = g * weight_at(wp, wk, i, cols);
-          if (scale != 1.0) g = g * factor;
-          gp[i] = g;
+      // Element by element, so the threads' split changes no bit.
+      at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const scalar_t not_y = scalar_t(1) - yp[i];
+          const scalar_t linear = not_y * xp[i];
+          const scalar_t weighted = lwp ? lp[i] * lwp[i] : lp[i];
+          scalar_t l = linear - weighted;
+          if (wp) l = l * weight_at(wp, wk, i, cols);
+          lp[i] = l;
+          if (gp) {
+            scalar_t g = not_y - gp[i];
+            if (wp) g = g * weight_at(wp, wk, i, cols);
+            if (scale != 1.0) g = g * factor;
+            gp[i] = g;
+          }
         }
-      }
+      });
     });
     return {loss, grad};
   }
@@ -160,14 +177,19 @@ Made bce_with_logits(const at::Tensor& input, const at::Tensor& target, const Op
   at::Tensor grad;
   if (with_grad) grad = at::empty(x.sizes(), x.options());
   const int64_t rows = x.size(0);
+  // A float input's rows are computed in place in the outputs (x is then contiguous, so its
+  // row slices are too); a half one's in float32, converted into them.
+  const bool in_place = dtype == compute && x.is_contiguous();
   for (int64_t start = 0; start < rows; start += step) {
     const int64_t end = std::min(start + step, rows);
+    at::Tensor loss_rows = loss.slice(0, start, end);
+    at::Tensor grad_rows = with_grad ? grad.slice(0, start, end) : at::Tensor();
     auto [chunk_loss, chunk_grad] = bce_with_logits_chunk(
         as(x.slice(0, start, end), compute), as(y.slice(0, start, end), compute),
         w.defined() ? w.slice(0, start, end) : at::Tensor(), pw.defined() ? pw.slice(0, start, end) : at::Tensor(),
-        with_grad, scale);
-    loss.slice(0, start, end).copy_(chunk_loss);
-    if (with_grad) grad.slice(0, start, end).copy_(chunk_grad);
+        with_grad, scale, in_place ? loss_rows : at::Tensor(), in_place ? grad_rows : at::Tensor());
+    if (!chunk_loss.is_same(loss_rows)) loss_rows.copy_(chunk_loss);
+    if (with_grad && !chunk_grad.is_same(grad_rows)) grad_rows.copy_(chunk_grad);
   }
   out.push_back(as(reduce(loss.view(shape), reduction), dtype));
   out.push_back(grad.defined() ? OptTensor(grad.view(shape)) : std::nullopt);
@@ -205,25 +227,28 @@ Made bce(const at::Tensor& input, const at::Tensor& target, const OptTensor& wei
       const scalar_t floor = static_cast<scalar_t>(-100.0), tiny = static_cast<scalar_t>(1e-12);
       const scalar_t count = static_cast<scalar_t>(static_cast<double>(x.numel()));
       const bool mean = reduction == "mean";
-      for (int64_t i = 0, n = x.numel(); i < n; ++i) {
-        // clamp_min as aten's: max(v, floor), a nan stays nan.
-        const scalar_t log_1mp = lp[i] < floor ? floor : lp[i];
-        const scalar_t log_pi = pp[i] < floor ? floor : pp[i];
-        const scalar_t negative = (scalar_t(1) - yp[i]) * log_1mp;
-        const scalar_t positive = yp[i] * log_pi;
-        scalar_t l = -(negative + positive);
-        if (wp) l = l * weight_at(wp, wk, i, cols);
-        lp[i] = l;
-        if (gp) {
-          const scalar_t diff = xp[i] - yp[i];
-          scalar_t denominator = (scalar_t(1) - xp[i]) * xp[i];
-          denominator = denominator < tiny ? tiny : denominator;
-          scalar_t g = diff / denominator;
-          if (wp) g = g * weight_at(wp, wk, i, cols);
-          if (mean) g = g / count;
-          gp[i] = g;
+      // Element by element, so the threads' split changes no bit.
+      at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          // clamp_min as aten's: max(v, floor), a nan stays nan.
+          const scalar_t log_1mp = lp[i] < floor ? floor : lp[i];
+          const scalar_t log_pi = pp[i] < floor ? floor : pp[i];
+          const scalar_t negative = (scalar_t(1) - yp[i]) * log_1mp;
+          const scalar_t positive = yp[i] * log_pi;
+          scalar_t l = -(negative + positive);
+          if (wp) l = l * weight_at(wp, wk, i, cols);
+          lp[i] = l;
+          if (gp) {
+            const scalar_t diff = xp[i] - yp[i];
+            scalar_t denominator = (scalar_t(1) - xp[i]) * xp[i];
+            denominator = denominator < tiny ? tiny : denominator;
+            scalar_t g = diff / denominator;
+            if (wp) g = g * weight_at(wp, wk, i, cols);
+            if (mean) g = g / count;
+            gp[i] = g;
+          }
         }
-      }
+      });
     });
     out.push_back(as(reduce(loss, reduction), input.scalar_type()));
     out.push_back(grad.defined() ? OptTensor(as(grad, input.scalar_type())) : std::nullopt);
