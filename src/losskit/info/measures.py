@@ -218,13 +218,11 @@ def cross_entropy(
     fn = "cross_entropy"
     broadcast_shape(p, q, ("p", "q"), fn)
     if not from_logits:
-        nats = _fused("info_ce", p, q, dim, fn, lambda x: -_xlogy(p, x).sum(-1))
+        nats = _fused("info_ce", p, q, dim, fn, lambda x: -_plogq(p, torch.log(x), -1))
         if nats is not None:
             return _in_base(nats, base, fn)
     log_p = _log_probs(p, "p", fn, dim, from_logits, log=from_logits)  # log p: only for the softmax
-    log_q = _log_probs(q, "q", fn, dim, from_logits, log=from_logits)
-    if not from_logits:  # probabilities: _xlogy's one op
-        return _in_base(-_xlogy(p, q).sum(dim), base, fn)
+    log_q = _log_probs(q, "q", fn, dim, from_logits)
     return _in_base(-_plogq(_probs(p, log_p, from_logits), log_q, dim), base, fn)
 
 

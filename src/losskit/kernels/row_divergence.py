@@ -17,14 +17,13 @@ formed by element-wise ops whose CPU kernels the compiled form (losskit._native'
 info_rows, src/pointwise.cpp) reproduces element by element, in one pass that also makes
 the value checks:
 
-  info_ce       H(p, q) = -sum_c xlogy(p_c, q_c)                 d / dq = -p / q
+  info_ce       H(p, q) = -sum_c p_c where(p_c > 0, log q_c, 0)   d / dq = -p / q
   info_entropy  H(p)    = -sum_c xlogy(p_c, p_c)                 d / dp = -(xlogy(p != 0, p) + p / p)
-  info_kl       KL(p||q) = sum_c where(p_c > 0, xlogy(p_c, p_c / q_c), 0)
+  info_kl       KL(p||q) = sum_c p_c where(p_c > 0, log p_c - log q_c, 0)
                                                                 d / dq = -where(p > 0, p, 0) / q
 
-the gradients being the composed forms' autograd chains (0 / 0 = nan where p = q = 0, and
-for the entropy where p = 0, as there). KL's log(p / q) keeps its digits where p is near q,
-as the composed form's log p - log q does (better: the ratio is rounded once, near 1).
+the rows being the composed forms' (info/measures.py) by the same ops, the gradients their
+autograd chains (0 / 0 = nan where p = q = 0, and for the entropy where p = 0, as there).
 """
 
 from __future__ import annotations
@@ -142,8 +141,10 @@ _INFO_KINDS = ("info_ce", "info_entropy", "info_kl")
 def _info_rows(kind: str, p: Tensor, q: Tensor) -> Tensor:
     """The rows of an info kind (see the module docstring), in nats."""
     if kind == "info_kl":
-        return torch.where(p > 0, torch.special.xlogy(p, p / q), 0.0).sum(-1)
-    return -torch.special.xlogy(p, p if kind == "info_entropy" else q).sum(-1)
+        return (p * torch.where(p > 0, torch.log(p) - torch.log(q), 0.0)).sum(-1)
+    if kind == "info_ce":
+        return -(p * torch.where(p > 0, torch.log(q), 0.0)).sum(-1)
+    return -torch.special.xlogy(p, p).sum(-1)
 
 
 def _info_grad(kind: str, p: Tensor, q: Tensor) -> Tensor:
