@@ -491,46 +491,56 @@ template <> struct CheckSlack<double> { static constexpr double eps = 0x1p-53, r
 template <> struct CheckSlack<at::BFloat16> { static constexpr double eps = 0x1p-24, rel = 0x1p-8; };
 template <> struct CheckSlack<at::Half> { static constexpr double eps = 0x1p-24, rel = 0x1p-11; };
 
+// One element of the pass: its term and gradient (see the comment above InfoKind).
+template <InfoKind kind, typename scalar_t>
+inline void info_element(scalar_t pv, scalar_t qv, scalar_t log_q, scalar_t& term, scalar_t& g) {
+  if constexpr (kind == InfoKind::kEntropy) {
+    term = xlogy_of(pv, pv);
+    g = -(xlogy_of(pv != 0 ? static_cast<scalar_t>(1) : static_cast<scalar_t>(0), pv) + pv / pv);
+  } else if constexpr (kind == InfoKind::kCrossEntropy) {  // term holds log q
+    term = pv * (pv > 0 ? term : static_cast<scalar_t>(0));
+    g = -(pv / qv);
+  } else {  // term holds log p
+    const bool positive = pv > 0;
+    term = pv * (positive ? static_cast<scalar_t>(term - log_q) : static_cast<scalar_t>(0));
+    g = static_cast<scalar_t>(-(positive ? pv : static_cast<scalar_t>(0))) / qv;
+  }
+}
+
 // The pass over rows x n elements of contiguous p (and q: null for the entropy). With
 // `check`, false where a value check would fail (then the outputs are not to be used).
-template <typename scalar_t>
-bool info_pass(InfoKind kind, const scalar_t* p, const scalar_t* q, const scalar_t* log_q, scalar_t* terms,
-               scalar_t* grad, int64_t rows, int64_t n, bool check, double tol) {
+// The kind is a template argument and each row sum has four partial sums (any order: the
+// check's slack covers it), so that the loop stays tight.
+template <InfoKind kind, typename scalar_t>
+bool info_pass(const scalar_t* p, const scalar_t* q, const scalar_t* log_q, scalar_t* terms, scalar_t* grad,
+               int64_t rows, int64_t n, bool check, double tol) {
   using Slack = CheckSlack<scalar_t>;
+  constexpr bool two = kind != InfoKind::kEntropy;
   std::atomic<bool> ok{true};
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end && ok.load(std::memory_order_relaxed); ++r) {
       const int64_t base = r * n;
-      double sum_p = 0.0, sum_q = 0.0;
+      const scalar_t* pr = p + base;
+      const scalar_t* qr = two ? q + base : pr;
+      const scalar_t* lr = kind == InfoKind::kKl ? log_q + base : pr;
+      scalar_t* tr = terms + base;
+      scalar_t* gr = grad != nullptr ? grad + base : nullptr;
+      double sp[4] = {0.0, 0.0, 0.0, 0.0}, sq[4] = {0.0, 0.0, 0.0, 0.0};
       bool inside = true;
       for (int64_t c = 0; c < n; ++c) {
-        const scalar_t pv = p[base + c];
-        const double pd = static_cast<double>(pv);
-        inside &= (pd >= 0.0) & (pd <= 1.0);
-        sum_p += pd;
-        scalar_t term, g;
-        if (kind == InfoKind::kEntropy) {
-          term = xlogy_of(pv, pv);
-          g = -(xlogy_of(pv != 0 ? static_cast<scalar_t>(1) : static_cast<scalar_t>(0), pv) + pv / pv);
-        } else {
-          const scalar_t qv = q[base + c];
-          const double qd = static_cast<double>(qv);
-          inside &= (qd >= 0.0) & (qd <= 1.0);
-          sum_q += qd;
-          const bool positive = pv > 0;
-          if (kind == InfoKind::kCrossEntropy) {  // terms holds log q
-            term = pv * (positive ? terms[base + c] : static_cast<scalar_t>(0));
-            g = -(pv / qv);
-          } else {  // terms holds log p
-            term = pv * (positive ? static_cast<scalar_t>(terms[base + c] - log_q[base + c]) : static_cast<scalar_t>(0));
-            g = static_cast<scalar_t>(-(positive ? pv : static_cast<scalar_t>(0))) / qv;
-          }
-        }
-        terms[base + c] = term;
-        if (grad != nullptr) grad[base + c] = g;
+        const scalar_t pv = pr[c], qv = qr[c];
+        const double pd = static_cast<double>(pv), qd = static_cast<double>(qv);
+        inside &= (pd >= 0.0) & (pd <= 1.0) & (qd >= 0.0) & (qd <= 1.0);
+        sp[c & 3] += pd;
+        sq[c & 3] += qd;
+        scalar_t term = tr[c], g;
+        info_element<kind>(pv, qv, lr[c], term, g);
+        tr[c] = term;
+        if (gr != nullptr) gr[c] = g;
       }
+      const double sum_p = (sp[0] + sp[1]) + (sp[2] + sp[3]), sum_q = (sq[0] + sq[1]) + (sq[2] + sq[3]);
       if (check && !(inside && sum_within(sum_p, n, tol, Slack::eps, Slack::rel) &&
-                     (kind == InfoKind::kEntropy || sum_within(sum_q, n, tol, Slack::eps, Slack::rel)))) {
+                     sum_within(sum_q, n, tol, Slack::eps, Slack::rel))) {
         ok.store(false, std::memory_order_relaxed);
       }
     }
@@ -569,10 +579,18 @@ std::pair<at::Tensor, at::Tensor> info_rows(const std::string& kind_name, const 
   if (want) grad = at::empty(pc.sizes(), pc.options());
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "losskit_info", [&] {
-    ok = info_pass<scalar_t>(kind, pc.const_data_ptr<scalar_t>(),
-                             kind == InfoKind::kEntropy ? nullptr : qc.const_data_ptr<scalar_t>(),
-                             log_q.defined() ? log_q.const_data_ptr<scalar_t>() : nullptr, terms.mutable_data_ptr<scalar_t>(), want ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-                             rows, n, check, tol);
+    const scalar_t* pp = pc.const_data_ptr<scalar_t>();
+    const scalar_t* qp = qc.const_data_ptr<scalar_t>();  // p itself for the entropy
+    const scalar_t* lq = log_q.defined() ? log_q.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* tp = terms.mutable_data_ptr<scalar_t>();
+    scalar_t* gp = want ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    if (kind == InfoKind::kEntropy) {
+      ok = info_pass<InfoKind::kEntropy>(pp, qp, lq, tp, gp, rows, n, check, tol);
+    } else if (kind == InfoKind::kCrossEntropy) {
+      ok = info_pass<InfoKind::kCrossEntropy>(pp, qp, lq, tp, gp, rows, n, check, tol);
+    } else {
+      ok = info_pass<InfoKind::kKl>(pp, qp, lq, tp, gp, rows, n, check, tol);
+    }
   });
   if (!ok) {
     *failed = true;
