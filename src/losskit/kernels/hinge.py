@@ -13,9 +13,10 @@ gradient is the only full-size buffer kept for backward (the composed form keeps
 labels, the scores' product and the clamp's input).
 
 The 0/1 test is a 0-d tensor here (no host sync, no graph break); the compiled form
-(losskit._native's hinge_eager, src/hinge.cpp) reads it on the host, in the pass that
-forms the labels, and then computes this file's ops element by element, with the same
-bits (tests/test_native_kinfo.py), in one pass over the scores instead of eight.
+(losskit._native's hinge_eager, src/hinge.cpp) reads the labels on the host, stopping at
+the first one that is neither 0 nor 1 (with -1/+1 labels, the first -1), then computes
+this file's ops element by element, with the same bits (tests/test_native_kinfo.py), in
+one pass over the scores instead of eight.
 """
 
 from __future__ import annotations
