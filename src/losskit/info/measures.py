@@ -17,13 +17,9 @@ from .._core import switches
 from .._core.ops import log_softmax
 from .._core.checks import check_values, effective_mode
 from ..kernels import Replay
-from ..kernels.fused_op import attach_precomputed, eager_native
-from ..kernels.row_divergence import (
-    fused_row_divergence,
-    fused_row_divergence_applies,
-    fused_row_divergence_call,
-    row_divergence_options,
-)
+from ..kernels.fused_op import eager_native
+from ..kernels.fused_op import compiling, fused_may_serve
+from ..kernels.row_divergence import fused_row_divergence, fused_row_divergence_call, row_divergence_options
 from .._core.validation import (
     at_index,
     broadcast_shape,
@@ -44,6 +40,41 @@ def _compiled_checks(x: Tensor):
     if torch._C._functorch.is_functorch_wrapped_tensor(x):
         return None
     return _native.load()
+
+
+def _fused(kind: str, p: Tensor, q: Tensor, dim: int, fn: str, reference) -> Tensor | None:
+    """The measure ``kind`` of probabilities p and q in nats, fused (kernels/row_divergence.py's
+    info kinds: the terms and the gradient of q in one pass, q being p for the entropy), or
+    None where the composed form computes it: eager calls on rows along the last dimension
+    of two tensors of one shape and dtype, p fixed (for the cross-entropy and KL), float64
+    left to the composed form as fused_may_serve has it.
+
+    On the CPU in checks mode 'full', one compiled call makes the value checks, the rows and
+    the autograd node; where a check would fail it declines, and the Python checks raise.
+    Elsewhere the Python checks run, then the fused op. ``reference(x)``: the composed form
+    of the measure of x in q's place, for a double backward."""
+    if not (p.dim() >= 1 and (dim == -1 or dim == p.dim() - 1) and p.shape == q.shape and p.dtype == q.dtype
+            and p.dtype.is_floating_point and p.dtype != torch.float64):
+        return None
+    grad_mode = torch.is_grad_enabled()
+    if grad_mode and q is not p and p.requires_grad:
+        return None  # the gradient of p too: the composed form
+    want = grad_mode and q.requires_grad
+    native = eager_native(q, p)
+    if native is not None and q.is_cpu and p.is_cpu and effective_mode(q) == "full":
+        made = native.info_eager(kind, p, q, _tolerance(p, -1), want, (fused_row_divergence.node_name, fn, reference))
+        if made is not None:
+            return made
+    if compiling() or not fused_may_serve(q, p):
+        return None
+    _log_probs(p, "p", fn, dim, False, log=False)
+    if q is not p:
+        _log_probs(q, "q", fn, dim, False, log=False)
+    options = row_divergence_options(kind, "none", 0.0, False, 0)
+    if not want:
+        return fused_row_divergence(q, p, None, options=options)
+    replay = Replay(fn, lambda x, _: reference(x), [q, p])
+    return fused_row_divergence_call(q, p, None, options, replay)
 
 
 def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool, log: bool = True) -> Tensor | None:
@@ -152,6 +183,10 @@ def entropy(p: Tensor, dim: int = -1, *, base: float = math.e, from_logits: bool
         Shannon, "A Mathematical Theory of Communication", 1948.
     """
     fn = "entropy"
+    if not from_logits and isinstance(p, Tensor):
+        nats = _fused("info_entropy", p, p, dim, fn, lambda x: -_xlogy(x, x).sum(-1))
+        if nats is not None:
+            return _in_base(nats, base, fn)
     log_p = _log_probs(p, "p", fn, dim, from_logits, log=from_logits)
     if not from_logits:  # probabilities: _xlogy's one op
         return _in_base(-_xlogy(p, p).sum(dim), base, fn)
@@ -182,10 +217,12 @@ def cross_entropy(
     """
     fn = "cross_entropy"
     broadcast_shape(p, q, ("p", "q"), fn)
+    if not from_logits:
+        nats = _fused("info_ce", p, q, dim, fn, lambda x: -_plogq(p, torch.log(x), -1))
+        if nats is not None:
+            return _in_base(nats, base, fn)
     log_p = _log_probs(p, "p", fn, dim, from_logits, log=from_logits)  # log p: only for the softmax
-    log_q = _log_probs(q, "q", fn, dim, from_logits, log=from_logits)
-    if not from_logits:  # probabilities: _xlogy's one op
-        return _in_base(-_xlogy(p, q).sum(dim), base, fn)
+    log_q = _log_probs(q, "q", fn, dim, from_logits)
     return _in_base(-_plogq(_probs(p, log_p, from_logits), log_q, dim), base, fn)
 
 
@@ -217,32 +254,9 @@ def kl_divergence(
     """
     fn = "kl_divergence"
     broadcast_shape(p, q, ("p", "q"), fn)
-    if (
-        not from_logits and q.requires_grad and not p.requires_grad and torch.is_grad_enabled()
-        and p.dtype == q.dtype and p.dtype.is_floating_point and p.shape == q.shape and p.dim() > 0
-        and (dim == -1 or dim == p.dim() - 1)
-    ):
-        # Probabilities, the gradient wanted for q only: the checks, then the sum by the ops
-        # below and q's gradient beside it (kernels/row_divergence.py). Where the compiled part
-        # serves the checks, one call makes both and the result (float64 stays with the
-        # composed form, as fused_may_serve has it); where a check would fail, it declines,
-        # and the Python checks below raise.
-        native = eager_native(q, p) if p.dtype != torch.float64 else None
-        if native is not None and _compiled_checks(p) is not None:
-            made = native.row_divergence(q, p, None, "info_kl", "none", _tolerance(p, -1), True, 0, [True, False, False])
-            if made is not None:
-                nats, grad = made
-                return _in_base(attach_precomputed(
-                    native, fused_row_divergence.node_name, fn, nats, [q], [grad], True,
-                    Replay(fn, lambda a, b: _kl_divergence(b, a, dim), [q, p]),
-                ), base, fn)
-        if fused_row_divergence_applies(q, p):
-            _log_probs(p, "p", fn, dim, from_logits, log=False)
-            _log_probs(q, "q", fn, dim, from_logits, log=False)
-            nats = fused_row_divergence_call(
-                q, p, None, row_divergence_options("info_kl", "none", 0.0, False, 0),
-                Replay(fn, lambda a, b: _kl_divergence(b, a, dim), [q, p]),
-            )
+    if not from_logits:
+        nats = _fused("info_kl", p, q, dim, fn, lambda x: _kl_divergence(p, x, -1))
+        if nats is not None:
             return _in_base(nats, base, fn)
     log_p = _log_probs(p, "p", fn, dim, from_logits)
     log_q = _log_probs(q, "q", fn, dim, from_logits)

@@ -15,6 +15,8 @@ from torch import Tensor
 
 from .. import functional as F
 from .._core.ops import log_softmax
+from ..kernels.fused_op import eager_native, Replay
+from ..kernels.hinge import fused_hinge, fused_hinge_applies, hinge_labels, HINGE, SQUARED_HINGE
 
 EPSILON = 1e-7  # keras.config.epsilon()
 
@@ -222,22 +224,43 @@ def log_cosh(y_true: Tensor, y_pred: Tensor) -> Tensor:
     return (x + torch.nn.functional.softplus(-2.0 * x) - math.log(2.0)).mean(dim=-1)
 
 
-def _hinge_labels(y_true: Tensor) -> Tensor:
-    """Keras maps labels that are all 0/1 to -1/+1 and leaves other labels alone."""
-    binary = ((y_true == 0) | (y_true == 1)).all()  # a 0-d tensor: no host sync, no graph break
-    return torch.where(binary, 2.0 * y_true - 1.0, y_true)
+def _hinge(y_true: Tensor, y_pred: Tensor, squared: bool) -> Tensor:
+    """Keras's hinge (squared: squared hinge) per sample; labels that are all 0/1 count as -1/+1.
+
+    The everyday eager call (labels and scores of one shape and dtype, the scores' gradient
+    wanted) is kernels/hinge.py's fused form: one compiled call on the CPU, which forms the
+    loss rows and the gradient in one pass and the autograd node, else its Python ops;
+    anything else takes the composed ops below."""
+    if fused_hinge_applies(y_true, y_pred):
+        options = SQUARED_HINGE if squared else HINGE
+        native = eager_native(y_pred, y_true)
+        if native is not None:
+            made = native.hinge_eager(
+                y_pred, y_true, squared, True,
+                (fused_hinge.node_name, fused_hinge.name, lambda x: _hinge_composed(y_true, x, squared)),
+            )
+            if made is not None:
+                return made
+        return fused_hinge(y_pred, y_true, options=options,
+                           replay=Replay(fused_hinge.name, lambda x, t: _hinge_composed(t, x, squared), [y_pred, y_true]))
+    return _hinge_composed(y_true, y_pred, squared)
+
+
+def _hinge_composed(y_true: Tensor, y_pred: Tensor, squared: bool) -> Tensor:
+    margins = (1.0 - hinge_labels(y_true) * y_pred).clamp_min(0.0)
+    return (margins.square() if squared else margins).mean(dim=-1)
 
 
 def hinge(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    """mean max(0, 1 - y_true y_pred) over the last axis; labels all 0/1 count as -1/+1."""
     y_true, y_pred = _cast(y_true, y_pred)
-    y_true = _hinge_labels(y_true)
-    return (1.0 - y_true * y_pred).clamp_min(0.0).mean(dim=-1)
+    return _hinge(y_true, y_pred, False)
 
 
 def squared_hinge(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    """mean max(0, 1 - y_true y_pred)^2 over the last axis; labels all 0/1 count as -1/+1."""
     y_true, y_pred = _cast(y_true, y_pred)
-    y_true = _hinge_labels(y_true)
-    return (1.0 - y_true * y_pred).clamp_min(0.0).square().mean(dim=-1)
+    return _hinge(y_true, y_pred, True)
 
 
 def categorical_hinge(y_true: Tensor, y_pred: Tensor) -> Tensor:

@@ -12,9 +12,18 @@ row whose label is ignored):
 
 and with from_logits, through the log-softmax: g - softmax(x) sum_c g_c.
 
-info.kl_divergence of probabilities p (fixed) and q: sum_c p_c where(p_c > 0, log p_c -
-log q_c, 0), whose gradient for q is -where(p > 0, p, 0) / q (autograd's own chain through
-the masked log, 0 / 0 = nan where both are 0 as there).
+losskit.info's measures of probabilities p (fixed) and q, each row's terms and gradient
+formed by element-wise ops whose CPU kernels the compiled form (losskit._native's
+info_rows, src/pointwise.cpp) reproduces element by element, in one pass that also makes
+the value checks:
+
+  info_ce       H(p, q) = -sum_c p_c where(p_c > 0, log q_c, 0)   d / dq = -p / q
+  info_entropy  H(p)    = -sum_c xlogy(p_c, p_c)                 d / dp = -(xlogy(p != 0, p) + p / p)
+  info_kl       KL(p||q) = sum_c p_c where(p_c > 0, log p_c - log q_c, 0)
+                                                                d / dq = -where(p > 0, p, 0) / q
+
+the rows being the composed forms' (info/measures.py) by the same ops, the gradients their
+autograd chains (0 / 0 = nan where p = q = 0, and for the entropy where p = 0, as there).
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ from .fused_op import compiling, fused_may_serve, FusedOp, native_module, Replay
 @dataclass(frozen=True)
 class RowDivergenceOptions:
     """kind: 'js' (js_divergence: param beta, flag from_logits, ignore_index, reduction
-    'batchmean', 'sum' or 'none') or 'info_kl' (info.kl_divergence: one value per row)."""
+    'batchmean', 'sum' or 'none') or 'info_ce', 'info_entropy', 'info_kl' (losskit.info's
+    measures of probabilities: one value per row; flag: the compiled form makes the value
+    checks first, param their tolerance)."""
 
     kind: str
     reduction: str
@@ -80,14 +91,9 @@ def row_divergence_forward(
 ) -> tuple[Tensor, tuple[Tensor | None]]:
     """(the loss, (d/d input,)): see the comment above RowDivergenceOptions. The compiled
     form (losskit._native's row_divergence) is this function op for op."""
+    if options.kind in _INFO_KINDS:  # input q (p for the entropy), target p: probabilities, checked by the caller
+        return _info_rows(options.kind, target, input), (_info_grad(options.kind, target, input) if needs[0] else None,)
     compute, out = result_dtypes(input, target)
-    if options.kind == "info_kl":  # input q, target p (probabilities, checked by the caller)
-        q, p = input, target
-        log_p, log_q = torch.log(p), torch.log(q)
-        positive = p > 0
-        rows = (p * torch.where(positive, log_p - log_q, 0.0)).sum(-1)
-        grad = torch.where(positive, p, 0.0).neg_().div_(q) if needs[0] else None
-        return rows, (grad,)
     beta = options.param
     log_q, log_p = cast(input, compute), cast(target, compute)
     if options.flag:
@@ -127,6 +133,27 @@ def row_divergence_forward(
     if options.flag:  # through the log-softmax: g - softmax sum(g)
         grad = grad.sub_(q * grad.sum(-1, keepdim=True))
     return cast(loss, out), (cast(grad, input.dtype) if needs[0] else None,)
+
+
+_INFO_KINDS = ("info_ce", "info_entropy", "info_kl")
+
+
+def _info_rows(kind: str, p: Tensor, q: Tensor) -> Tensor:
+    """The rows of an info kind (see the module docstring), in nats."""
+    if kind == "info_kl":
+        return (p * torch.where(p > 0, torch.log(p) - torch.log(q), 0.0)).sum(-1)
+    if kind == "info_ce":
+        return -(p * torch.where(p > 0, torch.log(q), 0.0)).sum(-1)
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def _info_grad(kind: str, p: Tensor, q: Tensor) -> Tensor:
+    """The gradient of an info kind's rows for q (p for the entropy)."""
+    if kind == "info_ce":
+        return torch.div(p, q).neg_()
+    if kind == "info_entropy":
+        return torch.special.xlogy(p != 0, p).add_(torch.div(p, p)).neg_()
+    return torch.where(p > 0, p, 0.0).neg_().div_(q)
 
 
 def _log_softmax(x: Tensor) -> Tensor:

@@ -11,7 +11,9 @@
 #include "losskit_native.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/NumericUtils.h>
 #include <ATen/ScalarOps.h>
+#include <c10/util/BFloat16-math.h>
 
 #include <algorithm>
 #include <atomic>
@@ -157,6 +159,14 @@ py::object pointwise_regression(const at::Tensor& input, const at::Tensor& targe
 // the half types, then rounded to the dtype; |sum - 1| rounded again; tol rounded to the
 // dtype) is within it too, whatever its rounding errors: those are bounded by `slack`. A
 // row closer to the edge than that answers false, and the Python check decides.
+// Whether a row's sum (in double, of n values) is so far within tol of 1 that the Python
+// check's own sum, whatever its rounding (bounded by eps per element and rel for the
+// results' roundings), is within it too.
+inline bool sum_within(double sum, int64_t n, double tol, double eps, double rel) {
+  double slack = (static_cast<double>(n) * eps + 2.0 * rel) * std::max(sum, 1.0);
+  return std::abs(sum - 1.0) * (1.0 + 2.0 * rel) + slack <= tol * (1.0 - 2.0 * rel);
+}
+
 template <typename scalar_t>
 bool rows_ok(const scalar_t* data, int64_t rows, int64_t n, double tol, double eps, double rel) {
   std::atomic<bool> ok{true};
@@ -182,10 +192,7 @@ bool rows_ok(const scalar_t* data, int64_t rows, int64_t n, double tol, double e
         sums[0] += v;
       }
       double sum = (sums[0] + sums[1]) + (sums[2] + sums[3]);
-      double slack = (static_cast<double>(n) * eps + 2.0 * rel) * std::max(sum, 1.0);
-      if (!inside || std::abs(sum - 1.0) * (1.0 + 2.0 * rel) + slack > tol * (1.0 - 2.0 * rel)) {
-        ok.store(false, std::memory_order_relaxed);
-      }
+      if (!inside || !sum_within(sum, n, tol, eps, rel)) ok.store(false, std::memory_order_relaxed);
     }
   });
   return ok.load();
@@ -449,6 +456,171 @@ py::object target_prob_loss(const at::Tensor& input, const at::Tensor& target, c
 
 }  // namespace
 
+// ---- losskit.info's measures of probabilities, fused (kernels/row_divergence.py's info kinds) ----
+// One pass over the rows of p (and q) makes losskit.info's value checks (distribution_ok's,
+// in double), each element's term and the gradient, element by element with the roundings
+// of the Python form's ATen ops, whose CPU kernels compute them the same way (xlogy is
+// ATen's scalar loop, x * std::log(y), in the dtype's own arithmetic; division, sums and
+// products of the half types are float operations rounded to the dtype, as c10's operators
+// here). The cross-entropy reads log q made by ATen's vectorised log beforehand (a third of
+// xlogy's scalar log's time), and writes its terms in its place; KL reads log p and log q
+// so made, and writes its terms in log p's place:
+//
+//   info_ce       term = p where(p > 0, log q, 0)           grad q = -(p / q)
+//   info_entropy  term = xlogy(p, p)                        grad p = -(xlogy(p != 0, p) + p / p)
+//   info_kl       term = p where(p > 0, log p - log q, 0)   grad q = -where(p > 0, p, 0) / q
+//
+// The rows are then the terms' sum along the last dimension by ATen (negated for the
+// entropies), as in the Python form.
+
+namespace {
+
+enum class InfoKind { kCrossEntropy, kEntropy, kKl };
+
+// ATen's xlogy_kernel, element by element.
+template <typename scalar_t>
+inline scalar_t xlogy_of(scalar_t x, scalar_t y) {
+  if (at::_isnan(y)) return NAN;
+  if (x == 0) return 0;
+  return x * std::log(y);
+}
+
+// The check's (eps, rel) for each dtype: see rows_ok.
+template <typename scalar_t> struct CheckSlack { static constexpr double eps = 0x1p-24, rel = 0x1p-24; };
+template <> struct CheckSlack<double> { static constexpr double eps = 0x1p-53, rel = 0x1p-53; };
+template <> struct CheckSlack<at::BFloat16> { static constexpr double eps = 0x1p-24, rel = 0x1p-8; };
+template <> struct CheckSlack<at::Half> { static constexpr double eps = 0x1p-24, rel = 0x1p-11; };
+
+// One element of the pass: its term and gradient (see the comment above InfoKind).
+template <InfoKind kind, typename scalar_t>
+inline void info_element(scalar_t pv, scalar_t qv, scalar_t log_q, scalar_t& term, scalar_t& g) {
+  if constexpr (kind == InfoKind::kEntropy) {
+    term = xlogy_of(pv, pv);
+    g = -(xlogy_of(pv != 0 ? static_cast<scalar_t>(1) : static_cast<scalar_t>(0), pv) + pv / pv);
+  } else if constexpr (kind == InfoKind::kCrossEntropy) {  // term holds log q
+    term = pv * (pv > 0 ? term : static_cast<scalar_t>(0));
+    g = -(pv / qv);
+  } else {  // term holds log p
+    const bool positive = pv > 0;
+    term = pv * (positive ? static_cast<scalar_t>(term - log_q) : static_cast<scalar_t>(0));
+    g = static_cast<scalar_t>(-(positive ? pv : static_cast<scalar_t>(0))) / qv;
+  }
+}
+
+// The pass over rows x n elements of contiguous p (and q: null for the entropy). With
+// `check`, false where a value check would fail (then the outputs are not to be used).
+// The kind is a template argument and each row sum has four partial sums (any order: the
+// check's slack covers it), so that the loop stays tight.
+template <InfoKind kind, typename scalar_t>
+bool info_pass(const scalar_t* p, const scalar_t* q, const scalar_t* log_q, scalar_t* terms, scalar_t* grad,
+               int64_t rows, int64_t n, bool check, double tol) {
+  using Slack = CheckSlack<scalar_t>;
+  constexpr bool two = kind != InfoKind::kEntropy;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end && ok.load(std::memory_order_relaxed); ++r) {
+      const int64_t base = r * n;
+      const scalar_t* pr = p + base;
+      const scalar_t* qr = two ? q + base : pr;
+      const scalar_t* lr = kind == InfoKind::kKl ? log_q + base : pr;
+      scalar_t* tr = terms + base;
+      scalar_t* gr = grad != nullptr ? grad + base : nullptr;
+      double sp[4] = {0.0, 0.0, 0.0, 0.0}, sq[4] = {0.0, 0.0, 0.0, 0.0};
+      bool inside = true;
+      for (int64_t c = 0; c < n; ++c) {
+        const scalar_t pv = pr[c], qv = qr[c];
+        const double pd = static_cast<double>(pv), qd = static_cast<double>(qv);
+        inside &= (pd >= 0.0) & (pd <= 1.0) & (qd >= 0.0) & (qd <= 1.0);
+        sp[c & 3] += pd;
+        sq[c & 3] += qd;
+        scalar_t term = tr[c], g;
+        info_element<kind>(pv, qv, lr[c], term, g);
+        tr[c] = term;
+        if (gr != nullptr) gr[c] = g;
+      }
+      const double sum_p = (sp[0] + sp[1]) + (sp[2] + sp[3]), sum_q = (sq[0] + sq[1]) + (sq[2] + sq[3]);
+      if (check && !(inside && sum_within(sum_p, n, tol, Slack::eps, Slack::rel) &&
+                     sum_within(sum_q, n, tol, Slack::eps, Slack::rel))) {
+        ok.store(false, std::memory_order_relaxed);
+      }
+    }
+  });
+  return ok.load();
+}
+
+// The rows and the gradient (undefined unless `want`) of losskit.info's `kind` ("info_ce",
+// "info_entropy", "info_kl") of probabilities p (fixed) and q (the input; p itself for the
+// entropy), rows along the last dimension; with `check`, first losskit.info's value checks
+// of both (tolerance `tol`): false where they would fail. Undefined rows: not served here
+// (not on the CPU, other shapes or dtypes).
+std::pair<at::Tensor, at::Tensor> info_rows(const std::string& kind_name, const at::Tensor& p, const at::Tensor& q,
+                                            bool want, bool check, double tol, bool* failed) {
+  *failed = false;
+  InfoKind kind;
+  if (kind_name == "info_ce") {
+    kind = InfoKind::kCrossEntropy;
+  } else if (kind_name == "info_entropy") {
+    kind = InfoKind::kEntropy;
+  } else if (kind_name == "info_kl") {
+    kind = InfoKind::kKl;
+  } else {
+    throw std::invalid_argument("losskit info_rows: unknown kind " + kind_name);
+  }
+  if (!p.is_cpu() || !q.is_cpu() || p.dim() == 0 || p.numel() == 0) return {};
+  if (!p.sizes().equals(q.sizes()) || p.scalar_type() != q.scalar_type()) return {};
+  const at::ScalarType dtype = p.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kBFloat16 && dtype != at::kHalf) return {};
+  at::Tensor pc = p.contiguous(), qc = q.contiguous();
+  const int64_t n = pc.size(-1), rows = pc.numel() / n;
+  at::Tensor terms = kind == InfoKind::kCrossEntropy ? at::log(qc)
+                     : kind == InfoKind::kKl          ? at::log(pc)
+                                                      : at::empty(pc.sizes(), pc.options());
+  at::Tensor log_q = kind == InfoKind::kKl ? at::log(qc) : at::Tensor(), grad;
+  if (want) grad = at::empty(pc.sizes(), pc.options());
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "losskit_info", [&] {
+    const scalar_t* pp = pc.const_data_ptr<scalar_t>();
+    const scalar_t* qp = qc.const_data_ptr<scalar_t>();  // p itself for the entropy
+    const scalar_t* lq = log_q.defined() ? log_q.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* tp = terms.mutable_data_ptr<scalar_t>();
+    scalar_t* gp = want ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    if (kind == InfoKind::kEntropy) {
+      ok = info_pass<InfoKind::kEntropy>(pp, qp, lq, tp, gp, rows, n, check, tol);
+    } else if (kind == InfoKind::kCrossEntropy) {
+      ok = info_pass<InfoKind::kCrossEntropy>(pp, qp, lq, tp, gp, rows, n, check, tol);
+    } else {
+      ok = info_pass<InfoKind::kKl>(pp, qp, lq, tp, gp, rows, n, check, tol);
+    }
+  });
+  if (!ok) {
+    *failed = true;
+    return {};
+  }
+  at::Tensor sums = terms.sum({-1});
+  if (kind != InfoKind::kKl) sums.neg_();
+  return {sums, grad};
+}
+
+// The everyday eager call of info.cross_entropy / entropy / kl_divergence of probabilities:
+// the checks, the rows, and where the gradient of q is wanted (``want``) the autograd node
+// (``node``: (node name, what, reference); see attach_one). None where a check would fail
+// (the Python checks then raise) or for a call not served here.
+py::object info_eager(const std::string& kind, const at::Tensor& p, const at::Tensor& q, double tol, bool want,
+                      const py::object& node) {
+  at::Tensor rows, grad;
+  bool failed = false;
+  {
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
+    std::tie(rows, grad) = info_rows(kind, p, q, want, true, tol, &failed);
+  }
+  if (!rows.defined()) return py::none();
+  if (!want) return py::cast(rows);
+  return py::cast(losskit::attach_one(node, rows, q, grad, true));
+}
+
+}  // namespace
+
 // ---- the row divergences (kernels/row_divergence.py's row_divergence_forward) -----------------
 // functional.js_divergence of a student against a fixed teacher and info.kl_divergence of
 // checked probabilities, rows along the last dimension: the rows by the composed form's ops
@@ -468,20 +640,19 @@ py::object row_divergence(const at::Tensor& input, const at::Tensor& target, con
                           int64_t ignore_index, const std::vector<bool>& needs) {
   if (!input.is_cpu() || !target.is_cpu() || (labels.has_value() && !labels->is_cpu())) return py::none();
   if (input.numel() == 0 || needs.empty()) return py::none();
-  if (kind != "js" && kind != "info_kl") throw std::invalid_argument("losskit row_divergence: unknown kind " + kind);
+  const bool info = kind == "info_kl" || kind == "info_ce" || kind == "info_entropy";
+  if (kind != "js" && !info) throw std::invalid_argument("losskit row_divergence: unknown kind " + kind);
   at::Tensor loss, grad;
-  if (kind == "info_kl") {
-    // from_logits here means: run losskit.info's value checks first (distribution_ok, with
-    // the tolerance in beta's place); where they would fail, decline, and the Python checks
-    // raise.
-    if (from_logits && !(distribution_ok(target, -1, beta) && distribution_ok(input, -1, beta))) return py::none();
-    py::gil_scoped_release release;
-    at::NoGradGuard no_grad;
-    const at::Tensor &q = input, &p = target;
-    at::Tensor log_p = at::log(p), log_q = at::log(q);
-    at::Tensor positive = p.gt(0);
-    loss = at::mul(p, at::where(positive, at::sub(log_p, log_q), at::Scalar(0.0))).sum({-1});
-    if (needs[0]) grad = at::where(positive, p, at::Scalar(0.0)).neg_().div_(q);
+  if (info) {
+    // from_logits here means: run losskit.info's value checks first (with the tolerance in
+    // beta's place); where they would fail, decline, and the Python checks raise.
+    bool failed = false;
+    {
+      py::gil_scoped_release release;
+      at::NoGradGuard no_grad;
+      std::tie(loss, grad) = info_rows(kind, target, input, needs[0], from_logits, beta, &failed);
+    }
+    if (!loss.defined()) return py::none();
   } else {
     py::gil_scoped_release release;
     at::NoGradGuard no_grad;
@@ -556,5 +727,7 @@ void register_pointwise(py::module& m) {
         "the fused row divergences' forward (kernels/row_divergence.py's row_divergence_forward)");
   m.def("distribution_ok", &distribution_ok, "whether losskit.info's distribution checks pass");
   m.def("logits_ok", &logits_ok, "whether losskit.info's logit checks pass");
+  m.def("info_eager", &info_eager,
+        "info.cross_entropy / entropy / kl_divergence of probabilities: checks, rows and autograd node in one call");
 }
 LOSSKIT_REGISTER(register_pointwise)
