@@ -214,7 +214,7 @@ def check_in_unit_interval(t: Tensor, name: str, fn: str, hint: str = "") -> Non
     def report(bad: Tensor) -> Exception:
         where = first_index(bad)
         return ValueError(
-            f"{fn}: {name} must hold probabilities in [0, 1]; found {float(t[where]):g}{at_index(where)}"
+            f"{fn}: {name} must hold probabilities in [0, 1]; found {float(t.detach()[where]):g}{at_index(where)}"
             + (f". {hint}" if hint else "")
         )
 
@@ -226,7 +226,7 @@ def check_non_negative(t: Tensor, name: str, fn: str) -> None:
 
     def report(bad: Tensor) -> Exception:
         where = first_index(bad)
-        return ValueError(f"{fn}: {name} must be >= 0; found {float(t[where]):g}{at_index(where)}")
+        return ValueError(f"{fn}: {name} must be >= 0; found {float(t.detach()[where]):g}{at_index(where)}")
 
     check_values(t, lambda: t < 0, report, f"{fn}: {name} must be >= 0")
 

@@ -94,7 +94,7 @@ def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool, log: 
         # -inf is a legitimate logit (probability 0); nan and +inf are not.
         def bad_logit(bad: Tensor) -> Exception:
             where = first_index(bad)
-            return ValueError(f"{fn}: {name} logits must be finite or -inf; found {float(x[where])}{at_index(where)}")
+            return ValueError(f"{fn}: {name} logits must be finite or -inf; found {float(x.detach()[where])}{at_index(where)}")
 
         check_values(x, lambda: torch.isnan(x) | (x == math.inf), bad_logit, f"{fn}: {name} logits must be finite or -inf")
         return log_softmax(x, dim)
@@ -108,7 +108,7 @@ def _log_probs(x: Tensor, name: str, fn: str, dim: int, from_logits: bool, log: 
         where = first_index(off)
         return ValueError(
             f"{fn}: {name} is not a distribution along dim {dim}: the one{at_index(where)} sums to "
-            f"{float(sums[where]):.6g}, not 1 (pass from_logits=True for logits)"
+            f"{float(sums.detach()[where]):.6g}, not 1 (pass from_logits=True for logits)"
         )
 
     check_values(
