@@ -12,6 +12,14 @@ from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range, extremes
+from ..kernels.embedding import (
+    cosine_options,
+    fused_cosine_call,
+    fused_embedding_applies,
+    fused_triplet_call,
+    triplet_options,
+    triplet_p_served,
+)
 from ..kernels.fused_op import Replay, attach_precomputed, eager_native
 
 __all__ = [
@@ -649,9 +657,19 @@ def cosine_embedding_loss(
             f"{tuple(input1.shape)}, input2 {tuple(input2.shape)}, target {tuple(target.shape)}"
         )
     if _plain_numbers(margin):
+        if fused_embedding_applies(input1, input2):  # loss and gradients in one forward (kernels/embedding.py)
+            return fused_cosine_call(
+                input1, input2, target, cosine_options(margin, reduction),
+                Replay(fn, lambda a, b: _cosine_embedding(a, b, target, margin, reduction), [input1, input2]),
+            )
         native = _composed_native(input1, input2, target)
         if native is not None:
             return native.cosine_embedding(input1, input2, target, margin, reduction)
+    return _cosine_embedding(input1, input2, target, margin, reduction)
+
+
+def _cosine_embedding(input1: Tensor, input2: Tensor, target: Tensor, margin, reduction: str) -> Tensor:
+    """The composed form of cosine_embedding_loss (validated inputs): the reference of the fused one."""
     compute, out = result_dtypes(input1, input2)
     a, b = input1.to(compute), input2.to(compute)
     epsilon = 1e-12
@@ -743,13 +761,37 @@ def triplet_margin_loss(
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_floating(anchor, "anchor", fn)
     if anchor.shape == positive.shape == negative.shape and _plain_numbers(margin, p, eps) and isinstance(swap, bool):
+        if triplet_p_served(p) and fused_embedding_applies(anchor, positive, negative):
+            return _fused_triplet(fn, anchor, positive, negative, margin, p, eps, swap, reduction, True)
         native = _composed_native(anchor, positive, negative)
         if native is not None:
             _triplet_checks(fn, anchor, positive, negative, margin)
             return native.triplet_margin(anchor, positive, negative, margin, p, eps, swap, reduction, True)
+    return _triplet_promoted(fn, anchor, positive, negative, margin, p, eps, swap, reduction)
+
+
+def _triplet_promoted(fn: str, anchor: Tensor, positive: Tensor, negative: Tensor, margin, p, eps, swap,
+                      reduction: str) -> Tensor:
+    """The composed form of triplet_margin_loss: computed in result_dtypes' type, rounded once."""
     compute, out = result_dtypes(anchor, positive, negative)
     a, pos, neg = (t.to(compute) for t in (anchor, positive, negative))
     return _triplet(fn, a, pos, neg, lambda u, v: pairwise_distance(u, v, p, eps), margin, swap, reduction).to(out)
+
+
+def _fused_triplet(fn: str, anchor: Tensor, positive: Tensor, negative: Tensor, margin: float, p: float, eps: float,
+                   swap: bool, reduction: str, promote: bool) -> Tensor:
+    """The fused triplet loss (kernels/embedding.py), whose create_graph and second backward
+    replay the composed form (``promote``: triplet_margin_loss's, else
+    triplet_margin_with_distance_loss's, in the inputs' own dtype)."""
+    _triplet_checks(fn, anchor, positive, negative, margin)
+    if promote:
+        def reference(a, b, c):
+            return _triplet_promoted(fn, a, b, c, margin, p, eps, swap, reduction)
+    else:
+        def reference(a, b, c):
+            return _triplet(fn, a, b, c, pairwise_distance, margin, swap, reduction)
+    return fused_triplet_call(anchor, positive, negative, triplet_options(margin, p, eps, swap, reduction),
+                              Replay(fn, reference, [anchor, positive, negative]))
 
 
 def triplet_margin_with_distance_loss(
@@ -792,6 +834,9 @@ def triplet_margin_with_distance_loss(
     if (distance_function is None and isinstance(anchor, Tensor) and isinstance(positive, Tensor)
             and isinstance(negative, Tensor) and anchor.shape == positive.shape == negative.shape
             and _plain_numbers(margin) and isinstance(swap, bool)):
+        if fused_embedding_applies(anchor, positive, negative):
+            # pairwise_distance's defaults; a half type computed in float32 and rounded once
+            return _fused_triplet(fn, anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction, False)
         native = _composed_native(anchor, positive, negative)
         if native is not None:
             _triplet_checks(fn, anchor, positive, negative, margin)
