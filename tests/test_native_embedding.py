@@ -173,3 +173,62 @@ def test_calls_it_does_not_serve_keep_the_composed_form():
     with torch.no_grad():
         assert LF.cosine_embedding_loss(a, b, torch.ones(4)).grad_fn is None
     assert not embedding.fused_embedding_applies(torch.randn(2, embedding._LONGEST_ROW + 1, requires_grad=True))
+
+
+ELEMENT_SHAPES = [(), (9,), (6, 5), (3, 7, 4), (70, 1000)]  # the last: several blocks
+
+
+def _elements(shape, dtype, seed, count):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(shape, generator=g) * 2 for _ in range(count)]
+    if xs[0].numel() > 4:
+        flat = xs[0].view(-1)
+        flat[0], flat[1], flat[2] = float("nan"), float("inf"), 1.5  # 1.5: the hinge's tie at margin 1.5
+        xs[1].view(-1)[3] = flat[3] + 0.25  # z = 0 for margin 0.25 and y = -1: the ranking's tie
+    return [x.to(dtype) for x in xs]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", ELEMENT_SHAPES)
+@pytest.mark.parametrize("wanted", [[True, True, False], [False, True, True], [True, False, False]])
+def test_margin_ranking_same_bits_as_python(wanted, shape, reduction, dtype):
+    x1, x2 = _elements(shape, dtype, 12, 2)
+    target = (torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(13)) * 2 - 1).to(dtype)
+    if target.numel() > 4:
+        target.view(-1)[3] = -1
+    got = _both(LF.margin_ranking_loss, [x1, x2, target], [], {"margin": 0.25, "reduction": reduction},
+                wanted=wanted, seed=14)
+    assert got[2] == "FusedMarginRankingBackward"
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", ELEMENT_SHAPES)
+def test_hinge_embedding_same_bits_as_python(shape, reduction, dtype):
+    (x,) = _elements(shape, dtype, 15, 1) if shape == () else _elements(shape, dtype, 15, 2)[:1]
+    target = torch.tensor([1.0, -1.0, 0.0, 2.0, -1.0] * (x.numel() + 1))[: x.numel()].reshape(shape).to(dtype)
+    got = _both(LF.hinge_embedding_loss, [x.abs()], [target], {"margin": 1.5, "reduction": reduction}, seed=16)
+    assert got[2] == "FusedHingeEmbeddingBackward"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_margin_ranking_target_gradient_matches_torch(reduction, dtype):
+    # torch differentiates the target too: d/dy = (x2 - x1) where the hinge is open
+    x1, x2, y = _elements((8, 5), torch.float64, 17, 3)
+    y = y.sign()
+    x1.view(-1)[:3] = 0.0  # no nan / inf here: a plain comparison
+    x1 = x1.to(dtype).double()
+    x2 = x2.to(dtype).double()
+    check = [t.to(dtype).requires_grad_() for t in (x1, x2, y)]
+    exact = [t.clone().requires_grad_() for t in (x1, x2, y)]
+    got = LF.margin_ranking_loss(*check, margin=0.1, reduction=reduction)
+    want = TF.margin_ranking_loss(*exact, margin=0.1, reduction=reduction)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1e-2}
+    torch.testing.assert_close(got.double(), want, **tol)
+    go = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(18)) + 2
+    for g, w in zip(torch.autograd.grad(got, check, go.to(dtype)), torch.autograd.grad(want, exact, go)):
+        torch.testing.assert_close(g.double(), w, **tol)

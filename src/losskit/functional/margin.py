@@ -14,8 +14,12 @@ from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range, extremes
 from ..kernels.embedding import (
     cosine_options,
+    element_options,
     fused_cosine_call,
+    fused_elements_apply,
     fused_embedding_applies,
+    fused_hinge_call,
+    fused_ranking_call,
     fused_triplet_call,
     triplet_options,
     triplet_p_served,
@@ -553,9 +557,19 @@ def margin_ranking_loss(
     if input1.shape != input2.shape:  # equal shapes broadcast; torch.broadcast_shapes costs tens of us
         broadcast_shape(input1, input2, ("input1", "input2"), fn)
     elif input1.shape == target.shape and _plain_numbers(margin):
+        if fused_elements_apply((input1, input2, target)):  # loss and gradients in one forward
+            return fused_ranking_call(
+                input1, input2, target, element_options(margin, reduction),
+                Replay(fn, lambda a, b, y: _margin_ranking(a, b, y, margin, reduction), [input1, input2, target]),
+            )
         native = _composed_native(input1, input2, target)
         if native is not None:
             return native.margin_ranking(input1, input2, target, margin, reduction)
+    return _margin_ranking(input1, input2, target, margin, reduction)
+
+
+def _margin_ranking(input1: Tensor, input2: Tensor, target: Tensor, margin, reduction: str) -> Tensor:
+    """The composed form of margin_ranking_loss (validated inputs): the reference of the fused one."""
     compute, out = result_dtypes(input1, input2, target)
     # (x2 - x1) y is -y (x1 - x2) exactly (a difference changes sign exactly), one op fewer.
     loss = ((input2.to(compute) - input1.to(compute)) * target.to(compute) + margin).clamp_min(0)
@@ -601,9 +615,17 @@ def hinge_embedding_loss(
     check_floating(input, "input", fn)
     broadcast_shape(input, target, ("input", "target"), fn)
     if _plain_numbers(margin):
+        if fused_elements_apply((input,), (target,)):  # loss and gradient in one forward
+            return fused_hinge_call(input, target, element_options(margin, reduction),
+                                    Replay(fn, lambda x: _hinge_embedding(x, target, margin, reduction), [input]))
         native = _composed_native(input, target)
         if native is not None:
             return native.hinge_embedding(input, target, margin, reduction)
+    return _hinge_embedding(input, target, margin, reduction)
+
+
+def _hinge_embedding(input: Tensor, target: Tensor, margin, reduction: str) -> Tensor:
+    """The composed form of hinge_embedding_loss (validated inputs): the reference of the fused one."""
     compute, out = result_dtypes(input)
     x = input.to(compute)
     margin_term = torch.where(target != 1, (margin - x).clamp_min(0), 0.0)

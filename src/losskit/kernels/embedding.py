@@ -29,6 +29,13 @@ q = sqrt(m1 m2), c = x1.x2 / q:
     g = -k where y = 1, k where y = -1 and c - margin >= 0, else 0
     dx1 = g (x2 / q - c x1 / m1)       dx2 = g (x1 / q - c x2 / m2)
 
+margin_ranking and hinge_embedding, element-wise (k = 1 / the number of elements for 'mean'):
+
+    ranking   z = (x2 - x1) y + margin, loss = max(z, 0)
+              m = k where z >= 0, else 0;  dx1 = -y m   dx2 = y m   dy = (x2 - x1) m
+    hinge     loss = max(margin - x, 0) where y != 1, plus x where y != -1
+              dx = k [y != -1] - k [y != 1 and margin - x >= 0]
+
 The half types are computed in float32 (the loss and the gradients rounded once), float32
 and float64 in their own dtype. The compiled form (``losskit._native``'s
 fused_triplet_margin and fused_cosine_embedding, src/embedding.cpp) runs :func:`_triplet_rows`
@@ -73,6 +80,14 @@ class TripletOptions:
 
 
 @dataclass(frozen=True)
+class ElementOptions:
+    """margin_ranking's or hinge_embedding's margin; reduction: 'mean', 'sum' or 'none'."""
+
+    margin: float
+    reduction: str
+
+
+@dataclass(frozen=True)
 class CosineOptions:
     """margin: subtracted from the cosine where y = -1; reduction: 'mean', 'sum' or 'none'."""
 
@@ -110,6 +125,25 @@ def cosine_options(margin: float, reduction: str) -> CosineOptions:
     return remembered_options(CosineOptions, float(margin), reduction)
 
 
+def element_options(margin: float, reduction: str) -> ElementOptions:
+    return remembered_options(ElementOptions, float(margin), reduction)
+
+
+def fused_elements_apply(differentiable: tuple[Tensor, ...], others: tuple[Tensor, ...] = ()) -> bool:
+    """Eager calls that want a first-order gradient of one of ``differentiable``, all floating
+    and non-empty, of one shape with ``others``."""
+    first = differentiable[0]
+    return (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in differentiable)
+        and first.numel() > 0
+        and all(t.dtype.is_floating_point and t.shape == first.shape for t in differentiable)
+        and all(t.shape == first.shape for t in others)
+        and not compiling()
+        and fused_may_serve(*differentiable)
+    )
+
+
 def _needs(*tensors: Tensor) -> list[bool]:
     # Grad mode is on (fused_embedding_applies): a tensor wants a gradient exactly when it
     # requires one, FusedOp's rule.
@@ -144,6 +178,32 @@ def fused_cosine_call(input1: Tensor, input2: Tensor, target: Tensor, options: C
             loss, *grads = made
             return fused_cosine.attach(native, loss, [input1, input2], grads, options.reduction == "none", replay)
     return fused_cosine(input1, input2, target, options=options, replay=replay)
+
+
+def fused_ranking_call(input1: Tensor, input2: Tensor, target: Tensor, options: ElementOptions,
+                       replay: Replay) -> Tensor:
+    """As :func:`fused_triplet_call`, for margin_ranking_loss (all three of one shape)."""
+    native = native_module() if switches.native_enabled() else None
+    if native is not None:
+        made = native.fused_margin_ranking(input1, input2, target, options.margin, options.reduction, BLOCK_ELEMENTS,
+                                           _needs(input1, input2, target))
+        if made is not None:
+            loss, *grads = made
+            return fused_ranking.attach(native, loss, [input1, input2, target], grads, options.reduction == "none",
+                                        replay)
+    return fused_ranking(input1, input2, target, options=options, replay=replay)
+
+
+def fused_hinge_call(input: Tensor, target: Tensor, options: ElementOptions, replay: Replay) -> Tensor:
+    """As :func:`fused_triplet_call`, for hinge_embedding_loss (input and target of one shape)."""
+    native = native_module() if switches.native_enabled() else None
+    if native is not None:
+        made = native.fused_hinge_embedding(input, target, options.margin, options.reduction, BLOCK_ELEMENTS,
+                                            _needs(input))
+        if made is not None:
+            loss, *grads = made
+            return fused_hinge.attach(native, loss, [input], grads, options.reduction == "none", replay)
+    return fused_hinge(input, target, options=options, replay=replay)
 
 
 def _scale(reduction: str, rows: int) -> float:
@@ -255,6 +315,73 @@ def cosine_forward(input1: Tensor, input2: Tensor, target: Tensor, *, options: C
     grads = [None if g is None else cast(g, t.dtype) for g, t in zip(grads, (input1, input2))]
     return cast(_reduce(loss, options.reduction), out), tuple(grads)
 
+
+def _ranking_elements(x1: Tensor, x2: Tensor, y: Tensor, options: ElementOptions, k: float,
+                      needs: tuple[bool, ...]) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(the element-wise loss, dx1, dx2, dy) in the compute dtype; the composed form's loss
+    ops (functional/margin.py), the compiled form's op for op on each block."""
+    e = torch.sub(x2, x1)  # (x2 - x1) y is -y (x1 - x2) exactly
+    z = torch.mul(e, y).add_(options.margin)
+    loss = z.clamp_min(0)
+    if not any(needs):
+        return loss, None, None, None
+    m = z.ge_(0)  # 1 where the hinge is open, tie included (clamp_min's gradient), else 0
+    if k != 1.0:
+        m.mul_(k)
+    g2 = torch.mul(y, m) if needs[0] or needs[1] else None
+    g1 = g2.neg() if needs[0] else None
+    gy = e.mul_(m) if needs[2] else None
+    return loss, g1, g2 if needs[1] else None, gy
+
+
+def ranking_forward(input1: Tensor, input2: Tensor, target: Tensor, *, options: ElementOptions,
+                    needs: tuple[bool, ...]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    """(the loss reduced, (d/d input1, d/d input2, d/d target)), in the inputs' dtypes."""
+    compute, out = result_dtypes(input1, input2, target)
+    loss, *grads = _ranking_elements(cast(input1, compute), cast(input2, compute), cast(target, compute), options,
+                                     _scale(options.reduction, input1.numel()), needs)
+    grads = [None if g is None else cast(g, t.dtype) for g, t in zip(grads, (input1, input2, target))]
+    return cast(_reduce(loss, options.reduction), out), tuple(grads)
+
+
+def _hinge_elements(x: Tensor, target: Tensor, options: ElementOptions, k: float,
+                    needs: tuple[bool, ...]) -> tuple[Tensor, Tensor | None]:
+    """(the element-wise loss, dx) in the compute dtype; the composed form's loss ops."""
+    not_positive, not_negative = target.ne(1), target.ne(-1)
+    gap = torch.rsub(x, options.margin)
+    loss = torch.where(not_positive, gap.clamp_min(0), 0.0).add_(torch.where(not_negative, x, 0.0))
+    if not needs[0]:
+        return loss, None
+    g = not_negative.to(x.dtype).sub_(gap.ge_(0).logical_and_(not_positive))
+    return loss, g if k == 1.0 else g.mul_(k)
+
+
+def hinge_forward(input: Tensor, target: Tensor, *, options: ElementOptions,
+                  needs: tuple[bool, ...]) -> tuple[Tensor, tuple[Tensor | None]]:
+    """(the loss reduced, (d/d input,)), in the input's dtype."""
+    compute, out = result_dtypes(input)
+    loss, grad = _hinge_elements(cast(input, compute), target, options, _scale(options.reduction, input.numel()),
+                                 needs)
+    return cast(_reduce(loss, options.reduction), out), (None if grad is None else cast(grad, input.dtype),)
+
+
+fused_ranking = FusedOp(
+    "margin_ranking",
+    tensors=("input1", "input2", "target"),
+    differentiable=3,
+    options=ElementOptions,
+    forward=ranking_forward,
+    unreduced="elements",
+)
+
+fused_hinge = FusedOp(
+    "hinge_embedding",
+    tensors=("input", "target"),
+    differentiable=1,
+    options=ElementOptions,
+    forward=hinge_forward,
+    unreduced="elements",
+)
 
 fused_triplet = FusedOp(
     "triplet_margin",

@@ -235,11 +235,15 @@ at::Tensor reduce_rows(const at::Tensor& rows, const std::string& reduction) {
   return reduction == "mean" ? rows.mean() : rows.sum();
 }
 
+// Contiguous tensors only: a strided input gives the Python form's results the input's
+// strides, whose whole-tensor reductions need not follow the order of these blocks.
 bool rows_served(const std::vector<at::Tensor>& tensors) {
   const at::Tensor& first = tensors[0];
   if (first.dim() != 2 || first.size(0) == 0 || first.size(1) == 0 || first.size(1) > kLongestRow) return false;
   for (const auto& t : tensors) {
-    if (!t.is_cpu() || t.sizes() != first.sizes() || !at::isFloatingType(t.scalar_type())) return false;
+    if (!t.is_cpu() || !t.is_contiguous() || t.sizes() != first.sizes() || !at::isFloatingType(t.scalar_type())) {
+      return false;
+    }
   }
   return true;
 }
@@ -318,6 +322,7 @@ py::object fused_cosine_embedding(const at::Tensor& input1, const at::Tensor& in
                                   double margin, const std::string& reduction, int64_t block,
                                   const std::vector<bool>& needs) {
   if (needs.size() != 2 || block <= 0 || !rows_served({input1, input2}) || !target.is_cpu() || target.dim() != 1 ||
+      !target.is_contiguous() ||
       target.size(0) != input1.size(0)) {
     return py::none();
   }
@@ -338,6 +343,136 @@ py::object fused_cosine_embedding(const at::Tensor& input1, const at::Tensor& in
   return loss_and_grads(loss, grads);
 }
 
+// _ranking_elements
+Rows ranking_elements(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& y, double margin, double k,
+                      const std::vector<bool>& needs) {
+  at::Tensor e = at::sub(x2, x1);
+  at::Tensor z = at::mul(e, y).add_(margin);
+  Rows rows;
+  rows.loss = z.clamp_min(0);
+  rows.grads.resize(3);
+  if (!(needs[0] || needs[1] || needs[2])) return rows;
+  at::Tensor m = z.ge_(0);
+  if (k != 1.0) m.mul_(k);
+  at::Tensor g2 = needs[0] || needs[1] ? at::mul(y, m) : at::Tensor();
+  if (needs[0]) rows.grads[0] = g2.neg();
+  if (needs[1]) rows.grads[1] = g2;
+  if (needs[2]) rows.grads[2] = e.mul_(m);
+  return rows;
+}
+
+// _hinge_elements
+Rows hinge_elements(const at::Tensor& x, const at::Tensor& target, double margin, double k,
+                    const std::vector<bool>& needs) {
+  at::Tensor not_positive = target.ne(1), not_negative = target.ne(-1);
+  at::Tensor gap = at::rsub(x, margin);
+  Rows rows;
+  rows.loss = at::where(not_positive, gap.clamp_min(0), 0.0).add_(at::where(not_negative, x, 0.0));
+  rows.grads.resize(1);
+  if (!needs[0]) return rows;
+  at::Tensor g = not_negative.to(x.scalar_type()).sub_(gap.ge_(0).logical_and_(not_positive));
+  rows.grads[0] = k == 1.0 ? g : g.mul_(k);
+  return rows;
+}
+
+// The element-wise blocks: `elements_of(begin, end)` -> Rows of those (flattened) elements;
+// the loss gathered whole in the compute dtype (its sum is the Python form's sum of the
+// same tensor), the gradients written into tensors of the inputs' dtypes and shapes.
+template <typename F>
+std::pair<at::Tensor, std::vector<at::Tensor>> by_element_blocks(const std::vector<at::Tensor>& inputs,
+                                                                 const std::vector<bool>& needs,
+                                                                 at::ScalarType compute, int64_t block,
+                                                                 F elements_of) {
+  const int64_t n = inputs[0].numel();
+  std::vector<at::Tensor> grads(inputs.size());
+  if (n <= block) {
+    Rows rows = elements_of(0, n);
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (needs[i]) grads[i] = cast(rows.grads[i], inputs[i].scalar_type()).view(inputs[i].sizes());
+    }
+    return {rows.loss.view(inputs[0].sizes()), grads};
+  }
+  at::Tensor loss = at::empty(inputs[0].sizes(), inputs[0].options().dtype(compute));
+  at::Tensor flat_loss = loss.view(-1);
+  std::vector<at::Tensor> flat(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (needs[i]) {
+      grads[i] = at::empty(inputs[i].sizes(), inputs[i].options().memory_format(at::MemoryFormat::Contiguous));
+      flat[i] = grads[i].view(-1);
+    }
+  }
+  const int64_t blocks = (n + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    at::NoGradGuard no_grad;  // grad mode is per thread
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t begin = b * block, end = std::min(n, begin + block);
+      Rows rows = elements_of(begin, end);
+      flat_loss.slice(0, begin, end).copy_(rows.loss);
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        if (flat[i].defined()) flat[i].slice(0, begin, end).copy_(rows.grads[i]);
+      }
+    }
+  });
+  return {loss, grads};
+}
+
+bool elements_served(const std::vector<at::Tensor>& tensors) {
+  const at::Tensor& first = tensors[0];
+  if (first.numel() == 0) return false;
+  for (const auto& t : tensors) {
+    if (!t.is_cpu() || !t.is_contiguous() || t.sizes() != first.sizes()) return false;
+  }
+  return true;
+}
+
+// ranking_forward(input1, input2, target, options=ElementOptions(margin, reduction), needs)
+// -> (loss, d input1, d input2, d target), or None (not served).
+py::object fused_margin_ranking(const at::Tensor& input1, const at::Tensor& input2, const at::Tensor& target,
+                                double margin, const std::string& reduction, int64_t block,
+                                const std::vector<bool>& needs) {
+  if (needs.size() != 3 || block <= 0 || !elements_served({input1, input2, target})) return py::none();
+  at::Tensor loss;
+  std::vector<at::Tensor> grads;
+  {
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
+    const at::ScalarType out =
+        at::promote_types(at::promote_types(input1.scalar_type(), input2.scalar_type()), target.scalar_type());
+    const at::ScalarType compute = compute_type({out});
+    const double k = reduction == "mean" ? 1.0 / static_cast<double>(input1.numel()) : 1.0;
+    at::Tensor a = input1.reshape(-1), b = input2.reshape(-1), y = target.reshape(-1);
+    std::tie(loss, grads) = by_element_blocks({input1, input2, target}, needs, compute, block,
+                                              [&](int64_t begin, int64_t end) {
+      return ranking_elements(cast(a.slice(0, begin, end), compute), cast(b.slice(0, begin, end), compute),
+                              cast(y.slice(0, begin, end), compute), margin, k, needs);
+    });
+    loss = cast(reduce_rows(loss, reduction), out);
+  }
+  return loss_and_grads(loss, grads);
+}
+
+// hinge_forward(input, target, options=ElementOptions(margin, reduction), needs) ->
+// (loss, d input), or None (not served).
+py::object fused_hinge_embedding(const at::Tensor& input, const at::Tensor& target, double margin,
+                                 const std::string& reduction, int64_t block, const std::vector<bool>& needs) {
+  if (needs.size() != 1 || block <= 0 || !elements_served({input, target})) return py::none();
+  at::Tensor loss;
+  std::vector<at::Tensor> grads;
+  {
+    py::gil_scoped_release release;
+    at::NoGradGuard no_grad;
+    const at::ScalarType out = input.scalar_type();
+    const at::ScalarType compute = compute_type({out});
+    const double k = reduction == "mean" ? 1.0 / static_cast<double>(input.numel()) : 1.0;
+    at::Tensor x = input.reshape(-1), y = target.reshape(-1);
+    std::tie(loss, grads) = by_element_blocks({input}, needs, compute, block, [&](int64_t begin, int64_t end) {
+      return hinge_elements(cast(x.slice(0, begin, end), compute), y.slice(0, begin, end), margin, k, needs);
+    });
+    loss = cast(reduce_rows(loss, reduction), out);
+  }
+  return loss_and_grads(loss, grads);
+}
+
 }  // namespace
 
 void register_embedding(pybind11::module& m) {
@@ -348,6 +483,8 @@ void register_embedding(pybind11::module& m) {
   m.def("cosine_embedding", &cosine_embedding, "cosine_embedding_loss, the Python form's ops (eager CPU)");
   m.def("triplet_margin", &triplet_margin, "triplet_margin_loss, the Python form's ops (eager CPU)");
   m.def("fused_triplet_margin", &fused_triplet_margin, "kernels/embedding.py triplet_forward on blocks of rows");
+  m.def("fused_margin_ranking", &fused_margin_ranking, "kernels/embedding.py ranking_forward on blocks of elements");
+  m.def("fused_hinge_embedding", &fused_hinge_embedding, "kernels/embedding.py hinge_forward on blocks of elements");
   m.def("fused_cosine_embedding", &fused_cosine_embedding, "kernels/embedding.py cosine_forward on blocks of rows");
 }
 LOSSKIT_REGISTER(register_embedding)
