@@ -232,3 +232,15 @@ def test_margin_ranking_target_gradient_matches_torch(reduction, dtype):
     go = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(18)) + 2
     for g, w in zip(torch.autograd.grad(got, check, go.to(dtype)), torch.autograd.grad(want, exact, go)):
         torch.testing.assert_close(g.double(), w, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_default_distance_computes_as_triplet_margin_loss(grad, dtype):
+    # with or without a gradient (fused, or composed): the same numbers, a half type in float32
+    leaves = [t.requires_grad_(grad) for t in _rows((6, 5), dtype, 19)]
+    got = LF.triplet_margin_with_distance_loss(*leaves, swap=True, margin=0.8, reduction="none")
+    want = LF.triplet_margin_loss(*leaves, swap=True, margin=0.8, reduction="none")
+    _same(got.detach(), want.detach())
+    with torch.no_grad():
+        _same(LF.triplet_margin_with_distance_loss(*leaves, swap=True, margin=0.8, reduction="none"), got.detach())

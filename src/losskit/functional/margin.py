@@ -784,7 +784,7 @@ def triplet_margin_loss(
     check_floating(anchor, "anchor", fn)
     if anchor.shape == positive.shape == negative.shape and _plain_numbers(margin, p, eps) and isinstance(swap, bool):
         if triplet_p_served(p) and fused_embedding_applies(anchor, positive, negative):
-            return _fused_triplet(fn, anchor, positive, negative, margin, p, eps, swap, reduction, True)
+            return _fused_triplet(fn, anchor, positive, negative, margin, p, eps, swap, reduction)
         native = _composed_native(anchor, positive, negative)
         if native is not None:
             _triplet_checks(fn, anchor, positive, negative, margin)
@@ -801,17 +801,14 @@ def _triplet_promoted(fn: str, anchor: Tensor, positive: Tensor, negative: Tenso
 
 
 def _fused_triplet(fn: str, anchor: Tensor, positive: Tensor, negative: Tensor, margin: float, p: float, eps: float,
-                   swap: bool, reduction: str, promote: bool) -> Tensor:
+                   swap: bool, reduction: str) -> Tensor:
     """The fused triplet loss (kernels/embedding.py), whose create_graph and second backward
-    replay the composed form (``promote``: triplet_margin_loss's, else
-    triplet_margin_with_distance_loss's, in the inputs' own dtype)."""
+    replay the composed form."""
     _triplet_checks(fn, anchor, positive, negative, margin)
-    if promote:
-        def reference(a, b, c):
-            return _triplet_promoted(fn, a, b, c, margin, p, eps, swap, reduction)
-    else:
-        def reference(a, b, c):
-            return _triplet(fn, a, b, c, pairwise_distance, margin, swap, reduction)
+
+    def reference(a, b, c):
+        return _triplet_promoted(fn, a, b, c, margin, p, eps, swap, reduction)
+
     return fused_triplet_call(anchor, positive, negative, triplet_options(margin, p, eps, swap, reduction),
                               Replay(fn, reference, [anchor, positive, negative]))
 
@@ -832,7 +829,9 @@ def triplet_margin_with_distance_loss(
         anchor: inputs of the distance function, e.g. ``[N, D]``.
         positive: same.
         negative: same.
-        distance_function: non-negative, real-valued function of two tensors.
+        distance_function: non-negative, real-valued function of two tensors. The default,
+            :func:`pairwise_distance`, computes as :func:`triplet_margin_loss` does (half
+            types in float32, the loss and gradients rounded once).
         margin: > 0.
         swap: use the harder of d(a, n) and d(p, n).
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
@@ -853,15 +852,15 @@ def triplet_margin_with_distance_loss(
     """
     fn = "triplet_margin_with_distance_loss"
     reduction = resolve_reduction(None, None, reduction)
-    if (distance_function is None and isinstance(anchor, Tensor) and isinstance(positive, Tensor)
-            and isinstance(negative, Tensor) and anchor.shape == positive.shape == negative.shape
-            and _plain_numbers(margin) and isinstance(swap, bool)):
-        if fused_embedding_applies(anchor, positive, negative):
-            # pairwise_distance's defaults; a half type computed in float32 and rounded once
-            return _fused_triplet(fn, anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction, False)
-        native = _composed_native(anchor, positive, negative)
-        if native is not None:
-            _triplet_checks(fn, anchor, positive, negative, margin)
-            # pairwise_distance's defaults, in the inputs' own dtype
-            return native.triplet_margin(anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction, False)
+    if distance_function is None and all(isinstance(t, Tensor) for t in (anchor, positive, negative)):
+        # The default distance, pairwise_distance(u, v) (p = 2, eps = 1e-6): triplet_margin_loss's
+        # computation, a half type in float32 rounded once on every path (eager, no_grad, compiled).
+        if anchor.shape == positive.shape == negative.shape and _plain_numbers(margin) and isinstance(swap, bool):
+            if fused_embedding_applies(anchor, positive, negative):
+                return _fused_triplet(fn, anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction)
+            native = _composed_native(anchor, positive, negative)
+            if native is not None:
+                _triplet_checks(fn, anchor, positive, negative, margin)
+                return native.triplet_margin(anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction, True)
+        return _triplet_promoted(fn, anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction)
     return _triplet(fn, anchor, positive, negative, distance_function or pairwise_distance, margin, swap, reduction)

@@ -111,8 +111,8 @@ at::Tensor distance(const at::Tensor& x1, const at::Tensor& x2, double p, double
 
 // triplet_margin_loss: max(d(a, p) - d(a, n) + margin, 0); with swap, d(a, n) becomes
 // min(d(a, n), d(p, n)). ``promote``: computed in result_dtypes' type and cast back, as
-// triplet_margin_loss does; without it, in the inputs' own types, as
-// triplet_margin_with_distance_loss does with its default distance (p = 2, eps = 1e-6).
+// triplet_margin_loss and triplet_margin_with_distance_loss with its default distance do
+// (p = 2, eps = 1e-6); without it, in the inputs' own types.
 at::Tensor triplet_margin(const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
                           double margin, double p, double eps, bool swap, const std::string& reduction,
                           bool promote) {
@@ -295,9 +295,8 @@ py::object loss_and_grads(const at::Tensor& loss, const std::vector<at::Tensor>&
 py::object fused_triplet_margin(const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
                                 double margin, double p, double eps, bool swap, const std::string& reduction,
                                 int64_t block, const std::vector<bool>& needs) {
-  if (needs.size() != 3 || block <= 0 || !(p >= 1.0 && std::isfinite(p)) || !rows_served({anchor, positive, negative})) {
-    return py::none();
-  }
+  const bool served = p >= 1.0 && std::isfinite(p) && rows_served({anchor, positive, negative});
+  if (needs.size() != 3 || block <= 0 || !served) return py::none();
   at::Tensor loss;
   std::vector<at::Tensor> grads;
   {
@@ -307,10 +306,11 @@ py::object fused_triplet_margin(const at::Tensor& anchor, const at::Tensor& posi
         at::promote_types(at::promote_types(anchor.scalar_type(), positive.scalar_type()), negative.scalar_type());
     const at::ScalarType compute = compute_type({out});
     const double k = reduction == "mean" ? 1.0 / static_cast<double>(anchor.size(0)) : 1.0;
-    std::tie(loss, grads) = by_blocks({anchor, positive, negative}, needs, compute, block, [&](int64_t begin, int64_t end) {
+    auto rows_of = [&](int64_t begin, int64_t end) {
       return triplet_rows(cast(anchor.slice(0, begin, end), compute), cast(positive.slice(0, begin, end), compute),
                           cast(negative.slice(0, begin, end), compute), margin, p, eps, swap, k, needs);
-    });
+    };
+    std::tie(loss, grads) = by_blocks({anchor, positive, negative}, needs, compute, block, rows_of);
     loss = cast(reduce_rows(loss, reduction), out);
   }
   return loss_and_grads(loss, grads);
