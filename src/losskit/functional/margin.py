@@ -12,6 +12,18 @@ from .._core.docs import LEGACY_ARGS, fill_doc
 from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.validation import broadcast_shape, check_class_weight, check_floating, check_target_range, extremes
+from ..kernels.embedding import (
+    cosine_options,
+    element_options,
+    fused_cosine_call,
+    fused_elements_apply,
+    fused_embedding_applies,
+    fused_hinge_call,
+    fused_ranking_call,
+    fused_triplet_call,
+    triplet_options,
+    triplet_p_served,
+)
 from ..kernels.fused_op import Replay, attach_precomputed, eager_native
 
 __all__ = [
@@ -545,9 +557,19 @@ def margin_ranking_loss(
     if input1.shape != input2.shape:  # equal shapes broadcast; torch.broadcast_shapes costs tens of us
         broadcast_shape(input1, input2, ("input1", "input2"), fn)
     elif input1.shape == target.shape and _plain_numbers(margin):
+        if fused_elements_apply((input1, input2, target)):  # loss and gradients in one forward
+            return fused_ranking_call(
+                input1, input2, target, element_options(margin, reduction),
+                Replay(fn, lambda a, b, y: _margin_ranking(a, b, y, margin, reduction), [input1, input2, target]),
+            )
         native = _composed_native(input1, input2, target)
         if native is not None:
             return native.margin_ranking(input1, input2, target, margin, reduction)
+    return _margin_ranking(input1, input2, target, margin, reduction)
+
+
+def _margin_ranking(input1: Tensor, input2: Tensor, target: Tensor, margin, reduction: str) -> Tensor:
+    """The composed form of margin_ranking_loss (validated inputs): the reference of the fused one."""
     compute, out = result_dtypes(input1, input2, target)
     # (x2 - x1) y is -y (x1 - x2) exactly (a difference changes sign exactly), one op fewer.
     loss = ((input2.to(compute) - input1.to(compute)) * target.to(compute) + margin).clamp_min(0)
@@ -593,9 +615,17 @@ def hinge_embedding_loss(
     check_floating(input, "input", fn)
     broadcast_shape(input, target, ("input", "target"), fn)
     if _plain_numbers(margin):
+        if fused_elements_apply((input,), (target,)):  # loss and gradient in one forward
+            return fused_hinge_call(input, target, element_options(margin, reduction),
+                                    Replay(fn, lambda x: _hinge_embedding(x, target, margin, reduction), [input]))
         native = _composed_native(input, target)
         if native is not None:
             return native.hinge_embedding(input, target, margin, reduction)
+    return _hinge_embedding(input, target, margin, reduction)
+
+
+def _hinge_embedding(input: Tensor, target: Tensor, margin, reduction: str) -> Tensor:
+    """The composed form of hinge_embedding_loss (validated inputs): the reference of the fused one."""
     compute, out = result_dtypes(input)
     x = input.to(compute)
     margin_term = torch.where(target != 1, (margin - x).clamp_min(0), 0.0)
@@ -649,9 +679,19 @@ def cosine_embedding_loss(
             f"{tuple(input1.shape)}, input2 {tuple(input2.shape)}, target {tuple(target.shape)}"
         )
     if _plain_numbers(margin):
+        if fused_embedding_applies(input1, input2):  # loss and gradients in one forward (kernels/embedding.py)
+            return fused_cosine_call(
+                input1, input2, target, cosine_options(margin, reduction),
+                Replay(fn, lambda a, b: _cosine_embedding(a, b, target, margin, reduction), [input1, input2]),
+            )
         native = _composed_native(input1, input2, target)
         if native is not None:
             return native.cosine_embedding(input1, input2, target, margin, reduction)
+    return _cosine_embedding(input1, input2, target, margin, reduction)
+
+
+def _cosine_embedding(input1: Tensor, input2: Tensor, target: Tensor, margin, reduction: str) -> Tensor:
+    """The composed form of cosine_embedding_loss (validated inputs): the reference of the fused one."""
     compute, out = result_dtypes(input1, input2)
     a, b = input1.to(compute), input2.to(compute)
     epsilon = 1e-12
@@ -743,13 +783,34 @@ def triplet_margin_loss(
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_floating(anchor, "anchor", fn)
     if anchor.shape == positive.shape == negative.shape and _plain_numbers(margin, p, eps) and isinstance(swap, bool):
+        if triplet_p_served(p) and fused_embedding_applies(anchor, positive, negative):
+            return _fused_triplet(fn, anchor, positive, negative, margin, p, eps, swap, reduction)
         native = _composed_native(anchor, positive, negative)
         if native is not None:
             _triplet_checks(fn, anchor, positive, negative, margin)
             return native.triplet_margin(anchor, positive, negative, margin, p, eps, swap, reduction, True)
+    return _triplet_promoted(fn, anchor, positive, negative, margin, p, eps, swap, reduction)
+
+
+def _triplet_promoted(fn: str, anchor: Tensor, positive: Tensor, negative: Tensor, margin, p, eps, swap,
+                      reduction: str) -> Tensor:
+    """The composed form of triplet_margin_loss: computed in result_dtypes' type, rounded once."""
     compute, out = result_dtypes(anchor, positive, negative)
     a, pos, neg = (t.to(compute) for t in (anchor, positive, negative))
     return _triplet(fn, a, pos, neg, lambda u, v: pairwise_distance(u, v, p, eps), margin, swap, reduction).to(out)
+
+
+def _fused_triplet(fn: str, anchor: Tensor, positive: Tensor, negative: Tensor, margin: float, p: float, eps: float,
+                   swap: bool, reduction: str) -> Tensor:
+    """The fused triplet loss (kernels/embedding.py), whose create_graph and second backward
+    replay the composed form."""
+    _triplet_checks(fn, anchor, positive, negative, margin)
+
+    def reference(a, b, c):
+        return _triplet_promoted(fn, a, b, c, margin, p, eps, swap, reduction)
+
+    return fused_triplet_call(anchor, positive, negative, triplet_options(margin, p, eps, swap, reduction),
+                              Replay(fn, reference, [anchor, positive, negative]))
 
 
 def triplet_margin_with_distance_loss(
@@ -768,7 +829,9 @@ def triplet_margin_with_distance_loss(
         anchor: inputs of the distance function, e.g. ``[N, D]``.
         positive: same.
         negative: same.
-        distance_function: non-negative, real-valued function of two tensors.
+        distance_function: non-negative, real-valued function of two tensors. The default,
+            :func:`pairwise_distance`, computes as :func:`triplet_margin_loss` does (half
+            types in float32, the loss and gradients rounded once).
         margin: > 0.
         swap: use the harder of d(a, n) and d(p, n).
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
@@ -789,12 +852,15 @@ def triplet_margin_with_distance_loss(
     """
     fn = "triplet_margin_with_distance_loss"
     reduction = resolve_reduction(None, None, reduction)
-    if (distance_function is None and isinstance(anchor, Tensor) and isinstance(positive, Tensor)
-            and isinstance(negative, Tensor) and anchor.shape == positive.shape == negative.shape
-            and _plain_numbers(margin) and isinstance(swap, bool)):
-        native = _composed_native(anchor, positive, negative)
-        if native is not None:
-            _triplet_checks(fn, anchor, positive, negative, margin)
-            # pairwise_distance's defaults, in the inputs' own dtype
-            return native.triplet_margin(anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction, False)
+    if distance_function is None and all(isinstance(t, Tensor) for t in (anchor, positive, negative)):
+        # The default distance, pairwise_distance(u, v) (p = 2, eps = 1e-6): triplet_margin_loss's
+        # computation, a half type in float32 rounded once on every path (eager, no_grad, compiled).
+        if anchor.shape == positive.shape == negative.shape and _plain_numbers(margin) and isinstance(swap, bool):
+            if fused_embedding_applies(anchor, positive, negative):
+                return _fused_triplet(fn, anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction)
+            native = _composed_native(anchor, positive, negative)
+            if native is not None:
+                _triplet_checks(fn, anchor, positive, negative, margin)
+                return native.triplet_margin(anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction, True)
+        return _triplet_promoted(fn, anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction)
     return _triplet(fn, anchor, positive, negative, distance_function or pairwise_distance, margin, swap, reduction)
