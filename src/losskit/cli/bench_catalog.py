@@ -571,6 +571,7 @@ NOTES: dict[str, str] = {
     "functional.hinge_embedding_loss": F32_MATH,
     "functional.cosine_embedding_loss": F32_MATH,
     "functional.triplet_margin_loss": F32_MATH,
+    "functional.triplet_margin_with_distance_loss": F32_MATH,
     "functional.cross_entropy": "checks the class indices on the host and looks at the first rows for probabilities "
                                 "given as logits (a warning; CPU eager only)",
     "functional.nll_loss": CHECKS_TARGETS,
