@@ -53,8 +53,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._core import switches
-from .fused_op import native_module
+from .fused_op import eager_native
 
 MINUS_INF = float("-inf")
 
@@ -72,30 +71,37 @@ def ctc_loss_and_grad(
         zero_infinity: impossible alignments get loss 0 and gradient 0.
         want_grad: make the gradient (the reversed problem and the occupancy) too.
     """
+    native = _native_for(log_probs, labels, input_lengths, target_lengths)
+    if native is not None:  # the same ops from C++ (losskit/_native/src/ctc.cpp)
+        losses, grad = native.ctc_loss_and_grad(log_probs, labels, input_lengths, target_lengths, zero_infinity,
+                                                want_grad, _log_flush(log_probs.dtype))
+        return losses, grad
     steps, batch, _ = log_probs.shape
     width = labels.shape[0]
     device = log_probs.device
     extended = 2 * target_lengths + 1  # L_n
-    emit = log_probs.new_empty(steps, width, (2 if want_grad else 1) * batch)
+    emit = log_probs.new_empty(2 if want_grad else 1, steps, width, batch)
     forward_emit = torch.gather(log_probs.transpose(1, 2), 1, labels.expand(steps, width, batch),
-                                out=emit[:, :, :batch])  # e_t(s), [T, L, N]
+                                out=emit[0])  # e_t(s), [T, L, N]
     first_state = torch.zeros_like(extended)
     if want_grad:
         # The reversed problem, in frames and states reversed as a whole (t' = T - 1 - t,
         # s' = L - 1 - s): sequence n's states begin at s' = L - L_n and its frames at
         # t' = T - T_n, before which its emissions are 0 in that first state and -inf in
         # the others, so that the seed waits there until they begin.
-        first_state = torch.cat([first_state, width - extended])
-        waiting = emit.new_full((width, batch), MINUS_INF).scatter_(0, first_state[batch:].unsqueeze(0), 0.0)
+        first_state = torch.stack([first_state, width - extended])
+        waiting = emit.new_full((width, batch), MINUS_INF).scatter_(0, first_state[1:], 0.0)
         before = torch.arange(steps, device=device).unsqueeze(1) < steps - input_lengths  # [T, N]
-        torch.where(before.unsqueeze(1), waiting, forward_emit.flip(0, 1), out=emit[:, :, batch:])
-        labels = torch.cat([labels, labels.flip(0)], dim=1)
+        torch.where(before.unsqueeze(1), waiting, forward_emit.flip(0, 1), out=emit[1])
+        labels = torch.stack([labels, labels.flip(0)])
+    else:
+        first_state, labels = first_state.unsqueeze(0), labels.unsqueeze(0)
     buffer = _forward_variables(emit, labels, first_state)
 
     # log p from frame T_n - 1 (buffer row T_n) and states L_n - 1, L_n - 2 (rows L_n + 1,
     # L_n); state -1, for an empty target, is a row of -inf.
     sequences = torch.arange(batch, device=device)
-    last = buffer[input_lengths, extended + 1, sequences], buffer[input_lengths, extended, sequences]
+    last = buffer[0, input_lengths, extended + 1, sequences], buffer[0, input_lengths, extended, sequences]
     losses = torch.logaddexp(*last).neg_()
     finite = losses.abs() < float("inf")  # isfinite, in two ops instead of four
     safe_loss = torch.where(finite, losses, 0.0)
@@ -103,8 +109,8 @@ def ctc_loss_and_grad(
         return (safe_loss if zero_infinity else losses), None
 
     # log occupancy = alpha + beta - e - log p; beta is the reversed problem's alpha, flipped.
-    alpha = buffer[1:, 2:]
-    log_occupancy = alpha[:, :, batch:].flip(0, 1).add_(alpha[:, :, :batch]).sub_(forward_emit).add_(safe_loss)
+    alpha = buffer[:, 1:, 2:]
+    log_occupancy = alpha[1].flip(0, 1).add_(alpha[0]).sub_(forward_emit).add_(safe_loss)
     # Occupancies below e times the smallest normal float are 0 (flushed, as a CPU in
     # flush-to-zero mode would): subnormal results make exp twenty times slower, and this
     # changes the gradient by less than 4e-38 (float32). It also makes the states no
@@ -114,10 +120,18 @@ def ctc_loss_and_grad(
     passed = log_occupancy > floor
     occupancy = torch.where(passed, log_occupancy.clamp_min_(floor).exp_(), 0.0).neg_()
     grad = log_probs.exp()
-    grad.transpose(1, 2).scatter_add_(1, labels[:, :batch].expand(steps, width, batch), occupancy)
+    grad.transpose(1, 2).scatter_add_(1, labels[0].expand(steps, width, batch), occupancy)
     grad.masked_fill_(~finite.view(1, -1, 1), 0.0 if zero_infinity else float("nan"))
     outside = torch.arange(steps, device=device).unsqueeze(1) >= input_lengths  # frames past T_n
     return (safe_loss if zero_infinity else losses), grad.masked_fill_(outside.unsqueeze(2), 0.0)
+
+
+def _native_for(*tensors: Tensor):
+    """The compiled module where it serves this call (eager, plain float32 / float64 CPU
+    tensors), else None."""
+    if tensors[0].device.type != "cpu" or tensors[0].dtype not in (torch.float32, torch.float64):
+        return None
+    return eager_native(*tensors)
 
 
 def _log_flush(dtype: torch.dtype) -> float:
@@ -127,25 +141,24 @@ def _log_flush(dtype: torch.dtype) -> float:
 
 
 def _forward_variables(emit: Tensor, labels: Tensor, first_state: Tensor) -> Tensor:
-    """The buffer ``[T + 1, L + 2, B]`` of alpha for emissions ``[T, L, B]`` and extended
-    labels ``[L, B]``, each sequence starting at its ``first_state`` ``[B]``: alpha_t(s)
-    at ``[t + 1, s + 2]``, the seed in row 0, -inf in the first two state rows."""
-    steps, width, batch = emit.shape
-    buffer = emit.new_full((steps + 1, width + 2, batch), MINUS_INF)
-    buffer[0, 2:].scatter_(0, first_state.unsqueeze(0), 0.0)
+    """The buffer ``[D, T + 1, L + 2, N]`` of alpha for D problems of emissions
+    ``[D, T, L, N]`` and extended labels ``[D, L, N]``, each sequence starting at its
+    ``first_state`` ``[D, N]``: alpha_t(s) at ``[d, t + 1, s + 2]``, the seed in row 0,
+    -inf in the first two state rows."""
+    directions, steps, width, batch = emit.shape
+    buffer = emit.new_full((directions, steps + 1, width + 2, batch), MINUS_INF)
+    buffer[:, 0, 2:].scatter_(1, first_state.unsqueeze(1), 0.0)
     # A step of two (from s - 2) only between different labels: an additive 0 / -inf mask.
-    skip = emit.new_full((width, batch), MINUS_INF)
-    skip[2:].masked_fill_(labels[2:] != labels[:-2], 0.0)
-    skip = skip.view(-1)
-    native = native_module() if switches.native_enabled() else None
-    if native is not None:  # the same ops from C++ (losskit/_native/src/ctc.cpp)
-        native.ctc_frames(buffer, emit, skip)
-        return buffer
+    skip = emit.new_full((directions, width, batch), MINUS_INF)
+    skip[:, 2:].masked_fill_(labels[:, 2:] != labels[:, :-2], 0.0)
+    skip = skip.view(directions, -1)
     stay_or_step, jump = torch.empty_like(skip), torch.empty_like(skip)
-    # Every frame's views made by one call each (unbind), not sliced per frame in Python.
-    flat = buffer.view(steps + 1, -1)
-    rows, left, two_left = flat[:, 2 * batch:].unbind(0), flat[:, batch:-batch].unbind(0), flat[:, :-2 * batch].unbind(0)
-    emissions = emit.view(steps, -1).unbind(0)
+    # Every frame's views made by one call each (unbind), not sliced per frame in Python:
+    # [D, L N], each problem's frame one contiguous row.
+    flat = buffer.view(directions, steps + 1, -1)
+    rows, left, two_left = (flat[:, :, 2 * batch:].unbind(1), flat[:, :, batch:-batch].unbind(1),
+                            flat[:, :, :-2 * batch].unbind(1))
+    emissions = emit.view(directions, steps, -1).unbind(1)
     for t in range(steps):
         torch.logaddexp(rows[t], left[t], out=stay_or_step)
         torch.add(two_left[t], skip, out=jump)
