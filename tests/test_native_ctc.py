@@ -6,6 +6,7 @@ reduction, zero_infinity, float64, and calls without a gradient."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -66,15 +67,61 @@ def test_the_same_bits_as_the_python_kernel(threads, size, dtype):
 
 def test_the_compiled_kernel_serves_eager_cpu_calls(monkeypatch):
     calls = []
-    real = native.ctc_loss_and_grad
-
-    def spy(*args):
-        calls.append(args[5])
-        return real(*args)
-
-    monkeypatch.setattr(native, "ctc_loss_and_grad", spy)
+    for name in ("ctc_loss_and_grad", "ctc_loss_attached"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
     log_probs, targets, il, tl = _inputs(9, 4, 6, 3, torch.float32)
-    LF.ctc_loss(log_probs.requires_grad_(), targets, il, tl).backward()
+    log_probs.requires_grad_()
+    loss = LF.ctc_loss(log_probs, targets, il, tl)
+    assert loss.grad_fn.name() == "CTCLossBackward"
+    loss.backward()
+    LF.ctc_loss(log_probs, targets, il, tl, reduction="none").sum().backward()  # through CTCLoss
     with torch.no_grad():
         LF.ctc_loss(log_probs, targets, il, tl)
-    assert calls == [True, False]
+    assert calls == ["ctc_loss_attached", "ctc_loss_and_grad", "ctc_loss_and_grad"]
+
+
+def _saved_bytes(loss):
+    return sum(t.untyped_storage().nbytes() for t in native.ctc_held(loss.grad_fn))
+
+
+def test_the_node_keeps_one_gradient_no_more_than_torch_saves():
+    # tests/test_memory.py sees the gradients precomputed.cpp's node keeps (native.held),
+    # not this node's: measured here the same way, against torch's saved tensors.
+    log_probs, targets, il, tl = _inputs(60, 8, 20, 12, torch.float32)
+    log_probs.requires_grad_()
+    loss = LF.ctc_loss(log_probs, targets, il, tl)
+    assert _saved_bytes(loss) == log_probs.numel() * 4
+    found = {}
+
+    def pack(t):
+        found[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.nn.functional.ctc_loss(log_probs, targets, il, tl)
+    assert _saved_bytes(loss) <= sum(found.values())
+    loss.backward()
+    assert native.ctc_held(loss.grad_fn) == []  # handed out by the last backward
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_twice_create_graph_and_a_freed_graph_as_the_python_node(reduction):
+    log_probs, targets, il, tl = _inputs(9, 4, 6, 3, torch.float64)
+    results = []
+    for context in (switches.without_native, contextlib.nullcontext):
+        with context():
+            x = log_probs.clone().requires_grad_()
+            loss = LF.ctc_loss(x.log_softmax(2), targets, il, tl, reduction=reduction)  # the input freed
+            first = torch.autograd.grad(loss, x, torch.tensor(0.75, dtype=loss.dtype), retain_graph=True)[0]
+            second = torch.autograd.grad(loss, x)[0]
+            with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                torch.autograd.grad(loss, x)
+            go = torch.tensor(1.5, dtype=loss.dtype, requires_grad=True)
+            loss = LF.ctc_loss(x, targets, il, tl, reduction=reduction)
+            (third,) = torch.autograd.grad(loss, x, go, create_graph=True)
+            with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once"):
+                third.sum().backward()
+            results.append((first, second, third.detach()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

@@ -74,7 +74,7 @@ def ctc_loss_and_grad(
     native = _native_for(log_probs, labels, input_lengths, target_lengths)
     if native is not None:  # the same ops from C++ (losskit/_native/src/ctc.cpp)
         losses, grad = native.ctc_loss_and_grad(log_probs, labels, input_lengths, target_lengths, zero_infinity,
-                                                want_grad, _log_flush(log_probs.dtype))
+                                                want_grad, _log_flush(log_probs.dtype), _REDUCTIONS["none"])
         return losses, grad
     steps, batch, _ = log_probs.shape
     width = labels.shape[0]
@@ -181,23 +181,57 @@ def _(log_probs, labels, input_lengths, target_lengths, zero_infinity, want_grad
     return log_probs.new_empty(log_probs.shape[1]), log_probs.new_empty(log_probs.shape if want_grad else (0,))
 
 
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # as ctc.cpp takes them
+
+
+def _reduce(losses: Tensor, grad: Tensor, target_lengths: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
+    """The loss reduced as torch's ctc_loss ('mean': each loss over its target length, then
+    the batch mean) and the gradient that goes with it (scaled per sequence; 'none' leaves
+    both as they are). ctc.cpp repeats these ops."""
+    if reduction == "sum":
+        return losses.sum(), grad
+    if reduction == "mean":
+        divisor = target_lengths.clamp_min(1)  # int64: the quotients keep the losses' dtype
+        return (losses / divisor).mean(), grad.div_((divisor * losses.shape[0]).view(1, -1, 1))
+    return losses, grad
+
+
 class CTCLoss(torch.autograd.Function):
-    """Per-sequence CTC loss whose gradient, formed in forward, is torch's: exp(log_probs)
-    minus the occupancy. Backward scales it by grad_output; as torch's, it is
-    differentiable once (a retained graph may run backward more than once)."""
+    """The reduced CTC loss whose gradient, formed in forward, is torch's: exp(log_probs)
+    minus the occupancy, scaled as the reduction asks. Backward scales it by grad_output;
+    as torch's, it is differentiable once (a retained graph may run backward more than
+    once)."""
 
     @staticmethod
-    def forward(ctx, log_probs, labels, input_lengths, target_lengths, zero_infinity):  # type: ignore[override]
+    def forward(ctx, log_probs, labels, input_lengths, target_lengths, zero_infinity, reduction):  # type: ignore[override]
         args = (log_probs, labels, input_lengths, target_lengths, zero_infinity, True)
         losses, grad = _ctc_op(*args) if torch.compiler.is_compiling() else ctc_loss_and_grad(*args)
+        loss, grad = _reduce(losses, grad, target_lengths, reduction)
         ctx.save_for_backward(grad)
-        return losses
+        ctx.per_sequence = reduction == "none"
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.view(1, -1, 1), None, None, None, None
+        return grad * (grad_output.view(1, -1, 1) if ctx.per_sequence else grad_output), None, None, None, None, None
+
+
+def ctc_loss_with_grad(log_probs: Tensor, labels: Tensor, input_lengths: Tensor, target_lengths: Tensor,
+                       zero_infinity: bool, reduction: str) -> Tensor:
+    """The reduced loss, differentiable for ``log_probs``.
+
+    An eager CPU call reduced to a scalar runs whole in C++ (ctc.cpp: the kernel and
+    :func:`_reduce`) and gets a C++ autograd node that does what :class:`CTCLoss` does:
+    the same numbers, without an autograd.Function's cost in Python.
+    """
+    if reduction != "none":
+        native = _native_for(log_probs, labels, input_lengths, target_lengths)
+        if native is not None:
+            return native.ctc_loss_attached(log_probs, labels, input_lengths, target_lengths, zero_infinity,
+                                            _log_flush(log_probs.dtype), _REDUCTIONS[reduction])
+    return CTCLoss.apply(log_probs, labels, input_lengths, target_lengths, zero_infinity, reduction)
 
 
 def ctc_loss_only(log_probs: Tensor, labels: Tensor, input_lengths: Tensor, target_lengths: Tensor,

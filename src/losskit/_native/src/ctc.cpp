@@ -19,6 +19,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/TensorImpl.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/python_cpp_function.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
 #include <limits>
 
@@ -91,10 +96,20 @@ Tensor forward_variables(const Tensor& emit, const Tensor& labels, const Tensor&
   return buffer;
 }
 
+// kernels/ctc.py: _reduce, on the loss alone (functional.sequence.ctc_loss without a gradient).
+Tensor reduce_loss(const Tensor& losses, const Tensor& target_lengths, int64_t reduction) {
+  if (reduction == 2) return losses.sum();
+  if (reduction == 1) return at::div(losses, target_lengths.clamp_min(1)).mean();
+  return losses;
+}
+
 // kernels/ctc.py: ctc_loss_and_grad, for CPU float32 / float64 (the caller's choice);
-// ``floor`` is the Python kernel's _log_flush(dtype). Returns (losses, grad or None).
+// ``floor`` is the Python kernel's _log_flush(dtype); ``reduction`` 0 (none), 1 (mean) or 2
+// (sum), as kernels/ctc.py: _reduce applies it to the loss and its gradient. Returns
+// (loss, grad or None).
 py::object ctc_loss_and_grad(const Tensor& log_probs, const Tensor& labels_in, const Tensor& input_lengths,
-                             const Tensor& target_lengths, bool zero_infinity, bool want_grad, double floor) {
+                             const Tensor& target_lengths, bool zero_infinity, bool want_grad, double floor,
+                             int64_t reduction) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // no autograd here: the caller attaches the gradient
   const int64_t steps = log_probs.size(0), batch = log_probs.size(1);
   const int64_t width = labels_in.size(0);
@@ -126,7 +141,7 @@ py::object ctc_loss_and_grad(const Tensor& log_probs, const Tensor& labels_in, c
   Tensor finite = losses.abs().lt(kInf);
   Tensor safe_loss = at::where(finite, losses, at::Scalar(0.0));
   Tensor loss = zero_infinity ? safe_loss : losses;
-  if (!want_grad) return py::make_tuple(loss, py::none());
+  if (!want_grad) return py::make_tuple(reduce_loss(loss, target_lengths, reduction), py::none());
 
   Tensor alpha = buffer.slice(1, 1).slice(2, 2);
   Tensor log_occupancy = alpha.select(0, 1).flip({0, 1}).add_(alpha.select(0, 0)).sub_(forward_emit).add_(safe_loss);
@@ -137,11 +152,83 @@ py::object ctc_loss_and_grad(const Tensor& log_probs, const Tensor& labels_in, c
   grad.masked_fill_(finite.view({1, -1, 1}).bitwise_not(), zero_infinity ? 0.0 : std::numeric_limits<double>::quiet_NaN());
   Tensor outside = at::arange(steps, long_options).unsqueeze(1).ge(input_lengths);
   grad.masked_fill_(outside.unsqueeze(2), 0.0);
-  return py::make_tuple(loss, grad);
+  if (reduction == 1) {  // kernels/ctc.py: _reduce
+    Tensor divisor = target_lengths.clamp_min(1);
+    return py::make_tuple(at::div(loss, divisor).mean(), grad.div_(at::mul(divisor, batch).view({1, -1, 1})));
+  }
+  return py::make_tuple(reduce_loss(loss, target_lengths, reduction), grad);
+}
+
+// The autograd node of an eager CPU call reduced to a scalar: kernels/ctc.py's CTCLoss
+// (backward: the gradient made in forward times grad_output; differentiable once) without
+// an autograd.Function's cost in Python. Unlike precomputed.cpp's node it keeps its
+// gradient for every backward of a retained graph, as CTCLoss does, so that no backward
+// needs the inputs again (a replay would, and they are often freed by then: gradcheck
+// through a log_softmax). The last backward (the graph not retained) hands the buffer out.
+class CTCLossBackward : public torch::autograd::Node {
+ public:
+  explicit CTCLossBackward(Tensor grad) : grad_(std::move(grad)) {}
+  std::string name() const override { return "CTCLossBackward"; }
+  const Tensor& held() const { return grad_; }
+  void will_release_variables() override { last_ = true; }
+  void release_variables() override { grad_.reset(); }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grad_outputs) override {
+    TORCH_CHECK(grad_.defined(), torch::autograd::ERR_BACKWARD_TWICE);
+    // An undefined grad_output is zeros, as an autograd.Function materialises it.
+    const Tensor grad_output = grad_outputs[0].defined() ? grad_outputs[0] : at::zeros({}, grad_.options());
+    Tensor out;
+    {
+      at::NoGradGuard no_grad;  // CTCLoss.backward is once_differentiable: it runs without grad
+      if (!last_) {
+        out = at::mul(grad_, grad_output);  // grad * grad_output, a new tensor each time
+      } else {
+        out = std::move(grad_);  // the same product, in place: x * 1 is x, so 1 (backward()) skips it
+        grad_.reset();
+        if (!(grad_output.is_cpu() && grad_output.numel() == 1 && grad_output.item<double>() == 1.0)) {
+          out.mul_(grad_output);
+        }
+      }
+    }
+    if (at::GradMode::is_enabled() && grad_output.requires_grad()) {
+      // once_differentiable: the result of a create_graph backward errs when differentiated.
+      torch::autograd::DelayedError error(
+          "trying to differentiate twice a function that was marked with @once_differentiable", 1);
+      return error.apply({out.detach().requires_grad_(true)});
+    }
+    return {out};
+  }
+
+ private:
+  Tensor grad_;
+  bool last_ = false;
+};
+
+// ctc_loss_and_grad reduced to a scalar (reduction 1 or 2), the loss given the node above.
+Tensor ctc_loss_attached(const Tensor& log_probs, const Tensor& labels, const Tensor& input_lengths,
+                         const Tensor& target_lengths, bool zero_infinity, double floor, int64_t reduction) {
+  TORCH_CHECK(reduction == 1 || reduction == 2, "losskit ctc_loss_attached: a scalar reduction, not ", reduction);
+  auto result = ctc_loss_and_grad(log_probs, labels, input_lengths, target_lengths, zero_infinity, true, floor,
+                                  reduction).cast<py::tuple>();
+  Tensor loss = result[0].cast<Tensor>(), grad = result[1].cast<Tensor>();
+  auto node = c10::make_intrusive<CTCLossBackward>(std::move(grad));
+  node->set_next_edges({torch::autograd::impl::gradient_edge(log_probs)});
+  torch::autograd::set_history(loss, node);
+  return loss;
+}
+
+// The gradient a CTCLossBackward node keeps ([] for any other node, or once handed out).
+std::vector<Tensor> ctc_held(py::handle grad_fn) {
+  if (!torch::autograd::THPCppFunction_Check(grad_fn.ptr())) return {};
+  auto* node = dynamic_cast<CTCLossBackward*>(((torch::autograd::THPCppFunction*)grad_fn.ptr())->cdata.get());
+  if (node == nullptr || !node->held().defined()) return {};
+  return {node->held()};
 }
 
 void register_ctc(py::module& m) {
   m.def("ctc_loss_and_grad", &ctc_loss_and_grad, "losskit's CTC loss and gradient (kernels/ctc.py)");
+  m.def("ctc_loss_attached", &ctc_loss_attached, "losskit's CTC loss, reduced, with its C++ autograd node");
+  m.def("ctc_held", &ctc_held, "the gradient a CTCLossBackward node keeps");
 }
 LOSSKIT_REGISTER(register_ctc)
 
