@@ -20,12 +20,13 @@ a nan gradient inside its input length; zero_infinity makes both 0.
 
 How it is computed, so that a frame costs four tensor ops whatever N and L:
 
-- beta is alpha of the reversed problem (frames and states reversed), so both run as one
-  batch of 2N sequences through one recursion: one loop over T serves forward and backward.
-- alpha lives state-major in a (T + 1, L + 2, 2N) buffer: a frame is one contiguous row,
-  and the terms from s - 1 and s - 2 are the previous row read 2N and 4N places earlier,
-  so every op of the loop runs on contiguous 1-D views (vectorised, no copies). Two rows of
-  -inf stand before state 0; row 0 is a seed (0 in each sequence's first state) from which
+- beta is alpha of the reversed problem (frames and states reversed), so both run through
+  one recursion: one loop over T serves forward and backward.
+- alpha lives state-major in a (2, T + 1, L + 2, N) buffer, the forward problem's half then
+  the reversed one's: a frame of a problem is one contiguous row, and the terms from s - 1
+  and s - 2 are the previous row read N and 2N places earlier, so every op of the loop
+  runs on two contiguous rows, one per problem (vectorised, no copies). Two rows of -inf
+  stand before state 0; row 0 is a seed (0 in each sequence's first state) from which
   the recursion itself makes frame 0, and which, read at T_n = 0, gives the loss of an
   empty input (0 for an empty target, inf otherwise) with no special case.
 - The three-term logsumexp is two logaddexp, each exact where both terms are -inf
@@ -39,9 +40,11 @@ implementations: rescaled probabilities underflow where one state outweighs anot
 more than the float range (e^88 in float32), which a confident model meeting a wrong or
 noisy target reaches within a few frames; the loss would turn inf where torch's is finite.
 
-The loop over frames runs in C++ where losskit's compiled part is built
-(:mod:`losskit._native`: the same four ops, the same bits, without Python's cost per op).
-Eager calls run this code directly (on any device, meta included). Under torch.compile it
+Eager CPU calls (float32, float64) run in C++ where losskit's compiled part is built
+(:mod:`losskit._native`, ctc.cpp: the same ops, the same bits, without Python's cost per
+op; with two threads or more the two problems' frame loops run on a thread each, and a
+call reduced to a scalar gets a C++ autograd node in place of :class:`CTCLoss`). Other
+eager calls run this code directly (on any device, meta included). Under torch.compile it
 is the custom op ``losskit::ctc_loss``, one node with its fake, so the loop over T is not
 unrolled into the graph.
 """
