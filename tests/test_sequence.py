@@ -212,3 +212,36 @@ def test_ctc_without_grad_and_backward_twice():
     first = torch.autograd.grad(loss.sum(), lp, retain_graph=True)[0]
     second = torch.autograd.grad(loss.sum(), lp)[0]
     torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ctc_matches_torch_on_one_thread_and_two(threads, reduction):
+    # On two threads losskit runs the forward and the reversed problem on a thread each
+    # (torch: each sequence on a thread); the batch here is the benchmark's small size, with
+    # uneven lengths, an impossible alignment and repeats, and a grad_output other than 1
+    # (scaled by the C++ node for 'mean' and 'sum'). float32 against torch in float64 on
+    # the same inputs (torch's float32 is as far from it: the gradient's exp(lp) - occupancy
+    # loses digits to cancellation).
+    g = torch.Generator().manual_seed(5)
+    steps, batch, classes = 50, 16, 20
+    lp = torch.randn(steps, batch, classes, generator=g, dtype=torch.float64).log_softmax(2).float().double()
+    targets = torch.randint(1, classes, (batch, 12), generator=g)
+    targets[:, 3] = targets[:, 2]
+    il = torch.randint(20, steps + 1, (batch,), generator=g)
+    tl = torch.randint(0, 13, (batch,), generator=g)
+    il[0], tl[0] = 5, 12  # impossible: inf and a nan gradient, as torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for zero_infinity in (False, True):
+            ours, theirs = lp.float().requires_grad_(), lp.clone().requires_grad_()
+            got = LF.ctc_loss(ours, targets, il, tl, reduction=reduction, zero_infinity=zero_infinity)
+            want = TF.ctc_loss(theirs, targets, il, tl, reduction=reduction, zero_infinity=zero_infinity)
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+            go = torch.linspace(-1, 2, batch, dtype=torch.float64) if reduction == "none" else torch.tensor(0.75).double()
+            got.backward(go.float())
+            want.backward(go)
+            torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=1e-4, rtol=1e-4, equal_nan=True)
+    finally:
+        torch.set_num_threads(before)

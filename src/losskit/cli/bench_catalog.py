@@ -584,8 +584,8 @@ NOTES: dict[str, str] = {
     "functional.dice_loss": CHECKS_TARGETS,
     "functional.tversky_loss": CHECKS_TARGETS,
     "functional.ctc_loss": "checks the lengths and labels on the host (checks mode 'full', the CPU default); one "
-                           "log-space recursion for the whole batch, four ops a frame, where torch runs each "
-                           "sequence on a thread of its own (ahead at a small batch on 2 or more threads)",
+                           "log-space recursion for the whole batch, four ops a frame, its forward and reversed "
+                           "problems on a thread each, where torch runs each sequence on a thread of its own",
     "info.entropy": CHECKS_PROBS,
     "info.cross_entropy": CHECKS_PROBS,
     "info.kl_divergence": CHECKS_PROBS + "; sums p (log p - log q) over p > 0, which keeps its digits where p is "

@@ -9,7 +9,7 @@ from .._core.dtypes import result_dtypes
 from .._core.reduction import reduce_loss, resolve_reduction
 from .._core.checks import check_values
 from .._core.validation import at_index, check_floating, extremes, first_index
-from ..kernels.ctc import CTCLoss, ctc_loss_only
+from ..kernels.ctc import ctc_loss_only, ctc_loss_with_grad
 
 __all__ = ["ctc_loss"]
 
@@ -199,11 +199,11 @@ def ctc_loss(
     labels[1::2] = padded.T
     compute, out = result_dtypes(log_probs)
     log_probs = log_probs.to(compute)
-    if torch.is_grad_enabled() and log_probs.requires_grad:
-        losses = CTCLoss.apply(log_probs, labels, input_lengths, target_lengths, zero_infinity)
+    if torch.is_grad_enabled() and log_probs.requires_grad:  # reduced with its gradient (kernels.ctc._reduce)
+        loss = ctc_loss_with_grad(log_probs, labels, input_lengths, target_lengths, zero_infinity, reduction)
     else:  # no gradient wanted: the forward recursion alone
         losses = ctc_loss_only(log_probs, labels, input_lengths, target_lengths, zero_infinity)
-    if reduction == "mean":
-        losses = losses / target_lengths.clamp_min(1)  # int64 divisor: the quotient keeps losses' dtype
-    loss = reduce_loss(losses, reduction)
+        if reduction == "mean":
+            losses = losses / target_lengths.clamp_min(1)  # int64 divisor: the quotient keeps losses' dtype
+        loss = reduce_loss(losses, reduction)
     return (loss.squeeze(0) if unbatched and reduction == "none" else loss).to(out)
