@@ -1,0 +1,263 @@
+// The compiled form of losskit/kernels/topk_distillation.py's topk_distillation_forward, op
+// for op, so that the bits are the same (tests/test_native.py, tests/test_native_topk.py);
+// see that file for the math. And the cached teacher's checks of
+// losskit/functional/distillation.py's _check_topk in one read of the small [N, k] inputs.
+//
+// Where the Python form multiplies by a Python float, the float is a wrapped number (the
+// Scalar overloads below wrap it the same way): the product is formed in the tensor's
+// dtype, exactly as the Python form does; Python's arithmetic on floats is kept in order.
+#include "losskit_native.h"
+
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+// kernels/topk_distillation.py's safe_log.
+at::Tensor safe_log(const at::Tensor& x) {
+  at::Tensor positive = at::gt(x, 0);
+  return at::where(positive, at::where(positive, x, 1.0).log(), -kInf);
+}
+
+// kernels/topk_distillation.py's safe_logsumexp, over the last dimension.
+at::Tensor safe_logsumexp(const at::Tensor& x) {
+  if (x.size(-1) == 0) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    return at::full(shape, -kInf, x.options());
+  }
+  at::Tensor shift = x.amax({-1}, true);
+  shift = at::where(at::isfinite(shift), shift, 0.0);
+  return at::add(safe_log(at::sub(x, shift).exp().sum(-1)), shift.squeeze(-1));
+}
+
+// kernels/linear_distillation.py's log_mixture.
+at::Tensor log_mixture(const at::Tensor& log_p, const at::Tensor& log_q, double beta) {
+  at::Tensor a = at::add(log_p, std::log(beta)), b = at::add(log_q, std::log1p(-beta));
+  at::Tensor shift = at::maximum(a, b);
+  shift = at::where(at::isfinite(shift), shift, 0.0);
+  at::Tensor total = at::add(at::sub(a, shift).exp(), at::sub(b, shift).exp());
+  at::Tensor positive = at::gt(total, 0);
+  return at::add(at::where(positive, at::where(positive, total, 1.0).log(), -kInf), shift);
+}
+
+// A row factor: a number or one value per row (Python's float-or-Tensor).
+struct Factor {
+  at::Tensor t;
+  double v = 1.0;
+  Factor times(double x) const { return t.defined() ? Factor{at::mul(t, x), 0.0} : Factor{at::Tensor(), v * x}; }
+  at::Tensor mul(const at::Tensor& x, bool column) const {
+    return t.defined() ? at::mul(x, column ? t.unsqueeze(1) : t) : at::mul(x, v);
+  }
+};
+
+py::object topk_distillation(const at::Tensor& student, const at::Tensor& ids_in, const at::Tensor& logps,
+                             const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& valid,
+                             double beta, double temperature, int64_t ignore_index, double w_hard, double w_soft,
+                             const std::string& reduction, const std::vector<bool>& needs) {
+  (void)ignore_index;  // the targets come validated, their mask in ``valid``
+  if (!student.is_cpu() || !at::isFloatingType(student.scalar_type()) || student.dim() != 2 || !ids_in.is_cpu() ||
+      ids_in.scalar_type() != at::kLong || ids_in.dim() != 2 || !logps.is_cpu() ||
+      !at::isFloatingType(logps.scalar_type()) || (target.has_value() && !target->is_cpu()) ||
+      (valid.has_value() && !valid->is_cpu()) || student.size(0) == 0) {
+    return py::none();
+  }
+  at::Tensor loss, grad_out;
+  {
+    at::NoGradGuard no_grad;
+    at::ScalarType out = at::promote_types(student.scalar_type(), logps.scalar_type());
+    at::ScalarType compute = (out == at::kHalf || out == at::kBFloat16) ? at::kFloat : out;
+    const int64_t n = ids_in.size(0), k = ids_in.size(1);
+    const bool want_grad = needs[0];
+    const bool hard = w_hard != 0.0 && target.has_value();
+    at::Tensor ids = ids_in;
+    at::Tensor buf = temperature == 1.0 ? student.to(compute, false, true, at::MemoryFormat::Contiguous)
+                                        : at::div(cast(student, compute), temperature);
+    at::Tensor log_p_top;
+    if (valid.has_value()) {
+      at::Tensor counted = valid->unsqueeze(1);
+      buf.masked_fill_(counted.logical_not(), 0.0);
+      ids = at::where(counted, ids, at::arange(k, ids.options()));
+      log_p_top = at::where(counted, cast(logps, compute), -kInf);
+    } else {
+      log_p_top = cast(logps, compute);
+    }
+    at::Tensor column;
+    if (target.has_value()) column = target->unsqueeze(1);
+    at::Tensor z_y;
+    if (hard && temperature == 1.0) z_y = buf.gather(1, column).squeeze(1);
+    at::Tensor present = at::gt(log_p_top, -kInf);
+    at::Tensor z_top = buf.gather(1, ids);
+    at::Tensor top = at::where(present, z_top, -kInf);
+    buf.scatter_(1, ids, at::where(present, -kInf, z_top));
+    at::Tensor m_r = buf.amax({1}, true);
+    m_r = at::where(at::isfinite(m_r), m_r, 0.0);
+    at::Tensor e = buf.sub_(m_r).exp_();
+    at::Tensor e_r = e.sum(1);
+    at::Tensor rest = at::add(safe_log(e_r), m_r.squeeze(1));
+    at::Tensor log_q = at::cat({top, rest.unsqueeze(1)}, 1);
+    at::Tensor lse = safe_logsumexp(log_q);
+    log_q = log_q.sub_(lse.unsqueeze(1));
+    at::Tensor teacher_rest = safe_log(at::expm1(safe_logsumexp(log_p_top)).neg().clamp_min(0.0));
+    at::Tensor log_p = at::cat({log_p_top, teacher_rest.unsqueeze(1)}, 1);
+    at::Tensor q = log_q.exp();
+    at::Tensor soft, g;
+    if (beta == 0.0) {
+      at::Tensor p = log_p.exp();
+      soft = at::mul(p, at::where(at::gt(p, 0), at::sub(log_p, log_q), 0.0)).sum(1);
+      g = p.neg_();
+    } else if (beta == 1.0) {
+      at::Tensor qr = at::mul(q, at::where(at::gt(q, 0), at::sub(log_q, log_p), 0.0));
+      soft = qr.sum(1);
+      g = qr.add_(q);
+    } else {
+      at::Tensor log_m = log_mixture(log_p, log_q, beta);
+      at::Tensor p = log_p.exp();
+      at::Tensor qr = at::mul(q, at::where(at::gt(q, 0), at::sub(log_q, log_m), 0.0));
+      soft = at::add(at::mul(at::mul(p, at::where(at::gt(p, 0), at::sub(log_p, log_m), 0.0)).sum(1), beta),
+                     at::mul(qr.sum(1), 1.0 - beta));
+      g = qr.mul_(1.0 - beta);
+    }
+    at::Tensor rows = w_soft == 1.0 ? soft : at::mul(soft, w_soft);
+    at::Tensor log_q1;
+    if (hard) {
+      at::Tensor hard_rows;
+      if (temperature == 1.0) {
+        hard_rows = at::sub(lse, z_y);
+      } else {
+        at::Tensor x = cast(student, compute);
+        if (valid.has_value()) x = x.masked_fill(valid->unsqueeze(1).logical_not(), 0.0);
+        log_q1 = at::sub(x, x.amax({1}, true));
+        log_q1 = at::sub(log_q1, log_q1.exp().sum(1, true).log());
+        hard_rows = log_q1.gather(1, column).squeeze(1).neg();
+      }
+      rows = at::add(rows, at::mul(hard_rows, w_hard));
+    }
+    if (valid.has_value()) rows = at::where(*valid, rows, 0.0);
+    // reduce_rows
+    if (reduction == "none") {
+      loss = rows;
+    } else {
+      at::Tensor total = rows.sum();
+      if (reduction == "sum") {
+        loss = total;
+      } else if (!valid.has_value()) {
+        loss = at::div(total, static_cast<double>(std::max<int64_t>(n, 1)));
+      } else {
+        loss = at::div(total, cast(valid->sum().clamp_min(1), total.scalar_type()));
+      }
+    }
+    loss = cast(loss, out);
+    if (want_grad) {
+      Factor factor;
+      if (reduction == "mean") {
+        if (valid.has_value()) {
+          factor.t = cast(valid->sum().clamp_min(1), compute).reciprocal();
+        } else {
+          factor.v = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
+        }
+      }
+      if (valid.has_value()) {
+        factor.t = factor.t.defined() ? at::where(*valid, factor.t, 0.0) : at::mul(valid->to(compute), factor.v);
+      }
+      Factor scale = factor.times(w_soft / temperature);
+      at::Tensor g_top = g.slice(1, 0, k), g_r = g.select(1, k);
+      at::Tensor gamma = g.sum(1);
+      at::Tensor q_shift = at::exp(at::sub(m_r.squeeze(1), lse));
+      at::Tensor positive = at::gt(e_r, 0);
+      at::Tensor coef = at::sub(at::where(positive, at::div(g_r, at::where(positive, e_r, 1.0)), 0.0),
+                                at::mul(gamma, q_shift));
+      coef = scale.mul(coef, false);
+      at::Tensor q_top = q.slice(1, 0, k);
+      at::Tensor values = at::where(present, at::sub(g_top, at::mul(q_top, gamma.unsqueeze(1))), 0.0);
+      values = scale.mul(values, true);
+      Factor h = factor.times(w_hard);
+      if (hard && temperature == 1.0) {
+        coef = at::add(coef, h.mul(q_shift, false));
+        values = at::add(values, h.mul(at::where(present, q_top, 0.0), true));
+      }
+      at::Tensor grad = e.mul_(coef.unsqueeze(1)).scatter_add_(1, ids, values);
+      if (hard) {
+        if (temperature == 1.0) {
+          at::Tensor minus = h.t.defined() ? h.t.neg().unsqueeze(1)
+                                           : at::full_like(column, -h.v, column.options().dtype(compute));
+          grad.scatter_add_(1, column, minus);
+        } else {
+          at::Tensor hard_grad =
+              log_q1.exp_().scatter_add_(1, column, at::full_like(column, -1, column.options().dtype(compute)));
+          grad.add_(h.t.defined() ? hard_grad.mul_(h.t.unsqueeze(1)) : hard_grad.mul_(h.v));
+        }
+      }
+      grad_out = cast(grad, student.scalar_type());
+    }
+  }
+  return py::make_tuple(loss, grad_out.defined() ? py::cast(grad_out) : py::none());
+}
+
+// _check_topk's four checks on the counted rows, in one read of ids and logps: True when
+// every id is in [0, num_classes), no row names an id twice, every log-probability is <= 0
+// (not nan) and each row's logsumexp is clearly below ``slack``. False for anything else,
+// including a logsumexp too close to ``slack`` to call in double precision against
+// torch's float32: Python then runs its own checks, which raise with their messages (or
+// pass), so the result never differs from Python's.
+bool topk_check(const at::Tensor& ids_in, const at::Tensor& logps_in, const std::optional<at::Tensor>& valid_in,
+                int64_t num_classes, double slack) {
+  if (!ids_in.is_cpu() || !logps_in.is_cpu() || ids_in.scalar_type() != at::kLong || ids_in.dim() != 2 ||
+      logps_in.sizes() != ids_in.sizes() || !at::isFloatingType(logps_in.scalar_type()) ||
+      (valid_in.has_value() && (!valid_in->is_cpu() || valid_in->scalar_type() != at::kBool))) {
+    return false;
+  }
+  const at::Tensor ids = ids_in.contiguous(), logps = logps_in.contiguous();
+  at::Tensor valid;
+  if (valid_in.has_value()) valid = valid_in->contiguous();
+  const int64_t n = ids.size(0), k = ids.size(1);
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  const bool* counted = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+  // The row that last named each class: a repeat is a class seen twice in one row.
+  std::vector<int64_t> seen(static_cast<size_t>(std::max<int64_t>(num_classes, 0)), -1);
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logps.scalar_type(), "topk_check", [&] {
+    const scalar_t* lp = logps.const_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < n && ok; ++r) {
+      if (counted != nullptr && !counted[r]) continue;
+      double top = -kInf;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t c = id[r * k + j];
+        const double x = static_cast<double>(lp[r * k + j]);
+        if (c < 0 || c >= num_classes || seen[c] == r || !(x <= 0)) {
+          ok = false;
+          break;
+        }
+        seen[c] = r;
+        top = std::max(top, x);
+      }
+      if (!ok || k == 0 || top == -kInf) continue;
+      double sum = 0.0;
+      for (int64_t j = 0; j < k; ++j) sum += std::exp(static_cast<double>(lp[r * k + j]) - top);
+      const double lse = top + std::log(sum);
+      // float32's logsumexp of k terms is within a few ulps of k terms of this one.
+      const double margin = 1e-5 * static_cast<double>(k + 1) * (1.0 + std::abs(top));
+      if (!(lse < slack - margin)) ok = false;
+    }
+  });
+  return ok;
+}
+
+}  // namespace
+
+void register_topk_distillation(py::module& m) {
+  m.def("topk_distillation", &topk_distillation, "losskit.kernels.topk_distillation's topk_distillation_forward");
+  m.def("topk_check", &topk_check, "functional.distillation's _check_topk on CPU: True when every check passes");
+}
+LOSSKIT_REGISTER(register_topk_distillation)
