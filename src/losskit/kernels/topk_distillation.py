@@ -35,8 +35,10 @@ per row,
 
     A = G_r / E_r - Gamma exp(m_r - lse),
 
-plus k values per row written onto the present top-k (where e is 0). The (N, V) work is a
-copy, the max, the shift, the exp, the sum and that product: everything else is on (N, k + 1).
+plus k values per row added onto the top-k ids (where e is 0; on padding ids the values
+are 0, since G_j = Q_j = 0 there). E_r is at least 1 (the rest's max contributes exp(0))
+unless the rest is empty (k = V), where it multiplies nothing. The (N, V) work is a copy,
+the max, the shift, the exp, the sum and that product: everything else is on (N, k + 1).
 
 The hard loss at temperature 1 (T = 1): -log softmax(s)_y = lse - s_y, whose gradient
 q - onehot(y) is the same buffer (A gains exp(m_r - lse), the top-k values Q_j, and -1 at y);
@@ -59,41 +61,20 @@ from torch import Tensor
 
 from .._core.dtypes import result_dtypes
 from .fused_op import FusedOp
-from .linear_distillation import DistillationOptions, log_mixture, reduce_rows
-
-
-def safe_log(x: Tensor) -> Tensor:
-    """log x for x >= 0, -inf at 0 with a zero gradient (never 0 * inf = nan)."""
-    positive = x > 0
-    return torch.where(positive, torch.where(positive, x, 1.0).log(), -math.inf)
-
-
-def safe_logsumexp(x: Tensor) -> Tensor:
-    """logsumexp over the last dimension; -inf for a row of -inf (or no entries) with a
-    zero gradient, where torch.logsumexp's backward gives nan (exp(-inf - -inf))."""
-    if x.shape[-1] == 0:
-        return x.new_full(x.shape[:-1], -math.inf)
-    shift = x.amax(-1, keepdim=True).detach()
-    shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    return safe_log((x - shift).exp().sum(-1)) + shift.squeeze(-1)
-
-
-def teacher_rest(log_p_top: Tensor) -> Tensor:
-    """log P_r, the teacher's tail: 1 - sum p, as -expm1(logsumexp) (exact when the top-k
-    hold little mass); clamped at 0, since rounding can take the sum a little above 1."""
-    return safe_log((-torch.expm1(safe_logsumexp(log_p_top))).clamp_min(0.0))
+from .linear_distillation import DistillationOptions, reduce_rows
 
 
 def topk_distillation_forward(student: Tensor, ids: Tensor, logps: Tensor, target: Tensor | None,
                               valid: Tensor | None, *, options: DistillationOptions, needs):
     """(loss, (d loss / d student,)) of flat ``student`` [N, V] logits, ``ids`` [N, k]
     (int64, checked), ``logps`` [N, k], ``target`` [N] (validated, ignored tokens read as
-    0) and ``valid`` [N] (None: every token counts). See the module docstring."""
+    0) and ``valid`` [N] (None: every token counts). See the module docstring; every
+    operation on [N, k + 1] is spelt so that there are few of them (a batch of 64 costs
+    what its operations' dispatch costs)."""
     compute, out = result_dtypes(student, logps)
-    n, k = ids.shape
+    k = ids.shape[1]
     temperature, beta = options.temperature, options.beta
     w_soft, w_hard = options.weight_soft_loss, options.weight_hard_loss
-    want_grad = bool(needs[0])
     hard = w_hard != 0.0 and target is not None
     # The kernel's own (N, V) buffer of z = s / T, overwritten below.
     if temperature == 1.0:
@@ -111,25 +92,32 @@ def topk_distillation_forward(student: Tensor, ids: Tensor, logps: Tensor, targe
     else:
         log_p_top = logps.to(compute)
     column = None if target is None else target.unsqueeze(1)
-    z_y = buf.gather(1, column).squeeze(1) if hard and temperature == 1.0 else None
+    z_y = buf.gather(1, column) if hard and temperature == 1.0 else None
     present = log_p_top > -math.inf
     z_top = buf.gather(1, ids)
-    top = torch.where(present, z_top, -math.inf)
-    # The rest: the present top-k's entries set to -inf (padding ids keep their logits).
+    # The rest: the present top-k's entries set to -inf (padding ids keep their logits),
+    # shifted by its own max (0 where there is no rest: k = V), exponentiated, summed.
     buf.scatter_(1, ids, torch.where(present, -math.inf, z_top))
-    m_r = buf.amax(1, keepdim=True)
-    m_r = torch.where(torch.isfinite(m_r), m_r, 0.0)  # k = V: no rest; exp(-inf - 0) = 0
+    m_r = buf.amax(1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)
     e = buf.sub_(m_r).exp_()
-    e_r = e.sum(1)
-    rest = safe_log(e_r) + m_r.squeeze(1)
-    log_q = torch.cat([top, rest.unsqueeze(1)], 1)  # the buckets' log-sum-exps of z
-    lse = safe_logsumexp(log_q)
-    log_q = log_q.sub_(lse.unsqueeze(1))
-    log_p = torch.cat([log_p_top, teacher_rest(log_p_top).unsqueeze(1)], 1)
+    e_r = e.sum(1, keepdim=True)  # 0 (no rest) or at least 1 (the max's own term)
+    # The k + 1 buckets' log-sum-exps of z, then their log-softmax (never all -inf).
+    log_q = torch.cat([torch.where(present, z_top, -math.inf), e_r.log().add_(m_r)], 1)
+    shift = log_q.amax(1, keepdim=True)
+    lse = (log_q - shift).exp_().sum(1, keepdim=True).log_().add_(shift)
+    log_q = log_q.sub_(lse)
     q = log_q.exp()
-    # D_beta over the k + 1 buckets (divergence_rows' terms) and G = d D / d log_q.
+    # The teacher's tail: 1 - sum p as -expm1(log sum p), clamped at 0 (the k rounded
+    # probabilities may sum a little above 1). log p <= 0, so the sum cannot overflow, and
+    # where it underflows the tail is 1 either way.
+    p_top = log_p_top.exp()
+    p_rest = p_top.sum(1, keepdim=True).log_().expm1_().neg_().clamp_min_(0.0)
+    p = torch.cat([p_top, p_rest], 1)
+    log_p = torch.cat([log_p_top, p_rest.log()], 1)
+    # D_beta over the k + 1 buckets (0 log 0 = 0) and G = d D / d log_q. The mixture is
+    # formed in probability space, as the dense kernel does: every term that reads log m
+    # is multiplied by p or q, which are 0 wherever m is.
     if beta == 0.0:
-        p = log_p.exp()
         soft = (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(1)
         g = p.neg_()
     elif beta == 1.0:
@@ -137,16 +125,16 @@ def topk_distillation_forward(student: Tensor, ids: Tensor, logps: Tensor, targe
         soft = qr.sum(1)
         g = qr.add_(q)
     else:
-        log_m = log_mixture(log_p, log_q, beta)
-        p = log_p.exp()
+        m = p * beta + q * (1.0 - beta)
+        log_m = torch.where(m > 0, m, 1.0).log_()
         qr = q * torch.where(q > 0, log_q - log_m, 0.0)
-        soft = beta * (p * torch.where(p > 0, log_p - log_m, 0.0)).sum(1) + (1.0 - beta) * qr.sum(1)
+        soft = (p * torch.where(p > 0, log_p - log_m, 0.0)).sum(1) * beta + qr.sum(1) * (1.0 - beta)
         g = qr.mul_(1.0 - beta)
     rows = soft if w_soft == 1.0 else soft * w_soft
     log_q1 = None
     if hard:
         if temperature == 1.0:
-            hard_rows = lse - z_y
+            hard_rows = (lse - z_y).squeeze(1)
         else:
             x = student.to(compute)
             if valid is not None:
@@ -158,38 +146,37 @@ def topk_distillation_forward(student: Tensor, ids: Tensor, logps: Tensor, targe
     if valid is not None:
         rows = torch.where(valid, rows, 0.0)
     loss = reduce_rows(rows, valid, options.reduction).to(out)
-    if not want_grad:
+    if not needs[0]:
         return loss, (None,)
     # Each row's factor: 1 / (tokens counted) for 'mean', else 1; 0 where ignored.
     if options.reduction == "mean":
-        factor = 1.0 / max(n, 1) if valid is None else valid.sum().clamp_min(1).to(compute).reciprocal()
+        factor = 1.0 / max(ids.shape[0], 1) if valid is None else valid.sum().clamp_min(1).to(compute).reciprocal()
     else:
         factor = 1.0
     if valid is not None:
-        factor = torch.where(valid, factor, 0.0) if isinstance(factor, Tensor) else valid.to(compute) * factor
-    scale = factor * (w_soft / temperature)  # a float, or one value per row
-    g_top, g_r = g[:, :k], g[:, k]
-    gamma = g.sum(1)
-    q_shift = torch.exp(m_r.squeeze(1) - lse)  # q_c / e_c
-    positive = e_r > 0
-    coef = torch.where(positive, g_r / torch.where(positive, e_r, 1.0), 0.0) - gamma * q_shift
-    coef = coef * scale
+        factor = (torch.where(valid, factor, 0.0) if isinstance(factor, Tensor) else valid.to(compute) * factor)
+        factor = factor.unsqueeze(1)
+    # The rest's coefficient A = G_r / E_r - Gamma q_shift and the present top-k's values
+    # G_j - Q_j Gamma (0 on padding, where G_j = Q_j = 0); E_r is 0 only where the rest is
+    # empty, and then multiplies nothing.
+    gamma = g.sum(1, keepdim=True)
+    q_shift = (m_r - lse).exp_()  # q_c / e_c
+    coef = (g[:, k:] / e_r.clamp_min(1.0)).sub_(gamma * q_shift)
     q_top = q[:, :k]
-    values = torch.where(present, g_top - q_top * gamma.unsqueeze(1), 0.0)
-    values = values * (scale.unsqueeze(1) if isinstance(scale, Tensor) else scale)
+    values = g[:, :k] - q_top * gamma
+    scale = factor * (w_soft / temperature)  # a float, or one value per row
+    if isinstance(scale, Tensor) or scale != 1.0:
+        coef, values = coef * scale, values * scale
+    h = factor * w_hard
     if hard and temperature == 1.0:  # + w_hard (q - onehot(y)), q from the same buffer
-        h = factor * w_hard
-        coef = coef + q_shift * h
-        values = values + torch.where(present, q_top, 0.0) * (h.unsqueeze(1) if isinstance(h, Tensor) else h)
-    grad = e.mul_(coef.unsqueeze(1)).scatter_add_(1, ids, values)
+        coef, values = coef + q_shift * h, values + q_top * h
+    grad = e.mul_(coef).scatter_add_(1, ids, values)
     if hard:
-        h = factor * w_hard
         if temperature == 1.0:
-            minus = h.neg().unsqueeze(1) if isinstance(h, Tensor) else torch.full_like(column, -h, dtype=compute)
-            grad.scatter_add_(1, column, minus)
+            grad.scatter_add_(1, column, h.neg() if isinstance(h, Tensor) else torch.full_like(z_y, -h))
         else:  # softmax(s) - onehot(y) of its own log-softmax
             hard_grad = log_q1.exp_().scatter_add_(1, column, torch.full_like(column, -1, dtype=compute))
-            grad.add_(hard_grad.mul_(h.unsqueeze(1) if isinstance(h, Tensor) else h))
+            grad.add_(hard_grad.mul_(h))
     return loss, (grad.to(student.dtype),)
 
 

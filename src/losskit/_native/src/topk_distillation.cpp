@@ -25,43 +25,6 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 
 at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
-// kernels/topk_distillation.py's safe_log.
-at::Tensor safe_log(const at::Tensor& x) {
-  at::Tensor positive = at::gt(x, 0);
-  return at::where(positive, at::where(positive, x, 1.0).log(), -kInf);
-}
-
-// kernels/topk_distillation.py's safe_logsumexp, over the last dimension.
-at::Tensor safe_logsumexp(const at::Tensor& x) {
-  if (x.size(-1) == 0) {
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-    return at::full(shape, -kInf, x.options());
-  }
-  at::Tensor shift = x.amax({-1}, true);
-  shift = at::where(at::isfinite(shift), shift, 0.0);
-  return at::add(safe_log(at::sub(x, shift).exp().sum(-1)), shift.squeeze(-1));
-}
-
-// kernels/linear_distillation.py's log_mixture.
-at::Tensor log_mixture(const at::Tensor& log_p, const at::Tensor& log_q, double beta) {
-  at::Tensor a = at::add(log_p, std::log(beta)), b = at::add(log_q, std::log1p(-beta));
-  at::Tensor shift = at::maximum(a, b);
-  shift = at::where(at::isfinite(shift), shift, 0.0);
-  at::Tensor total = at::add(at::sub(a, shift).exp(), at::sub(b, shift).exp());
-  at::Tensor positive = at::gt(total, 0);
-  return at::add(at::where(positive, at::where(positive, total, 1.0).log(), -kInf), shift);
-}
-
-// A row factor: a number or one value per row (Python's float-or-Tensor).
-struct Factor {
-  at::Tensor t;
-  double v = 1.0;
-  Factor times(double x) const { return t.defined() ? Factor{at::mul(t, x), 0.0} : Factor{at::Tensor(), v * x}; }
-  at::Tensor mul(const at::Tensor& x, bool column) const {
-    return t.defined() ? at::mul(x, column ? t.unsqueeze(1) : t) : at::mul(x, v);
-  }
-};
-
 py::object topk_distillation(const at::Tensor& student, const at::Tensor& ids_in, const at::Tensor& logps,
                              const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& valid,
                              double beta, double temperature, int64_t ignore_index, double w_hard, double w_soft,
@@ -79,7 +42,6 @@ py::object topk_distillation(const at::Tensor& student, const at::Tensor& ids_in
     at::ScalarType out = at::promote_types(student.scalar_type(), logps.scalar_type());
     at::ScalarType compute = (out == at::kHalf || out == at::kBFloat16) ? at::kFloat : out;
     const int64_t n = ids_in.size(0), k = ids_in.size(1);
-    const bool want_grad = needs[0];
     const bool hard = w_hard != 0.0 && target.has_value();
     at::Tensor ids = ids_in;
     at::Tensor buf = temperature == 1.0 ? student.to(compute, false, true, at::MemoryFormat::Contiguous)
@@ -96,25 +58,24 @@ py::object topk_distillation(const at::Tensor& student, const at::Tensor& ids_in
     at::Tensor column;
     if (target.has_value()) column = target->unsqueeze(1);
     at::Tensor z_y;
-    if (hard && temperature == 1.0) z_y = buf.gather(1, column).squeeze(1);
+    if (hard && temperature == 1.0) z_y = buf.gather(1, column);
     at::Tensor present = at::gt(log_p_top, -kInf);
     at::Tensor z_top = buf.gather(1, ids);
-    at::Tensor top = at::where(present, z_top, -kInf);
     buf.scatter_(1, ids, at::where(present, -kInf, z_top));
-    at::Tensor m_r = buf.amax({1}, true);
-    m_r = at::where(at::isfinite(m_r), m_r, 0.0);
+    at::Tensor m_r = buf.amax({1}, true).nan_to_num_(0.0, 0.0, 0.0);
     at::Tensor e = buf.sub_(m_r).exp_();
-    at::Tensor e_r = e.sum(1);
-    at::Tensor rest = at::add(safe_log(e_r), m_r.squeeze(1));
-    at::Tensor log_q = at::cat({top, rest.unsqueeze(1)}, 1);
-    at::Tensor lse = safe_logsumexp(log_q);
-    log_q = log_q.sub_(lse.unsqueeze(1));
-    at::Tensor teacher_rest = safe_log(at::expm1(safe_logsumexp(log_p_top)).neg().clamp_min(0.0));
-    at::Tensor log_p = at::cat({log_p_top, teacher_rest.unsqueeze(1)}, 1);
+    at::Tensor e_r = e.sum(1, true);
+    at::Tensor log_q = at::cat({at::where(present, z_top, -kInf), e_r.log().add_(m_r)}, 1);
+    at::Tensor shift = log_q.amax({1}, true);
+    at::Tensor lse = at::sub(log_q, shift).exp_().sum(1, true).log_().add_(shift);
+    log_q = log_q.sub_(lse);
     at::Tensor q = log_q.exp();
+    at::Tensor p_top = log_p_top.exp();
+    at::Tensor p_rest = p_top.sum(1, true).log_().expm1_().neg_().clamp_min_(0.0);
+    at::Tensor p = at::cat({p_top, p_rest}, 1);
+    at::Tensor log_p = at::cat({log_p_top, p_rest.log()}, 1);
     at::Tensor soft, g;
     if (beta == 0.0) {
-      at::Tensor p = log_p.exp();
       soft = at::mul(p, at::where(at::gt(p, 0), at::sub(log_p, log_q), 0.0)).sum(1);
       g = p.neg_();
     } else if (beta == 1.0) {
@@ -122,8 +83,8 @@ py::object topk_distillation(const at::Tensor& student, const at::Tensor& ids_in
       soft = qr.sum(1);
       g = qr.add_(q);
     } else {
-      at::Tensor log_m = log_mixture(log_p, log_q, beta);
-      at::Tensor p = log_p.exp();
+      at::Tensor m = at::add(at::mul(p, beta), at::mul(q, 1.0 - beta));
+      at::Tensor log_m = at::where(at::gt(m, 0), m, 1.0).log_();
       at::Tensor qr = at::mul(q, at::where(at::gt(q, 0), at::sub(log_q, log_m), 0.0));
       soft = at::add(at::mul(at::mul(p, at::where(at::gt(p, 0), at::sub(log_p, log_m), 0.0)).sum(1), beta),
                      at::mul(qr.sum(1), 1.0 - beta));
@@ -134,7 +95,7 @@ py::object topk_distillation(const at::Tensor& student, const at::Tensor& ids_in
     if (hard) {
       at::Tensor hard_rows;
       if (temperature == 1.0) {
-        hard_rows = at::sub(lse, z_y);
+        hard_rows = at::sub(lse, z_y).squeeze(1);
       } else {
         at::Tensor x = cast(student, compute);
         if (valid.has_value()) x = x.masked_fill(valid->unsqueeze(1).logical_not(), 0.0);
@@ -159,44 +120,50 @@ py::object topk_distillation(const at::Tensor& student, const at::Tensor& ids_in
       }
     }
     loss = cast(loss, out);
-    if (want_grad) {
-      Factor factor;
+    if (needs[0]) {
+      // The row factor: a number (factor_v) or a column (factor).
+      at::Tensor factor;
+      double factor_v = 1.0;
       if (reduction == "mean") {
         if (valid.has_value()) {
-          factor.t = cast(valid->sum().clamp_min(1), compute).reciprocal();
+          factor = cast(valid->sum().clamp_min(1), compute).reciprocal();
         } else {
-          factor.v = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
+          factor_v = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
         }
       }
       if (valid.has_value()) {
-        factor.t = factor.t.defined() ? at::where(*valid, factor.t, 0.0) : at::mul(valid->to(compute), factor.v);
+        factor = factor.defined() ? at::where(*valid, factor, 0.0) : at::mul(valid->to(compute), factor_v);
+        factor = factor.unsqueeze(1);
       }
-      Factor scale = factor.times(w_soft / temperature);
-      at::Tensor g_top = g.slice(1, 0, k), g_r = g.select(1, k);
-      at::Tensor gamma = g.sum(1);
-      at::Tensor q_shift = at::exp(at::sub(m_r.squeeze(1), lse));
-      at::Tensor positive = at::gt(e_r, 0);
-      at::Tensor coef = at::sub(at::where(positive, at::div(g_r, at::where(positive, e_r, 1.0)), 0.0),
-                                at::mul(gamma, q_shift));
-      coef = scale.mul(coef, false);
+      at::Tensor gamma = g.sum(1, true);
+      at::Tensor q_shift = at::sub(m_r, lse).exp_();
+      at::Tensor coef = at::div(g.slice(1, k), e_r.clamp_min(1.0)).sub_(at::mul(gamma, q_shift));
       at::Tensor q_top = q.slice(1, 0, k);
-      at::Tensor values = at::where(present, at::sub(g_top, at::mul(q_top, gamma.unsqueeze(1))), 0.0);
-      values = scale.mul(values, true);
-      Factor h = factor.times(w_hard);
-      if (hard && temperature == 1.0) {
-        coef = at::add(coef, h.mul(q_shift, false));
-        values = at::add(values, h.mul(at::where(present, q_top, 0.0), true));
+      at::Tensor values = at::sub(g.slice(1, 0, k), at::mul(q_top, gamma));
+      const double soft_scale = w_soft / temperature;
+      if (factor.defined()) {
+        at::Tensor scale = at::mul(factor, soft_scale);
+        coef = at::mul(coef, scale);
+        values = at::mul(values, scale);
+      } else if (factor_v * soft_scale != 1.0) {
+        coef = at::mul(coef, factor_v * soft_scale);
+        values = at::mul(values, factor_v * soft_scale);
       }
-      at::Tensor grad = e.mul_(coef.unsqueeze(1)).scatter_add_(1, ids, values);
+      at::Tensor h;
+      const double h_v = factor_v * w_hard;
+      if (factor.defined()) h = at::mul(factor, w_hard);
+      if (hard && temperature == 1.0) {
+        coef = at::add(coef, h.defined() ? at::mul(q_shift, h) : at::mul(q_shift, h_v));
+        values = at::add(values, h.defined() ? at::mul(q_top, h) : at::mul(q_top, h_v));
+      }
+      at::Tensor grad = e.mul_(coef).scatter_add_(1, ids, values);
       if (hard) {
         if (temperature == 1.0) {
-          at::Tensor minus = h.t.defined() ? h.t.neg().unsqueeze(1)
-                                           : at::full_like(column, -h.v, column.options().dtype(compute));
-          grad.scatter_add_(1, column, minus);
+          grad.scatter_add_(1, column, h.defined() ? h.neg() : at::full_like(z_y, -h_v));
         } else {
           at::Tensor hard_grad =
               log_q1.exp_().scatter_add_(1, column, at::full_like(column, -1, column.options().dtype(compute)));
-          grad.add_(h.t.defined() ? hard_grad.mul_(h.t.unsqueeze(1)) : hard_grad.mul_(h.v));
+          grad.add_(h.defined() ? hard_grad.mul_(h) : hard_grad.mul_(h_v));
         }
       }
       grad_out = cast(grad, student.scalar_type());
