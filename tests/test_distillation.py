@@ -632,6 +632,26 @@ def test_topk_fused_k_equal_to_v_ignored_garbage_and_no_grad():
                                    ref.detach())
 
 
+def test_topk_fused_double_backward_and_a_second_backward_replay_the_composed_form():
+    s = _logits(5, 9, seed=62, dtype=torch.float32)
+    _, ids, logps = _topk_teacher(5, 9, 3, 0.2, seed=63)
+    logps = logps.float()
+    loss = LF.topk_distillation_loss(s, ids, logps, beta=0.3)
+    assert "TopkDistillation" in loss.grad_fn.name()
+    (grad,) = torch.autograd.grad(loss, s, create_graph=True)
+    (hess_row,) = torch.autograd.grad(grad[:, 0].sum(), s)
+    with reference_only():
+        ref = LF.topk_distillation_loss(s, ids, logps, beta=0.3)
+        (ref_grad,) = torch.autograd.grad(ref, s, create_graph=True)
+        (ref_hess_row,) = torch.autograd.grad(ref_grad[:, 0].sum(), s)
+    torch.testing.assert_close(grad, ref_grad)
+    torch.testing.assert_close(hess_row, ref_hess_row)
+    loss = LF.topk_distillation_loss(s, ids, logps, beta=0.3)
+    (first,) = torch.autograd.grad(loss, s, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, s)
+    torch.testing.assert_close(first, second)
+
+
 def test_topk_bad_input_names_the_argument():
     s = torch.randn(2, 6)
     ids, logps = torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0.5, 0.3], [0.2, 0.1]]).log()
