@@ -97,12 +97,12 @@ def topk_distillation_forward(student: Tensor, ids: Tensor, logps: Tensor, targe
     z_top = buf.gather(1, ids)
     # The rest: the present top-k's entries set to -inf (padding ids keep their logits),
     # shifted by its own max (0 where there is no rest: k = V), exponentiated, summed.
-    buf.scatter_(1, ids, torch.where(present, -math.inf, z_top))
+    buf.scatter_(1, ids, z_top.masked_fill(present, -math.inf))
     m_r = buf.amax(1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)
     e = buf.sub_(m_r).exp_()
     e_r = e.sum(1, keepdim=True)  # 0 (no rest) or at least 1 (the max's own term)
     # The k + 1 buckets' log-sum-exps of z, then their log-softmax (never all -inf).
-    log_q = torch.cat([torch.where(present, z_top, -math.inf), e_r.log().add_(m_r)], 1)
+    log_q = torch.cat([z_top.masked_fill_(present.logical_not(), -math.inf), e_r.log().add_(m_r)], 1)
     shift = log_q.amax(1, keepdim=True)
     lse = (log_q - shift).exp_().sum(1, keepdim=True).log_().add_(shift)
     log_q = log_q.sub_(lse)
@@ -114,21 +114,23 @@ def topk_distillation_forward(student: Tensor, ids: Tensor, logps: Tensor, targe
     p_rest = p_top.sum(1, keepdim=True).log_().expm1_().neg_().clamp_min_(0.0)
     p = torch.cat([p_top, p_rest], 1)
     log_p = torch.cat([log_p_top, p_rest.log()], 1)
-    # D_beta over the k + 1 buckets (0 log 0 = 0) and G = d D / d log_q. The mixture is
-    # formed in probability space, as the dense kernel does: every term that reads log m
-    # is multiplied by p or q, which are 0 wherever m is.
+    # D_beta over the k + 1 buckets (0 log 0 = 0: a difference is zeroed where its factor
+    # p or q is 0; p, q, m >= 0, and masked_fill with a number costs one operation where
+    # where() with one costs three) and G = d D / d log_q. The mixture is formed in
+    # probability space, as the dense kernel does: every term that reads log m is
+    # multiplied by p or q, which are 0 wherever m is.
     if beta == 0.0:
-        soft = (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(1)
+        soft = (p * (log_p - log_q).masked_fill_(p == 0, 0.0)).sum(1)
         g = p.neg_()
     elif beta == 1.0:
-        qr = q * torch.where(q > 0, log_q - log_p, 0.0)
+        qr = q * (log_q - log_p).masked_fill_(q == 0, 0.0)
         soft = qr.sum(1)
         g = qr.add_(q)
     else:
         m = p * beta + q * (1.0 - beta)
-        log_m = torch.where(m > 0, m, 1.0).log_()
-        qr = q * torch.where(q > 0, log_q - log_m, 0.0)
-        soft = (p * torch.where(p > 0, log_p - log_m, 0.0)).sum(1) * beta + qr.sum(1) * (1.0 - beta)
+        log_m = m.masked_fill_(m == 0, 1.0).log_()
+        qr = q * (log_q - log_m).masked_fill_(q == 0, 0.0)
+        soft = (p * (log_p - log_m).masked_fill_(p == 0, 0.0)).sum(1) * beta + qr.sum(1) * (1.0 - beta)
         g = qr.mul_(1.0 - beta)
     rows = soft if w_soft == 1.0 else soft * w_soft
     log_q1 = None

@@ -61,11 +61,11 @@ py::object topk_distillation(const at::Tensor& student, const at::Tensor& ids_in
     if (hard && temperature == 1.0) z_y = buf.gather(1, column);
     at::Tensor present = at::gt(log_p_top, -kInf);
     at::Tensor z_top = buf.gather(1, ids);
-    buf.scatter_(1, ids, at::where(present, -kInf, z_top));
+    buf.scatter_(1, ids, z_top.masked_fill(present, -kInf));
     at::Tensor m_r = buf.amax({1}, true).nan_to_num_(0.0, 0.0, 0.0);
     at::Tensor e = buf.sub_(m_r).exp_();
     at::Tensor e_r = e.sum(1, true);
-    at::Tensor log_q = at::cat({at::where(present, z_top, -kInf), e_r.log().add_(m_r)}, 1);
+    at::Tensor log_q = at::cat({z_top.masked_fill_(present.logical_not(), -kInf), e_r.log().add_(m_r)}, 1);
     at::Tensor shift = log_q.amax({1}, true);
     at::Tensor lse = at::sub(log_q, shift).exp_().sum(1, true).log_().add_(shift);
     log_q = log_q.sub_(lse);
@@ -76,17 +76,17 @@ py::object topk_distillation(const at::Tensor& student, const at::Tensor& ids_in
     at::Tensor log_p = at::cat({log_p_top, p_rest.log()}, 1);
     at::Tensor soft, g;
     if (beta == 0.0) {
-      soft = at::mul(p, at::where(at::gt(p, 0), at::sub(log_p, log_q), 0.0)).sum(1);
+      soft = at::mul(p, at::sub(log_p, log_q).masked_fill_(at::eq(p, 0), 0.0)).sum(1);
       g = p.neg_();
     } else if (beta == 1.0) {
-      at::Tensor qr = at::mul(q, at::where(at::gt(q, 0), at::sub(log_q, log_p), 0.0));
+      at::Tensor qr = at::mul(q, at::sub(log_q, log_p).masked_fill_(at::eq(q, 0), 0.0));
       soft = qr.sum(1);
       g = qr.add_(q);
     } else {
       at::Tensor m = at::add(at::mul(p, beta), at::mul(q, 1.0 - beta));
-      at::Tensor log_m = at::where(at::gt(m, 0), m, 1.0).log_();
-      at::Tensor qr = at::mul(q, at::where(at::gt(q, 0), at::sub(log_q, log_m), 0.0));
-      soft = at::add(at::mul(at::mul(p, at::where(at::gt(p, 0), at::sub(log_p, log_m), 0.0)).sum(1), beta),
+      at::Tensor log_m = m.masked_fill_(at::eq(m, 0), 1.0).log_();
+      at::Tensor qr = at::mul(q, at::sub(log_q, log_m).masked_fill_(at::eq(q, 0), 0.0));
+      soft = at::add(at::mul(at::mul(p, at::sub(log_p, log_m).masked_fill_(at::eq(p, 0), 0.0)).sum(1), beta),
                      at::mul(qr.sum(1), 1.0 - beta));
       g = qr.mul_(1.0 - beta);
     }
