@@ -632,6 +632,23 @@ def test_topk_fused_k_equal_to_v_ignored_garbage_and_no_grad():
                                    ref.detach())
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1.6])
+def test_topk_fused_over_chunks_of_rows_is_the_composed_form(temperature):
+    # V = 20000: the fused pass goes over chunks of 16 rows (3 here).
+    s = _logits(40, 20000, scale=3.0, seed=64)
+    _, ids, logps = _topk_teacher(40, 20000, 5, 0.2, seed=65)
+    target = _target(20000, 40, ignored=(3, 17, 33), seed=66)
+    kw = dict(beta=0.4, temperature=temperature, weight_hard_loss=0.3)
+    with reference_only():
+        ref = LF.topk_distillation_loss(s, ids, logps, target, **kw)
+        (ref_grad,) = torch.autograd.grad(ref, s)
+    with fused_only():
+        loss = LF.topk_distillation_loss(s, ids, logps, target, **kw)
+        (grad,) = torch.autograd.grad(loss, s)
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=1e-12)
+
+
 def test_topk_fused_double_backward_and_a_second_backward_replay_the_composed_form():
     s = _logits(5, 9, seed=62, dtype=torch.float32)
     _, ids, logps = _topk_teacher(5, 9, 3, 0.2, seed=63)

@@ -81,6 +81,19 @@ def test_the_same_bits_for_3d_logits_float64_k_equal_to_v_and_without_grad():
             torch.testing.assert_close(loss, LF.topk_distillation_loss(s, i, lp), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 1.6])
+def test_the_same_bits_over_chunks_of_rows(dtype, temperature):
+    # V = 20000: chunks of 16 rows (kernels/topk_distillation.py's chunk_rows), 3 of them.
+    g = torch.Generator().manual_seed(75)
+    student = (torch.randn(40, 20000, generator=g) * 3).to(dtype)
+    ids, logps = _teacher(40, 20000, 5, seed=76, dtype=dtype)
+    target = torch.randint(0, 20000, (40,), generator=g)
+    target[[3, 17, 33]] = -100
+    _same_bits(student, ids, logps, target, lambda loss: torch.full_like(loss, 0.75), beta=0.4,
+               temperature=temperature, weight_hard_loss=0.3)
+
+
 def test_the_compiled_check_passes_good_teachers_and_defers_every_bad_one():
     ids, logps = _teacher(4, 10, 3, seed=74)
     assert native.topk_check(ids, logps, None, 10, 1e-5)

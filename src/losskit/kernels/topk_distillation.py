@@ -64,6 +64,25 @@ from .fused_op import FusedOp
 from .linear_distillation import DistillationOptions, reduce_rows
 
 
+def chunk_rows(num_classes: int) -> int:
+    """Rows per chunk of the (N, V) passes: about 1 MiB of float32 (the dense kernel's
+    measure: such chunks stay in the cache between the passes)."""
+    return int(max(16, (1 << 18) // max(num_classes, 1)))
+
+
+def _rest(z: Tensor, ids: Tensor, present: Tensor, y: Tensor | None):
+    """(z_y or None, z_top, m_r, e_r) of rows ``z`` of the buffer, which becomes e: the rest,
+    its present top-k's entries set to -inf (padding ids keep their logits), shifted by its
+    own max (0 where there is no rest: k = V), exponentiated; e_r its sum, 0 (no rest) or
+    at least 1 (the max's own term)."""
+    z_y = None if y is None else z.gather(1, y)
+    z_top = z.gather(1, ids)
+    z.scatter_(1, ids, z_top.masked_fill(present, -math.inf))
+    m_r = z.amax(1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)
+    e_r = z.sub_(m_r).exp_().sum(1, keepdim=True)
+    return z_y, z_top, m_r, e_r
+
+
 def topk_distillation_forward(student: Tensor, ids: Tensor, logps: Tensor, target: Tensor | None,
                               valid: Tensor | None, *, options: DistillationOptions, needs):
     """(loss, (d loss / d student,)) of flat ``student`` [N, V] logits, ``ids`` [N, k]
@@ -76,31 +95,47 @@ def topk_distillation_forward(student: Tensor, ids: Tensor, logps: Tensor, targe
     temperature, beta = options.temperature, options.beta
     w_soft, w_hard = options.weight_soft_loss, options.weight_hard_loss
     hard = w_hard != 0.0 and target is not None
-    # The kernel's own (N, V) buffer of z = s / T, overwritten below.
-    if temperature == 1.0:
-        buf = student.to(compute, copy=True, memory_format=torch.contiguous_format)
-    else:
-        buf = torch.div(student.to(compute), temperature)
+    n, v = student.shape
     if valid is not None:
         # An ignored token's logits may hold anything (inf, nan): read as 0, they pass
         # nothing to the loss or to the gradient; its ids as 0..k-1 (distinct, in range),
         # its log-probabilities as -inf (no teacher mass: all padding).
         counted = valid.unsqueeze(1)
-        buf.masked_fill_(counted.logical_not(), 0.0)
+        ignored = counted.logical_not()
         ids = torch.where(counted, ids, torch.arange(k, device=ids.device))
         log_p_top = torch.where(counted, logps.to(compute), -math.inf)
     else:
-        log_p_top = logps.to(compute)
+        ignored, log_p_top = None, logps.to(compute)
     column = None if target is None else target.unsqueeze(1)
-    z_y = buf.gather(1, column) if hard and temperature == 1.0 else None
+    y = column if hard and temperature == 1.0 else None
     present = log_p_top > -math.inf
-    z_top = buf.gather(1, ids)
-    # The rest: the present top-k's entries set to -inf (padding ids keep their logits),
-    # shifted by its own max (0 where there is no rest: k = V), exponentiated, summed.
-    buf.scatter_(1, ids, z_top.masked_fill(present, -math.inf))
-    m_r = buf.amax(1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)
-    e = buf.sub_(m_r).exp_()
-    e_r = e.sum(1, keepdim=True)  # 0 (no rest) or at least 1 (the max's own term)
+    # The kernel's own (N, V) buffer of z = s / T, overwritten by e and then the gradient;
+    # its passes go over chunks of rows that stay in the cache (every step is per row).
+    size = chunk_rows(v)
+    if size >= n:
+        if temperature == 1.0:
+            buf = student.to(compute, copy=True, memory_format=torch.contiguous_format)
+        else:
+            buf = torch.div(student.to(compute), temperature)
+        if ignored is not None:
+            buf.masked_fill_(ignored, 0.0)
+        z_y, z_top, m_r, e_r = _rest(buf, ids, present, y)
+    else:
+        buf = student.new_empty((n, v), dtype=compute)
+        parts = []
+        for start in range(0, n, size):
+            rows = slice(start, min(start + size, n))
+            chunk = buf[rows]
+            if temperature == 1.0:
+                chunk.copy_(student[rows])
+            else:
+                torch.div(student[rows].to(compute), temperature, out=chunk)
+            if ignored is not None:
+                chunk.masked_fill_(ignored[rows], 0.0)
+            parts.append(_rest(chunk, ids[rows], present[rows], None if y is None else y[rows]))
+        z_y, z_top, m_r, e_r = (None if part is None else torch.cat([p[i] for p in parts])
+                                for i, part in enumerate(parts[0]))
+    e = buf
     # The k + 1 buckets' log-sum-exps of z, then their log-softmax (never all -inf).
     log_q = torch.cat([z_top.masked_fill_(present.logical_not(), -math.inf), e_r.log().add_(m_r)], 1)
     shift = log_q.amax(1, keepdim=True)

@@ -9,6 +9,7 @@
 #include "losskit_native.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/ScalarOps.h>
 
 #include <algorithm>
 #include <cmath>
@@ -24,6 +25,26 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+// topk_distillation.py's chunk_rows.
+int64_t chunk_rows(int64_t num_classes) {
+  return std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(num_classes, 1));
+}
+
+struct Rest {
+  at::Tensor z_y, z_top, m_r, e_r;
+};
+
+// topk_distillation.py's _rest.
+Rest rest(at::Tensor z, const at::Tensor& ids, const at::Tensor& present, const at::Tensor& y) {
+  Rest r;
+  if (y.defined()) r.z_y = z.gather(1, y);
+  r.z_top = z.gather(1, ids);
+  z.scatter_(1, ids, r.z_top.masked_fill(present, -kInf));
+  r.m_r = z.amax({1}, true).nan_to_num_(0.0, 0.0, 0.0);
+  r.e_r = z.sub_(r.m_r).exp_().sum(1, true);
+  return r;
+}
 
 py::object topk_distillation(const at::Tensor& student, const at::Tensor& ids_in, const at::Tensor& logps,
                              const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& valid,
@@ -43,28 +64,56 @@ py::object topk_distillation(const at::Tensor& student, const at::Tensor& ids_in
     at::ScalarType compute = (out == at::kHalf || out == at::kBFloat16) ? at::kFloat : out;
     const int64_t n = ids_in.size(0), k = ids_in.size(1);
     const bool hard = w_hard != 0.0 && target.has_value();
+    const int64_t v = student.size(1);
     at::Tensor ids = ids_in;
-    at::Tensor buf = temperature == 1.0 ? student.to(compute, false, true, at::MemoryFormat::Contiguous)
-                                        : at::div(cast(student, compute), temperature);
-    at::Tensor log_p_top;
+    at::Tensor ignored, log_p_top;
     if (valid.has_value()) {
       at::Tensor counted = valid->unsqueeze(1);
-      buf.masked_fill_(counted.logical_not(), 0.0);
+      ignored = counted.logical_not();
       ids = at::where(counted, ids, at::arange(k, ids.options()));
       log_p_top = at::where(counted, cast(logps, compute), -kInf);
     } else {
       log_p_top = cast(logps, compute);
     }
-    at::Tensor column;
+    at::Tensor column, y;
     if (target.has_value()) column = target->unsqueeze(1);
-    at::Tensor z_y;
-    if (hard && temperature == 1.0) z_y = buf.gather(1, column);
+    if (hard && temperature == 1.0) y = column;
     at::Tensor present = at::gt(log_p_top, -kInf);
-    at::Tensor z_top = buf.gather(1, ids);
-    buf.scatter_(1, ids, z_top.masked_fill(present, -kInf));
-    at::Tensor m_r = buf.amax({1}, true).nan_to_num_(0.0, 0.0, 0.0);
-    at::Tensor e = buf.sub_(m_r).exp_();
-    at::Tensor e_r = e.sum(1, true);
+    const int64_t size = chunk_rows(v);
+    at::Tensor buf;
+    Rest r;
+    if (size >= n) {
+      buf = temperature == 1.0 ? student.to(compute, false, true, at::MemoryFormat::Contiguous)
+                               : at::div(cast(student, compute), temperature);
+      if (ignored.defined()) buf.masked_fill_(ignored, 0.0);
+      r = rest(buf, ids, present, y);
+    } else {
+      buf = at::empty({n, v}, student.options().dtype(compute));
+      std::vector<Rest> parts;
+      for (int64_t start = 0; start < n; start += size) {
+        const int64_t stop = std::min(start + size, n);
+        at::Tensor chunk = buf.slice(0, start, stop);
+        if (temperature == 1.0) {
+          chunk.copy_(student.slice(0, start, stop));
+        } else {
+          at::div_out(chunk, cast(student.slice(0, start, stop), compute),
+                      at::native::wrapped_scalar_tensor(temperature, chunk.device()));
+        }
+        if (ignored.defined()) chunk.masked_fill_(ignored.slice(0, start, stop), 0.0);
+        parts.push_back(rest(chunk, ids.slice(0, start, stop), present.slice(0, start, stop),
+                             y.defined() ? y.slice(0, start, stop) : at::Tensor()));
+      }
+      auto joined = [&](at::Tensor Rest::*field) {
+        std::vector<at::Tensor> all;
+        for (const Rest& part : parts) all.push_back(part.*field);
+        return at::cat(all);
+      };
+      if (y.defined()) r.z_y = joined(&Rest::z_y);
+      r.z_top = joined(&Rest::z_top);
+      r.m_r = joined(&Rest::m_r);
+      r.e_r = joined(&Rest::e_r);
+    }
+    at::Tensor e = buf, z_y = r.z_y, z_top = r.z_top, m_r = r.m_r, e_r = r.e_r;
     at::Tensor log_q = at::cat({z_top.masked_fill_(present.logical_not(), -kInf), e_r.log().add_(m_r)}, 1);
     at::Tensor shift = log_q.amax({1}, true);
     at::Tensor lse = at::sub(log_q, shift).exp_().sum(1, true).log_().add_(shift);
