@@ -634,10 +634,10 @@ def test_topk_fused_k_equal_to_v_ignored_garbage_and_no_grad():
 
 @pytest.mark.parametrize("temperature", [1.0, 1.6])
 def test_topk_fused_over_chunks_of_rows_is_the_composed_form(temperature):
-    # V = 20000: the fused pass goes over chunks of 16 rows (3 here).
-    s = _logits(40, 20000, scale=3.0, seed=64)
-    _, ids, logps = _topk_teacher(40, 20000, 5, 0.2, seed=65)
-    target = _target(20000, 40, ignored=(3, 17, 33), seed=66)
+    # V = 40000: the fused pass goes over chunks of 16 rows (3 here).
+    s = _logits(40, 40000, scale=3.0, seed=64)
+    _, ids, logps = _topk_teacher(40, 40000, 5, 0.2, seed=65)
+    target = _target(40000, 40, ignored=(3, 17, 33), seed=66)
     kw = dict(beta=0.4, temperature=temperature, weight_hard_loss=0.3)
     with reference_only():
         ref = LF.topk_distillation_loss(s, ids, logps, target, **kw)

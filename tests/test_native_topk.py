@@ -84,11 +84,11 @@ def test_the_same_bits_for_3d_logits_float64_k_equal_to_v_and_without_grad():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 1.6])
 def test_the_same_bits_over_chunks_of_rows(dtype, temperature):
-    # V = 20000: chunks of 16 rows (kernels/topk_distillation.py's chunk_rows), 3 of them.
+    # V = 40000: chunks of 16 rows (kernels/topk_distillation.py's chunk_rows), 3 of them.
     g = torch.Generator().manual_seed(75)
-    student = (torch.randn(40, 20000, generator=g) * 3).to(dtype)
-    ids, logps = _teacher(40, 20000, 5, seed=76, dtype=dtype)
-    target = torch.randint(0, 20000, (40,), generator=g)
+    student = (torch.randn(40, 40000, generator=g) * 3).to(dtype)
+    ids, logps = _teacher(40, 40000, 5, seed=76, dtype=dtype)
+    target = torch.randint(0, 40000, (40,), generator=g)
     target[[3, 17, 33]] = -100
     _same_bits(student, ids, logps, target, lambda loss: torch.full_like(loss, 0.75), beta=0.4,
                temperature=temperature, weight_hard_loss=0.3)

@@ -28,7 +28,7 @@ at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_typ
 
 // topk_distillation.py's chunk_rows.
 int64_t chunk_rows(int64_t num_classes) {
-  return std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(num_classes, 1));
+  return std::max<int64_t>(16, (int64_t{1} << 19) / std::max<int64_t>(num_classes, 1));
 }
 
 struct Rest {
