@@ -37,8 +37,10 @@ per row,
 
 plus k values per row added onto the top-k ids (where e is 0; on padding ids the values
 are 0, since G_j = Q_j = 0 there). E_r is at least 1 (the rest's max contributes exp(0))
-unless the rest is empty (k = V), where it multiplies nothing. The (N, V) work is a copy,
-the max, the shift, the exp, the sum and that product: everything else is on (N, k + 1).
+unless the rest is empty (k = V), where it multiplies nothing (E_r is clamped at 1, not
+divided by where 0). The (N, V) work is a copy, the max, the shift, the exp and the sum,
+over chunks of rows that stay in the cache, then that product: everything else is on
+(N, k + 1). The teacher's tail is 1 - sum_j P_j as -expm1(log sum_j P_j), clamped at 0.
 
 The hard loss at temperature 1 (T = 1): -log softmax(s)_y = lse - s_y, whose gradient
 q - onehot(y) is the same buffer (A gains exp(m_r - lse), the top-k values Q_j, and -1 at y);
