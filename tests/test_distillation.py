@@ -551,6 +551,124 @@ def test_topk_padding_of_minus_inf_and_ignored_garbage():
                                LF.distillation_loss(s, full, beta=0.3))
 
 
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("hard", [0.0, 0.4])
+def test_topk_fused_gradient_is_the_composed_forms_autograd(beta, temperature, reduction, hard):
+    # The fused op writes d loss / d student out (kernels/topk_distillation.py's closed
+    # form); the oracle is autograd through the composed form, both in float64, with a
+    # tail, a padding entry, an ignored token and grad_output != 1.
+    s = _logits(6, 11, scale=3.0, seed=56)
+    _, ids, logps = _topk_teacher(6, 11, 4, 0.2, seed=57)
+    logps[:, -1] = -math.inf  # padding: that token joins the rest bucket
+    target = _target(11, 6, ignored=(2,), seed=58)
+    kw = dict(beta=beta, temperature=temperature, reduction=reduction, weight_hard_loss=hard, weight_soft_loss=0.8)
+    grad_output = torch.rand(6, dtype=torch.float64) if reduction == "none" else torch.tensor(1.3, dtype=torch.float64)
+    with reference_only():
+        ref = LF.topk_distillation_loss(s, ids, logps, target, **kw)
+        (ref_grad,) = torch.autograd.grad(ref, s, grad_output)
+    with fused_only():
+        loss = LF.topk_distillation_loss(s, ids, logps, target, **kw)
+        (grad,) = torch.autograd.grad(loss, s, grad_output)
+    assert "TopkDistillation" in loss.grad_fn.name()
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_fused_keeps_a_rest_far_below_the_top_exact(beta, dtype):
+    # The student's top token (a teacher's top-k token) 300 nats above all the others:
+    # the rest bucket's mass, e^-300 or so, underflows to 0 in any softmax; its log-sum-exp
+    # shifted by the rest's own max stays exact, as the composed form's does.
+    s = _logits(3, 9, seed=59).detach()
+    s[:, 0] += 300.0
+    s = s.to(dtype).requires_grad_()
+    ids = torch.tensor([[0, 1], [0, 5], [0, 8]])
+    logps = torch.tensor([[0.6, 0.2], [0.5, 0.1], [0.7, 0.2]], dtype=torch.float64).log()
+    with fused_only():
+        check_against_torch(lambda s: LF.topk_distillation_loss(s, ids, logps.to(dtype), beta=beta),
+                            lambda s: _topk_buckets_logspace64(s, ids, logps, beta), s,
+                            atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def _topk_buckets_logspace64(s, ids, logps, beta):
+    """The bucketed loss in float64 from log-space buckets (logsumexp of the rest)."""
+    log_q = s.double().log_softmax(-1)
+    mask = torch.zeros_like(log_q, dtype=torch.bool).scatter(1, ids, True)
+    rest = torch.where(mask, -math.inf, log_q).logsumexp(-1, keepdim=True)
+    log_q_b = torch.cat([log_q.gather(1, ids), rest], 1)
+    log_p_b = torch.cat([logps, (1 - logps.exp().sum(1, keepdim=True)).log()], 1)
+    p, q = log_p_b.exp(), log_q_b.exp()
+    if beta == 0.0:
+        rows = (p * (log_p_b - log_q_b)).sum(1)
+    else:
+        log_m = torch.logaddexp(log_p_b + math.log(beta), log_q_b + math.log1p(-beta))
+        rows = beta * (p * (log_p_b - log_m)).sum(1) + (1 - beta) * (q * (log_q_b - log_m)).sum(1)
+    return rows.mean().to(s.dtype)
+
+
+def test_topk_fused_k_equal_to_v_ignored_garbage_and_no_grad():
+    s = _logits(4, 6, seed=60, dtype=torch.float32)
+    full = s.detach().double().log_softmax(-1)
+    order = torch.argsort(torch.rand(4, 6, generator=torch.Generator().manual_seed(61)), 1)
+    target = torch.tensor([1, -100, 2, 3])
+    garbage = full.gather(1, order).float()
+    garbage[1] = math.nan
+    garbage_ids = order.clone()
+    garbage_ids[1] = 7
+    for ids, logps in ((order, full.gather(1, order).float()), (garbage_ids, garbage)):
+        with reference_only():
+            ref = LF.topk_distillation_loss(s, ids, logps, target, beta=0.3)
+            (ref_grad,) = torch.autograd.grad(ref, s)
+        loss = LF.topk_distillation_loss(s, ids, logps, target, beta=0.3)
+        (grad,) = torch.autograd.grad(loss, s)
+        assert "TopkDistillation" in loss.grad_fn.name()
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(grad, ref_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(LF.topk_distillation_loss(s, order, full.gather(1, order).float(), target, beta=0.3),
+                                   ref.detach())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.6])
+def test_topk_fused_over_chunks_of_rows_is_the_composed_form(temperature):
+    # V = 40000: the fused pass goes over chunks of 16 rows (3 here).
+    s = _logits(40, 40000, scale=3.0, seed=64)
+    _, ids, logps = _topk_teacher(40, 40000, 5, 0.2, seed=65)
+    target = _target(40000, 40, ignored=(3, 17, 33), seed=66)
+    kw = dict(beta=0.4, temperature=temperature, weight_hard_loss=0.3)
+    with reference_only():
+        ref = LF.topk_distillation_loss(s, ids, logps, target, **kw)
+        (ref_grad,) = torch.autograd.grad(ref, s)
+    with fused_only():
+        loss = LF.topk_distillation_loss(s, ids, logps, target, **kw)
+        (grad,) = torch.autograd.grad(loss, s)
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=1e-12)
+
+
+def test_topk_fused_double_backward_and_a_second_backward_replay_the_composed_form():
+    s = _logits(5, 9, seed=62, dtype=torch.float32)
+    _, ids, logps = _topk_teacher(5, 9, 3, 0.2, seed=63)
+    logps = logps.float()
+    loss = LF.topk_distillation_loss(s, ids, logps, beta=0.3)
+    assert "TopkDistillation" in loss.grad_fn.name()
+    (grad,) = torch.autograd.grad(loss, s, create_graph=True)
+    (hess_row,) = torch.autograd.grad(grad[:, 0].sum(), s)
+    with reference_only():
+        ref = LF.topk_distillation_loss(s, ids, logps, beta=0.3)
+        (ref_grad,) = torch.autograd.grad(ref, s, create_graph=True)
+        (ref_hess_row,) = torch.autograd.grad(ref_grad[:, 0].sum(), s)
+    torch.testing.assert_close(grad, ref_grad)
+    torch.testing.assert_close(hess_row, ref_hess_row)
+    loss = LF.topk_distillation_loss(s, ids, logps, beta=0.3)
+    (first,) = torch.autograd.grad(loss, s, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, s)
+    torch.testing.assert_close(first, second)
+
+
 def test_topk_bad_input_names_the_argument():
     s = torch.randn(2, 6)
     ids, logps = torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0.5, 0.3], [0.2, 0.1]]).log()

@@ -45,11 +45,12 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from .._core.checks import check_values
+from .._core.checks import check_values, effective_mode
 from .._core.dtypes import result_dtypes
 from .._core.ops import log_softmax
 from .._core.validation import ClassTargets, at_index, check_class_targets, check_floating, first_index
-from ..kernels.fused_op import Replay, fused_may_serve
+from ..kernels.fused_op import Replay, eager_native, fused_may_serve
+from ..kernels.topk_distillation import fused_topk_distillation
 from ..kernels.linear_distillation import (
     DistillationOptions,
     auto_chunk_rows,
@@ -363,6 +364,14 @@ def _check_topk(ids: Tensor, logps: Tensor, valid: Tensor | None, num_classes: i
     """The cached teacher: ids in [0, V), no id twice in a row, log-probabilities <= 0 (nan
     is bad, -inf a token of no mass) whose probabilities sum to at most 1 (up to rounding),
     on the tokens that count."""
+    # k probabilities rounded in the input's dtype may sum a little above 1.
+    slack = 4 * (logps.shape[-1] + 1) * torch.finfo(logps.dtype).eps
+    if effective_mode(logps) == "full":
+        # All four checks in one read of the small [N, k] inputs in C++; where it finds
+        # anything wrong (or a sum too close to call), the checks below run and report it.
+        native = eager_native(ids, logps, valid)
+        if native is not None and native.topk_check(ids, logps, valid, num_classes, slack):
+            return
     counted = None if valid is None else valid.unsqueeze(-1)
 
     def report_ids(bad: Tensor) -> Exception:
@@ -399,8 +408,6 @@ def _check_topk(ids: Tensor, logps: Tensor, valid: Tensor | None, num_classes: i
                           f"{float(logps[where]):g}{at_index(where)}")
 
     check_values(logps, bad_logps, report_logps, f"{fn}: teacher_topk_logps must hold log-probabilities (<= 0)")
-    # k probabilities rounded in the input's dtype may sum a little above 1.
-    slack = 4 * (logps.shape[-1] + 1) * torch.finfo(logps.dtype).eps
 
     def bad_mass() -> Tensor:
         over = torch.logsumexp(logps.to(torch.float32 if logps.element_size() < 4 else logps.dtype), -1) > slack
@@ -530,11 +537,34 @@ def topk_distillation_loss(
     _check_topk(ids, logps, valid, num_classes, fn)
 
     compute, out = result_dtypes(student_logits, teacher_topk_logps)
-    student = _masked(student_logits.reshape(-1, num_classes).to(compute), valid)
+
+    def reference(s: Tensor) -> Tensor:
+        """The composed loss (the oracle of the fused path and its double-backward replay)."""
+        rows = _topk_rows(s.reshape(-1, num_classes).to(compute), ids, logps, targets, valid, options)
+        return _finish(rows, valid, options, rows_shape, out)
+
+    # The fused pass makes the student's gradient only: log-probabilities that want one
+    # take the composed path.
+    if (student_logits.numel() > 0 and not (teacher_topk_logps.requires_grad and torch.is_grad_enabled())
+            and fused_may_serve(student_logits, teacher_topk_logps)):
+        student = student_logits if student_logits.dim() == 2 else student_logits.reshape(-1, num_classes)
+        loss = fused_topk_distillation(
+            student, ids, logps, None if targets is None else targets.safe(), valid, options=options,
+            replay=Replay(fn, reference, [student_logits]),
+        )
+        return loss.reshape(rows_shape) if options.reduction == "none" and len(rows_shape) != 1 else loss
+    return reference(student_logits)
+
+
+def _topk_rows(student: Tensor, ids: Tensor, logps: Tensor, targets: ClassTargets | None, valid: Tensor | None,
+               options: DistillationOptions) -> Tensor:
+    """Per-token loss of flat (N, V) logits in the compute dtype: the composed reference."""
+    k, temperature = ids.shape[-1], options.temperature
+    student = _masked(student, valid)
     # Ignored positions read as: ids 0..k-1 (distinct, in range), no teacher mass on them.
     if valid is not None:
         ids = torch.where(valid.unsqueeze(-1), ids, torch.arange(k, device=ids.device))
-    log_p_top = _masked(logps.to(compute), valid, -math.inf)
+    log_p_top = _masked(logps.to(student.dtype), valid, -math.inf)
     # The teacher's tail: 1 - sum p, as -expm1(logsumexp) (exact when the top-k hold
     # little mass); clamped at 0, since rounding can take the sum a little above 1.
     log_p_rest = _safe_log((-torch.expm1(_safe_logsumexp(log_p_top))).clamp_min(0.0))
@@ -549,5 +579,4 @@ def topk_distillation_loss(
     log_p = torch.cat([log_p_top, log_p_rest.unsqueeze(-1)], -1)
     log_q_buckets = torch.cat([log_q_top, log_q_rest.unsqueeze(-1)], -1)
     soft = divergence_rows(log_q_buckets, log_p, options.beta)
-    rows = _combine(soft, _hard_rows(student, targets, options), valid, options)
-    return _finish(rows, valid, options, rows_shape, out)
+    return _combine(soft, _hard_rows(student, targets, options), valid, options)
