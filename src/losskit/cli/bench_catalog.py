@@ -610,7 +610,7 @@ NOTES: dict[str, str] = {
     "functional.linear_distillation_loss": "never forms either model's [N, V] logits: chunks over tokens (less "
                                            "memory)",
     "functional.topk_distillation_loss": "checks the cached teacher (ids in range and distinct, log-probabilities) "
-                                         "on the host (checks mode 'full', the CPU default)",
+                                         "on the host, in one compiled read (checks mode 'full', the CPU default)",
 }
 
 

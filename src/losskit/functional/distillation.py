@@ -405,7 +405,7 @@ def _check_topk(ids: Tensor, logps: Tensor, valid: Tensor | None, num_classes: i
     def report_logps(bad: Tensor) -> Exception:
         where = first_index(bad)
         return ValueError(f"{fn}: teacher_topk_logps must hold log-probabilities (<= 0, not nan); found "
-                          f"{float(logps[where]):g}{at_index(where)}")
+                          f"{float(logps.detach()[where]):g}{at_index(where)}")
 
     check_values(logps, bad_logps, report_logps, f"{fn}: teacher_topk_logps must hold log-probabilities (<= 0)")
 
