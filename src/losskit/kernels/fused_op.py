@@ -151,8 +151,8 @@ def scale_by_grad_output(grads: Sequence[Tensor | None], grad_output: Tensor, pe
 def derived_first(grads: Sequence[Tensor | None]) -> Tensor:
     """The first gradient of a ``derives_first`` op from the others, already scaled by
     grad_output: -(g_1 + g_2 + ...), summed left to right and then negated (negation is
-    exact). The C++ node of :mod:`losskit._native` (precomputed.cpp) forms it with the
-    same ops, so both give the same bits."""
+    exact). The C++ node of :mod:`losskit._native` (precomputed.cpp) gives the same bits
+    (two float32 gradients in one pass: each sum rounded once, then negated)."""
     rest = list(grads[1:])
     if len(rest) == 1:
         return rest[0].neg()

@@ -12,6 +12,7 @@
 // fused_op.derived_first does: -(g_1 + g_2 + ...), summed left to right, then negated.
 #include "losskit_native.h"
 
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_cpp_function.h>
@@ -101,12 +102,31 @@ class PrecomputedBackward : public Node {
   bool derive_first_;
   py::object replay_;
 
-  // fused_op.derived_first, op for op: the same bits.
+  // fused_op.derived_first: the same bits. Two contiguous float32/float64 gradients of one
+  // shape (triplet_margin's dp and dn) in one pass, -(g1[i] + g2[i]): the sum rounded, then
+  // negated exactly, as at::add(g1, g2).neg_() does in two (a pass over [N, D] saved).
   static at::Tensor derived_first(const variable_list& grads) {
+    if (grads.size() == 3 && grads[1].is_cpu() && grads[1].is_contiguous() && grads[2].is_contiguous() &&
+        grads[1].sizes() == grads[2].sizes() && grads[1].scalar_type() == grads[2].scalar_type()) {
+      if (grads[1].scalar_type() == at::kFloat) return negated_sum<float>(grads[1], grads[2]);
+      if (grads[1].scalar_type() == at::kDouble) return negated_sum<double>(grads[1], grads[2]);
+    }
     if (grads.size() == 2) return grads[1].neg();
     at::Tensor total = at::add(grads[1], grads[2]);
     for (size_t i = 3; i < grads.size(); ++i) total.add_(grads[i]);
     return total.neg_();
+  }
+
+  template <typename T>
+  static at::Tensor negated_sum(const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor out = at::empty_like(a, at::MemoryFormat::Contiguous);
+    const T* x = a.const_data_ptr<T>();
+    const T* y = b.const_data_ptr<T>();
+    T* z = out.mutable_data_ptr<T>();
+    at::parallel_for(0, a.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) z[i] = -(x[i] + y[i]);
+    });
+    return out;
   }
 };
 
