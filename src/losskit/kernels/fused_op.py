@@ -152,7 +152,7 @@ def derived_first(grads: Sequence[Tensor | None]) -> Tensor:
     """The first gradient of a ``derives_first`` op from the others, already scaled by
     grad_output: -(g_1 + g_2 + ...), summed left to right and then negated (negation is
     exact). The C++ node of :mod:`losskit._native` (precomputed.cpp) gives the same bits
-    (two float32 gradients in one pass: each sum rounded once, then negated)."""
+    (two float32 or float64 gradients in one pass: each sum rounded once, then negated)."""
     rest = list(grads[1:])
     if len(rest) == 1:
         return rest[0].neg()
