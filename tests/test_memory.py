@@ -101,13 +101,19 @@ def _moderate(name: str):
         return (x, torch.where(torch.arange(512) < 40, target, -1)), {}
     if name == "margin_ranking_loss":
         return (x, torch.randn(256, 512, generator=g), torch.randn(256, 512, generator=g).sign()), {}
+    if name == "triplet_margin_loss":  # without swap (the catalog's case has it): two distances
+        return (x, *(torch.randn(256, 512, generator=g, requires_grad=True) for _ in range(2))), {}
+    if name == "cosine_embedding_loss":
+        y = torch.randn(256, generator=g).sign()
+        return (x, torch.randn(256, 512, generator=g, requires_grad=True), y), {}
     assert name == "ctc_loss"
     lp = torch.randn(60, 8, 20, generator=g).log_softmax(2).requires_grad_()
     return (lp, torch.randint(1, 20, (8, 12), generator=g), [60] * 8, [12] * 8), {}
 
 
 @pytest.mark.parametrize("name", ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "multi_margin_loss",
-                                  "multilabel_margin_loss", "margin_ranking_loss", "ctc_loss"])
+                                  "multilabel_margin_loss", "margin_ranking_loss", "triplet_margin_loss",
+                                  "cosine_embedding_loss", "ctc_loss"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_saved_bytes_at_a_moderate_size(name, reduction):
     args, kwargs = _moderate(name)

@@ -77,10 +77,11 @@ def test_triplet_same_bits_as_python(shape, p, swap, reduction, dtype):
 
 @needs_native
 @pytest.mark.parametrize("wanted", [[True, False, False], [False, True, False], [False, False, True],
-                                    [False, True, True]])
+                                    [False, True, True], [True, True, False], [True, False, True]])
 @pytest.mark.parametrize("swap", [False, True])
-def test_triplet_some_inputs_want_gradients(wanted, swap):
-    leaves = _rows((40, 900), torch.bfloat16, 2)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triplet_some_inputs_want_gradients(wanted, swap, dtype):
+    leaves = _rows((40, 900), dtype, 2)
     _both(LF.triplet_margin_loss, leaves, [], {"swap": swap}, wanted=wanted, seed=3)
     _both(LF.triplet_margin_with_distance_loss, leaves, [], {"swap": swap}, wanted=wanted, seed=3)
 
@@ -146,6 +147,45 @@ def test_triplet_ties_and_zero_distances_match_torch(p, swap, dtype):
     torch.testing.assert_close(got.double(), want, **tol)
     for g, w in zip(torch.autograd.grad(got, ours), torch.autograd.grad(want, theirs)):
         torch.testing.assert_close(g.double(), w, **tol)
+
+
+def _held_shapes(loss):
+    if native is not None:
+        return [tuple(t.shape) for t in native.held(loss.grad_fn)]
+    return [tuple(t.shape) for t in loss.grad_fn.precomputed if t is not None]  # the autograd.Function's
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_swap_the_anchor_gradient_is_formed_in_backward(dtype, swap):
+    # Without swap, in float32, the node keeps dp and dn only (torch keeps two differences)
+    # and hands out da = -(dp + dn), scaled; a half type, or swap, keeps all three.
+    leaves = [t.requires_grad_() for t in _rows((8, 6), dtype, 11)]
+    loss = LF.triplet_margin_loss(*leaves, swap=swap, reduction="none")
+    derived = dtype == torch.float32 and not swap
+    assert _held_shapes(loss) == [(8, 6)] * (2 if derived else 3)
+    go = torch.randn(8, generator=torch.Generator().manual_seed(12)).to(dtype)
+    da, dp, dn = torch.autograd.grad(loss, leaves, go)
+    if derived:
+        _same(da, torch.add(dp, dn).neg_())
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(TF.triplet_margin_loss(*refs, swap=swap, reduction="none"), refs, go.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, ref in zip((da, dp, dn), want):
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+def test_a_derived_anchor_gradient_second_backward_and_create_graph_replay():
+    leaves = [t.requires_grad_() for t in _rows((8, 6), torch.float32, 13)]
+    refs = [t.detach().clone().requires_grad_() for t in leaves]
+    loss, ref = LF.triplet_margin_loss(*leaves), TF.triplet_margin_loss(*refs)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    again = torch.autograd.grad(loss, leaves, create_graph=True)  # used up: replayed
+    second = torch.autograd.grad(sum(g.pow(2).sum() for g in again), leaves)
+    ref_first = torch.autograd.grad(ref, refs, create_graph=True)
+    ref_second = torch.autograd.grad(sum(g.pow(2).sum() for g in ref_first), refs)
+    for got, want in zip([*first, *again, *second], [*ref_first, *ref_first, *ref_second]):
+        torch.testing.assert_close(got, want)
 
 
 @needs_native

@@ -12,12 +12,22 @@ gradient with respect to u (minus it with respect to v):
     p = 2         s = (u - v + eps) / d              (0 where d = 0, as torch's norm backward)
     p = 1         s = sign(u - v + eps)
     1 < p < inf   s = sign(x) |x|^(p - 1) / d^(p - 1), x = u - v + eps  (0 where d = 0)
-    da = h (s_ap - s_an)      dp = -h s_ap      dn = h s_an
+    dp = -h s_ap      dn = h s_an      da = h (s_ap - s_an) = -(dp + dn)
 
+where all three want a gradient, in float32 or float64, forward makes dp and dn only and
+backward forms da = -(dp + dn) from them once scaled by grad_output (FusedOp's
+``derives_first``; at grad_output 1 the same bits as h s_ap - h s_an): the node keeps two
+``[N, D]`` gradients, as torch keeps its two distances' differences. Otherwise forward makes
+da = h s_ap - h s_an itself: at most two gradients are wanted, or a half type, whose
+gradients are rounded once from float32 (-(dp + dn) would add their two roundings; the
+node then keeps three half-type gradients, 1.5 times torch's two differences).
 with swap, d(a, n) becomes min(d(a, n), d(p, n)), whose gradient goes to the smaller of the
 two (half to each at a tie, as torch's minimum): with w_an + w_pn = 1 those weights,
 
     da = h (s_ap - w_an s_an)   dp = -h (s_ap + w_pn s_pn)   dn = h (w_an s_an + w_pn s_pn)
+
+all three made in forward (torch keeps three differences then; -(dp + dn) would cancel
+the s_pn terms in rounding).
 
 (s_pn: the gradient of d(p, n) with respect to p). Other p (0, < 1, inf) keep the composed
 form.
@@ -157,13 +167,16 @@ def fused_triplet_call(anchor: Tensor, positive: Tensor, negative: Tensor, optio
     serve it, else by FusedOp's Python forward."""
     native = native_module() if switches.native_enabled() else None
     if native is not None:
+        needs = _needs(anchor, positive, negative)
+        derived = fused_triplet.derives((anchor, positive, negative), options, needs)
+        if derived:
+            needs[0] = False  # da = -(dp + dn), formed in backward
         made = native.fused_triplet_margin(anchor, positive, negative, options.margin, options.p, options.eps,
-                                           options.swap, options.reduction, BLOCK_ELEMENTS,
-                                           _needs(anchor, positive, negative))
+                                           options.swap, options.reduction, BLOCK_ELEMENTS, needs)
         if made is not None:
             loss, *grads = made
             return fused_triplet.attach(native, loss, [anchor, positive, negative], grads,
-                                        options.reduction == "none", replay)
+                                        options.reduction == "none", replay, derived)
     return fused_triplet(anchor, positive, negative, options=options, replay=replay)
 
 
@@ -390,6 +403,9 @@ fused_triplet = FusedOp(
     options=TripletOptions,
     forward=triplet_forward,
     unreduced="rows",
+    # Without swap, da = -(dp + dn) (module docstring): formed in backward where all three
+    # want a gradient, so the node keeps two gradients, as torch keeps two differences.
+    derives_first=lambda options: not options.swap,
 )
 
 fused_cosine = FusedOp(

@@ -14,7 +14,12 @@ the same machinery, built here once:
   kernel that recomputes), one node in the graph, with its fake implementation and its
   autograd formula, its schema spelled from the kernel's options dataclass;
 - double backward and a second backward through a retained graph: the call is replayed
-  on the composed reference path (:class:`Replay`).
+  on the composed reference path (:class:`Replay`);
+- a derived first gradient (``derives_first``): for a loss that does not change when every
+  differentiable input moves by the same vector (triplet_margin's distances), the first
+  input's gradient is minus the sum of the others'; where all of them want one, forward
+  makes the others only and backward forms the first from them, scaled, the same way on
+  every path (:func:`derived_first`), so that the node keeps one gradient fewer.
 
 A kernel is three functions of its tensors (by name), its options object and the
 gradients it is asked for (``needs``): ``forward`` -> (loss, gradients), optionally
@@ -143,6 +148,20 @@ def scale_by_grad_output(grads: Sequence[Tensor | None], grad_output: Tensor, pe
     return out
 
 
+def derived_first(grads: Sequence[Tensor | None]) -> Tensor:
+    """The first gradient of a ``derives_first`` op from the others, already scaled by
+    grad_output: -(g_1 + g_2 + ...), summed left to right and then negated (negation is
+    exact). The C++ node of :mod:`losskit._native` (precomputed.cpp) gives the same bits
+    (two float32 or float64 gradients in one pass: each sum rounded once, then negated)."""
+    rest = list(grads[1:])
+    if len(rest) == 1:
+        return rest[0].neg()
+    total = torch.add(rest[0], rest[1])
+    for grad in rest[2:]:
+        total.add_(grad)
+    return total.neg_()
+
+
 def _needed(grads: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor | None]:
     return [g if need else None for g, need in zip(grads, needs)]
 
@@ -183,6 +202,9 @@ class FusedOp:
             as ``forward`` would, bit for bit (tests/test_native.py), or None for a call it
             does not serve. It runs with grad mode off (``at::NoGradGuard``): the caller
             does not turn it off.
+        derives_first: whether, for these options, the first differentiable tensor's
+            gradient is minus the sum of the others' (see the module docstring and
+            :meth:`derives`); default never.
     """
 
     def __init__(
@@ -199,8 +221,10 @@ class FusedOp:
         recompute: Callable[..., Sequence[Tensor | None]] | None = None,
         per_row: Callable[[Any], bool] = lambda options: options.reduction == "none",
         native_forward: str | None = None,
+        derives_first: Callable[[Any], bool] = lambda options: False,
     ) -> None:
         self.native_forward = native_forward
+        self.derives_first = derives_first
         self.name, self.options_type = name, options
         self.n_tensors, self.n_diff = len(tensors), differentiable
         self.extra_names = [n for _, n in extras]
@@ -228,6 +252,20 @@ class FusedOp:
         self.node_name = self.eager.__name__ + "Backward"
 
     # ---- the call ----------------------------------------------------------------------------
+    def derives(self, tensors: Sequence[Tensor | None], options: Any, needs: Sequence[bool]) -> bool:
+        """Whether this call forms the first gradient in backward (:func:`derived_first`)
+        rather than in forward: ``derives_first(options)``, every differentiable tensor
+        wants a gradient (else forward would make gradients nobody asked for) and all are
+        float32 or all float64 (the sum is formed in the others' dtype; in float16 or
+        bfloat16 it would add the roundings of the others to the first, where the kernel
+        rounds it once from float32: measured on triplet_margin, 8% of (6, 4) 'sum' calls
+        then leave tests/test_margin.py's 1% tolerance against float64). ``forward`` is
+        then asked for the others only: ``needs`` with its first entry False."""
+        if self.n_diff < 2 or not all(needs) or not self.derives_first(options):
+            return False
+        first = tensors[0].dtype
+        return first in (torch.float32, torch.float64) and all(t.dtype == first for t in tensors[1: self.n_diff])
+
     def __call__(self, *tensors: Tensor | None, options: Any, replay: Replay | None = None, **extras: Any) -> Tensor:
         """The loss; its gradients reach autograd as described in the module docstring.
         ``replay`` serves the backward passes the precomputed gradients cannot."""
@@ -237,31 +275,38 @@ class FusedOp:
             option_values = [getattr(options, name) for name in self.option_names]
             return self.op(*tensors, *option_values, *self._extra_values(extras), needs)[0]
         native = native_module() if switches.native_enabled() else None
+        derived = native is not None and self.precomputes(options) and self.derives(tensors, options, needs)
+        made_needs = [False, *needs[1:]] if derived else needs
         if native is not None and self.native_forward is not None and (not any(needs) or self.precomputes(options)):
             # The compiled forward turns grad mode off itself (its contract, below), which
             # saves the Python no_grad context: several microseconds of a small call.
             made = getattr(native, self.native_forward)(
-                *tensors, *[getattr(options, name) for name in self.option_names], *self._extra_values(extras), needs
+                *tensors, *[getattr(options, name) for name in self.option_names], *self._extra_values(extras),
+                made_needs
             )
             if made is not None:
                 if not any(needs):
                     return made[0]
-                return self.attach(native, made[0], tensors[: self.n_diff], made[1:], self.per_row(options), replay)
+                return self.attach(native, made[0], tensors[: self.n_diff], made[1:], self.per_row(options), replay,
+                                   derived)
         if not any(needs):
             return self.forward(*tensors, options=options, needs=(False,) * self.n_diff, **extras)[0]
         if native is None or not self.precomputes(options):
             return self.eager.apply(_Call(options, extras, replay), *tensors)
         with torch.no_grad():
-            loss, grads = self.forward(*tensors, options=options, needs=tuple(needs), **extras)
-        return self.attach(native, loss, tensors[: self.n_diff], [g if need else None for g, need in zip(grads, needs)],
-                           self.per_row(options), replay)
+            loss, grads = self.forward(*tensors, options=options, needs=tuple(made_needs), **extras)
+        return self.attach(native, loss, tensors[: self.n_diff],
+                           [g if need else None for g, need in zip(grads, made_needs)], self.per_row(options), replay,
+                           derived)
 
     def attach(self, native, loss: Tensor, inputs: Sequence[Tensor | None], grads: Sequence[Tensor | None],
-               per_row: bool, replay: Replay | None) -> Tensor:
+               per_row: bool, replay: Replay | None, derived: bool = False) -> Tensor:
         """``loss``, made without autograd, with the C++ node of :mod:`losskit._native`
         that hands out ``grads`` (None: not wanted) once, scaled by grad_output, and is
-        named as the op's autograd.Function (``FusedCrossEntropyBackward``, ...)."""
-        return attach_precomputed(native, self.node_name, self.name, loss, inputs, grads, per_row, replay)
+        named as the op's autograd.Function (``FusedCrossEntropyBackward``, ...);
+        ``derived``: the first gradient is None but wanted, formed in backward
+        (:meth:`derives`)."""
+        return attach_precomputed(native, self.node_name, self.name, loss, inputs, grads, per_row, replay, derived)
 
     def _extra_values(self, extras: dict[str, Any]) -> list[Any]:
         return [extras[n] for n in self.extra_names]
@@ -278,6 +323,8 @@ class FusedOp:
     def _op_forward(self, *args: Any) -> tuple[Tensor, ...]:
         tensors, options, extras, needs = self._split(args)
         precompute = self.precomputes(options)
+        if precompute and self.derives(tensors, options, needs):
+            needs = [False, *needs[1:]]  # the first is formed in backward (_compiled_backward)
         loss, grads = self.forward(*tensors, options=options, needs=tuple(needs) if precompute else (False,) * self.n_diff,
                                    **extras)
         made = [None if g is None or not precompute else g.to(t.dtype) for g, t in zip(grads, tensors)]
@@ -289,6 +336,8 @@ class FusedOp:
         shape = () if options.reduction != "none" else (first.shape[:1] if self.unreduced == "rows" else first.shape)
         loss = first.new_empty(tuple(shape))
         made = self.precomputes(options)
+        if made and self.derives(tensors, options, needs):
+            needs = [False, *needs[1:]]
         grads = [t.new_empty(t.shape) if made and need and t is not None else tensors[0].new_empty(0)
                  for t, need in zip(tensors, needs)]
         return (loss, *grads)
@@ -314,7 +363,12 @@ class FusedOp:
         tensors, made = saved[: self.n_tensors], saved[self.n_tensors:]
         _, options, _, needs = self._split([*tensors, *ctx.args])
         if self.precomputes(options):
-            grads = scale_by_grad_output(list(made), grad_loss, self.per_row(options), in_place=False)
+            derived = self.derives(tensors, options, needs)
+            # The placeholders of gradients not made (empty tensors) are not scaled.
+            made_needs = [False, *needs[1:]] if derived else needs
+            grads = scale_by_grad_output(_needed(made, made_needs), grad_loss, self.per_row(options), in_place=False)
+            if derived:
+                grads[0] = derived_first(grads)
         else:
             grads = self.backward_op(*tensors, *ctx.args, grad_loss)
         grads = [None if t is None else g for g, t in zip(_needed(grads, needs), tensors)]
@@ -375,17 +429,22 @@ def eager_native(*tensors: Tensor | None):
 
 
 def attach_precomputed(native, node_name: str, what: str, loss: Tensor, inputs: Sequence[Tensor | None],
-                       grads: Sequence[Tensor | None], per_row: bool, replay: Replay | None) -> Tensor:
+                       grads: Sequence[Tensor | None], per_row: bool, replay: Replay | None,
+                       derived: bool = False) -> Tensor:
     """``loss`` (made without autograd) with the C++ autograd node of :mod:`losskit._native`
     named ``node_name``: backward hands out ``grads`` (None where not wanted; one per
     input) once, scaled by grad_output (per row of ``grad_output`` when ``per_row``);
     ``create_graph`` and a second backward replay the call on the reference path
     (``replay``; None: such a backward raises, naming ``what``). What every eager fused
-    call ends with, whether :class:`FusedOp` or a loss's own compiled call made it."""
+    call ends with, whether :class:`FusedOp` or a loss's own compiled call made it.
+    ``derived``: the first gradient (None here) is wanted and formed in backward from the
+    others (:func:`derived_first`; every other one is made)."""
     needs = [g is not None for g in grads]
+    if derived:
+        needs[0] = True
     shapes = [None if t is None else t.shape for t in inputs]
     return native.attach(node_name, loss.detach() if loss._is_view() else loss, list(inputs), list(grads), per_row,
-                         (what, replay, needs, shapes))
+                         (what, replay, needs, shapes), derived)
 
 
 def _replay_for_native(name: str, call: tuple, grad_output: Tensor, create_graph: bool) -> list[Tensor | None]:
@@ -414,7 +473,7 @@ class _EagerFunction(torch.autograd.Function):
 
     Forward keeps the precomputed gradients (or, for a kernel that recomputes, the
     inputs); backward hands the precomputed ones to autograd once, scaled in place by
-    grad_output. Inside backward, grad mode is on exactly when autograd was asked for a
+    grad_output, and forms a derived first gradient from them (:meth:`FusedOp.derives`). Inside backward, grad mode is on exactly when autograd was asked for a
     differentiable gradient (``create_graph=True``): that, and a second backward that
     finds the precomputed gradients used up, replay the call on the reference path.
     """
@@ -429,10 +488,12 @@ class _EagerFunction(torch.autograd.Function):
         ctx.dtypes = [None if t is None else t.dtype for t in tensors[: fused.n_diff]]
         ctx.shapes = [None if t is None else t.shape for t in tensors[: fused.n_diff]]
         precompute = fused.precomputes(call.options)
-        loss, grads = fused.forward(*tensors, options=call.options, needs=needs if precompute else (False,) * fused.n_diff,
-                                    **call.extras)
+        ctx.derived = precompute and fused.derives(tensors, call.options, needs)
+        made_needs = (False, *needs[1:]) if ctx.derived else needs
+        loss, grads = fused.forward(*tensors, options=call.options,
+                                    needs=made_needs if precompute else (False,) * fused.n_diff, **call.extras)
         if precompute:
-            ctx.precomputed = list(grads)
+            ctx.precomputed = [None, *grads[1:]] if ctx.derived else list(grads)
         else:
             ctx.precomputed = None
             ctx.save_for_backward(*tensors)
@@ -455,6 +516,8 @@ class _EagerFunction(torch.autograd.Function):
                      for g, shape in zip(call.replay.gradients(grad_output, ctx.needs, create_graph), ctx.shapes)]
         elif precomputed is not None:
             grads = scale_by_grad_output(precomputed, grad_output, fused.per_row(call.options), in_place=True)
+            if ctx.derived:
+                grads[0] = derived_first(grads)
         else:
             grads = fused.recompute(*ctx.saved_tensors, options=call.options, needs=ctx.needs,
                                     grad_output=grad_output, **call.extras)

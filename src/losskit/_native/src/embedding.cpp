@@ -135,7 +135,9 @@ at::Tensor triplet_margin(const at::Tensor& anchor, const at::Tensor& positive, 
 // the per-row loss and the written-out gradient of each differentiable input, by
 // _triplet_rows / _cosine_rows op for op (see that file's docstring for the math), on blocks
 // of rows split over torch's threads, so that a block's float32 temporaries stay in cache:
-// the inputs are read, and the gradients written, once. Every op is row-wise and each row's
+// the inputs are read, and the gradients written, once (without swap, where all three
+// triplet inputs want a gradient, the caller asks for dp and dn only: the node forms
+// da = -(dp + dn) in backward, precomputed.cpp). Every op is row-wise and each row's
 // norm or sum reduces that row alone, in an order that does not depend on the other rows (up
 // to ATen's grain, the longest row served), so the blocks give the Python form's bits; the
 // per-row losses are then reduced whole, as there.

@@ -6,8 +6,13 @@
 // fused_op.py does, without its per-call cost in Python. A backward it cannot serve
 // (create_graph=True, or a second backward through a retained graph, which finds the
 // gradients used up) calls back into Python, which replays the call on the reference path.
+//
+// A derived first gradient (fused_op.py's FusedOp.derives): the node keeps every gradient
+// but the first, which backward forms from the others once they are scaled, as
+// fused_op.derived_first does: -(g_1 + g_2 + ...), summed left to right, then negated.
 #include "losskit_native.h"
 
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_cpp_function.h>
@@ -35,8 +40,13 @@ bool is_one(const at::Tensor& t) {
 
 class PrecomputedBackward : public Node {
  public:
-  PrecomputedBackward(std::string name, std::vector<at::Tensor> grads, bool per_row, py::object replay)
-      : name_(std::move(name)), grads_(std::move(grads)), per_row_(per_row), replay_(std::move(replay)) {}
+  PrecomputedBackward(std::string name, std::vector<at::Tensor> grads, bool per_row, bool derive_first,
+                      py::object replay)
+      : name_(std::move(name)),
+        grads_(std::move(grads)),
+        per_row_(per_row),
+        derive_first_(derive_first),
+        replay_(std::move(replay)) {}
 
   ~PrecomputedBackward() override {
     // The node may die in a thread that does not hold the GIL (autograd's device threads).
@@ -69,17 +79,19 @@ class PrecomputedBackward : public Node {
     grads_.clear();
     // A scalar grad_output of exactly 1 (loss.backward()) leaves the buffers as they are;
     // reading it is free on the CPU only (elsewhere it would wait for the device).
-    if (!per_row_ && grad_output.is_cpu() && grad_output.numel() == 1 && is_one(grad_output)) return grads;
-    for (auto& grad : grads) {
-      if (!grad.defined()) continue;
-      at::Tensor factor = grad_output;
-      if (per_row_ && grad.dim() > grad_output.dim()) {
-        std::vector<int64_t> shape(grad_output.sizes().begin(), grad_output.sizes().end());
-        shape.resize(grad.dim(), 1);
-        factor = grad_output.reshape(shape);
+    if (per_row_ || !grad_output.is_cpu() || grad_output.numel() != 1 || !is_one(grad_output)) {
+      for (auto& grad : grads) {
+        if (!grad.defined()) continue;
+        at::Tensor factor = grad_output;
+        if (per_row_ && grad.dim() > grad_output.dim()) {
+          std::vector<int64_t> shape(grad_output.sizes().begin(), grad_output.sizes().end());
+          shape.resize(grad.dim(), 1);
+          factor = grad_output.reshape(shape);
+        }
+        grad.mul_(factor.scalar_type() == grad.scalar_type() ? factor : factor.to(grad.scalar_type()));
       }
-      grad.mul_(factor.scalar_type() == grad.scalar_type() ? factor : factor.to(grad.scalar_type()));
     }
+    if (derive_first_) grads[0] = derived_first(grads);
     return grads;
   }
 
@@ -87,15 +99,48 @@ class PrecomputedBackward : public Node {
   std::string name_;
   std::vector<at::Tensor> grads_;
   bool per_row_;
+  bool derive_first_;
   py::object replay_;
+
+  // fused_op.derived_first: the same bits. Two contiguous float32/float64 gradients of one
+  // shape (triplet_margin's dp and dn) in one pass, -(g1[i] + g2[i]): the sum rounded, then
+  // negated exactly, as at::add(g1, g2).neg_() does in two (a pass over [N, D] saved).
+  static at::Tensor derived_first(const variable_list& grads) {
+    if (grads.size() == 3 && grads[1].is_cpu() && grads[1].is_contiguous() && grads[2].is_contiguous() &&
+        grads[1].sizes() == grads[2].sizes() && grads[1].scalar_type() == grads[2].scalar_type()) {
+      if (grads[1].scalar_type() == at::kFloat) return negated_sum<float>(grads[1], grads[2]);
+      if (grads[1].scalar_type() == at::kDouble) return negated_sum<double>(grads[1], grads[2]);
+    }
+    if (grads.size() == 2) return grads[1].neg();
+    at::Tensor total = at::add(grads[1], grads[2]);
+    for (size_t i = 3; i < grads.size(); ++i) total.add_(grads[i]);
+    return total.neg_();
+  }
+
+  template <typename T>
+  static at::Tensor negated_sum(const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor out = at::empty_like(a, at::MemoryFormat::Contiguous);
+    const T* x = a.const_data_ptr<T>();
+    const T* y = b.const_data_ptr<T>();
+    T* z = out.mutable_data_ptr<T>();
+    at::parallel_for(0, a.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) z[i] = -(x[i] + y[i]);
+    });
+    return out;
+  }
 };
 
 }  // namespace
 
+namespace {
+
 // ``loss`` (made without autograd) gets a grad_fn named ``name`` whose edges lead to the
-// ``inputs`` that require grad and whose gradients are ``grads`` (None where not made).
-at::Tensor losskit::attach_precomputed(std::string name, at::Tensor loss, const std::vector<std::optional<at::Tensor>>& inputs,
-                  const std::vector<std::optional<at::Tensor>>& grads, bool per_row, py::object replay) {
+// ``inputs`` that require grad and whose gradients are ``grads`` (None where not made);
+// ``derive_first``: the first gradient (None) is formed in backward from all the others,
+// which must be made (fused_op.py's FusedOp.derives).
+at::Tensor attach_node(std::string name, at::Tensor loss, const std::vector<std::optional<at::Tensor>>& inputs,
+                       const std::vector<std::optional<at::Tensor>>& grads, bool per_row, py::object replay,
+                       bool derive_first) {
   TORCH_CHECK(inputs.size() == grads.size(), "losskit attach: ", inputs.size(), " inputs, ", grads.size(), " grads");
   torch::autograd::edge_list edges;
   std::vector<at::Tensor> kept;
@@ -103,15 +148,29 @@ at::Tensor losskit::attach_precomputed(std::string name, at::Tensor loss, const 
   kept.reserve(inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
     const auto& input = inputs[i];
-    bool wanted = input.has_value() && input->defined() && input->requires_grad() && grads[i].has_value() &&
-                  grads[i]->defined();
+    const bool made = grads[i].has_value() && grads[i]->defined();
+    const bool requires = input.has_value() && input->defined() && input->requires_grad();
+    if (derive_first && i > 0) {
+      TORCH_CHECK(requires && made, "losskit attach: a derived first gradient needs every other gradient");
+    }
+    bool wanted = requires && (made || (derive_first && i == 0));
     edges.push_back(wanted ? torch::autograd::impl::gradient_edge(*input) : torch::autograd::Edge());
-    kept.push_back(wanted ? *grads[i] : at::Tensor());
+    kept.push_back(wanted && made ? *grads[i] : at::Tensor());
   }
-  auto node = c10::make_intrusive<PrecomputedBackward>(std::move(name), std::move(kept), per_row, std::move(replay));
+  TORCH_CHECK(!derive_first || (inputs.size() >= 2 && edges[0].is_valid() && !kept[0].defined()),
+              "losskit attach: a derived first gradient is wanted and not made");
+  auto node = c10::make_intrusive<PrecomputedBackward>(std::move(name), std::move(kept), per_row, derive_first,
+                                                       std::move(replay));
   node->set_next_edges(std::move(edges));
   torch::autograd::set_history(loss, node);
   return loss;
+}
+
+}  // namespace
+
+at::Tensor losskit::attach_precomputed(std::string name, at::Tensor loss, const std::vector<std::optional<at::Tensor>>& inputs,
+                  const std::vector<std::optional<at::Tensor>>& grads, bool per_row, py::object replay) {
+  return attach_node(std::move(name), std::move(loss), inputs, grads, per_row, std::move(replay), false);
 }
 
 at::Tensor losskit::attach_one(const py::object& node, at::Tensor loss, const at::Tensor& input,
@@ -152,7 +211,7 @@ void set_replay_handler(py::object handler) {
 }  // namespace
 
 void register_precomputed(py::module& m) {
-  m.def("attach", &losskit::attach_precomputed, "the precomputed-gradient autograd node of a fused loss");
+  m.def("attach", &attach_node, "the precomputed-gradient autograd node of a fused loss");
   m.def("held", &held, "the gradients a losskit grad_fn keeps for backward");
   m.def("set_replay_handler", &set_replay_handler, "the Python function that replays a call for create_graph");
 }
