@@ -2,9 +2,10 @@
 
 "Saved" counts every storage the graph holds for backward, once each: the tensors autograd
 saves (seen through ``torch.autograd.graph.saved_tensors_hooks``) and the tensors a
-losskit autograd.Function keeps on its ctx or losskit's C++ node keeps (a precomputed
-gradient), found by walking the graph from the loss. An input saved by the graph counts too: it is what keeps the input
-alive after forward, as torch's own losses do with theirs. No timing, only sizes.
+losskit autograd.Function keeps on its ctx or losskit's C++ nodes keep (a precomputed
+gradient, CTC's gradient), found by walking the graph from the loss. An input saved by the
+graph counts too: it is what keeps the input alive after forward, as torch's own losses do
+with theirs. No timing, only sizes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _walk_ctx(grad_fn, found: dict[int, int]) -> None:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        for t in native.held(node) if native is not None else ():
+        for t in [*native.held(node), *native.ctc_held(node)] if native is not None else ():
             _storages(t, found)
         for value in getattr(node, "__dict__", {}).values():
             for t in tree_flatten(value)[0]:
