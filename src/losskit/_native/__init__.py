@@ -33,7 +33,16 @@ import torch
 NAME = "losskit_native"
 SOURCES = sorted(Path(__file__).with_name("src").glob("*.cpp"))
 HEADERS = sorted(Path(__file__).with_name("src").glob("*.h"))
-_CFLAGS = ["-O2", "-std=c++17"]
+# -ffp-contract=off: every product rounded before the sum it feeds, never one fused
+# multiply-add, as ATen's element-wise kernels round (the written-out loops of binary.cpp,
+# hinge.cpp, pointwise.cpp count on it for the Python forms' bits; x86-64 without -march
+# has no FMA, but GCC on aarch64 would contract by default).
+# -fopenmp: at::parallel_for is inline code that splits its range over OpenMP threads only
+# where the including file is compiled with OpenMP; without it every parallel_for of these
+# sources runs on one thread. The library it links, libgomp.so.1, is the one torch has
+# already loaded (the same soname): one thread pool, torch.set_num_threads holds.
+_CFLAGS = ["-O2", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 
 _module: ModuleType | None = None
 _looked = False
@@ -45,7 +54,7 @@ def tag() -> str:
     for source in [*SOURCES, *HEADERS]:
         h.update(source.name.encode())
         h.update(source.read_bytes())
-    h.update(" ".join(_CFLAGS).encode())
+    h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
     return h.hexdigest()[:16]
@@ -117,7 +126,9 @@ def build(verbose: bool = False) -> Path:
             last_error = error
             continue
         _seed(folder)
-        cpp_extension.load(NAME, [str(s) for s in SOURCES], extra_cflags=_CFLAGS, build_directory=str(folder),
+        # copies: cpp_extension.load appends its own flags to the lists it is given (the tag reads these)
+        cpp_extension.load(NAME, [str(s) for s in SOURCES], extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
+                           build_directory=str(folder),
                            verbose=verbose)
         for stale in folder.parent.iterdir():  # builds of earlier sources
             if stale.is_dir() and stale != folder and len(stale.name) == len(folder.name):

@@ -63,9 +63,8 @@ inline T weight_at(const T* w, int kind, int64_t i, int64_t cols) {
 
 // Whether the arithmetic between the transcendental ops may run as one written-out loop:
 // contiguous float or double operands. Each step is still one IEEE operation rounded to
-// the dtype (no fused multiply-add: the build targets x86-64 without FMA, in ISO C++
-// mode), so the bits are those of the ATen op sequence, which ATen's kernels also round
-// once per op.
+// the dtype (no fused multiply-add: the build passes -ffp-contract=off), so the bits are
+// those of the ATen op sequence, which ATen's kernels also round once per op.
 bool written_out(const at::Tensor& x, const at::Tensor& y, int wk, int pk) {
   const auto type = x.scalar_type();
   return (type == at::kFloat || type == at::kDouble) && y.scalar_type() == type && x.is_contiguous() &&

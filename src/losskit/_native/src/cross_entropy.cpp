@@ -260,7 +260,7 @@ Tensor general_cpu(const Tensor& z, const Terms& terms, const std::optional<Term
 // that IEEE arithmetic rounds exactly (+, -, *, /, the gathers and scatters, 1 / x, the
 // float <-> double conversions of Python floats) is a plain loop, op for op in the same
 // order, so the bits are those of the ATen ops it replaces. (No FMA contraction: the
-// build is ISO C++ for the baseline x86-64.)
+// build passes -ffp-contract=off.)
 
 // The input as a contiguous float32 (N, C) tensor: itself when it is one; otherwise the
 // exact conversion of cast(input, float32).contiguous().

@@ -26,6 +26,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 
 #include <limits>
+#include <mutex>
 
 namespace py = pybind11;
 using at::Tensor;
@@ -86,7 +87,10 @@ Tensor forward_variables(const Tensor& emit, const Tensor& labels, const Tensor&
   }
   // One problem a thread; the caller's thread-local state (grad mode, inference mode, the
   // dispatch keys excluded) goes with it.
+  // The GIL is let go first: the state can hold Python objects (saved-tensor hooks) that
+  // the other thread increfs as it takes the state on, while this one waits for it.
   const at::ThreadLocalState state;
+  py::gil_scoped_release release;
   at::parallel_for(0, directions, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
     for (int64_t d = begin; d < end; ++d) {
@@ -170,10 +174,19 @@ class CTCLossBackward : public torch::autograd::Node {
   explicit CTCLossBackward(Tensor grad) : grad_(std::move(grad)) {}
   std::string name() const override { return "CTCLossBackward"; }
   const Tensor& held() const { return grad_; }
-  void will_release_variables() override { last_ = true; }
-  void release_variables() override { grad_.reset(); }
+  void will_release_variables() override {
+    std::lock_guard<std::mutex> lock(lock_);
+    last_ = true;
+  }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(lock_);
+    grad_.reset();
+  }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grad_outputs) override {
+    // Two threads may run backward through one retained graph: one reads the buffer while
+    // the other may hand it out (autograd's generated nodes lock the same way).
+    std::lock_guard<std::mutex> lock(lock_);
     TORCH_CHECK(grad_.defined(), torch::autograd::ERR_BACKWARD_TWICE);
     // An undefined grad_output is zeros, as an autograd.Function materialises it.
     const Tensor grad_output = grad_outputs[0].defined() ? grad_outputs[0] : at::zeros({}, grad_.options());
@@ -200,6 +213,7 @@ class CTCLossBackward : public torch::autograd::Node {
   }
 
  private:
+  std::mutex lock_;
   Tensor grad_;
   bool last_ = false;
 };

@@ -14,13 +14,14 @@
 // round() is the tensor dtype's rounding of a float (none for float32: ATen computes the
 // half types in float and rounds each op's result); k is the Python float -1 / n or -2 / n
 // as ATen reads a scalar beside a float or half tensor: rounded to float. The rows are the
-// terms' mean along the last dimension by ATen's own mean, as in the Python form. The file
-// is built without FMA contraction (-O2, no -march), so every product is rounded before the
-// sum that follows it, as ATen's element-wise kernels do.
+// terms' mean along the last dimension by ATen's own mean, as in the Python form. The build
+// passes -ffp-contract=off, so every product is rounded before the sum that follows it, as
+// ATen's element-wise kernels do.
 #include "losskit_native.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace py = pybind11;
@@ -37,24 +38,32 @@ inline float rounded<float>(float v) {
   return v;
 }
 
-// Python's binary_labels: every label == 0 or == 1 (NaN is neither). Stops at the first
-// other label: with -1 / +1 labels, the first -1.
+// Python's binary_labels: every label == 0 or == 1 (NaN is neither). Reads blocks of
+// labels without a branch per label (random labels would mispredict one), stopping after
+// the first block that holds another label: with -1 / +1 labels, the first.
 template <typename scalar_t>
 bool all_binary(const scalar_t* t, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    float v = static_cast<float>(t[i]);
-    if (!(v == 0.0f || v == 1.0f)) return false;
+  constexpr int64_t kBlock = 1024;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(n, start + kBlock);
+    bool other = false;
+    for (int64_t i = start; i < end; ++i) {
+      const float v = static_cast<float>(t[i]);
+      other |= (v != 0.0f) & (v != 1.0f);
+    }
+    if (other) return false;
   }
   return true;
 }
 
-template <typename scalar_t, bool squared>
-void hinge_pass(const scalar_t* x, const scalar_t* t, scalar_t* terms, scalar_t* grad, int64_t count, bool binary,
-                float k) {
+// ``binary`` a template argument: each loop is compiled for its labels, with no branch on a
+// label inside (2 t - 1 is exact for t = 0 and 1).
+template <typename scalar_t, bool squared, bool binary>
+void hinge_pass(const scalar_t* x, const scalar_t* t, scalar_t* terms, scalar_t* grad, int64_t count, float k) {
   at::parallel_for(0, count, 1 << 14, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float label = static_cast<float>(t[i]);
-      if (binary) label = label == 0.0f ? -1.0f : 1.0f;
+      if (binary) label = 2.0f * label - 1.0f;
       float p = rounded<scalar_t>(label * static_cast<float>(x[i]));
       float m = rounded<scalar_t>(1.0f - p);
       float h = m < 0.0f ? 0.0f : m;
@@ -69,14 +78,29 @@ void hinge_pass(const scalar_t* x, const scalar_t* t, scalar_t* terms, scalar_t*
   });
 }
 
+template <typename scalar_t, bool squared>
+void hinge_pass(const scalar_t* x, const scalar_t* t, scalar_t* terms, scalar_t* grad, int64_t count, bool binary,
+                float k) {
+  if (binary) {
+    hinge_pass<scalar_t, squared, true>(x, t, terms, grad, count, k);
+  } else {
+    hinge_pass<scalar_t, squared, false>(x, t, terms, grad, count, k);
+  }
+}
+
 // hinge_forward(input, target, options=HingeOptions(squared), needs) -> (rows, grad_input),
 // or None for the calls left to the Python form (not on the CPU, other shapes or dtypes).
 py::object hinge_forward(const at::Tensor& input, const at::Tensor& target, bool squared,
                          const std::vector<bool>& needs) {
   if (!input.is_cpu() || !target.is_cpu() || input.dim() == 0 || input.numel() == 0) return py::none();
   if (!input.sizes().equals(target.sizes()) || input.scalar_type() != target.scalar_type()) return py::none();
+  // Strided inputs: the Python form's row means would add each row in another order.
+  if (!input.is_contiguous() || !target.is_contiguous()) return py::none();
   const at::ScalarType dtype = input.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return py::none();
+  // float32 only: a half type's every op rounded to it element by element (the Python
+  // form's bits) takes a scalar conversion per op here, slower than ATen's vectorised ops
+  // of the Python form, which serves them.
+  if (dtype != at::kFloat) return py::none();
   const bool want = !needs.empty() && needs[0];
   at::Tensor rows, grad;
   {
