@@ -13,6 +13,7 @@ info kinds, src/pointwise.cpp's info_rows):
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -162,7 +163,7 @@ def test_a_double_backward_replays_the_composed_forms():
         with switches.reference_only():
             (ref,) = torch.autograd.grad(fn(t, x).sum(), x, create_graph=True)
         torch.testing.assert_close(first, ref)
-    p, q = _distributions(torch.float64)
+    p, q = _distributions(torch.float32)
     q = q.requires_grad_()
     with switches.fused_only():
         (first,) = torch.autograd.grad(info.cross_entropy(p, q).sum(), q, create_graph=True)
@@ -194,3 +195,17 @@ def test_calls_the_fused_forms_do_not_serve_take_the_composed_form():
     x = _scores(torch.float32)
     assert K.hinge(_labels("signs", torch.float32)[:1], x).grad_fn.name() == "MeanBackward1"  # broadcast labels
     assert K.hinge(_labels("signs", torch.float64), x.double()).grad_fn.name() == "MeanBackward1"  # float64
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("measure", ["cross_entropy", "kl_divergence"])
+def test_one_tensor_as_both_distributions_gets_both_gradients(measure, native_on):
+    # cross_entropy(x, x) is the entropy, kl_divergence(x, x) is 0: the gradient flows
+    # through both arguments, which the fused form (p fixed) must leave to the composed one.
+    x = torch.softmax(torch.randn(5, 7, generator=torch.Generator().manual_seed(3)), -1).requires_grad_()
+    context = contextlib.nullcontext() if native_on else switches.without_native()
+    with context:
+        (ours,) = torch.autograd.grad(getattr(info, measure)(x, x).sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad(-(x64 * x64.log()).sum() if measure == "cross_entropy" else x64.sum() * 0, x64)
+    torch.testing.assert_close(ours, expected.float(), rtol=1e-5, atol=1e-6)

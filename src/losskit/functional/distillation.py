@@ -415,7 +415,7 @@ def _check_topk(ids: Tensor, logps: Tensor, valid: Tensor | None, num_classes: i
 
     def report_mass(bad: Tensor) -> Exception:
         where = first_index(bad)
-        total = float(logps[where].double().exp().sum())
+        total = float(logps.detach()[where].double().exp().sum())
         return ValueError(f"{fn}: teacher_topk_logps of row {where} sum to probability {total:.6g} > 1; they must be "
                           "the teacher's log-probabilities of k distinct tokens")
 

@@ -18,7 +18,7 @@ from ..kernels.embedding import (
     fused_cosine_call,
     fused_elements_apply,
     fused_embedding_applies,
-    fused_hinge_call,
+    fused_hinge_embedding_call,
     fused_ranking_call,
     fused_triplet_call,
     triplet_options,
@@ -616,7 +616,7 @@ def hinge_embedding_loss(
     broadcast_shape(input, target, ("input", "target"), fn)
     if _plain_numbers(margin):
         if fused_elements_apply((input,), (target,)):  # loss and gradient in one forward
-            return fused_hinge_call(input, target, element_options(margin, reduction),
+            return fused_hinge_embedding_call(input, target, element_options(margin, reduction),
                                     Replay(fn, lambda x: _hinge_embedding(x, target, margin, reduction), [input]))
         native = _composed_native(input, target)
         if native is not None:
@@ -788,7 +788,7 @@ def triplet_margin_loss(
         native = _composed_native(anchor, positive, negative)
         if native is not None:
             _triplet_checks(fn, anchor, positive, negative, margin)
-            return native.triplet_margin(anchor, positive, negative, margin, p, eps, swap, reduction, True)
+            return native.triplet_margin(anchor, positive, negative, margin, p, eps, swap, reduction)
     return _triplet_promoted(fn, anchor, positive, negative, margin, p, eps, swap, reduction)
 
 
@@ -861,6 +861,6 @@ def triplet_margin_with_distance_loss(
             native = _composed_native(anchor, positive, negative)
             if native is not None:
                 _triplet_checks(fn, anchor, positive, negative, margin)
-                return native.triplet_margin(anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction, True)
+                return native.triplet_margin(anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction)
         return _triplet_promoted(fn, anchor, positive, negative, margin, 2.0, 1e-6, swap, reduction)
     return _triplet(fn, anchor, positive, negative, distance_function or pairwise_distance, margin, swap, reduction)

@@ -57,8 +57,8 @@ def _fused(kind: str, p: Tensor, q: Tensor, dim: int, fn: str, reference) -> Ten
             and p.dtype.is_floating_point and p.dtype != torch.float64):
         return None
     grad_mode = torch.is_grad_enabled()
-    if grad_mode and q is not p and p.requires_grad:
-        return None  # the gradient of p too: the composed form
+    if grad_mode and kind != "info_entropy" and p.requires_grad:
+        return None  # the gradient of p too (also when q is p): the composed form
     want = grad_mode and q.requires_grad
     native = eager_native(q, p)
     if native is not None and q.is_cpu and p.is_cpu and effective_mode(q) == "full":

@@ -207,7 +207,7 @@ def fused_ranking_call(input1: Tensor, input2: Tensor, target: Tensor, options: 
     return fused_ranking(input1, input2, target, options=options, replay=replay)
 
 
-def fused_hinge_call(input: Tensor, target: Tensor, options: ElementOptions, replay: Replay) -> Tensor:
+def fused_hinge_embedding_call(input: Tensor, target: Tensor, options: ElementOptions, replay: Replay) -> Tensor:
     """As :func:`fused_triplet_call`, for hinge_embedding_loss (input and target of one shape)."""
     native = native_module() if switches.native_enabled() else None
     if native is not None:
@@ -215,8 +215,8 @@ def fused_hinge_call(input: Tensor, target: Tensor, options: ElementOptions, rep
                                             _needs(input))
         if made is not None:
             loss, *grads = made
-            return fused_hinge.attach(native, loss, [input], grads, options.reduction == "none", replay)
-    return fused_hinge(input, target, options=options, replay=replay)
+            return fused_hinge_embedding.attach(native, loss, [input], grads, options.reduction == "none", replay)
+    return fused_hinge_embedding(input, target, options=options, replay=replay)
 
 
 def _scale(reduction: str, rows: int) -> float:
@@ -369,7 +369,7 @@ def _hinge_elements(x: Tensor, target: Tensor, options: ElementOptions, k: float
     return loss, g if k == 1.0 else g.mul_(k)
 
 
-def hinge_forward(input: Tensor, target: Tensor, *, options: ElementOptions,
+def hinge_embedding_forward(input: Tensor, target: Tensor, *, options: ElementOptions,
                   needs: tuple[bool, ...]) -> tuple[Tensor, tuple[Tensor | None]]:
     """(the loss reduced, (d/d input,)), in the input's dtype."""
     compute, out = result_dtypes(input)
@@ -387,12 +387,12 @@ fused_ranking = FusedOp(
     unreduced="elements",
 )
 
-fused_hinge = FusedOp(
+fused_hinge_embedding = FusedOp(
     "hinge_embedding",
     tensors=("input", "target"),
     differentiable=1,
     options=ElementOptions,
-    forward=hinge_forward,
+    forward=hinge_embedding_forward,
     unreduced="elements",
 )
 

@@ -110,22 +110,19 @@ at::Tensor distance(const at::Tensor& x1, const at::Tensor& x2, double p, double
 }
 
 // triplet_margin_loss: max(d(a, p) - d(a, n) + margin, 0); with swap, d(a, n) becomes
-// min(d(a, n), d(p, n)). ``promote``: computed in result_dtypes' type and cast back, as
+// min(d(a, n), d(p, n)); computed in result_dtypes' type and cast back, as
 // triplet_margin_loss and triplet_margin_with_distance_loss with its default distance do
-// (p = 2, eps = 1e-6); without it, in the inputs' own types.
+// (p = 2, eps = 1e-6).
 at::Tensor triplet_margin(const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
-                          double margin, double p, double eps, bool swap, const std::string& reduction,
-                          bool promote) {
+                          double margin, double p, double eps, bool swap, const std::string& reduction) {
   at::ScalarType out = at::promote_types(at::promote_types(anchor.scalar_type(), positive.scalar_type()),
                                          negative.scalar_type());
   const auto compute = compute_type({out});
-  at::Tensor a = promote ? anchor.to(compute) : anchor, pos = promote ? positive.to(compute) : positive,
-             neg = promote ? negative.to(compute) : negative;
+  at::Tensor a = anchor.to(compute), pos = positive.to(compute), neg = negative.to(compute);
   at::Tensor dist_pos = distance(a, pos, p, eps);
   at::Tensor dist_neg = distance(a, neg, p, eps);
   if (swap) dist_neg = at::minimum(dist_neg, distance(pos, neg, p, eps));
-  at::Tensor loss = reduce(dist_pos.add(margin).sub(dist_neg).clamp_min(0), reduction);
-  return promote ? loss.to(out) : loss;
+  return reduce(dist_pos.add(margin).sub(dist_neg).clamp_min(0), reduction).to(out);
 }
 
 }  // namespace
@@ -453,7 +450,7 @@ py::object fused_margin_ranking(const at::Tensor& input1, const at::Tensor& inpu
   return loss_and_grads(loss, grads);
 }
 
-// hinge_forward(input, target, options=ElementOptions(margin, reduction), needs) ->
+// hinge_embedding_forward(input, target, options=ElementOptions(margin, reduction), needs) ->
 // (loss, d input), or None (not served).
 py::object fused_hinge_embedding(const at::Tensor& input, const at::Tensor& target, double margin,
                                  const std::string& reduction, int64_t block, const std::vector<bool>& needs) {
@@ -486,7 +483,7 @@ void register_embedding(pybind11::module& m) {
   m.def("triplet_margin", &triplet_margin, "triplet_margin_loss, the Python form's ops (eager CPU)");
   m.def("fused_triplet_margin", &fused_triplet_margin, "kernels/embedding.py triplet_forward on blocks of rows");
   m.def("fused_margin_ranking", &fused_margin_ranking, "kernels/embedding.py ranking_forward on blocks of elements");
-  m.def("fused_hinge_embedding", &fused_hinge_embedding, "kernels/embedding.py hinge_forward on blocks of elements");
+  m.def("fused_hinge_embedding", &fused_hinge_embedding, "kernels/embedding.py hinge_embedding_forward on blocks of elements");
   m.def("fused_cosine_embedding", &fused_cosine_embedding, "kernels/embedding.py cosine_forward on blocks of rows");
 }
 LOSSKIT_REGISTER(register_embedding)

@@ -17,6 +17,8 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_cpp_function.h>
 
+#include <mutex>
+
 namespace py = pybind11;
 using torch::autograd::Node;
 using torch::autograd::variable_list;
@@ -60,23 +62,31 @@ class PrecomputedBackward : public Node {
 
   std::string name() const override { return name_; }
   const std::vector<at::Tensor>& held() const { return grads_; }
-  void release_variables() override { grads_.clear(); }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(lock_);
+    grads_.clear();
+  }
 
   variable_list apply(variable_list&& grad_outputs) override {
     const at::Tensor& grad_output = grad_outputs[0];
-    if (at::GradMode::is_enabled() || grads_.empty()) {
+    variable_list grads;
+    if (!at::GradMode::is_enabled()) {
+      // Handed out once: two threads running backward through one retained graph take
+      // them in turn, and the second finds them gone and replays.
+      std::lock_guard<std::mutex> lock(lock_);
+      grads = std::move(grads_);
+      grads_.clear();
+    }
+    if (grads.empty()) {
       TORCH_CHECK(replay_handler != nullptr,
                   "losskit: a backward to replay, but no replay handler is set (losskit.kernels.fused_op.native_module "
                   "sets it when it loads this module)");
       py::gil_scoped_acquire gil;
       auto replayed = (*replay_handler)(name_, replay_, grad_output, at::GradMode::is_enabled())
                           .cast<std::vector<std::optional<at::Tensor>>>();
-      variable_list grads;
       for (auto& grad : replayed) grads.push_back(grad.has_value() ? *grad : at::Tensor());
       return grads;
     }
-    variable_list grads = std::move(grads_);
-    grads_.clear();
     // A scalar grad_output of exactly 1 (loss.backward()) leaves the buffers as they are;
     // reading it is free on the CPU only (elsewhere it would wait for the device).
     if (per_row_ || !grad_output.is_cpu() || grad_output.numel() != 1 || !is_one(grad_output)) {
@@ -97,6 +107,7 @@ class PrecomputedBackward : public Node {
 
  private:
   std::string name_;
+  std::mutex lock_;
   std::vector<at::Tensor> grads_;
   bool per_row_;
   bool derive_first_;

@@ -231,7 +231,8 @@ bool topk_check(const at::Tensor& ids_in, const at::Tensor& logps_in, const std:
                 int64_t num_classes, double slack) {
   if (!ids_in.is_cpu() || !logps_in.is_cpu() || ids_in.scalar_type() != at::kLong || ids_in.dim() != 2 ||
       logps_in.sizes() != ids_in.sizes() || !at::isFloatingType(logps_in.scalar_type()) ||
-      (valid_in.has_value() && (!valid_in->is_cpu() || valid_in->scalar_type() != at::kBool))) {
+      (valid_in.has_value() && (!valid_in->is_cpu() || valid_in->scalar_type() != at::kBool ||
+                                valid_in->numel() != ids_in.size(0)))) {
     return false;
   }
   const at::Tensor ids = ids_in.contiguous(), logps = logps_in.contiguous();
