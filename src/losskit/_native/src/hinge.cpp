@@ -28,6 +28,9 @@ namespace py = pybind11;
 
 namespace {
 
+// The most elements of a half-type call served here (see hinge_forward).
+constexpr int64_t kLargestHalf = 1 << 16;
+
 template <typename scalar_t>
 inline float rounded(float v) {
   return static_cast<float>(static_cast<scalar_t>(v));
@@ -97,10 +100,11 @@ py::object hinge_forward(const at::Tensor& input, const at::Tensor& target, bool
   // Strided inputs: the Python form's row means would add each row in another order.
   if (!input.is_contiguous() || !target.is_contiguous()) return py::none();
   const at::ScalarType dtype = input.scalar_type();
-  // float32 only: a half type's every op rounded to it element by element (the Python
-  // form's bits) takes a scalar conversion per op here, slower than ATen's vectorised ops
-  // of the Python form, which serves them.
-  if (dtype != at::kFloat) return py::none();
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return py::none();
+  // A half type's every op rounded to it element by element (the Python form's bits) takes
+  // a scalar conversion per op here: past a small batch the Python form's vectorised ATen
+  // ops are faster, and serve it.
+  if (dtype != at::kFloat && input.numel() > kLargestHalf) return py::none();
   const bool want = !needs.empty() && needs[0];
   at::Tensor rows, grad;
   {

@@ -571,10 +571,11 @@ std::pair<at::Tensor, at::Tensor> info_rows(const std::string& kind_name, const 
   // Strided inputs: the Python form's row sums would add each row in another order.
   if (!p.is_contiguous() || !q.is_contiguous()) return {};
   const at::ScalarType dtype = p.scalar_type();
-  // float32 and float64: a half type's every op rounded to it element by element (the
-  // Python form's bits) takes scalar conversions here, slower than the Python form's ATen
-  // ops, which serve it.
-  if (dtype != at::kFloat && dtype != at::kDouble) return {};
+  if (dtype != at::kFloat && dtype != at::kDouble && dtype != at::kBFloat16 && dtype != at::kHalf) return {};
+  // A half type's every op rounded to it element by element (the Python form's bits) takes
+  // scalar conversions here: past a small batch the Python form's ATen ops are faster, and
+  // serve it.
+  if ((dtype == at::kBFloat16 || dtype == at::kHalf) && p.numel() > (1 << 16)) return {};
   at::Tensor pc = p.contiguous(), qc = q.contiguous();
   const int64_t n = pc.size(-1), rows = pc.numel() / n;
   at::Tensor terms = kind == InfoKind::kCrossEntropy ? at::log(qc)
