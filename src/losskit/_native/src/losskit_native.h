@@ -9,6 +9,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
@@ -34,6 +35,18 @@ at::Tensor attach_precomputed(std::string name, at::Tensor loss, const std::vect
 // losskit.kernels.fused_op._replay_for_native turns into a Replay only then.
 at::Tensor attach_one(const pybind11::object& node, at::Tensor loss, const at::Tensor& input, const at::Tensor& grad,
                       bool per_row);
+
+// kernels/linear_distillation.py's _reduce_rows: the rows as they are ('none'), their sum, or
+// their mean over the ``n`` rows, or over the rows ``valid`` counts (at least one).
+inline at::Tensor reduce_counted_rows(const at::Tensor& rows, const std::optional<at::Tensor>& valid,
+                                      const std::string& reduction, int64_t n) {
+  if (reduction == "none") return rows;
+  at::Tensor total = rows.sum();
+  if (reduction == "sum") return total;
+  if (!valid.has_value()) return at::div(total, static_cast<double>(std::max<int64_t>(n, 1)));
+  at::Tensor count = valid->sum().clamp_min(1);
+  return at::div(total, count.scalar_type() == total.scalar_type() ? count : count.to(total.scalar_type()));
+}
 
 struct Register {
   explicit Register(Registrar registrar) { registrars().push_back(registrar); }

@@ -263,19 +263,7 @@ py::object distillation(const at::Tensor& student, const at::Tensor& teacher, co
         }
       }
     }
-    // reduce_rows
-    if (reduction == "none") {
-      loss = losses;
-    } else {
-      at::Tensor total = losses.sum();
-      if (reduction == "sum") {
-        loss = total;
-      } else if (!valid.has_value()) {
-        loss = at::div(total, static_cast<double>(std::max<int64_t>(n, 1)));
-      } else {
-        loss = at::div(total, cast(valid->sum().clamp_min(1), total.scalar_type()));
-      }
-    }
+    loss = losskit::reduce_counted_rows(losses, valid, reduction, n);
     loss = cast(loss, out);
     if (grad.defined()) grad = cast(grad.reshape(student.sizes()), student.scalar_type());
   }

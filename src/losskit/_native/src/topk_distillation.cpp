@@ -155,19 +155,7 @@ py::object topk_distillation(const at::Tensor& student, const at::Tensor& ids_in
       rows = at::add(rows, at::mul(hard_rows, w_hard));
     }
     if (valid.has_value()) rows = at::where(*valid, rows, 0.0);
-    // reduce_rows
-    if (reduction == "none") {
-      loss = rows;
-    } else {
-      at::Tensor total = rows.sum();
-      if (reduction == "sum") {
-        loss = total;
-      } else if (!valid.has_value()) {
-        loss = at::div(total, static_cast<double>(std::max<int64_t>(n, 1)));
-      } else {
-        loss = at::div(total, cast(valid->sum().clamp_min(1), total.scalar_type()));
-      }
-    }
+    loss = losskit::reduce_counted_rows(rows, valid, reduction, n);
     loss = cast(loss, out);
     if (needs[0]) {
       // The row factor: a number (factor_v) or a column (factor).
