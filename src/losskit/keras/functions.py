@@ -120,8 +120,12 @@ def sparse_categorical_crossentropy_and_mask(
     of counted positions (all ignored gives 0); the class form needs it for the same.
     """
     fn = "sparse_categorical_crossentropy"
-    y_pred = torch.as_tensor(y_pred)
-    y_true = torch.as_tensor(y_true, device=y_pred.device)
+    # Tensors already (the everyday call) pass as they are: each as_tensor, movedim and
+    # long() below is a dispatch of several microseconds at a batch of 64.
+    if not isinstance(y_pred, Tensor):
+        y_pred = torch.as_tensor(y_pred)
+    if not isinstance(y_true, Tensor) or y_true.device != y_pred.device:
+        y_true = torch.as_tensor(y_true, device=y_pred.device)
     if y_true.dim() == y_pred.dim() and y_true.shape[axis] == 1:
         y_true = y_true.squeeze(axis)
     class_axis = axis % y_pred.dim()
@@ -133,8 +137,8 @@ def sparse_categorical_crossentropy_and_mask(
         valid = y_true != ignore_class
         y_true = torch.where(valid, y_true, 0)
         y_pred = torch.where(valid.unsqueeze(class_axis), y_pred, 0.0)
-    target = y_true.long()
-    logits_like = y_pred.movedim(class_axis, 1) if y_pred.dim() > 1 else y_pred
+    target = y_true if y_true.dtype == torch.int64 else y_true.long()
+    logits_like = y_pred.movedim(class_axis, 1) if y_pred.dim() > 1 and class_axis != 1 else y_pred
     if from_logits:
         loss = F.cross_entropy(logits_like, target, reduction="none")
     else:
