@@ -14,14 +14,15 @@ gradient with respect to u (minus it with respect to v):
     1 < p < inf   s = sign(x) |x|^(p - 1) / d^(p - 1), x = u - v + eps  (0 where d = 0)
     dp = -h s_ap      dn = h s_an      da = h (s_ap - s_an) = -(dp + dn)
 
-where all three want a gradient, in float32 or float64, forward makes dp and dn only and
-backward forms da = -(dp + dn) from them once scaled by grad_output (FusedOp's
-``derives_first``; at grad_output 1 the same bits as h s_ap - h s_an): the node keeps two
-``[N, D]`` gradients, as torch keeps its two distances' differences. Otherwise forward makes
-da = h s_ap - h s_an itself: at most two gradients are wanted, or a half type, whose
-gradients are rounded once from float32 (-(dp + dn) would add their two roundings; the
-node then keeps three half-type gradients, 1.5 times torch's two differences).
-with swap, d(a, n) becomes min(d(a, n), d(p, n)), whose gradient goes to the smaller of the
+where all three want a gradient, in one dtype, forward makes dp and dn only and backward
+forms da = -(dp + dn) from them once scaled by grad_output (FusedOp's ``derives_first``;
+at grad_output 1 in float32 the same bits as h s_ap - h s_an): the node keeps two ``[N, D]``
+gradients, as torch keeps its two distances' differences. In a half type da then carries
+the roundings of dp and dn (each rounded once from float32) and of their sum, as torch's
+own half-type da does, the sum of its two half-type gradients (FusedOp.derives). Where
+fewer than three want a gradient, forward makes da = h s_ap - h s_an itself.
+
+With swap, d(a, n) becomes min(d(a, n), d(p, n)), whose gradient goes to the smaller of the
 two (half to each at a tie, as torch's minimum): with w_an + w_pn = 1 those weights,
 
     da = h (s_ap - w_an s_an)   dp = -h (s_ap + w_pn s_pn)   dn = h (w_an s_an + w_pn s_pn)
@@ -65,16 +66,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._core import switches
 from .._core.dtypes import cast, result_dtypes
-from .fused_op import compiling, fused_may_serve, FusedOp, native_module, remembered_options, Replay
+from .fused_op import compiling, fused_may_serve, FusedOp, remembered_options, Replay
 
 # Rows longer than this leave a lone row's reduction to ATen's threads (a different
 # summation order), which the compiled blocks would not follow: ATen's GRAIN_SIZE.
 _LONGEST_ROW = 32767
-# Elements of one block of rows in the compiled form: a block's float32 temporaries (a
-# few of them) stay in a core's L2 cache.
-BLOCK_ELEMENTS = 16384
 
 
 @dataclass(frozen=True)
@@ -154,68 +151,28 @@ def fused_elements_apply(differentiable: tuple[Tensor, ...], others: tuple[Tenso
     )
 
 
-def _needs(*tensors: Tensor) -> list[bool]:
-    # Grad mode is on (fused_embedding_applies): a tensor wants a gradient exactly when it
-    # requires one, FusedOp's rule.
-    return [t.requires_grad for t in tensors]
-
-
+# The eager calls of functional/margin.py: FusedOp's call, which takes the compiled forward
+# (embedding.cpp) and the C++ node where they serve it, else the Python forward.
 def fused_triplet_call(anchor: Tensor, positive: Tensor, negative: Tensor, options: TripletOptions,
                        replay: Replay) -> Tensor:
-    """The fused loss of a call :func:`fused_embedding_applies` accepts (with
-    :func:`triplet_p_served`), by the compiled forward and FusedOp's C++ node where they
-    serve it, else by FusedOp's Python forward."""
-    native = native_module() if switches.native_enabled() else None
-    if native is not None:
-        needs = _needs(anchor, positive, negative)
-        derived = fused_triplet.derives((anchor, positive, negative), options, needs)
-        if derived:
-            needs[0] = False  # da = -(dp + dn), formed in backward
-        made = native.fused_triplet_margin(anchor, positive, negative, options.margin, options.p, options.eps,
-                                           options.swap, options.reduction, BLOCK_ELEMENTS, needs)
-        if made is not None:
-            loss, *grads = made
-            return fused_triplet.attach(native, loss, [anchor, positive, negative], grads,
-                                        options.reduction == "none", replay, derived)
+    """The fused loss of a call :func:`fused_embedding_applies` accepts (with :func:`triplet_p_served`)."""
     return fused_triplet(anchor, positive, negative, options=options, replay=replay)
 
 
 def fused_cosine_call(input1: Tensor, input2: Tensor, target: Tensor, options: CosineOptions,
                       replay: Replay) -> Tensor:
     """As :func:`fused_triplet_call`, for cosine_embedding_loss (target ``[N]``)."""
-    native = native_module() if switches.native_enabled() else None
-    if native is not None:
-        made = native.fused_cosine_embedding(input1, input2, target, options.margin, options.reduction,
-                                             BLOCK_ELEMENTS, _needs(input1, input2))
-        if made is not None:
-            loss, *grads = made
-            return fused_cosine.attach(native, loss, [input1, input2], grads, options.reduction == "none", replay)
     return fused_cosine(input1, input2, target, options=options, replay=replay)
 
 
 def fused_ranking_call(input1: Tensor, input2: Tensor, target: Tensor, options: ElementOptions,
                        replay: Replay) -> Tensor:
     """As :func:`fused_triplet_call`, for margin_ranking_loss (all three of one shape)."""
-    native = native_module() if switches.native_enabled() else None
-    if native is not None:
-        made = native.fused_margin_ranking(input1, input2, target, options.margin, options.reduction, BLOCK_ELEMENTS,
-                                           _needs(input1, input2, target))
-        if made is not None:
-            loss, *grads = made
-            return fused_ranking.attach(native, loss, [input1, input2, target], grads, options.reduction == "none",
-                                        replay)
     return fused_ranking(input1, input2, target, options=options, replay=replay)
 
 
 def fused_hinge_embedding_call(input: Tensor, target: Tensor, options: ElementOptions, replay: Replay) -> Tensor:
     """As :func:`fused_triplet_call`, for hinge_embedding_loss (input and target of one shape)."""
-    native = native_module() if switches.native_enabled() else None
-    if native is not None:
-        made = native.fused_hinge_embedding(input, target, options.margin, options.reduction, BLOCK_ELEMENTS,
-                                            _needs(input))
-        if made is not None:
-            loss, *grads = made
-            return fused_hinge_embedding.attach(native, loss, [input], grads, options.reduction == "none", replay)
     return fused_hinge_embedding(input, target, options=options, replay=replay)
 
 
@@ -385,6 +342,7 @@ fused_ranking = FusedOp(
     options=ElementOptions,
     forward=ranking_forward,
     unreduced="elements",
+    native_forward="fused_margin_ranking",
 )
 
 fused_hinge_embedding = FusedOp(
@@ -394,6 +352,7 @@ fused_hinge_embedding = FusedOp(
     options=ElementOptions,
     forward=hinge_embedding_forward,
     unreduced="elements",
+    native_forward="fused_hinge_embedding",
 )
 
 fused_triplet = FusedOp(
@@ -403,6 +362,7 @@ fused_triplet = FusedOp(
     options=TripletOptions,
     forward=triplet_forward,
     unreduced="rows",
+    native_forward="fused_triplet_margin",
     # Without swap, da = -(dp + dn) (module docstring): formed in backward where all three
     # want a gradient, so the node keeps two gradients, as torch keeps two differences.
     derives_first=lambda options: not options.swap,
@@ -415,4 +375,5 @@ fused_cosine = FusedOp(
     options=CosineOptions,
     forward=cosine_forward,
     unreduced="rows",
+    native_forward="fused_cosine_embedding",
 )
