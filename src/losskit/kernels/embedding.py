@@ -232,12 +232,17 @@ def _triplet_rows(a: Tensor, pos: Tensor, neg: Tensor, options: TripletOptions, 
         tie = d_an.eq(d_pn).to(z.dtype).mul_(-0.5).add_(1)
         c_pn.mul_(h).mul_(tie.masked_fill(d_an.lt(d_pn), 0.0))
         c_an.mul_(tie.masked_fill_(d_an.gt(d_pn), 0.0))
+    # Without da (formed in backward, or not wanted) and without swap, dp = -h s_ap comes
+    # from the factor negated per row: x (-c) is -(x c) exactly, a pass over the block saved.
+    negated = not options.swap and not needs[0]
+    if negated:
+        c_ap.neg_()
     u = _direction(x_ap, p).mul_(c_ap.unsqueeze(1))
     v = _direction(x_an, p).mul_(c_an.unsqueeze(1))
     t = _direction(x_pn, p).mul_(c_pn.unsqueeze(1)) if options.swap else None
     da = torch.sub(u, v) if needs[0] else None
     dn = (v if t is None else v.add_(t)) if needs[2] else None
-    dp = (u.neg_() if t is None else u.add_(t).neg_()) if needs[1] else None
+    dp = (u if negated else u.neg_() if t is None else u.add_(t).neg_()) if needs[1] else None
     return loss, da, dp, dn
 
 

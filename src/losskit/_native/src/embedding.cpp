@@ -199,12 +199,14 @@ Rows triplet_rows(const at::Tensor& a, const at::Tensor& pos, const at::Tensor& 
     c_pn.mul_(h).mul_(tie.masked_fill(d_an.lt(d_pn), 0.0));
     c_an.mul_(tie.masked_fill_(d_an.gt(d_pn), 0.0));
   }
+  const bool negated = !swap && !needs[0];  // dp = x_ap (-c_ap): -(x c) exactly, a pass saved
+  if (negated) c_ap.neg_();
   at::Tensor u = direction(x_ap, p).mul_(c_ap.unsqueeze(1));
   at::Tensor v = direction(x_an, p).mul_(c_an.unsqueeze(1));
   at::Tensor t = swap ? direction(x_pn, p).mul_(c_pn.unsqueeze(1)) : at::Tensor();
   if (needs[0]) rows.grads[0] = at::sub(u, v);
   if (needs[2]) rows.grads[2] = t.defined() ? v.add_(t) : v;
-  if (needs[1]) rows.grads[1] = t.defined() ? u.add_(t).neg_() : u.neg_();
+  if (needs[1]) rows.grads[1] = negated ? u : t.defined() ? u.add_(t).neg_() : u.neg_();
   return rows;
 }
 

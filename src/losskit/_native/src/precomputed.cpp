@@ -13,7 +13,6 @@
 // a half type each sum is formed in float32 and rounded once, as ATen's add.
 #include "losskit_native.h"
 
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -115,22 +114,17 @@ class PrecomputedBackward : public Node {
   bool derive_first_;
   py::object replay_;
 
-  // fused_op.derived_first: the same bits. Two contiguous gradients of one shape and dtype
-  // (triplet_margin's dp and dn) in one pass, -(g1[i] + g2[i]): the sum formed in the
-  // dtype's op-math type (float32 for the half types, as ATen's add computes them) and
-  // rounded once, then negated exactly (rounding to nearest is symmetric, so negating
-  // before or after the rounding gives the same bits), as at::add(g1, g2).neg_() does in
-  // two passes (a pass over [N, D] saved).
+  // fused_op.derived_first: the same bits. Two contiguous float32/float64 gradients of one
+  // shape (triplet_margin's dp and dn) in one pass, -(g1[i] + g2[i]): the sum rounded, then
+  // negated exactly, as at::add(g1, g2).neg_() does in two (a pass over [N, D] saved). The
+  // half types take ATen's two passes, whose vectorised conversions to and from float32
+  // are several times faster than a scalar loop's (measured: 2.2 ms against 17 ms at
+  // 2048x1024 bfloat16, one thread).
   static at::Tensor derived_first(const variable_list& grads) {
     if (grads.size() == 3 && grads[1].is_cpu() && grads[1].is_contiguous() && grads[2].is_contiguous() &&
         grads[1].sizes() == grads[2].sizes() && grads[1].scalar_type() == grads[2].scalar_type()) {
-      switch (grads[1].scalar_type()) {
-        case at::kFloat: return negated_sum<float>(grads[1], grads[2]);
-        case at::kDouble: return negated_sum<double>(grads[1], grads[2]);
-        case at::kBFloat16: return negated_sum<at::BFloat16>(grads[1], grads[2]);
-        case at::kHalf: return negated_sum<at::Half>(grads[1], grads[2]);
-        default: break;
-      }
+      if (grads[1].scalar_type() == at::kFloat) return negated_sum<float>(grads[1], grads[2]);
+      if (grads[1].scalar_type() == at::kDouble) return negated_sum<double>(grads[1], grads[2]);
     }
     if (grads.size() == 2) return grads[1].neg();
     at::Tensor total = at::add(grads[1], grads[2]);
@@ -140,13 +134,12 @@ class PrecomputedBackward : public Node {
 
   template <typename T>
   static at::Tensor negated_sum(const at::Tensor& a, const at::Tensor& b) {
-    using acc = at::opmath_type<T>;
     at::Tensor out = at::empty_like(a, at::MemoryFormat::Contiguous);
     const T* x = a.const_data_ptr<T>();
     const T* y = b.const_data_ptr<T>();
     T* z = out.mutable_data_ptr<T>();
     at::parallel_for(0, a.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) z[i] = static_cast<T>(-(static_cast<acc>(x[i]) + static_cast<acc>(y[i])));
+      for (int64_t i = begin; i < end; ++i) z[i] = -(x[i] + y[i]);
     });
     return out;
   }
