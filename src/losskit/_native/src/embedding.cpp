@@ -146,9 +146,12 @@ namespace {
 at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
 constexpr int64_t kLongestRow = 32767;  // kernels/embedding.py _LONGEST_ROW
-// Elements of one block: a block's float32 temporaries (a few of them) stay in a core's L2
-// cache. The Python form takes whole tensors: the blocks give its bits (above).
-constexpr int64_t kBlockElements = 16384;
+// Elements of one block: a block runs some 35 ATen ops, a few microseconds each whatever
+// their size, so that blocks of 16384 elements (a float32 temporary in a core's L2) spent
+// most of their time in that (measured at 2048x1024, one thread: the triplet's forward
+// about twice as fast in blocks of 65536, its temporaries in L3; 131072 and 262144 no
+// faster, 524288 slower). The Python form takes whole tensors: the blocks give its bits.
+constexpr int64_t kBlockElements = 65536;
 
 // (||x||_p per row, the factor of its gradient): _distance.
 std::pair<at::Tensor, at::Tensor> norm_and_factor(const at::Tensor& x, double p) {
