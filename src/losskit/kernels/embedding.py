@@ -66,8 +66,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._core import switches
 from .._core.dtypes import cast, result_dtypes
-from .fused_op import compiling, fused_may_serve, FusedOp, remembered_options, Replay
+from .fused_op import compiling, fused_may_serve, FusedOp, native_module, remembered_options, Replay
 
 # Rows longer than this leave a lone row's reduction to ATen's threads (a different
 # summation order), which the compiled blocks would not follow: ATen's GRAIN_SIZE.
@@ -151,29 +152,49 @@ def fused_elements_apply(differentiable: tuple[Tensor, ...], others: tuple[Tenso
     )
 
 
-# The eager calls of functional/margin.py: FusedOp's call, which takes the compiled forward
-# (embedding.cpp) and the C++ node where they serve it, else the Python forward.
+def _eager_call(op: FusedOp, tensors: tuple[Tensor, ...], options, replay: Replay) -> Tensor:
+    """An eager call of functional/margin.py that wants a gradient: the compiled forward
+    (``op.native_forward``, embedding.cpp) with FusedOp's C++ node where they serve it, else
+    FusedOp's own call. That call does the same, with the generality these calls do not need
+    (compiling, no gradient, extras): about 9 microseconds more, measured on margin_ranking
+    at a batch of 64 (125 us against 116 us, of a 290 us forward and backward)."""
+    native = native_module() if switches.native_enabled() else None
+    if native is not None:
+        inputs = tensors[: op.n_diff]
+        # Grad mode is on (fused_embedding_applies, fused_elements_apply): a tensor wants a
+        # gradient exactly when it requires one, FusedOp's rule.
+        needs = [t.requires_grad for t in inputs]
+        derived = op.derives(tensors, options, needs)
+        if derived:
+            needs[0] = False  # formed in backward from the others (FusedOp.derives)
+        made = getattr(native, op.native_forward)(*tensors, *[getattr(options, f) for f in op.option_names], needs)
+        if made is not None:
+            loss, *grads = made
+            return op.attach(native, loss, inputs, grads, options.reduction == "none", replay, derived)
+    return op(*tensors, options=options, replay=replay)
+
+
 def fused_triplet_call(anchor: Tensor, positive: Tensor, negative: Tensor, options: TripletOptions,
                        replay: Replay) -> Tensor:
     """The fused loss of a call :func:`fused_embedding_applies` accepts (with :func:`triplet_p_served`)."""
-    return fused_triplet(anchor, positive, negative, options=options, replay=replay)
+    return _eager_call(fused_triplet, (anchor, positive, negative), options, replay)
 
 
 def fused_cosine_call(input1: Tensor, input2: Tensor, target: Tensor, options: CosineOptions,
                       replay: Replay) -> Tensor:
     """As :func:`fused_triplet_call`, for cosine_embedding_loss (target ``[N]``)."""
-    return fused_cosine(input1, input2, target, options=options, replay=replay)
+    return _eager_call(fused_cosine, (input1, input2, target), options, replay)
 
 
 def fused_ranking_call(input1: Tensor, input2: Tensor, target: Tensor, options: ElementOptions,
                        replay: Replay) -> Tensor:
     """As :func:`fused_triplet_call`, for margin_ranking_loss (all three of one shape)."""
-    return fused_ranking(input1, input2, target, options=options, replay=replay)
+    return _eager_call(fused_ranking, (input1, input2, target), options, replay)
 
 
 def fused_hinge_embedding_call(input: Tensor, target: Tensor, options: ElementOptions, replay: Replay) -> Tensor:
     """As :func:`fused_triplet_call`, for hinge_embedding_loss (input and target of one shape)."""
-    return fused_hinge_embedding(input, target, options=options, replay=replay)
+    return _eager_call(fused_hinge_embedding, (input, target), options, replay)
 
 
 def _scale(reduction: str, rows: int) -> float:
