@@ -113,8 +113,14 @@ def test_cosine_embedding(reduction, dtype, atol, rtol):
 @pytest.mark.parametrize("p, swap", [(2.0, False), (1.0, True), (3.0, False)])
 def test_triplet_margin(p, swap, reduction, dtype, atol, rtol):
     a, pos, neg = rand((6, 4), dtype), rand((6, 4), dtype), rand((6, 4), dtype)
+    # Without swap the anchor's gradient is -(dp + dn), summed from the two half-type
+    # gradients as torch's own half-type autograd sums its two (the node keeps two
+    # gradients, as torch keeps two differences): its error is the two gradients' errors
+    # at their size, not its own, so it gets their two tolerances. Ours against torch's own
+    # half-type error on the same inputs: tests/test_native_embedding_half.py.
+    grad_atol = 2 * atol if dtype in (torch.bfloat16, torch.float16) and not swap else None
     check_against_torch(LF.triplet_margin_loss, TF.triplet_margin_loss, a, pos, neg, margin=0.5, p=p, swap=swap,
-                        reduction=reduction, atol=atol, rtol=rtol)
+                        reduction=reduction, atol=atol, rtol=rtol, grad_atol=grad_atol)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

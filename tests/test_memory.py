@@ -90,23 +90,28 @@ def test_losskit_saves_no_more_than_torch(case):
     assert ours <= theirs + SLACK, f"{case.id}: losskit saves {ours} bytes for backward, torch {theirs}"
 
 
-def _moderate(name: str):
+def _moderate(name: str, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 512, generator=g, requires_grad=True)
+
+    def randn(*shape, requires_grad=False):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_(requires_grad)
+
+    x = randn(256, 512, requires_grad=True)
     if name in ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"):
-        return (x, torch.randn(256, 512, generator=g)), {}
+        return (x, randn(256, 512)), {}
     if name == "multi_margin_loss":
         return (x, torch.randint(0, 512, (256,), generator=g)), {}
     if name == "multilabel_margin_loss":
         target = torch.stack([torch.randperm(512, generator=g) for _ in range(256)])
         return (x, torch.where(torch.arange(512) < 40, target, -1)), {}
     if name == "margin_ranking_loss":
-        return (x, torch.randn(256, 512, generator=g), torch.randn(256, 512, generator=g).sign()), {}
+        return (x, randn(256, 512), randn(256, 512).sign()), {}
+    if name == "hinge_embedding_loss":
+        return (x, randn(256, 512).sign()), {}
     if name == "triplet_margin_loss":  # without swap (the catalog's case has it): two distances
-        return (x, *(torch.randn(256, 512, generator=g, requires_grad=True) for _ in range(2))), {}
+        return (x, *(randn(256, 512, requires_grad=True) for _ in range(2))), {}
     if name == "cosine_embedding_loss":
-        y = torch.randn(256, generator=g).sign()
-        return (x, torch.randn(256, 512, generator=g, requires_grad=True), y), {}
+        return (x, randn(256, 512, requires_grad=True), randn(256).sign()), {}
     assert name == "ctc_loss"
     lp = torch.randn(60, 8, 20, generator=g).log_softmax(2).requires_grad_()
     return (lp, torch.randint(1, 20, (8, 12), generator=g), [60] * 8, [12] * 8), {}
@@ -122,6 +127,20 @@ def test_saved_bytes_at_a_moderate_size(name, reduction):
     args, kwargs = _moderate(name)
     theirs = saved_bytes(getattr(TF, name), args, {**kwargs, "reduction": reduction})
     assert ours <= theirs + SLACK, f"{name}: losskit saves {ours} bytes for backward, torch {theirs}"
+
+
+@pytest.mark.parametrize("name", ["margin_ranking_loss", "hinge_embedding_loss", "triplet_margin_loss",
+                                  "cosine_embedding_loss"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_saved_bytes_of_the_embedding_losses_in_half_types(name, reduction, dtype):
+    # The fused embedding losses compute in float32 and keep their gradients in the inputs'
+    # half type: no more bytes than the half-type tensors torch's own graph saves
+    # (triplet_margin without swap: two gradients, da formed in backward, as torch's two
+    # differences).
+    ours = saved_bytes(getattr(LF, name), _moderate(name, dtype)[0], {"reduction": reduction})
+    theirs = saved_bytes(getattr(TF, name), _moderate(name, dtype)[0], {"reduction": reduction})
+    assert ours <= theirs + SLACK, f"{name} {dtype}: losskit saves {ours} bytes for backward, torch {theirs}"
 
 
 class LargestAllocation(TorchDispatchMode):

@@ -559,6 +559,8 @@ CHECKS_PROBS = "checks the inputs are probabilities that sum to 1 (checks mode '
 # to bfloat16: more accurate, and its passes move float32 instead of bfloat16 (at the large
 # size, memory-bound, that is what the bfloat16 ratio measures).
 F32_MATH = "bfloat16: computes in float32 and rounds the loss and gradient once (torch rounds each op to bfloat16)"
+# The fused triplet keeps two gradients for backward, as torch keeps two differences.
+TRIPLET = F32_MATH + "; without swap the anchor's gradient is formed in backward as minus the sum of the other two"
 # Where losskit deliberately computes more than the reference: loss name -> note.
 NOTES: dict[str, str] = {
     "functional.poisson_nll_loss": F32_MATH,
@@ -570,8 +572,8 @@ NOTES: dict[str, str] = {
     "functional.margin_ranking_loss": F32_MATH,
     "functional.hinge_embedding_loss": F32_MATH,
     "functional.cosine_embedding_loss": F32_MATH,
-    "functional.triplet_margin_loss": F32_MATH,
-    "functional.triplet_margin_with_distance_loss": F32_MATH,
+    "functional.triplet_margin_loss": TRIPLET,
+    "functional.triplet_margin_with_distance_loss": TRIPLET,
     "functional.cross_entropy": "checks the class indices on the host and looks at the first rows for probabilities "
                                 "given as logits (a warning; CPU eager only)",
     "functional.nll_loss": CHECKS_TARGETS,

@@ -151,8 +151,10 @@ def scale_by_grad_output(grads: Sequence[Tensor | None], grad_output: Tensor, pe
 def derived_first(grads: Sequence[Tensor | None]) -> Tensor:
     """The first gradient of a ``derives_first`` op from the others, already scaled by
     grad_output: -(g_1 + g_2 + ...), summed left to right and then negated (negation is
-    exact). The C++ node of :mod:`losskit._native` (precomputed.cpp) gives the same bits
-    (two float32 or float64 gradients in one pass: each sum rounded once, then negated)."""
+    exact). In a half type ATen's add forms each sum in float32 and rounds it once. The C++
+    node of :mod:`losskit._native` (precomputed.cpp) gives the same bits (two gradients of
+    one dtype in one pass: each sum formed in the dtype's op-math type, rounded once, then
+    negated)."""
     rest = list(grads[1:])
     if len(rest) == 1:
         return rest[0].neg()
@@ -255,16 +257,20 @@ class FusedOp:
     def derives(self, tensors: Sequence[Tensor | None], options: Any, needs: Sequence[bool]) -> bool:
         """Whether this call forms the first gradient in backward (:func:`derived_first`)
         rather than in forward: ``derives_first(options)``, every differentiable tensor
-        wants a gradient (else forward would make gradients nobody asked for) and all are
-        float32 or all float64 (the sum is formed in the others' dtype; in float16 or
-        bfloat16 it would add the roundings of the others to the first, where the kernel
-        rounds it once from float32: measured on triplet_margin, 8% of (6, 4) 'sum' calls
-        then leave tests/test_margin.py's 1% tolerance against float64). ``forward`` is
-        then asked for the others only: ``needs`` with its first entry False."""
+        wants a gradient (else forward would make gradients nobody asked for) and all have
+        one dtype (the sum is formed in it). ``forward`` is then asked for the others only:
+        ``needs`` with its first entry False.
+
+        In float16 or bfloat16 the first gradient then carries the roundings of the others
+        (each rounded once from float32 in forward) and of their sum, at the size of the
+        others rather than its own: where they nearly cancel, its relative error grows, as
+        torch's own does, whose half-type autograd sums the same two half-type gradients
+        (tests/test_native_embedding_half.py measures both against float64; ours is the
+        smaller). The node keeps one gradient fewer: as many bytes as torch keeps."""
         if self.n_diff < 2 or not all(needs) or not self.derives_first(options):
             return False
         first = tensors[0].dtype
-        return first in (torch.float32, torch.float64) and all(t.dtype == first for t in tensors[1: self.n_diff])
+        return all(t.dtype == first for t in tensors[1: self.n_diff])
 
     def __call__(self, *tensors: Tensor | None, options: Any, replay: Replay | None = None, **extras: Any) -> Tensor:
         """The loss; its gradients reach autograd as described in the module docstring.

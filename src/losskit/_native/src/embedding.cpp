@@ -146,6 +146,12 @@ namespace {
 at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
 constexpr int64_t kLongestRow = 32767;  // kernels/embedding.py _LONGEST_ROW
+// Elements of one block: a block runs some 35 ATen ops, a few microseconds each whatever
+// their size, so that blocks of 16384 elements (a float32 temporary in a core's L2) spent
+// most of their time in that (measured at 2048x1024, one thread: the triplet's forward
+// about twice as fast in blocks of 65536, its temporaries in L3; 131072 and 262144 no
+// faster, 524288 slower). The Python form takes whole tensors: the blocks give its bits.
+constexpr int64_t kBlockElements = 65536;
 
 // (||x||_p per row, the factor of its gradient): _distance.
 std::pair<at::Tensor, at::Tensor> norm_and_factor(const at::Tensor& x, double p) {
@@ -196,12 +202,14 @@ Rows triplet_rows(const at::Tensor& a, const at::Tensor& pos, const at::Tensor& 
     c_pn.mul_(h).mul_(tie.masked_fill(d_an.lt(d_pn), 0.0));
     c_an.mul_(tie.masked_fill_(d_an.gt(d_pn), 0.0));
   }
+  const bool negated = !swap && !needs[0];  // dp = x_ap (-c_ap): -(x c) exactly, a pass saved
+  if (negated) c_ap.neg_();
   at::Tensor u = direction(x_ap, p).mul_(c_ap.unsqueeze(1));
   at::Tensor v = direction(x_an, p).mul_(c_an.unsqueeze(1));
   at::Tensor t = swap ? direction(x_pn, p).mul_(c_pn.unsqueeze(1)) : at::Tensor();
   if (needs[0]) rows.grads[0] = at::sub(u, v);
   if (needs[2]) rows.grads[2] = t.defined() ? v.add_(t) : v;
-  if (needs[1]) rows.grads[1] = t.defined() ? u.add_(t).neg_() : u.neg_();
+  if (needs[1]) rows.grads[1] = negated ? u : t.defined() ? u.add_(t).neg_() : u.neg_();
   return rows;
 }
 
@@ -229,11 +237,6 @@ Rows cosine_rows(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& t
   return rows;
 }
 
-at::Tensor reduce_rows(const at::Tensor& rows, const std::string& reduction) {
-  if (reduction == "none") return rows;
-  return reduction == "mean" ? rows.mean() : rows.sum();
-}
-
 // Contiguous tensors only: a strided input gives the Python form's results the input's
 // strides, whose whole-tensor reductions need not follow the order of these blocks.
 bool rows_served(const std::vector<at::Tensor>& tensors) {
@@ -247,39 +250,56 @@ bool rows_served(const std::vector<at::Tensor>& tensors) {
   return true;
 }
 
-// The blocks: `rows_of(begin, end)` -> Rows of those rows in the compute dtype; the per-row
-// losses gathered, the gradients written into tensors of the inputs' dtypes.
+// The blocks: `units_of(begin, end)` -> Rows of units [begin, end) in the compute dtype, a
+// unit being a row of [N, D] inputs (the loss per row: `loss_shape` {N}) or an element of
+// the (flattened) inputs (the loss per element: `loss_shape` their shape); `per_block`
+// units at a time, split over torch's threads. The losses are gathered whole in the
+// compute dtype (their sum is the Python form's sum of the same tensor), the gradients
+// written into tensors of the inputs' dtypes and shapes.
 template <typename F>
 std::pair<at::Tensor, std::vector<at::Tensor>> by_blocks(const std::vector<at::Tensor>& inputs,
                                                          const std::vector<bool>& needs, at::ScalarType compute,
-                                                         int64_t block, F rows_of) {
-  const int64_t n = inputs[0].size(0), d = inputs[0].size(1);
-  const int64_t per_block = std::max<int64_t>(1, block / d);
+                                                         at::IntArrayRef loss_shape, int64_t units, int64_t per_block,
+                                                         F units_of) {
   std::vector<at::Tensor> grads(inputs.size());
-  if (n <= per_block) {  // one block: the whole-tensor form itself
-    Rows rows = rows_of(0, n);
+  if (units <= per_block) {  // one block: the whole-tensor form itself
+    Rows rows = units_of(0, units);
     for (size_t i = 0; i < inputs.size(); ++i) {
-      if (needs[i]) grads[i] = cast(rows.grads[i], inputs[i].scalar_type());
+      if (needs[i]) grads[i] = cast(rows.grads[i], inputs[i].scalar_type()).view(inputs[i].sizes());
     }
-    return {rows.loss, grads};
+    return {rows.loss.view(loss_shape), grads};
   }
-  at::Tensor loss = at::empty({n}, inputs[0].options().dtype(compute));
+  at::Tensor loss = at::empty(loss_shape, inputs[0].options().dtype(compute));
+  at::Tensor flat_loss = loss.view(-1);
+  std::vector<at::Tensor> flat(inputs.size());  // [units, the rest]
   for (size_t i = 0; i < inputs.size(); ++i) {
-    if (needs[i]) grads[i] = at::empty({n, d}, inputs[i].options());
+    if (needs[i]) {
+      grads[i] = at::empty(inputs[i].sizes(), inputs[i].options().memory_format(at::MemoryFormat::Contiguous));
+      flat[i] = grads[i].view({units, -1});
+    }
   }
-  const int64_t blocks = (n + per_block - 1) / per_block;
+  const int64_t blocks = (units + per_block - 1) / per_block;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     at::NoGradGuard no_grad;  // grad mode is per thread
     for (int64_t b = first; b < last; ++b) {
-      const int64_t begin = b * per_block, end = std::min(n, begin + per_block);
-      Rows rows = rows_of(begin, end);
-      loss.slice(0, begin, end).copy_(rows.loss);
+      const int64_t begin = b * per_block, end = std::min(units, begin + per_block);
+      Rows rows = units_of(begin, end);
+      flat_loss.slice(0, begin, end).copy_(rows.loss);
       for (size_t i = 0; i < inputs.size(); ++i) {
-        if (grads[i].defined()) grads[i].slice(0, begin, end).copy_(rows.grads[i]);
+        if (flat[i].defined()) flat[i].slice(0, begin, end).copy_(rows.grads[i].view({end - begin, -1}));
       }
     }
   });
   return {loss, grads};
+}
+
+// Rows of [N, D] inputs, about `kBlockElements` elements a block (at least one row).
+template <typename F>
+std::pair<at::Tensor, std::vector<at::Tensor>> by_row_blocks(const std::vector<at::Tensor>& inputs,
+                                                             const std::vector<bool>& needs, at::ScalarType compute,
+                                                             F rows_of) {
+  const int64_t n = inputs[0].size(0);
+  return by_blocks(inputs, needs, compute, {n}, n, std::max<int64_t>(1, kBlockElements / inputs[0].size(1)), rows_of);
 }
 
 py::object loss_and_grads(const at::Tensor& loss, const std::vector<at::Tensor>& grads) {
@@ -293,9 +313,9 @@ py::object loss_and_grads(const at::Tensor& loss, const std::vector<at::Tensor>&
 // reduction), needs) -> (loss, d anchor, d positive, d negative), or None (not served).
 py::object fused_triplet_margin(const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
                                 double margin, double p, double eps, bool swap, const std::string& reduction,
-                                int64_t block, const std::vector<bool>& needs) {
+                                const std::vector<bool>& needs) {
   const bool served = p >= 1.0 && std::isfinite(p) && rows_served({anchor, positive, negative});
-  if (needs.size() != 3 || block <= 0 || !served) return py::none();
+  if (needs.size() != 3 || !served) return py::none();
   at::Tensor loss;
   std::vector<at::Tensor> grads;
   {
@@ -309,8 +329,8 @@ py::object fused_triplet_margin(const at::Tensor& anchor, const at::Tensor& posi
       return triplet_rows(cast(anchor.slice(0, begin, end), compute), cast(positive.slice(0, begin, end), compute),
                           cast(negative.slice(0, begin, end), compute), margin, p, eps, swap, k, needs);
     };
-    std::tie(loss, grads) = by_blocks({anchor, positive, negative}, needs, compute, block, rows_of);
-    loss = cast(reduce_rows(loss, reduction), out);
+    std::tie(loss, grads) = by_row_blocks({anchor, positive, negative}, needs, compute, rows_of);
+    loss = cast(reduce(loss, reduction), out);
   }
   return loss_and_grads(loss, grads);
 }
@@ -318,11 +338,9 @@ py::object fused_triplet_margin(const at::Tensor& anchor, const at::Tensor& posi
 // cosine_forward(input1, input2, target, options=CosineOptions(margin, reduction), needs) ->
 // (loss, d input1, d input2), or None (not served).
 py::object fused_cosine_embedding(const at::Tensor& input1, const at::Tensor& input2, const at::Tensor& target,
-                                  double margin, const std::string& reduction, int64_t block,
-                                  const std::vector<bool>& needs) {
-  if (needs.size() != 2 || block <= 0 || !rows_served({input1, input2}) || !target.is_cpu() || target.dim() != 1 ||
-      !target.is_contiguous() ||
-      target.size(0) != input1.size(0)) {
+                                  double margin, const std::string& reduction, const std::vector<bool>& needs) {
+  if (needs.size() != 2 || !rows_served({input1, input2}) || !target.is_cpu() || target.dim() != 1 ||
+      !target.is_contiguous() || target.size(0) != input1.size(0)) {
     return py::none();
   }
   at::Tensor loss;
@@ -333,11 +351,11 @@ py::object fused_cosine_embedding(const at::Tensor& input1, const at::Tensor& in
     const at::ScalarType out = at::promote_types(input1.scalar_type(), input2.scalar_type());
     const at::ScalarType compute = compute_type({out});
     const double k = reduction == "mean" ? 1.0 / static_cast<double>(input1.size(0)) : 1.0;
-    std::tie(loss, grads) = by_blocks({input1, input2}, needs, compute, block, [&](int64_t begin, int64_t end) {
+    std::tie(loss, grads) = by_row_blocks({input1, input2}, needs, compute, [&](int64_t begin, int64_t end) {
       return cosine_rows(cast(input1.slice(0, begin, end), compute), cast(input2.slice(0, begin, end), compute),
                          target.slice(0, begin, end), margin, k, needs);
     });
-    loss = cast(reduce_rows(loss, reduction), out);
+    loss = cast(reduce(loss, reduction), out);
   }
   return loss_and_grads(loss, grads);
 }
@@ -374,47 +392,6 @@ Rows hinge_elements(const at::Tensor& x, const at::Tensor& target, double margin
   return rows;
 }
 
-// The element-wise blocks: `elements_of(begin, end)` -> Rows of those (flattened) elements;
-// the loss gathered whole in the compute dtype (its sum is the Python form's sum of the
-// same tensor), the gradients written into tensors of the inputs' dtypes and shapes.
-template <typename F>
-std::pair<at::Tensor, std::vector<at::Tensor>> by_element_blocks(const std::vector<at::Tensor>& inputs,
-                                                                 const std::vector<bool>& needs,
-                                                                 at::ScalarType compute, int64_t block,
-                                                                 F elements_of) {
-  const int64_t n = inputs[0].numel();
-  std::vector<at::Tensor> grads(inputs.size());
-  if (n <= block) {
-    Rows rows = elements_of(0, n);
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      if (needs[i]) grads[i] = cast(rows.grads[i], inputs[i].scalar_type()).view(inputs[i].sizes());
-    }
-    return {rows.loss.view(inputs[0].sizes()), grads};
-  }
-  at::Tensor loss = at::empty(inputs[0].sizes(), inputs[0].options().dtype(compute));
-  at::Tensor flat_loss = loss.view(-1);
-  std::vector<at::Tensor> flat(inputs.size());
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    if (needs[i]) {
-      grads[i] = at::empty(inputs[i].sizes(), inputs[i].options().memory_format(at::MemoryFormat::Contiguous));
-      flat[i] = grads[i].view(-1);
-    }
-  }
-  const int64_t blocks = (n + block - 1) / block;
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    at::NoGradGuard no_grad;  // grad mode is per thread
-    for (int64_t b = first; b < last; ++b) {
-      const int64_t begin = b * block, end = std::min(n, begin + block);
-      Rows rows = elements_of(begin, end);
-      flat_loss.slice(0, begin, end).copy_(rows.loss);
-      for (size_t i = 0; i < inputs.size(); ++i) {
-        if (flat[i].defined()) flat[i].slice(0, begin, end).copy_(rows.grads[i]);
-      }
-    }
-  });
-  return {loss, grads};
-}
-
 bool elements_served(const std::vector<at::Tensor>& tensors) {
   const at::Tensor& first = tensors[0];
   if (first.numel() == 0) return false;
@@ -427,9 +404,8 @@ bool elements_served(const std::vector<at::Tensor>& tensors) {
 // ranking_forward(input1, input2, target, options=ElementOptions(margin, reduction), needs)
 // -> (loss, d input1, d input2, d target), or None (not served).
 py::object fused_margin_ranking(const at::Tensor& input1, const at::Tensor& input2, const at::Tensor& target,
-                                double margin, const std::string& reduction, int64_t block,
-                                const std::vector<bool>& needs) {
-  if (needs.size() != 3 || block <= 0 || !elements_served({input1, input2, target})) return py::none();
+                                double margin, const std::string& reduction, const std::vector<bool>& needs) {
+  if (needs.size() != 3 || !elements_served({input1, input2, target})) return py::none();
   at::Tensor loss;
   std::vector<at::Tensor> grads;
   {
@@ -440,12 +416,12 @@ py::object fused_margin_ranking(const at::Tensor& input1, const at::Tensor& inpu
     const at::ScalarType compute = compute_type({out});
     const double k = reduction == "mean" ? 1.0 / static_cast<double>(input1.numel()) : 1.0;
     at::Tensor a = input1.reshape(-1), b = input2.reshape(-1), y = target.reshape(-1);
-    std::tie(loss, grads) = by_element_blocks({input1, input2, target}, needs, compute, block,
-                                              [&](int64_t begin, int64_t end) {
+    std::tie(loss, grads) = by_blocks({input1, input2, target}, needs, compute, input1.sizes(), input1.numel(),
+                                      kBlockElements, [&](int64_t begin, int64_t end) {
       return ranking_elements(cast(a.slice(0, begin, end), compute), cast(b.slice(0, begin, end), compute),
                               cast(y.slice(0, begin, end), compute), margin, k, needs);
     });
-    loss = cast(reduce_rows(loss, reduction), out);
+    loss = cast(reduce(loss, reduction), out);
   }
   return loss_and_grads(loss, grads);
 }
@@ -453,8 +429,8 @@ py::object fused_margin_ranking(const at::Tensor& input1, const at::Tensor& inpu
 // hinge_embedding_forward(input, target, options=ElementOptions(margin, reduction), needs) ->
 // (loss, d input), or None (not served).
 py::object fused_hinge_embedding(const at::Tensor& input, const at::Tensor& target, double margin,
-                                 const std::string& reduction, int64_t block, const std::vector<bool>& needs) {
-  if (needs.size() != 1 || block <= 0 || !elements_served({input, target})) return py::none();
+                                 const std::string& reduction, const std::vector<bool>& needs) {
+  if (needs.size() != 1 || !elements_served({input, target})) return py::none();
   at::Tensor loss;
   std::vector<at::Tensor> grads;
   {
@@ -464,10 +440,11 @@ py::object fused_hinge_embedding(const at::Tensor& input, const at::Tensor& targ
     const at::ScalarType compute = compute_type({out});
     const double k = reduction == "mean" ? 1.0 / static_cast<double>(input.numel()) : 1.0;
     at::Tensor x = input.reshape(-1), y = target.reshape(-1);
-    std::tie(loss, grads) = by_element_blocks({input}, needs, compute, block, [&](int64_t begin, int64_t end) {
+    std::tie(loss, grads) = by_blocks({input}, needs, compute, input.sizes(), input.numel(), kBlockElements,
+                                      [&](int64_t begin, int64_t end) {
       return hinge_elements(cast(x.slice(0, begin, end), compute), y.slice(0, begin, end), margin, k, needs);
     });
-    loss = cast(reduce_rows(loss, reduction), out);
+    loss = cast(reduce(loss, reduction), out);
   }
   return loss_and_grads(loss, grads);
 }

@@ -9,7 +9,8 @@
 //
 // A derived first gradient (fused_op.py's FusedOp.derives): the node keeps every gradient
 // but the first, which backward forms from the others once they are scaled, as
-// fused_op.derived_first does: -(g_1 + g_2 + ...), summed left to right, then negated.
+// fused_op.derived_first does: -(g_1 + g_2 + ...), summed left to right, then negated; in
+// a half type each sum is formed in float32 and rounded once, as ATen's add.
 #include "losskit_native.h"
 
 #include <ATen/Parallel.h>
@@ -115,7 +116,10 @@ class PrecomputedBackward : public Node {
 
   // fused_op.derived_first: the same bits. Two contiguous float32/float64 gradients of one
   // shape (triplet_margin's dp and dn) in one pass, -(g1[i] + g2[i]): the sum rounded, then
-  // negated exactly, as at::add(g1, g2).neg_() does in two (a pass over [N, D] saved).
+  // negated exactly, as at::add(g1, g2).neg_() does in two (a pass over [N, D] saved). The
+  // half types take ATen's two passes, whose vectorised conversions to and from float32
+  // are several times faster than a scalar loop's (measured: 2.2 ms against 17 ms at
+  // 2048x1024 bfloat16, one thread).
   static at::Tensor derived_first(const variable_list& grads) {
     if (grads.size() == 3 && grads[1].is_cpu() && grads[1].is_contiguous() && grads[2].is_contiguous() &&
         grads[1].sizes() == grads[2].sizes() && grads[1].scalar_type() == grads[2].scalar_type()) {
