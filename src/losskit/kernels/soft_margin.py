@@ -44,13 +44,15 @@ before it rounds, keeps.
 
 The compiled form (``losskit._native``'s soft_margin_forward and
 multilabel_soft_margin_forward, src/soft_margin.cpp) serves eager CPU calls on contiguous
-tensors of one dtype: it forms -|z| in one loop, calls ATen's exp and log1p on that
-float32 tensor of the same size as here (so the transcendental functions give the same
-bits: ATen's vectorised exp and log1p differ from std::exp and std::log1p), and forms the
-terms and gradients in a second loop with the roundings of this file's ops, in their order;
-the sums are ATen's, on the same float32 terms. Five passes over ``[N, C]`` where torch's
-composed multilabel form makes about ten forward and ten backward, each keeping an
-``[N, C]`` buffer.
+tensors of one dtype. Block by block (8192 elements, or whole rows of the multilabel
+input), it forms -|z| in a loop, calls ATen's exp and log1p on that float32 block (ATen's
+vectorised exp and log1p differ in bits from std::exp and std::log1p, so they are called,
+not rewritten; their vectorised loops give an element the same bits wherever it lies in a
+tensor, so a block gives this file's bits on the whole tensor), and forms the terms and
+gradients in a second loop with the roundings of this file's ops, in their order; the sums
+are ATen's, on the same whole float32 terms. Memory sees the inputs read twice and the terms
+and gradients written once (the block's temporaries stay in cache), where torch's composed
+multilabel form makes about ten ``[N, C]`` passes forward and ten backward.
 
 Memory for backward: one gradient per input that wants one (torch's soft_margin keeps
 the input and the target; its composed multilabel form several ``[N, C]`` buffers).

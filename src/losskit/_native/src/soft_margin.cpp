@@ -1,12 +1,14 @@
 // The compiled forms of the fused soft margin losses (losskit/kernels/soft_margin.py's
 // soft_margin_forward and multilabel_soft_margin_forward; the math is written out there).
 //
-// The Python forms are a dozen ATen passes over the logits; here there are five: one loop
-// writes -|z| into a float32 tensor (z = -y x, or x), ATen's exp_ and log1p run on it as
-// they run on the Python form's tensor of the same size and values (their vectorised
-// kernels give other bits than std::exp / std::log1p, so they are called, not rewritten),
-// and a second loop forms each element's term and gradients with the roundings of the
-// Python form's ops, in their order:
+// The Python forms are a dozen ATen passes over the logits; here, block by block (kBlock
+// elements, or whole rows of the multilabel input, the blocks shared among the threads), one
+// loop writes -|z| into a float32 block (z = -y x, or x), ATen's exp_ and log1p run on it
+// (their vectorised kernels give other bits than std::exp / std::log1p, so they are called,
+// not rewritten; they give an element the same bits wherever it lies in a tensor, the last
+// partial vector being loaded partially, so a block gets the Python form's bits on the whole
+// tensor), and a second loop forms each element's term and gradients with the roundings of
+// the Python form's ops, in their order:
 //
 //   soft_margin:   z = -(y x)               torch.mul(y, x).neg_()
 //                  term = max(z, 0) + L     z.clamp_min(0).add_(L)   (NaN kept)
@@ -32,6 +34,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ScalarOps.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -42,8 +45,9 @@ namespace py = pybind11;
 
 namespace {
 
-// Elements per task of the element-wise loops (no reduction crosses them).
-constexpr int64_t kGrain = 1 << 14;
+// Elements of a block: -|z|, e and L of a block (float32) stay in a core's cache between the
+// passes, so that memory sees the inputs read, the terms and gradients written, once each.
+constexpr int64_t kBlock = 1 << 13;
 
 bool served_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
@@ -65,28 +69,29 @@ py::object loss_and_grads(const at::Tensor& loss, const at::Tensor& gx, const at
   return py::make_tuple(loss, gx.defined() ? py::cast(gx) : py::none(), gy.defined() ? py::cast(gy) : py::none());
 }
 
-// e = exp(-|z|) in place of ``tail`` (which holds -|z|), and L = log1p(e): ATen's kernels on
-// a contiguous float32 tensor, as the Python form's _tail.
-at::Tensor exp_and_log1p(at::Tensor& tail) {
+// e = exp(-|z|) in place of ``tail`` (which holds -|z|), and L = log1p(e) into ``out``: ATen's
+// kernels on a contiguous float32 block. Their vectorised loops give each element the same
+// bits wherever it lies in the tensor (the last, partial vector is loaded partially, not
+// computed by the scalar function), so a block gives the Python form's bits on the whole
+// tensor (tests/test_fused_soft_margin.py, with blocks ending mid-vector).
+void exp_and_log1p(at::Tensor& tail, at::Tensor& out) {
   tail.exp_();
-  return at::log1p(tail);
+  at::log1p_out(out, tail);
 }
 
 template <typename scalar_t>
 void soft_margin_pass(const scalar_t* x, const scalar_t* y, const float* e, float* terms, scalar_t* gx,
                       scalar_t* gy, int64_t count, float neg_k) {
-  at::parallel_for(0, count, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float xv = static_cast<float>(x[i]), yv = static_cast<float>(y[i]);
-      const float z = -(yv * xv);
-      const float ev = e[i];
-      terms[i] = (z < 0.0f ? 0.0f : z) + terms[i];  // terms holds L
-      if (gx == nullptr && gy == nullptr) continue;
-      const float s = (z >= 0.0f ? 1.0f : ev) / (ev + 1.0f);
-      if (gx != nullptr) gx[i] = static_cast<scalar_t>((yv * s) * neg_k);
-      if (gy != nullptr) gy[i] = static_cast<scalar_t>((xv * s) * neg_k);
-    }
-  });
+  for (int64_t i = 0; i < count; ++i) {
+    const float xv = static_cast<float>(x[i]), yv = static_cast<float>(y[i]);
+    const float z = -(yv * xv);
+    const float ev = e[i];
+    terms[i] = (z < 0.0f ? 0.0f : z) + terms[i];  // terms holds L
+    if (gx == nullptr && gy == nullptr) continue;
+    const float s = (z >= 0.0f ? 1.0f : ev) / (ev + 1.0f);
+    if (gx != nullptr) gx[i] = static_cast<scalar_t>((yv * s) * neg_k);
+    if (gy != nullptr) gy[i] = static_cast<scalar_t>((xv * s) * neg_k);
+  }
 }
 
 // soft_margin_forward(input, target, options=SoftMarginOptions(reduction), needs) ->
@@ -100,7 +105,7 @@ py::object soft_margin_forward(const at::Tensor& input, const at::Tensor& target
     py::gil_scoped_release release;
     at::NoGradGuard no_grad;
     const int64_t count = input.numel();
-    at::Tensor tail = at::empty(input.sizes(), input.options().dtype(at::kFloat));
+    at::Tensor tail = at::empty({count}, input.options().dtype(at::kFloat));  // the terms
     if (want_x) gx = at::empty_like(input);
     if (want_y) gy = at::empty_like(target);
     // Python: mul_(-k) with k = 1 / n for 'mean', else 1: a double read as float.
@@ -109,51 +114,60 @@ py::object soft_margin_forward(const at::Tensor& input, const at::Tensor& target
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "losskit_soft_margin", [&] {
       const scalar_t* xp = input.const_data_ptr<scalar_t>();
       const scalar_t* yp = target.const_data_ptr<scalar_t>();
-      float* tp = tail.mutable_data_ptr<float>();
-      at::parallel_for(0, count, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const float z = -(static_cast<float>(yp[i]) * static_cast<float>(xp[i]));
-          tp[i] = -std::fabs(z);
+      scalar_t* gxp = want_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gyp = want_y ? gy.mutable_data_ptr<scalar_t>() : nullptr;
+      const int64_t blocks = (count + kBlock - 1) / kBlock;
+      at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+        at::NoGradGuard no_grad;  // grad mode is per thread
+        for (int64_t b = first; b < last; ++b) {
+          const int64_t begin = b * kBlock, size = std::min(count, begin + kBlock) - begin;
+          at::Tensor block = at::empty({size}, tail.options());
+          float* tp = block.mutable_data_ptr<float>();
+          for (int64_t i = 0; i < size; ++i) {
+            const float z = -(static_cast<float>(yp[begin + i]) * static_cast<float>(xp[begin + i]));
+            tp[i] = -std::fabs(z);
+          }
+          at::Tensor terms = tail.slice(0, begin, begin + size);
+          exp_and_log1p(block, terms);
+          soft_margin_pass<scalar_t>(xp + begin, yp + begin, tp, terms.mutable_data_ptr<float>(),
+                                     gxp == nullptr ? nullptr : gxp + begin, gyp == nullptr ? nullptr : gyp + begin,
+                                     size, neg_k);
         }
       });
-      at::Tensor terms = exp_and_log1p(tail);
-      soft_margin_pass<scalar_t>(xp, yp, tail.const_data_ptr<float>(), terms.mutable_data_ptr<float>(),
-                                 want_x ? gx.mutable_data_ptr<scalar_t>() : nullptr,
-                                 want_y ? gy.mutable_data_ptr<scalar_t>() : nullptr, count, neg_k);
-      loss = reduced(terms, reduction);
+      loss = reduced(reduction == "none" ? tail.view(input.sizes()) : tail, reduction);
     });
     if (loss.scalar_type() != input.scalar_type()) loss = loss.to(input.scalar_type());
   }
   return loss_and_grads(loss, gx, gy);
 }
 
+// Rows [first, last) of the multilabel terms and gradients; ``e``: their exp(-|x|), from the
+// block's first element; ``terms``: their L, replaced by the terms.
 template <typename scalar_t>
 void multilabel_pass(const scalar_t* x, const scalar_t* y, const scalar_t* w, int64_t w_row_stride,
-                     const float* e, float* terms, scalar_t* gx, scalar_t* gy, int64_t rows, int64_t classes,
-                     float k, float neg_k) {
-  const int64_t grain = std::max<int64_t>(1, kGrain / classes);
-  at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      const scalar_t* wr = w == nullptr ? nullptr : w + r * w_row_stride;
-      for (int64_t c = 0, i = r * classes; c < classes; ++c, ++i) {
-        const float xv = static_cast<float>(x[i]), yv = static_cast<float>(y[i]);
-        const float ev = e[i];
-        const bool positive = xv >= 0.0f;
-        const float not_y = 1.0f - yv;
-        float term = (positive ? not_y * xv : -(yv * xv)) + terms[i];  // terms holds L
-        const float wv = wr == nullptr ? 1.0f : static_cast<float>(wr[c]);
-        if (wr != nullptr) term = term * wv;
-        terms[i] = term;
-        if (gx != nullptr) {
-          const float a = positive ? 1.0f : ev, b = positive ? ev : 1.0f;
-          float g = (not_y * a - b * yv) / (ev + 1.0f);
-          if (wr != nullptr) g = g * wv;
-          gx[i] = static_cast<scalar_t>(g * k);
-        }
-        if (gy != nullptr) gy[i] = static_cast<scalar_t>((wr != nullptr ? xv * wv : xv) * neg_k);
+                     const float* e, float* terms, scalar_t* gx, scalar_t* gy, int64_t first, int64_t last,
+                     int64_t classes, float k, float neg_k) {
+  for (int64_t r = first; r < last; ++r) {
+    const scalar_t* wr = w == nullptr ? nullptr : w + r * w_row_stride;
+    for (int64_t c = 0, i = r * classes; c < classes; ++c, ++i) {
+      const int64_t j = i - first * classes;
+      const float xv = static_cast<float>(x[i]), yv = static_cast<float>(y[i]);
+      const float ev = e[j];
+      const bool positive = xv >= 0.0f;
+      const float not_y = 1.0f - yv;
+      float term = (positive ? not_y * xv : -(yv * xv)) + terms[i];  // terms holds L
+      const float wv = wr == nullptr ? 1.0f : static_cast<float>(wr[c]);
+      if (wr != nullptr) term = term * wv;
+      terms[i] = term;
+      if (gx != nullptr) {
+        const float a = positive ? 1.0f : ev, b = positive ? ev : 1.0f;
+        float g = (not_y * a - b * yv) / (ev + 1.0f);
+        if (wr != nullptr) g = g * wv;
+        gx[i] = static_cast<scalar_t>(g * k);
       }
+      if (gy != nullptr) gy[i] = static_cast<scalar_t>((wr != nullptr ? xv * wv : xv) * neg_k);
     }
-  });
+  }
 }
 
 // multilabel_soft_margin_forward(input, target, weight, options=SoftMarginOptions(reduction),
@@ -189,16 +203,27 @@ py::object multilabel_soft_margin_forward(const at::Tensor& input, const at::Ten
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "losskit_multilabel_soft_margin",
                                     [&] {
       const scalar_t* xp = input.const_data_ptr<scalar_t>();
-      float* tp = tail.mutable_data_ptr<float>();
-      at::parallel_for(0, rows * classes, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) tp[i] = -std::fabs(static_cast<float>(xp[i]));
+      const scalar_t* yp = target.const_data_ptr<scalar_t>();
+      const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gxp = want_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gyp = want_y ? gy.mutable_data_ptr<scalar_t>() : nullptr;
+      float* all = tail.mutable_data_ptr<float>();
+      const int64_t per_block = std::max<int64_t>(1, kBlock / classes);
+      const int64_t blocks = (rows + per_block - 1) / per_block;
+      at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t last_block) {
+        at::NoGradGuard no_grad;  // grad mode is per thread
+        for (int64_t b = first_block; b < last_block; ++b) {
+          const int64_t first = b * per_block, last = std::min(rows, first + per_block);
+          const int64_t begin = first * classes, size = (last - first) * classes;
+          at::Tensor block = at::empty({size}, tail.options());
+          float* tp = block.mutable_data_ptr<float>();
+          for (int64_t i = 0; i < size; ++i) tp[i] = -std::fabs(static_cast<float>(xp[begin + i]));
+          at::Tensor terms = tail.view({-1}).slice(0, begin, begin + size);
+          exp_and_log1p(block, terms);
+          multilabel_pass<scalar_t>(xp, yp, wp, w_row_stride, tp, all, gxp, gyp, first, last, classes, kf, neg_k);
+        }
       });
-      at::Tensor terms = exp_and_log1p(tail);
-      multilabel_pass<scalar_t>(xp, target.const_data_ptr<scalar_t>(),
-                                w.defined() ? w.const_data_ptr<scalar_t>() : nullptr, w_row_stride,
-                                tail.const_data_ptr<float>(), terms.mutable_data_ptr<float>(),
-                                want_x ? gx.mutable_data_ptr<scalar_t>() : nullptr,
-                                want_y ? gy.mutable_data_ptr<scalar_t>() : nullptr, rows, classes, kf, neg_k);
+      at::Tensor terms = tail;
       // Python's `/ classes` divides by a wrapped-number tensor: the same kernel here.
       at::Tensor per_row = terms.sum(-1).div(at::native::wrapped_scalar_tensor(at::Scalar(classes), terms.device()));
       loss = reduced(per_row, reduction);
