@@ -237,7 +237,7 @@ def multilabel_soft_margin_loss(
                 )
                 if made is not None:
                     return made
-        if fused_may_serve(input, target):
+        if fused_may_serve(input, target) and (weight is None or fused_may_serve(weight)):
             return fused_multilabel_soft_margin(
                 input, target, weight, options=soft_margin_options(reduction),
                 replay=Replay(fn, lambda x, y: _multilabel_soft_margin(x, y, weight, reduction, fn), [input, target]),
