@@ -24,7 +24,8 @@ from ..kernels.embedding import (
     triplet_options,
     triplet_p_served,
 )
-from ..kernels.fused_op import Replay, attach_precomputed, eager_native
+from ..kernels.fused_op import Replay, attach_precomputed, eager_native, fused_may_serve
+from ..kernels.soft_margin import fused_multilabel_soft_margin, fused_soft_margin, soft_margin_options
 
 __all__ = [
     "cosine_embedding_loss",
@@ -160,9 +161,26 @@ def soft_margin_loss(
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_floating(input, "input", fn)
     broadcast_shape(input, target, ("input", "target"), fn)
-    native = _composed_native(input, target)
-    if native is not None:
-        return native.soft_margin(input, target, reduction)
+    if input.shape == target.shape and input.numel() and target.is_floating_point():
+        # The loss and its gradients in one forward (kernels/soft_margin.py).
+        native = eager_native(input, target)
+        if native is not None:
+            want = torch.is_grad_enabled() and input.requires_grad
+            if not target.requires_grad or not torch.is_grad_enabled():
+                made = native.soft_margin_eager(
+                    input, target, reduction, want,
+                    (fused_soft_margin.node_name, fn, lambda x: _soft_margin(x, target, reduction)),
+                )
+                if made is not None:
+                    return made
+        if fused_may_serve(input, target):
+            return fused_soft_margin(input, target, options=soft_margin_options(reduction),
+                                     replay=Replay(fn, lambda x, y: _soft_margin(x, y, reduction), [input, target]))
+    return _soft_margin(input, target, reduction)
+
+
+def _soft_margin(input: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """The composed form of soft_margin_loss (validated inputs): the reference of the fused one."""
     # torch's kernel writes into a tensor like the input: the input's dtype, whatever the target's.
     compute, out = result_dtypes(input, target, result=(input,))
     return reduce_loss(F.softplus(-target.to(compute) * input.to(compute)), reduction).to(out)
@@ -205,9 +223,31 @@ def multilabel_soft_margin_loss(
     reduction = resolve_reduction(size_average, reduce, reduction)
     check_floating(input, "input", fn)
     shape = broadcast_shape(input, target, ("input", "target"), fn)
-    native = _composed_native(input, target, weight)
-    if native is not None and (weight is None or _trailing_broadcast(weight.shape, shape)):
-        return native.multilabel_soft_margin(input, target, weight, reduction)
+    if (input.dim() == 2 and input.shape == target.shape and input.numel() and target.is_floating_point()
+            and (weight is None or not weight.requires_grad and _trailing_broadcast(weight.shape, shape))):
+        # The loss and its gradients in one forward (kernels/soft_margin.py).
+        native = eager_native(input, target, weight)
+        if native is not None:
+            want = torch.is_grad_enabled() and input.requires_grad
+            if not target.requires_grad or not torch.is_grad_enabled():
+                made = native.multilabel_soft_margin_eager(
+                    input, target, weight, reduction, want,
+                    (fused_multilabel_soft_margin.node_name, fn,
+                     lambda x: _multilabel_soft_margin(x, target, weight, reduction, fn)),
+                )
+                if made is not None:
+                    return made
+        if fused_may_serve(input, target) and (weight is None or fused_may_serve(weight)):
+            return fused_multilabel_soft_margin(
+                input, target, weight, options=soft_margin_options(reduction),
+                replay=Replay(fn, lambda x, y: _multilabel_soft_margin(x, y, weight, reduction, fn), [input, target]),
+            )
+    return _multilabel_soft_margin(input, target, weight, reduction, fn)
+
+
+def _multilabel_soft_margin(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str, fn: str) -> Tensor:
+    """The composed form of multilabel_soft_margin_loss (validated input and target): the
+    reference of the fused one."""
     compute, out = result_dtypes(input, target, weight)
     x, y = input.to(compute), target.to(compute)
     loss = -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x))
