@@ -1,6 +1,7 @@
-// The eager CPU forms of the composed margin and embedding losses (soft_margin,
-// multilabel_soft_margin, margin_ranking, hinge_embedding, cosine_embedding and
-// triplet_margin with the p-norm distance; see losskit/functional/margin.py).
+// The eager CPU forms of the composed margin and embedding losses (margin_ranking,
+// hinge_embedding, cosine_embedding and triplet_margin with the p-norm distance; see
+// losskit/functional/margin.py). soft_margin and multilabel_soft_margin are fused ops of
+// their own (soft_margin.cpp).
 //
 // Each is the Python form's ATen op sequence, op for op, called from C++ with autograd
 // recording as usual: the same ops on the same tensors build the same graph, so the loss,
@@ -16,7 +17,6 @@
 #include "losskit_native.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/ScalarOps.h>
 
 #include <algorithm>
 #include <cmath>
@@ -41,29 +41,6 @@ at::Tensor reduce(const at::Tensor& loss, const std::string& reduction) {
   if (reduction == "sum") return loss.sum();
   if (reduction == "mean") return loss.mean();
   return loss;
-}
-
-// soft_margin_loss: softplus(-y x), the result in the input's dtype.
-at::Tensor soft_margin(const at::Tensor& input, const at::Tensor& target, const std::string& reduction) {
-  const auto compute = compute_type({input.scalar_type(), target.scalar_type()});
-  at::Tensor z = target.to(compute).neg().mul(input.to(compute));
-  return reduce(at::softplus(z, 1, 20), reduction).to(input.scalar_type());
-}
-
-// multilabel_soft_margin_loss: -(y log sigmoid(x) + (1 - y) log sigmoid(-x)), times the
-// weight, summed over the last dimension and divided by its length.
-at::Tensor multilabel_soft_margin(const at::Tensor& input, const at::Tensor& target,
-                                  const std::optional<at::Tensor>& weight, const std::string& reduction) {
-  at::ScalarType compute = at::promote_types(input.scalar_type(), target.scalar_type());
-  if (weight.has_value()) compute = at::promote_types(compute, weight->scalar_type());
-  const at::ScalarType out = compute;
-  if (compute == at::kHalf || compute == at::kBFloat16) compute = at::kFloat;
-  at::Tensor x = input.to(compute), y = target.to(compute);
-  at::Tensor loss = y.mul(at::log_sigmoid(x)).add(at::rsub(y, 1).mul(at::log_sigmoid(x.neg()))).neg();
-  if (weight.has_value()) loss = loss.mul(weight->to(compute));
-  // Python's `/ C` divides by a wrapped-number tensor (div.Tensor, DivBackward0), not div.Scalar.
-  loss = loss.sum(-1).div(at::native::wrapped_scalar_tensor(at::Scalar(input.size(-1)), loss.device()));
-  return reduce(loss, reduction).to(out);
 }
 
 // margin_ranking_loss: max(0, (x2 - x1) y + margin).
@@ -452,8 +429,6 @@ py::object fused_hinge_embedding(const at::Tensor& input, const at::Tensor& targ
 }  // namespace
 
 void register_embedding(pybind11::module& m) {
-  m.def("soft_margin", &soft_margin, "soft_margin_loss, the Python form's ops (eager CPU)");
-  m.def("multilabel_soft_margin", &multilabel_soft_margin, "multilabel_soft_margin_loss, the Python form's ops");
   m.def("margin_ranking", &margin_ranking, "margin_ranking_loss, the Python form's ops (eager CPU)");
   m.def("hinge_embedding", &hinge_embedding, "hinge_embedding_loss, the Python form's ops (eager CPU)");
   m.def("cosine_embedding", &cosine_embedding, "cosine_embedding_loss, the Python form's ops (eager CPU)");
