@@ -1,16 +1,27 @@
-// Blocks of bfloat16 / float16 read as float and floats rounded back, in loops GCC vectorises
-// at the build's flags (-O2, no -march: SSE2 on x86_64, NEON on aarch64). c10's scalar
-// conversions (c10::BFloat16(float) and c10::Half(float)) take a branch per element (NaN) or
-// an intrinsic GCC will not put in a vector loop, so a loop that converts each element with
-// them runs one element at a time; ATen's own kernels convert whole vectors. These loops
-// give c10's bits:
+// Blocks of bfloat16 read as float and floats rounded back to bfloat16, in loops GCC
+// vectorises at the build's flags (-O2, no -march: SSE2 on x86_64, NEON on aarch64).
+// c10::BFloat16(float) takes a branch per element (NaN), so a loop that converts each
+// element with it runs one element at a time, where ATen's own kernels convert whole
+// vectors. These loops give c10's bits:
 //
 //   bfloat16 -> float   the 16 bits shifted left by 16 (exact)
 //   float -> bfloat16   round to nearest, ties to even: (u + 0x7FFF + bit 16 of u) >> 16,
 //                       and any NaN the quiet NaN 0x7FC0 (c10's round_to_nearest_even)
-//   float16 <-> float   c10's portable fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value
-//                       (IEEE round to nearest even by float scalings and integer masks,
-//                       without a branch), written out here so that they vectorise
+//
+// float16 is not served: c10's portable conversions (fp16_ieee_to_fp32_value /
+// fp16_ieee_from_fp32_value, float scalings and integer masks) written out branch-free give
+// c10's bits for every float16 value and every float pattern tried, and vectorise, but cost
+// three to four times bfloat16's: in the losses below they were slower than ATen's
+// kernels, which convert float16 with the CPU's F16C instructions, so float16 keeps its
+// former paths.
+//
+// GCC if-converts a float select (m < 0 ? 0 : m) in a loop, and so vectorises it, only
+// where a float comparison is assumed not to trap: LOSSKIT_HALF_LOOPS_BEGIN / _END put the
+// code between them under -fno-trapping-math (GCC only; clang vectorises these loops as they
+// are). That option changes no result: IEEE operations round the same, only the floating
+// point exception flags (which nothing here reads) may be raised differently. This header's
+// functions are compiled under it, and so must be the loops that inline them (GCC inlines
+// only between functions of matching options).
 //
 // Every loop runs over exactly kBlock elements (the vectoriser at -O2's cost model takes a
 // loop whose trip count is a multiple of the vector width, with no runtime alias check: the
@@ -23,11 +34,20 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define LOSSKIT_HALF_LOOPS_BEGIN _Pragma("GCC push_options") _Pragma("GCC optimize(\"no-trapping-math\")")
+#define LOSSKIT_HALF_LOOPS_END _Pragma("GCC pop_options")
+#else
+#define LOSSKIT_HALF_LOOPS_BEGIN
+#define LOSSKIT_HALF_LOOPS_END
+#endif
+
+LOSSKIT_HALF_LOOPS_BEGIN
 
 namespace losskit {
 namespace half_blocks {
@@ -35,8 +55,9 @@ namespace half_blocks {
 // Elements per block: 1 KiB of floats, a multiple of every vector width.
 constexpr int64_t kBlock = 256;
 
+// The types these blocks serve: bfloat16 (see above for float16).
 template <typename T>
-struct is_half : std::bool_constant<std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>> {};
+struct is_half : std::is_same<T, c10::BFloat16> {};
 
 // All ones where cond holds, else zero: a select by masks, which GCC keeps in a vector
 // loop where a ?: of two computed values may become a branch.
@@ -68,68 +89,30 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(select(mask_if(nan), UINT32_C(0x7FC0), rounded));
 }
 
-// c10::detail::fp16_ieee_to_fp32_value's portable form.
-inline float fp16_to_float(uint16_t h) {
-  const uint32_t w = static_cast<uint32_t>(h) << 16;
-  const uint32_t sign = w & UINT32_C(0x80000000);
-  const uint32_t two_w = w + w;
-  const float normalized = from_bits((two_w >> 4) + (UINT32_C(0xE0) << 23)) * from_bits(UINT32_C(0x7800000));  // 2^-112
-  const float denormalized = from_bits((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
-  // two_w < 2^27, unsigned: as signed after flipping the top bit (SSE2 compares signed).
-  const bool small = static_cast<int32_t>(two_w ^ UINT32_C(0x80000000)) < static_cast<int32_t>(UINT32_C(0x88000000));
-  return from_bits(sign | select(mask_if(small), to_bits(denormalized), to_bits(normalized)));
-}
-
-// c10::detail::fp16_ieee_from_fp32_value's portable form.
-inline uint16_t float_to_fp16(float f) {
-  const float scale_to_inf = from_bits(UINT32_C(239) << 23);  // 2^112
-  const float scale_to_zero = from_bits(UINT32_C(17) << 23);  // 2^-110
-  const uint32_t w = to_bits(f);
-  const float magnitude = from_bits(w & UINT32_C(0x7FFFFFFF));  // fabsf
-  float base = (magnitude * scale_to_inf) * scale_to_zero;
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & UINT32_C(0x80000000);
-  uint32_t bias = shl1_w & UINT32_C(0xFF000000);
-  // bias < 0x71000000 and shl1_w > 0xFF000000, unsigned, as signed compares after flipping the top bit
-  const int32_t flip = static_cast<int32_t>(UINT32_C(0x80000000));
-  bias = select(mask_if(static_cast<int32_t>(bias ^ flip) < static_cast<int32_t>(UINT32_C(0x71000000) ^ flip)),
-                UINT32_C(0x71000000), bias);
-  base = from_bits((bias >> 1) + UINT32_C(0x07800000)) + base;
-  const uint32_t bits = to_bits(base);
-  const uint32_t nonsign = ((bits >> 13) & UINT32_C(0x00007C00)) + (bits & UINT32_C(0x00000FFF));
-  const bool nan = static_cast<int32_t>(shl1_w ^ flip) > static_cast<int32_t>(UINT32_C(0xFF000000) ^ flip);
-  return static_cast<uint16_t>((sign >> 16) | select(mask_if(nan), UINT32_C(0x7E00), nonsign));
-}
-
+// The element conversions by type (bfloat16 only, see above).
 template <typename T>
 inline float to_float(uint16_t h) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return bf16_to_float(h);
-  } else {
-    return fp16_to_float(h);
-  }
+  static_assert(is_half<T>::value, "bfloat16");
+  return bf16_to_float(h);
 }
 
 template <typename T>
 inline uint16_t from_float(float f) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return float_to_bf16(f);
-  } else {
-    return float_to_fp16(f);
-  }
+  static_assert(is_half<T>::value, "bfloat16");
+  return float_to_bf16(f);
 }
 
 // ---- whole blocks ---------------------------------------------------------------------
 
-// The 16 bits of a half-type element (c10::BFloat16 and c10::Half hold exactly these).
+// The 16 bits of a bfloat16 element (c10::BFloat16 holds exactly these).
 template <typename T>
 inline const uint16_t* bits_of(const T* p) {
-  static_assert(is_half<T>::value && sizeof(T) == 2, "a half type");
+  static_assert(is_half<T>::value && sizeof(T) == 2, "bfloat16");
   return reinterpret_cast<const uint16_t*>(p);
 }
 template <typename T>
 inline uint16_t* bits_of(T* p) {
-  static_assert(is_half<T>::value && sizeof(T) == 2, "a half type");
+  static_assert(is_half<T>::value && sizeof(T) == 2, "bfloat16");
   return reinterpret_cast<uint16_t*>(p);
 }
 
@@ -178,3 +161,5 @@ inline void store(const float* __restrict src, int64_t count, T* dst) {
 
 }  // namespace half_blocks
 }  // namespace losskit
+
+LOSSKIT_HALF_LOOPS_END

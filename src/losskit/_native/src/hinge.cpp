@@ -18,10 +18,10 @@
 // passes -ffp-contract=off, so every product is rounded before the sum that follows it, as
 // ATen's element-wise kernels do.
 //
-// The half types go through half_blocks.h: blocks of kBlock elements whose conversions to
-// float and back (c10's bits) vectorise, so one pass serves every size (c10's per-element
-// conversion ran a scalar loop, slower than the Python form's vectorised ops past about
-// 2^16 elements).
+// bfloat16 goes through half_blocks.h: blocks of kBlock elements whose conversions to float
+// and back (c10's bits) vectorise, so one pass serves every size. float16 takes c10's
+// per-element conversions (a scalar loop), faster than the Python form's eight ATen passes
+// only up to about 2^16 elements (kLargestHalf): larger float16 calls are left to those.
 #include "losskit_native.h"
 
 #include <ATen/Parallel.h>
@@ -37,6 +37,9 @@ namespace py = pybind11;
 namespace {
 
 using losskit::half_blocks::kBlock;
+
+// The most elements of a float16 call served here (see hinge_forward).
+constexpr int64_t kLargestHalf = 1 << 16;
 
 template <typename scalar_t>
 inline float rounded(float v) {
@@ -60,7 +63,7 @@ bool all_binary(const scalar_t* t, int64_t n) {
     for (int64_t i = start; i < end; ++i) {
       float v;
       if constexpr (losskit::half_blocks::is_half<scalar_t>::value) {
-        v = losskit::half_blocks::to_float<scalar_t>(t[i].x);  // c10's conversion, without its branch
+        v = losskit::half_blocks::to_float<scalar_t>(t[i].x);  // c10's conversion, vectorised
       } else {
         v = static_cast<float>(t[i]);
       }
@@ -93,10 +96,11 @@ void hinge_pass(const scalar_t* x, const scalar_t* t, scalar_t* terms, scalar_t*
   });
 }
 
-// The half types: kBlock elements, the bits of the 16-bit values in and out, each op's float
+LOSSKIT_HALF_LOOPS_BEGIN
+// bfloat16: kBlock elements, the bits of the 16-bit values in and out, each op's float
 // result rounded to T as above (to_float(from_float(v))); a loop GCC vectorises whole.
 template <typename T, bool squared, bool binary>
-inline void hinge_half_block(const uint16_t* __restrict x, const uint16_t* __restrict t, uint16_t* __restrict terms,
+__attribute__((noinline)) void hinge_half_block(const uint16_t* __restrict x, const uint16_t* __restrict t, uint16_t* __restrict terms,
                              uint16_t* __restrict grad, float k) {
   using namespace losskit::half_blocks;
   for (int64_t i = 0; i < kBlock; ++i) {
@@ -140,6 +144,8 @@ void hinge_half_pass(const T* x, const T* t, T* terms, T* grad, int64_t count, f
   });
 }
 
+LOSSKIT_HALF_LOOPS_END
+
 template <typename scalar_t, bool squared>
 void hinge_pass(const scalar_t* x, const scalar_t* t, scalar_t* terms, scalar_t* grad, int64_t count, bool binary,
                 float k) {
@@ -166,6 +172,10 @@ py::object hinge_forward(const at::Tensor& input, const at::Tensor& target, bool
   if (!input.is_contiguous() || !target.is_contiguous()) return py::none();
   const at::ScalarType dtype = input.scalar_type();
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return py::none();
+  // float16's every op rounded to it element by element (the Python form's bits) takes a
+  // scalar conversion per op here: past a small batch the Python form's vectorised ATen ops
+  // are faster, and serve it.
+  if (dtype == at::kHalf && input.numel() > kLargestHalf) return py::none();
   const bool want = !needs.empty() && needs[0];
   at::Tensor rows, grad;
   {

@@ -80,16 +80,17 @@ std::pair<at::Tensor, at::Tensor> terms(at::Tensor e, const at::Tensor& w, const
   return {e.mul_(g), g};
 }
 
-// ---- the half types in one pass ---------------------------------------------------------
-// A bfloat16 / float16 input and target (and weight, of their dtype or float32) are computed
-// in float32 by the Python form: each chunk cast to float32, _terms' ops, the float32
+// ---- bfloat16 in one pass --------------------------------------------------------------
+// A bfloat16 input and target (and weight, bfloat16 or float32) are computed in float32 by
+// the Python form: each chunk cast to float32, _terms' ops, the float32
 // gradient cast to the input's dtype at the end. Here one pass over blocks of
 // half_blocks::kBlock elements reads the 16-bit values as floats, forms each element's error,
 // term and gradient by the same float32 operations in the same order (+, -, *, clamp and
 // sign are exactly rounded per operation, in a vector lane as in ATen's), and writes the
 // gradients rounded to the half type directly (the target's is its negation: exact). The
 // terms are written as float32 and summed by ATen's sum over the same chunks as the Python
-// form, so the loss has its bits too.
+// form, so the loss has its bits too. float16 keeps the ATen ops below (half_blocks.h says
+// why).
 //
 // One operation needs care: smooth_l1 / huber's e.sub_(c, alpha=0.5) is ATen's
 // fmadd(c, -0.5, e) in its vector kernels where the CPU capability has an FMA (AVX2, AVX512,
@@ -123,20 +124,21 @@ enum class HalfWeight { kNone, kSame, kFloat };
 
 struct HalfArgs {
   float lo = 0.0f, hi = 0.0f;  // -param and param, as ATen's float32 clamp reads them
-  float k = 1.0f;              // the factor, as ATen's float32 mul reads it
-  bool unit = true;            // Factor::unit: no multiplication by k (l1 / smooth_l1 / huber)
+  // The factor, as ATen's float32 mul reads it. Where the Python form skips the product
+  // (k == 1, Factor::unit) this multiplies by 1: exact, the same bits.
+  float k = 1.0f;
 };
 
+LOSSKIT_HALF_LOOPS_BEGIN
 // One block: float32 terms; the gradients' bits (the target's the negated input's).
 template <typename T, HalfKind kind, HalfWeight wk, bool fused>
-inline void regression_half_block(const uint16_t* __restrict x, const uint16_t* __restrict y,
+__attribute__((noinline)) void regression_half_block(const uint16_t* __restrict x, const uint16_t* __restrict y,
                                   const void* __restrict weight, float* __restrict terms_out,
                                   uint16_t* __restrict gi, uint16_t* __restrict gt, const HalfArgs& a) {
   using namespace losskit::half_blocks;
   const uint16_t* __restrict wh = static_cast<const uint16_t*>(weight);
   const float* __restrict wf = static_cast<const float*>(weight);
   const float k = a.k, lo = a.lo, hi = a.hi;
-  const bool unit = a.unit;
   for (int64_t i = 0; i < kBlock; ++i) {
     const float e = to_float<T>(x[i]) - to_float<T>(y[i]);
     float w = 1.0f;
@@ -162,7 +164,7 @@ inline void regression_half_block(const uint16_t* __restrict x, const uint16_t* 
         }
       }
       if constexpr (wk != HalfWeight::kNone) g = g * w;
-      g = unit ? g : g * k;
+      g = g * k;
       term = h * g;
     }
     terms_out[i] = term;
@@ -213,6 +215,8 @@ void regression_half_pass(const T* x, const T* y, const void* w, int64_t begin, 
   });
 }
 
+LOSSKIT_HALF_LOOPS_END
+
 template <typename T, HalfKind kind, HalfWeight wk>
 void regression_half_pass(bool fused, const T* x, const T* y, const void* w, int64_t begin, int64_t end, float* terms,
                           T* out_terms, T* gi, T* gt, const HalfArgs& a) {
@@ -239,14 +243,14 @@ void regression_half_pass(HalfWeight wk, bool fused, const T* x, const T* y, con
   }
 }
 
-// Whether the half path serves the call: input and target of one half type, one shape,
+// Whether the half path serves the call: input and target bfloat16, of one shape,
 // contiguous (the Python form's sums then add the same terms in the same order), the weight
 // absent or contiguous of that shape in the half type or float32; smooth_l1 / huber where
 // ATen's sub with alpha takes one form throughout.
 bool half_applies(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                   HalfKind kind) {
   const at::ScalarType dtype = input.scalar_type();
-  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  if (dtype != at::kBFloat16) return false;
   if (target.scalar_type() != dtype || !input.sizes().equals(target.sizes())) return false;
   if (!input.is_contiguous() || !target.is_contiguous()) return false;
   if (weight.has_value()) {
@@ -276,7 +280,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_half(const at::Tensor&
   // Python: clamp(e, -param, param) and mul by a Python float, on float32: each read as float.
   a.lo = static_cast<float>(-param);
   a.hi = static_cast<float>(param);
-  a.unit = k.unit();
   a.k = k.tensor.defined() ? k.tensor.item<float>() : static_cast<float>(k.value);
   const HalfWeight wk = !weight.has_value()               ? HalfWeight::kNone
                         : weight->scalar_type() == at::kFloat ? HalfWeight::kFloat
@@ -285,7 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_half(const at::Tensor&
   at::Tensor gi = want_input ? at::empty(input.sizes(), input.options()) : at::Tensor();
   at::Tensor gt = want_target ? at::empty(target.sizes(), target.options()) : at::Tensor();
   at::Tensor loss;
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(input.scalar_type(), "losskit_regression_half", [&] {
+  [&] {  // returns where the loss is made
+    using scalar_t = c10::BFloat16;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* y = target.const_data_ptr<scalar_t>();
     const void* w = weight.has_value() ? weight->const_data_ptr() : nullptr;
@@ -329,8 +333,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_half(const at::Tensor&
       partials.push_back(terms.slice(0, 0, end - start).sum());
     }
     loss = at::stack(partials).sum();
-  });
+  }();
   return {cast(loss, out), gi, gt};
+}
+
+// A test hook for half_blocks.h (tests/test_native_half.py): the float32 values of ``f``
+// rounded to bfloat16 by half_blocks' store and by c10::BFloat16(float), and those read back
+// as floats by half_blocks' load and by c10's conversion: (mine, c10's, mine back, c10's back).
+py::tuple bf16_blocks_check(const at::Tensor& f) {
+  using namespace losskit::half_blocks;
+  TORCH_CHECK(f.scalar_type() == at::kFloat && f.dim() == 1 && f.is_contiguous() && f.is_cpu(),
+              "a contiguous 1-d float32 CPU tensor");
+  const int64_t n = f.numel();
+  at::Tensor mine = at::empty({n}, f.options().dtype(at::kBFloat16)), theirs = at::empty_like(mine);
+  at::Tensor back = at::empty({n}, f.options()), their_back = at::empty_like(back);
+  const float* src = f.const_data_ptr<float>();
+  c10::BFloat16* m = mine.mutable_data_ptr<c10::BFloat16>();
+  c10::BFloat16* t = theirs.mutable_data_ptr<c10::BFloat16>();
+  for (int64_t start = 0; start < n; start += kBlock) {  // blocks and a short tail, as the losses
+    const int64_t size = std::min(kBlock, n - start);
+    alignas(64) float block[kBlock] = {};
+    std::memcpy(block, src + start, size * sizeof(float));
+    store<c10::BFloat16>(block, size, m + start);
+    load<c10::BFloat16>(m + start, size, block);
+    std::memcpy(back.mutable_data_ptr<float>() + start, block, size * sizeof(float));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    t[i] = c10::BFloat16(src[i]);
+    their_back.mutable_data_ptr<float>()[i] = static_cast<float>(t[i]);
+  }
+  return py::make_tuple(mine, theirs, back, their_back);
 }
 
 // pointwise_forward(input, target, weight, options=PointwiseOptions(kind, param, reduction,
@@ -986,6 +1018,7 @@ py::object row_divergence(const at::Tensor& input, const at::Tensor& target, con
 }  // namespace
 
 void register_pointwise(py::module& m) {
+  m.def("bf16_blocks_check", &bf16_blocks_check, "half_blocks.h's bfloat16 conversions beside c10's (a test hook)");
   m.def("pointwise_regression", &pointwise_regression,
         "the fused pointwise regression losses' forward (kernels/pointwise.py's pointwise_forward)");
   m.def("elementwise_loss", &elementwise_loss,
