@@ -561,6 +561,8 @@ CHECKS_PROBS = "checks the inputs are probabilities that sum to 1 (checks mode '
 F32_MATH = "bfloat16: computes in float32 and rounds the loss and gradient once (torch rounds each op to bfloat16)"
 # The fused triplet keeps two gradients for backward, as torch keeps two differences.
 TRIPLET = F32_MATH + "; without swap the anchor's gradient is formed in backward as minus the sum of the other two"
+HINGE_NOTE = ("accepts {0, 1} labels too, as Keras does: one read of the labels tests them before the one fused "
+              "pass, which rounds each op to bfloat16 as torch does")
 # Where losskit deliberately computes more than the reference: loss name -> note.
 NOTES: dict[str, str] = {
     "functional.poisson_nll_loss": F32_MATH,
@@ -594,8 +596,8 @@ NOTES: dict[str, str] = {
                           "near q (the written-out xlogy(p, p) - xlogy(p, q) cancels there)",
     "info.js_divergence": CHECKS_PROBS,
     "keras.sparse_categorical_crossentropy": CHECKS_TARGETS,
-    "keras.hinge": "accepts {0, 1} labels too, as Keras does: one read of the labels tests them before the fused pass",
-    "keras.squared_hinge": "accepts {0, 1} labels too, as Keras does: one read of the labels tests them before the fused pass",
+    "keras.hinge": HINGE_NOTE,
+    "keras.squared_hinge": HINGE_NOTE,
     "functional.linear_cross_entropy": "never forms the [N, C] logits: chunks over tokens (less memory)",
     "functional.linear_log_probs": "never forms the [N, C] logits: forms each chunk again in backward (less memory)",
     "functional.linear_log_probs_and_entropy": "never forms the [N, C] logits: forms each chunk again in backward",

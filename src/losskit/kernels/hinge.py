@@ -15,8 +15,11 @@ labels, the scores' product and the clamp's input).
 The 0/1 test is a 0-d tensor here (no host sync, no graph break); the compiled form
 (losskit._native's hinge_eager, src/hinge.cpp) reads the labels on the host, stopping at
 the first one that is neither 0 nor 1 (with -1/+1 labels, the first -1), then computes
-this file's ops element by element, with the same bits (tests/test_native_kinfo.py), in
-one pass over the scores instead of eight.
+this file's ops element by element, with the same bits (tests/test_native_kinfo.py,
+tests/test_native_half.py), in one pass over the scores instead of eight. It serves float32
+and bfloat16 at every size (bfloat16 read and rounded in vectorised blocks, src/half_blocks.h)
+and float16 up to 2^16 elements, past which this file's vectorised ATen ops are faster than
+its per-element float16 conversions.
 """
 
 from __future__ import annotations

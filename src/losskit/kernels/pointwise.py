@@ -18,7 +18,10 @@ input and target for backward instead). The gradient of the target is minus the 
 Eager calls only: under torch.compile inductor fuses the composed form by itself. The
 autograd and replay machinery comes from :class:`~losskit.kernels.fused_op.FusedOp`; the
 compiled form of :func:`pointwise_forward` (``losskit._native``'s pointwise_regression,
-src/pointwise.cpp) is this file's Python op for op, with the same bits. A small loss costs
+src/pointwise.cpp) is this file's Python op for op, with the same bits; for bfloat16 inputs
+it forms each element's error, term and gradient by the same float32 operations in one pass
+(src/half_blocks.h converts the blocks), writes the bfloat16 gradients directly and sums the
+float32 terms over the same chunks as here. A small loss costs
 what its Python costs, so :func:`fused_pointwise_call` takes that compiled form and
 FusedOp's C++ autograd node directly, without FusedOp's general call (tens of
 microseconds of Python at a batch of 64).

@@ -17,18 +17,28 @@
 // terms' mean along the last dimension by ATen's own mean, as in the Python form. The build
 // passes -ffp-contract=off, so every product is rounded before the sum that follows it, as
 // ATen's element-wise kernels do.
+//
+// bfloat16 goes through half_blocks.h: blocks of kBlock elements whose conversions to float
+// and back (c10's bits) vectorise, so one pass serves every size. float16 takes c10's
+// per-element conversions (a scalar loop), faster than the Python form's eight ATen passes
+// only up to about 2^16 elements (kLargestHalf): larger float16 calls are left to those.
 #include "losskit_native.h"
 
 #include <ATen/Parallel.h>
 
+#include "half_blocks.h"
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace py = pybind11;
 
 namespace {
 
-// The most elements of a half-type call served here (see hinge_forward).
+using losskit::half_blocks::kBlock;
+
+// The most elements of a float16 call served here (see hinge_forward).
 constexpr int64_t kLargestHalf = 1 << 16;
 
 template <typename scalar_t>
@@ -46,12 +56,17 @@ inline float rounded<float>(float v) {
 // the first block that holds another label: with -1 / +1 labels, the first.
 template <typename scalar_t>
 bool all_binary(const scalar_t* t, int64_t n) {
-  constexpr int64_t kBlock = 1024;
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t end = std::min(n, start + kBlock);
+  constexpr int64_t kLabels = 1024;
+  for (int64_t start = 0; start < n; start += kLabels) {
+    const int64_t end = std::min(n, start + kLabels);
     bool other = false;
     for (int64_t i = start; i < end; ++i) {
-      const float v = static_cast<float>(t[i]);
+      float v;
+      if constexpr (losskit::half_blocks::is_half<scalar_t>::value) {
+        v = losskit::half_blocks::to_float<scalar_t>(t[i].x);  // c10's conversion, vectorised
+      } else {
+        v = static_cast<float>(t[i]);
+      }
       other |= (v != 0.0f) & (v != 1.0f);
     }
     if (other) return false;
@@ -81,10 +96,66 @@ void hinge_pass(const scalar_t* x, const scalar_t* t, scalar_t* terms, scalar_t*
   });
 }
 
+LOSSKIT_HALF_LOOPS_BEGIN
+// bfloat16: kBlock elements, the bits of the 16-bit values in and out, each op's float
+// result rounded to T as above (to_float(from_float(v))); a loop GCC vectorises whole.
+template <typename T, bool squared, bool binary>
+__attribute__((noinline)) void hinge_half_block(const uint16_t* __restrict x, const uint16_t* __restrict t, uint16_t* __restrict terms,
+                             uint16_t* __restrict grad, float k) {
+  using namespace losskit::half_blocks;
+  for (int64_t i = 0; i < kBlock; ++i) {
+    float label = to_float<T>(t[i]);
+    if (binary) label = 2.0f * label - 1.0f;
+    const float p = to_float<T>(from_float<T>(label * to_float<T>(x[i])));
+    const float m = to_float<T>(from_float<T>(1.0f - p));
+    const float h = m < 0.0f ? 0.0f : m;
+    if (squared) {
+      terms[i] = from_float<T>(h * h);
+      grad[i] = from_float<T>(to_float<T>(from_float<T>(h * label)) * k);
+    } else {
+      terms[i] = from_float<T>(h);
+      grad[i] = from_float<T>((m >= 0.0f ? label : 0.0f) * k);
+    }
+  }
+}
+
+template <typename T, bool squared, bool binary>
+void hinge_half_pass(const T* x, const T* t, T* terms, T* grad, int64_t count, float k) {
+  using losskit::half_blocks::bits_of;
+  const int64_t blocks = (count + kBlock - 1) / kBlock;
+  // 64 blocks (16384 elements) a task, as the float32 pass's grain.
+  at::parallel_for(0, blocks, 64, [&](int64_t first, int64_t last) {
+    alignas(64) uint16_t spare[kBlock];  // the gradient of a call that wants none
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t start = b * kBlock, size = std::min(kBlock, count - start);
+      if (size == kBlock) {
+        hinge_half_block<T, squared, binary>(bits_of(x + start), bits_of(t + start), bits_of(terms + start),
+                                             grad != nullptr ? bits_of(grad + start) : spare, k);
+        continue;
+      }
+      // The last, short block, through zero-padded copies.
+      alignas(64) uint16_t xs[kBlock] = {}, ts[kBlock] = {}, hs[kBlock], gs[kBlock];
+      std::memcpy(xs, x + start, size * sizeof(uint16_t));
+      std::memcpy(ts, t + start, size * sizeof(uint16_t));
+      hinge_half_block<T, squared, binary>(xs, ts, hs, gs, k);
+      std::memcpy(static_cast<void*>(terms + start), hs, size * sizeof(uint16_t));
+      if (grad != nullptr) std::memcpy(static_cast<void*>(grad + start), gs, size * sizeof(uint16_t));
+    }
+  });
+}
+
+LOSSKIT_HALF_LOOPS_END
+
 template <typename scalar_t, bool squared>
 void hinge_pass(const scalar_t* x, const scalar_t* t, scalar_t* terms, scalar_t* grad, int64_t count, bool binary,
                 float k) {
-  if (binary) {
+  if constexpr (losskit::half_blocks::is_half<scalar_t>::value) {
+    if (binary) {
+      hinge_half_pass<scalar_t, squared, true>(x, t, terms, grad, count, k);
+    } else {
+      hinge_half_pass<scalar_t, squared, false>(x, t, terms, grad, count, k);
+    }
+  } else if (binary) {
     hinge_pass<scalar_t, squared, true>(x, t, terms, grad, count, k);
   } else {
     hinge_pass<scalar_t, squared, false>(x, t, terms, grad, count, k);
@@ -101,10 +172,10 @@ py::object hinge_forward(const at::Tensor& input, const at::Tensor& target, bool
   if (!input.is_contiguous() || !target.is_contiguous()) return py::none();
   const at::ScalarType dtype = input.scalar_type();
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return py::none();
-  // A half type's every op rounded to it element by element (the Python form's bits) takes
-  // a scalar conversion per op here: past a small batch the Python form's vectorised ATen
-  // ops are faster, and serve it.
-  if (dtype != at::kFloat && input.numel() > kLargestHalf) return py::none();
+  // float16's every op rounded to it element by element (the Python form's bits) takes a
+  // scalar conversion per op here: past a small batch the Python form's vectorised ATen ops
+  // are faster, and serve it.
+  if (dtype == at::kHalf && input.numel() > kLargestHalf) return py::none();
   const bool want = !needs.empty() && needs[0];
   at::Tensor rows, grad;
   {

@@ -15,9 +15,12 @@
 #include <ATen/ScalarOps.h>
 #include <c10/util/BFloat16-math.h>
 
+#include "half_blocks.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <stdexcept>
@@ -77,6 +80,291 @@ std::pair<at::Tensor, at::Tensor> terms(at::Tensor e, const at::Tensor& w, const
   return {e.mul_(g), g};
 }
 
+// ---- bfloat16 in one pass --------------------------------------------------------------
+// A bfloat16 input and target (and weight, bfloat16 or float32) are computed in float32 by
+// the Python form: each chunk cast to float32, _terms' ops, the float32
+// gradient cast to the input's dtype at the end. Here one pass over blocks of
+// half_blocks::kBlock elements reads the 16-bit values as floats, forms each element's error,
+// term and gradient by the same float32 operations in the same order (+, -, *, clamp and
+// sign are exactly rounded per operation, in a vector lane as in ATen's), and writes the
+// gradients rounded to the half type directly (the target's is its negation: exact). The
+// terms are written as float32 and summed by ATen's sum over the same chunks as the Python
+// form, so the loss has its bits too. float16 keeps the ATen ops below (half_blocks.h says
+// why).
+//
+// One operation needs care: smooth_l1 / huber's e.sub_(c, alpha=0.5) is ATen's
+// fmadd(c, -0.5, e) in its vector kernels where the CPU capability has an FMA (AVX2, AVX512,
+// NEON): one rounding of e - c / 2, which differs from e - round(c / 2) only where c / 2 is
+// inexact (c a denormal with its last bit set). Which form ATen takes is found once, by
+// running it (aten_sub_alpha); the fused form is computed here in double, where e - c / 2
+// of two floats is exact or rounded with 53 bits, so that rounding to float rounds once (53
+// >= 2 * 24 + 2: double rounding of a sum is innocuous). Should ATen mix the forms across
+// one tensor, the half path declines these two losses.
+enum class SubAlpha { kFused, kSeparate, kMixed };
+
+SubAlpha aten_sub_alpha() {
+  static const SubAlpha found = [] {
+    // e = c = 3 * 2^-149: fused, round(1.5 * 2^-149) = 2 * 2^-149 (ties to even); separate,
+    // 3 * 2^-149 - round(1.5 * 2^-149) = 2^-149. 71 elements: a vector body and a tail.
+    at::NoGradGuard no_grad;
+    at::Tensor e = at::full({71}, losskit::half_blocks::from_bits(3), at::TensorOptions().dtype(at::kFloat));
+    at::Tensor r = at::sub(e, e, 0.5).view(at::kInt);
+    const int64_t fused = r.eq(2).sum().item<int64_t>(), separate = r.eq(1).sum().item<int64_t>();
+    if (fused == e.numel()) return SubAlpha::kFused;
+    if (separate == e.numel()) return SubAlpha::kSeparate;
+    return SubAlpha::kMixed;
+  }();
+  return found;
+}
+
+enum class HalfKind { kSquare, kSign, kClamp };
+
+// The weight as stored: none, the half type's bits, or float32.
+enum class HalfWeight { kNone, kSame, kFloat };
+
+struct HalfArgs {
+  float lo = 0.0f, hi = 0.0f;  // -param and param, as ATen's float32 clamp reads them
+  // The factor, as ATen's float32 mul reads it. Where the Python form skips the product
+  // (k == 1, Factor::unit) this multiplies by 1: exact, the same bits.
+  float k = 1.0f;
+};
+
+LOSSKIT_HALF_LOOPS_BEGIN
+// One block: float32 terms; the gradients' bits (the target's the negated input's).
+template <typename T, HalfKind kind, HalfWeight wk, bool fused>
+__attribute__((noinline)) void regression_half_block(const uint16_t* __restrict x, const uint16_t* __restrict y,
+                                  const void* __restrict weight, float* __restrict terms_out,
+                                  uint16_t* __restrict gi, uint16_t* __restrict gt, const HalfArgs& a) {
+  using namespace losskit::half_blocks;
+  const uint16_t* __restrict wh = static_cast<const uint16_t*>(weight);
+  const float* __restrict wf = static_cast<const float*>(weight);
+  const float k = a.k, lo = a.lo, hi = a.hi;
+  for (int64_t i = 0; i < kBlock; ++i) {
+    const float e = to_float<T>(x[i]) - to_float<T>(y[i]);
+    float w = 1.0f;
+    if constexpr (wk == HalfWeight::kSame) w = to_float<T>(wh[i]);
+    if constexpr (wk == HalfWeight::kFloat) w = wf[i];
+    float g, term;
+    if constexpr (kind == HalfKind::kSquare) {
+      g = e * k;  // torch.mul(e, k)
+      if constexpr (wk != HalfWeight::kNone) g = g * w;
+      term = e * g;
+      g = g * 2.0f;
+    } else {
+      float h = e;
+      if constexpr (kind == HalfKind::kSign) {
+        g = static_cast<float>(e > 0.0f) - static_cast<float>(e < 0.0f);  // ATen's sign: 0 at 0 and NaN
+      } else {
+        const float above = e < lo ? lo : e;  // ATen's clamp: min(max(e, lo), hi), NaN kept
+        g = above > hi ? hi : above;
+        if constexpr (fused) {
+          h = static_cast<float>(static_cast<double>(e) - 0.5 * static_cast<double>(g));
+        } else {
+          h = e + -0.5f * g;
+        }
+      }
+      if constexpr (wk != HalfWeight::kNone) g = g * w;
+      g = g * k;
+      term = h * g;
+    }
+    terms_out[i] = term;
+    const uint16_t bits = from_float<T>(g);
+    gi[i] = bits;
+    gt[i] = static_cast<uint16_t>(bits ^ 0x8000u);
+  }
+}
+
+// Elements [begin, end) of the call, in blocks over threads: the terms into terms (float32,
+// indexed from begin) or, where out_terms is set, rounded to the half type into it (indexed
+// from 0, as the result of reduction='none'); the gradients where wanted.
+template <typename T, HalfKind kind, HalfWeight wk, bool fused>
+void regression_half_pass(const T* x, const T* y, const void* w, int64_t begin, int64_t end, float* terms,
+                          T* out_terms, T* gi, T* gt, const HalfArgs& a) {
+  using namespace losskit::half_blocks;
+  const int64_t blocks = (end - begin + kBlock - 1) / kBlock;
+  const size_t wsize = wk == HalfWeight::kFloat ? sizeof(float) : sizeof(uint16_t);
+  at::parallel_for(0, blocks, 64, [&](int64_t first, int64_t last) {
+    alignas(64) uint16_t spare_i[kBlock], spare_t[kBlock], xs[kBlock], ys[kBlock];
+    alignas(64) float local[kBlock], ws[kBlock];
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t start = begin + b * kBlock, size = std::min(kBlock, end - start);
+      float* tp = out_terms != nullptr ? local : terms + (start - begin);
+      uint16_t* gip = gi != nullptr ? bits_of(gi + start) : spare_i;
+      uint16_t* gtp = gt != nullptr ? bits_of(gt + start) : spare_t;
+      const void* wp = wk == HalfWeight::kNone ? nullptr : static_cast<const char*>(w) + start * wsize;
+      if (size == kBlock && out_terms == nullptr) {
+        regression_half_block<T, kind, wk, fused>(bits_of(x + start), bits_of(y + start), wp, tp, gip, gtp, a);
+        continue;
+      }
+      if (size == kBlock) {
+        regression_half_block<T, kind, wk, fused>(bits_of(x + start), bits_of(y + start), wp, local, gip, gtp, a);
+      } else {  // the last, short block, through zero-padded copies
+        std::memset(xs, 0, sizeof xs);
+        std::memset(ys, 0, sizeof ys);
+        std::memset(ws, 0, sizeof ws);
+        std::memcpy(xs, x + start, size * sizeof(uint16_t));
+        std::memcpy(ys, y + start, size * sizeof(uint16_t));
+        if (wp != nullptr) std::memcpy(ws, wp, size * wsize);
+        regression_half_block<T, kind, wk, fused>(xs, ys, ws, local, spare_i, spare_t, a);
+        if (gi != nullptr) std::memcpy(static_cast<void*>(gi + start), spare_i, size * sizeof(uint16_t));
+        if (gt != nullptr) std::memcpy(static_cast<void*>(gt + start), spare_t, size * sizeof(uint16_t));
+        if (out_terms == nullptr) std::memcpy(tp, local, size * sizeof(float));
+      }
+      if (out_terms != nullptr) store<T>(local, size, out_terms + start);
+    }
+  });
+}
+
+LOSSKIT_HALF_LOOPS_END
+
+template <typename T, HalfKind kind, HalfWeight wk>
+void regression_half_pass(bool fused, const T* x, const T* y, const void* w, int64_t begin, int64_t end, float* terms,
+                          T* out_terms, T* gi, T* gt, const HalfArgs& a) {
+  if (fused) {
+    regression_half_pass<T, kind, wk, true>(x, y, w, begin, end, terms, out_terms, gi, gt, a);
+  } else {
+    regression_half_pass<T, kind, wk, false>(x, y, w, begin, end, terms, out_terms, gi, gt, a);
+  }
+}
+
+template <typename T, HalfKind kind>
+void regression_half_pass(HalfWeight wk, bool fused, const T* x, const T* y, const void* w, int64_t begin,
+                          int64_t end, float* terms, T* out_terms, T* gi, T* gt, const HalfArgs& a) {
+  switch (wk) {
+    case HalfWeight::kNone:
+      regression_half_pass<T, kind, HalfWeight::kNone>(fused, x, y, w, begin, end, terms, out_terms, gi, gt, a);
+      break;
+    case HalfWeight::kSame:
+      regression_half_pass<T, kind, HalfWeight::kSame>(fused, x, y, w, begin, end, terms, out_terms, gi, gt, a);
+      break;
+    case HalfWeight::kFloat:
+      regression_half_pass<T, kind, HalfWeight::kFloat>(fused, x, y, w, begin, end, terms, out_terms, gi, gt, a);
+      break;
+  }
+}
+
+// Whether the half path serves the call: input and target bfloat16, of one shape,
+// contiguous (the Python form's sums then add the same terms in the same order), the weight
+// absent or contiguous of that shape in the half type or float32; smooth_l1 / huber where
+// ATen's sub with alpha takes one form throughout.
+bool half_applies(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                  HalfKind kind) {
+  const at::ScalarType dtype = input.scalar_type();
+  if (dtype != at::kBFloat16) return false;
+  if (target.scalar_type() != dtype || !input.sizes().equals(target.sizes())) return false;
+  if (!input.is_contiguous() || !target.is_contiguous()) return false;
+  if (weight.has_value()) {
+    const at::ScalarType wt = weight->scalar_type();
+    if ((wt != dtype && wt != at::kFloat) || !weight->sizes().equals(input.sizes()) || !weight->is_contiguous()) {
+      return false;
+    }
+  }
+  return kind != HalfKind::kClamp || aten_sub_alpha() != SubAlpha::kMixed;
+}
+
+HalfKind half_kind(const std::string& kind, double param) {
+  if (kind == "mse") return HalfKind::kSquare;
+  if (kind == "l1" || param == 0.0) return HalfKind::kSign;
+  return HalfKind::kClamp;
+}
+
+// pointwise_regression's half-type calls (half_applies): (loss, grad_input, grad_target).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> regression_half(const at::Tensor& input, const at::Tensor& target,
+                                                                const std::optional<at::Tensor>& weight,
+                                                                HalfKind kind, double param, const Factor& k,
+                                                                const std::string& reduction, int64_t chunk,
+                                                                at::ScalarType out, bool want_input,
+                                                                bool want_target) {
+  const int64_t n = input.numel();
+  HalfArgs a;
+  // Python: clamp(e, -param, param) and mul by a Python float, on float32: each read as float.
+  a.lo = static_cast<float>(-param);
+  a.hi = static_cast<float>(param);
+  a.k = k.tensor.defined() ? k.tensor.item<float>() : static_cast<float>(k.value);
+  const HalfWeight wk = !weight.has_value()               ? HalfWeight::kNone
+                        : weight->scalar_type() == at::kFloat ? HalfWeight::kFloat
+                                                              : HalfWeight::kSame;
+  const bool fused = kind == HalfKind::kClamp && aten_sub_alpha() == SubAlpha::kFused;
+  at::Tensor gi = want_input ? at::empty(input.sizes(), input.options()) : at::Tensor();
+  at::Tensor gt = want_target ? at::empty(target.sizes(), target.options()) : at::Tensor();
+  at::Tensor loss;
+  [&] {  // returns where the loss is made
+    using scalar_t = c10::BFloat16;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* y = target.const_data_ptr<scalar_t>();
+    const void* w = weight.has_value() ? weight->const_data_ptr() : nullptr;
+    scalar_t* gip = gi.defined() ? gi.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gtp = gt.defined() ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+    auto pass = [&](int64_t begin, int64_t end, float* terms, scalar_t* out_terms) {
+      switch (kind) {
+        case HalfKind::kSquare:
+          regression_half_pass<scalar_t, HalfKind::kSquare>(wk, fused, x, y, w, begin, end, terms, out_terms, gip, gtp, a);
+          break;
+        case HalfKind::kSign:
+          regression_half_pass<scalar_t, HalfKind::kSign>(wk, fused, x, y, w, begin, end, terms, out_terms, gip, gtp, a);
+          break;
+        case HalfKind::kClamp:
+          regression_half_pass<scalar_t, HalfKind::kClamp>(wk, fused, x, y, w, begin, end, terms, out_terms, gip, gtp, a);
+          break;
+      }
+    };
+    if (reduction == "none") {
+      // Python: the float32 terms, then .to(out): rounded to the half type here at once (an
+      // out of float32, from a float32 weight, keeps them as they are).
+      loss = at::empty(input.sizes(), input.options().dtype(out));
+      if (out == input.scalar_type()) {
+        pass(0, n, nullptr, loss.mutable_data_ptr<scalar_t>());
+      } else {
+        pass(0, n, loss.mutable_data_ptr<float>(), nullptr);
+      }
+      return;
+    }
+    // The float32 terms of one chunk at a time, summed by ATen as the Python form's chunks.
+    at::Tensor terms = at::empty({std::min(n, chunk)}, input.options().dtype(at::kFloat));
+    if (n <= chunk) {
+      pass(0, n, terms.mutable_data_ptr<float>(), nullptr);
+      loss = terms.view(input.sizes()).sum();
+      return;
+    }
+    std::vector<at::Tensor> partials;
+    for (int64_t start = 0; start < n; start += chunk) {
+      const int64_t end = std::min(start + chunk, n);
+      pass(start, end, terms.mutable_data_ptr<float>(), nullptr);
+      partials.push_back(terms.slice(0, 0, end - start).sum());
+    }
+    loss = at::stack(partials).sum();
+  }();
+  return {cast(loss, out), gi, gt};
+}
+
+// A test hook for half_blocks.h (tests/test_native_half.py): the float32 values of ``f``
+// rounded to bfloat16 by half_blocks' store and by c10::BFloat16(float), and those read back
+// as floats by half_blocks' load and by c10's conversion: (mine, c10's, mine back, c10's back).
+py::tuple bf16_blocks_check(const at::Tensor& f) {
+  using namespace losskit::half_blocks;
+  TORCH_CHECK(f.scalar_type() == at::kFloat && f.dim() == 1 && f.is_contiguous() && f.is_cpu(),
+              "a contiguous 1-d float32 CPU tensor");
+  const int64_t n = f.numel();
+  at::Tensor mine = at::empty({n}, f.options().dtype(at::kBFloat16)), theirs = at::empty_like(mine);
+  at::Tensor back = at::empty({n}, f.options()), their_back = at::empty_like(back);
+  const float* src = f.const_data_ptr<float>();
+  c10::BFloat16* m = mine.mutable_data_ptr<c10::BFloat16>();
+  c10::BFloat16* t = theirs.mutable_data_ptr<c10::BFloat16>();
+  for (int64_t start = 0; start < n; start += kBlock) {  // blocks and a short tail, as the losses
+    const int64_t size = std::min(kBlock, n - start);
+    alignas(64) float block[kBlock] = {};
+    std::memcpy(block, src + start, size * sizeof(float));
+    store<c10::BFloat16>(block, size, m + start);
+    load<c10::BFloat16>(m + start, size, block);
+    std::memcpy(back.mutable_data_ptr<float>() + start, block, size * sizeof(float));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    t[i] = c10::BFloat16(src[i]);
+    their_back.mutable_data_ptr<float>()[i] = static_cast<float>(t[i]);
+  }
+  return py::make_tuple(mine, theirs, back, their_back);
+}
+
 // pointwise_forward(input, target, weight, options=PointwiseOptions(kind, param, reduction,
 // weighted_mean), needs, chunk) -> (loss, grad_input, grad_target), or None for the calls
 // left to the Python form (not on the CPU, or no elements).
@@ -102,7 +390,12 @@ py::object pointwise_regression(const at::Tensor& input, const at::Tensor& targe
         k.value = k.value / static_cast<double>(n);
       }
     }
-    if (n <= chunk) {  // one chunk: no slicing, no gathering of partial sums
+    const HalfKind hk = half_kind(kind, param);
+    if (half_applies(input, target, weight, hk)) {
+      const bool want_target = needs.size() > 1 && needs[1];
+      std::tie(loss, gi, gt) = regression_half(input, target, weight, hk, param, k, reduction, chunk, out,
+                                               !needs.empty() && needs[0], want_target);
+    } else if (n <= chunk) {  // one chunk: no slicing, no gathering of partial sums
       at::Tensor e = at::sub(cast(input, compute), cast(target, compute));
       at::Tensor w = weight.has_value() ? cast(*weight, compute) : at::Tensor();
       std::tie(loss, grad) = terms(e, w, kind, param, k, at::Tensor());
@@ -136,9 +429,11 @@ py::object pointwise_regression(const at::Tensor& input, const at::Tensor& targe
       }
       loss = unreduced.defined() ? unreduced : at::stack(partials).sum();
     }
-    loss = cast(loss, out);
-    if (needs.size() > 1 && needs[1] && at::isFloatingType(target.scalar_type())) gt = cast(grad, target.scalar_type()).neg();
-    if (!needs.empty() && needs[0]) gi = cast(grad, input.scalar_type());
+    if (grad.defined()) {  // not the half path, which made its own
+      loss = cast(loss, out);
+      if (needs.size() > 1 && needs[1] && at::isFloatingType(target.scalar_type())) gt = cast(grad, target.scalar_type()).neg();
+      if (!needs.empty() && needs[0]) gi = cast(grad, input.scalar_type());
+    }
   }
   py::object grad_input = py::none(), grad_target = py::none();
   if (gi.defined()) grad_input = py::cast(gi);
@@ -723,6 +1018,7 @@ py::object row_divergence(const at::Tensor& input, const at::Tensor& target, con
 }  // namespace
 
 void register_pointwise(py::module& m) {
+  m.def("bf16_blocks_check", &bf16_blocks_check, "half_blocks.h's bfloat16 conversions beside c10's (a test hook)");
   m.def("pointwise_regression", &pointwise_regression,
         "the fused pointwise regression losses' forward (kernels/pointwise.py's pointwise_forward)");
   m.def("elementwise_loss", &elementwise_loss,
