@@ -57,15 +57,19 @@ def test_the_catalog_bench_figures_are_those_of_its_csv():
     previous_rows = [r for r in csv.DictReader((README.parent / "benchmarks" / "results" /
                                                 "catalog-previous.csv").open())
                      if r["mode"] == "full" and r["metric"] == "time" and r["provider"] == "losskit"
-                     and r["ratio_to_torch"] and r["dtype"] == "float32"]
-    previous = {(r["kernel"], r["size"], r["shape"]): f"{float(r['ratio_to_torch']):.2f}x" for r in previous_rows}
-    pair_row = r"^\| `([\w.]+)` \| (small|large) (\S+) \| ([\d.]+x) \| ([\d.]+x) \|$"
+                     and r["ratio_to_torch"]]
+    previous = {(r["kernel"], r["size"], r["shape"], r["dtype"]): f"{float(r['ratio_to_torch']):.2f}x"
+                for r in previous_rows}
+    before = {key + ("float32",): ratio for key, ratio in before.items()}
+    # A row names its dtype in a column of its own, or is float32.
+    pair_row = r"^\| `([\w.]+)` \| (small|large) (\S+) \|(?: (float32|bfloat16) \|)? ([\d.]+x) \| ([\d.]+x) \|$"
     for part, earlier, least in ((compiled, before, 10), (this_round, previous, 10)):
         pairs = re.findall(pair_row, part, re.M)
         assert len(pairs) >= least, "a before / after table is missing"
-        for kernel, size, shape, was, now in pairs:
-            assert earlier[(kernel, size, shape)] == was, (kernel, size, "before")
-            assert ratios[(kernel, size, shape, "float32")] == now, (kernel, size, "after")
+        for kernel, size, shape, dtype, was, now in pairs:
+            dtype = dtype or "float32"
+            assert earlier[(kernel, size, shape, dtype)] == was, (kernel, size, dtype, "before")
+            assert ratios[(kernel, size, shape, dtype)] == now, (kernel, size, dtype, "after")
 
 
 def test_the_before_after_figures_are_those_of_its_csv():
