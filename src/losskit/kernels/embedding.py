@@ -68,6 +68,7 @@ from torch import Tensor
 
 from .._core import switches
 from .._core.dtypes import cast, result_dtypes
+from .._core.reduction import reduce_loss
 from .fused_op import compiling, fused_may_serve, FusedOp, native_module, remembered_options, Replay
 
 # Rows longer than this leave a lone row's reduction to ATen's threads (a different
@@ -202,10 +203,6 @@ def _scale(reduction: str, rows: int) -> float:
     return 1.0 / rows if reduction == "mean" else 1.0
 
 
-def _reduce(rows: Tensor, reduction: str) -> Tensor:
-    return rows if reduction == "none" else (rows.mean() if reduction == "mean" else rows.sum())
-
-
 def _distance(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """(||x||_p per row, the per-row factor c of the norm's gradient s = c * f(x)): 1 / d for
     p = 2, 1 / d^(p - 1) otherwise (0 where d = 0, as torch's norm backward), 1 for p = 1."""
@@ -274,7 +271,7 @@ def triplet_forward(anchor: Tensor, positive: Tensor, negative: Tensor, *, optio
     loss, *grads = _triplet_rows(cast(anchor, compute), cast(positive, compute), cast(negative, compute), options,
                                  _scale(options.reduction, anchor.shape[0]), needs)
     grads = [None if g is None else cast(g, t.dtype) for g, t in zip(grads, (anchor, positive, negative))]
-    return cast(_reduce(loss, options.reduction), out), tuple(grads)
+    return cast(reduce_loss(loss, options.reduction), out), tuple(grads)
 
 
 def _cosine_rows(x1: Tensor, x2: Tensor, target: Tensor, options: CosineOptions, k: float,
@@ -309,7 +306,7 @@ def cosine_forward(input1: Tensor, input2: Tensor, target: Tensor, *, options: C
     loss, *grads = _cosine_rows(cast(input1, compute), cast(input2, compute), target, options,
                                 _scale(options.reduction, input1.shape[0]), needs)
     grads = [None if g is None else cast(g, t.dtype) for g, t in zip(grads, (input1, input2))]
-    return cast(_reduce(loss, options.reduction), out), tuple(grads)
+    return cast(reduce_loss(loss, options.reduction), out), tuple(grads)
 
 
 def _ranking_elements(x1: Tensor, x2: Tensor, y: Tensor, options: ElementOptions, k: float,
@@ -337,7 +334,7 @@ def ranking_forward(input1: Tensor, input2: Tensor, target: Tensor, *, options: 
     loss, *grads = _ranking_elements(cast(input1, compute), cast(input2, compute), cast(target, compute), options,
                                      _scale(options.reduction, input1.numel()), needs)
     grads = [None if g is None else cast(g, t.dtype) for g, t in zip(grads, (input1, input2, target))]
-    return cast(_reduce(loss, options.reduction), out), tuple(grads)
+    return cast(reduce_loss(loss, options.reduction), out), tuple(grads)
 
 
 def _hinge_elements(x: Tensor, target: Tensor, options: ElementOptions, k: float,
@@ -358,7 +355,7 @@ def hinge_embedding_forward(input: Tensor, target: Tensor, *, options: ElementOp
     compute, out = result_dtypes(input)
     loss, grad = _hinge_elements(cast(input, compute), target, options, _scale(options.reduction, input.numel()),
                                  needs)
-    return cast(_reduce(loss, options.reduction), out), (None if grad is None else cast(grad, input.dtype),)
+    return cast(reduce_loss(loss, options.reduction), out), (None if grad is None else cast(grad, input.dtype),)
 
 
 fused_ranking = FusedOp(

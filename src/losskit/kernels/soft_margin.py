@@ -66,6 +66,7 @@ import torch
 from torch import Tensor
 
 from .._core.dtypes import cast, result_dtypes
+from .._core.reduction import reduce_loss
 from .fused_op import FusedOp, remembered_options
 
 
@@ -87,10 +88,6 @@ def _tail(z: Tensor) -> tuple[Tensor, Tensor]:
     return e, torch.log1p(e)
 
 
-def _reduce(loss: Tensor, reduction: str) -> Tensor:
-    return loss if reduction == "none" else (loss.mean() if reduction == "mean" else loss.sum())
-
-
 def soft_margin_forward(input: Tensor, target: Tensor, *, options: SoftMarginOptions,
                         needs: tuple[bool, ...]) -> tuple[Tensor, tuple[Tensor | None, Tensor | None]]:
     """(the loss reduced, (d/d input, d/d target)) of an input and a target of one shape
@@ -99,7 +96,7 @@ def soft_margin_forward(input: Tensor, target: Tensor, *, options: SoftMarginOpt
     x, y = cast(input, compute), cast(target, compute)
     z = torch.mul(y, x).neg_()  # -y x: the negation is exact
     e, tail = _tail(z)
-    loss = cast(_reduce(z.clamp_min(0).add_(tail), options.reduction), out)
+    loss = cast(reduce_loss(z.clamp_min(0).add_(tail), options.reduction), out)
     if not (needs[0] or needs[1]):
         return loss, (None, None)
     k = 1.0 / input.numel() if options.reduction == "mean" else 1.0
@@ -126,7 +123,7 @@ def multilabel_soft_margin_forward(
     if w is not None:
         terms.mul_(w)
     # torch's composed form divides the row sums by C; so does this.
-    loss = cast(_reduce(terms.sum(-1) / classes, options.reduction), out)
+    loss = cast(reduce_loss(terms.sum(-1) / classes, options.reduction), out)
     if not (needs[0] or needs[1]):
         return loss, (None, None)
     k = 1.0 / (classes * rows) if options.reduction == "mean" else 1.0 / classes
