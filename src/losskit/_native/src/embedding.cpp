@@ -36,13 +36,6 @@ at::ScalarType compute_type(std::initializer_list<at::ScalarType> types) {
   return out == at::kHalf || out == at::kBFloat16 ? at::kFloat : out;
 }
 
-// reduce_loss (_core/reduction.py) without a denominator.
-at::Tensor reduce(const at::Tensor& loss, const std::string& reduction) {
-  if (reduction == "sum") return loss.sum();
-  if (reduction == "mean") return loss.mean();
-  return loss;
-}
-
 // margin_ranking_loss: max(0, (x2 - x1) y + margin).
 at::Tensor margin_ranking(const at::Tensor& input1, const at::Tensor& input2, const at::Tensor& target, double margin,
                           const std::string& reduction) {
@@ -51,7 +44,7 @@ at::Tensor margin_ranking(const at::Tensor& input1, const at::Tensor& input2, co
   for (auto type : types) out = at::promote_types(out, type);
   const auto compute = compute_type(types);
   at::Tensor loss = input2.to(compute).sub(input1.to(compute)).mul(target.to(compute)).add(margin).clamp_min(0);
-  return reduce(loss, reduction).to(out);
+  return losskit::reduce_loss(loss, reduction).to(out);
 }
 
 // hinge_embedding_loss: max(0, margin - x) where y != 1, plus x where y != -1.
@@ -63,7 +56,7 @@ at::Tensor hinge_embedding(const at::Tensor& input, const at::Tensor& target, do
   at::Tensor x = input.to(compute);
   at::Tensor margin_term = at::where(target.ne(1), at::rsub(x, margin).clamp_min(0), 0.0);
   at::Tensor self_term = at::where(target.ne(-1), x, 0.0);
-  return reduce(margin_term.add(self_term), reduction).to(out);
+  return losskit::reduce_loss(margin_term.add(self_term), reduction).to(out);
 }
 
 // cosine_embedding_loss: 1 - cos where y = 1, max(0, cos - margin) where y = -1, with
@@ -78,7 +71,7 @@ at::Tensor cosine_embedding(const at::Tensor& input1, const at::Tensor& input2, 
       a.mul(b).sum(-1).div(a.mul(a).sum(-1).add(epsilon).mul(b.mul(b).sum(-1).add(epsilon)).sqrt());
   at::Tensor loss = at::where(target.eq(1), at::rsub(cos, 1), 0.0)
                         .add(at::where(target.eq(-1), cos.sub(margin).clamp_min(0), 0.0));
-  return reduce(loss, reduction).to(out);
+  return losskit::reduce_loss(loss, reduction).to(out);
 }
 
 // pairwise_distance: |x1 - x2 + eps|_p over the last dimension.
@@ -99,7 +92,7 @@ at::Tensor triplet_margin(const at::Tensor& anchor, const at::Tensor& positive, 
   at::Tensor dist_pos = distance(a, pos, p, eps);
   at::Tensor dist_neg = distance(a, neg, p, eps);
   if (swap) dist_neg = at::minimum(dist_neg, distance(pos, neg, p, eps));
-  return reduce(dist_pos.add(margin).sub(dist_neg).clamp_min(0), reduction).to(out);
+  return losskit::reduce_loss(dist_pos.add(margin).sub(dist_neg).clamp_min(0), reduction).to(out);
 }
 
 }  // namespace
@@ -307,7 +300,7 @@ py::object fused_triplet_margin(const at::Tensor& anchor, const at::Tensor& posi
                           cast(negative.slice(0, begin, end), compute), margin, p, eps, swap, k, needs);
     };
     std::tie(loss, grads) = by_row_blocks({anchor, positive, negative}, needs, compute, rows_of);
-    loss = cast(reduce(loss, reduction), out);
+    loss = cast(losskit::reduce_loss(loss, reduction), out);
   }
   return loss_and_grads(loss, grads);
 }
@@ -332,7 +325,7 @@ py::object fused_cosine_embedding(const at::Tensor& input1, const at::Tensor& in
       return cosine_rows(cast(input1.slice(0, begin, end), compute), cast(input2.slice(0, begin, end), compute),
                          target.slice(0, begin, end), margin, k, needs);
     });
-    loss = cast(reduce(loss, reduction), out);
+    loss = cast(losskit::reduce_loss(loss, reduction), out);
   }
   return loss_and_grads(loss, grads);
 }
@@ -398,7 +391,7 @@ py::object fused_margin_ranking(const at::Tensor& input1, const at::Tensor& inpu
       return ranking_elements(cast(a.slice(0, begin, end), compute), cast(b.slice(0, begin, end), compute),
                               cast(y.slice(0, begin, end), compute), margin, k, needs);
     });
-    loss = cast(reduce(loss, reduction), out);
+    loss = cast(losskit::reduce_loss(loss, reduction), out);
   }
   return loss_and_grads(loss, grads);
 }
@@ -421,7 +414,7 @@ py::object fused_hinge_embedding(const at::Tensor& input, const at::Tensor& targ
                                       [&](int64_t begin, int64_t end) {
       return hinge_elements(cast(x.slice(0, begin, end), compute), y.slice(0, begin, end), margin, k, needs);
     });
-    loss = cast(reduce(loss, reduction), out);
+    loss = cast(losskit::reduce_loss(loss, reduction), out);
   }
   return loss_and_grads(loss, grads);
 }

@@ -36,6 +36,16 @@ at::Tensor attach_precomputed(std::string name, at::Tensor loss, const std::vect
 at::Tensor attach_one(const pybind11::object& node, at::Tensor loss, const at::Tensor& input, const at::Tensor& grad,
                       bool per_row);
 
+// _core/reduction.py's reduce_loss: the losses as they are ('none'), their sum, or their
+// mean (over the elements, or their sum divided by ``denominator`` where one is given).
+// The reduction is checked before (the Python callers validate it).
+inline at::Tensor reduce_loss(const at::Tensor& loss, const std::string& reduction,
+                              const at::Tensor& denominator = at::Tensor()) {
+  if (reduction == "sum") return loss.sum();
+  if (reduction != "mean") return loss;
+  return denominator.defined() ? at::div(loss.sum(), denominator) : loss.mean();
+}
+
 // kernels/linear_distillation.py's _reduce_rows: the rows as they are ('none'), their sum, or
 // their mean over the ``n`` rows, or over the rows ``valid`` counts (at least one).
 inline at::Tensor reduce_counted_rows(const at::Tensor& rows, const std::optional<at::Tensor>& valid,

@@ -673,12 +673,6 @@ py::object elementwise_loss(const at::Tensor& input, const at::Tensor& target, c
 
 namespace {
 
-at::Tensor reduce(const at::Tensor& loss, const std::string& reduction, const at::Tensor& denominator) {
-  if (reduction == "none") return loss;
-  if (reduction == "sum") return loss.sum();
-  return denominator.defined() ? at::div(loss.sum(), denominator) : loss.mean();
-}
-
 // target_prob_forward(input, target, valid, alpha, options=TargetProbOptions(kind,
 // reduction, param, alpha), needs) -> (loss, grad_input), or None (not on the CPU, not
 // [N, C], no rows).
@@ -732,11 +726,11 @@ py::object target_prob_loss(const at::Tensor& input, const at::Tensor& target, c
       throw std::invalid_argument("losskit target_prob_loss: unknown kind " + kind);
     }
     if (!valid.has_value()) {
-      loss = reduce(loss, reduction, at::Tensor());
+      loss = losskit::reduce_loss(loss, reduction);
       if (reduction == "mean") coef.mul_(1.0 / static_cast<double>(std::max<int64_t>(x.size(0), 1)));
     } else {
       at::Tensor count = valid->sum();
-      loss = reduce(at::where(*valid, loss, at::Scalar(0.0)), reduction, count);
+      loss = losskit::reduce_loss(at::where(*valid, loss, at::Scalar(0.0)), reduction, count);
       if (reduction == "mean") coef.div_(count);
       coef = at::where(*valid, coef, at::Scalar(0.0));
     }

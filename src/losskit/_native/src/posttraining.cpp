@@ -32,12 +32,6 @@ std::pair<at::ScalarType, at::ScalarType> result_dtypes(const std::vector<const 
   return {compute, out};
 }
 
-at::Tensor reduce_loss(const at::Tensor& terms, const std::string& reduction) {
-  if (reduction == "mean") return terms.mean();
-  if (reduction == "sum") return terms.sum();
-  return terms;
-}
-
 // _reduce_negated: the negation on the scalar, not on every term.
 at::Tensor reduce_negated(const at::Tensor& terms, const std::string& reduction) {
   if (reduction == "none") return terms.neg();
@@ -84,7 +78,7 @@ py::object preference_pair(const at::Tensor& chosen, const at::Tensor& rejected,
       at::Tensor log1mexp = at::where(low, at::log1p(at::exp(x).neg_()), at::log(em.neg()));
       at::Tensor log_odds = at::sub((c - r).reshape(-1), log1mexp.slice(0, 0, n) - log1mexp.slice(0, n, 2 * n));
       at::Tensor ls = at::log_sigmoid(log_odds);
-      loss = reduce_loss(at::mul(ls, -beta).reshape(chosen.sizes()), reduction);
+      loss = losskit::reduce_loss(at::mul(ls, -beta).reshape(chosen.sizes()), reduction);
       if (want) {
         at::Tensor sk = at::mul(at::sigmoid(log_odds.neg()), beta * k);
         if (needs[0]) g0 = at::div(sk, em.slice(0, 0, n)).reshape(chosen.sizes());
@@ -101,7 +95,7 @@ py::object preference_pair(const at::Tensor& chosen, const at::Tensor& rejected,
       if (eps == 0.0) {
         loss = reduce_negated(ls, reduction);
       } else {
-        loss = reduce_loss(at::sub(at::mul(ls, -(1 - eps)), at::mul(at::log_sigmoid(z.neg()), eps)), reduction);
+        loss = losskit::reduce_loss(at::sub(at::mul(ls, -(1 - eps)), at::mul(at::log_sigmoid(z.neg()), eps)), reduction);
       }
       if (want) {
         at::Tensor dz = at::sigmoid(z.neg());
@@ -136,7 +130,7 @@ py::object kto(const at::Tensor& logps, const std::optional<at::Tensor>& ref_log
     const double wd = desirable_weight, wu = undesirable_weight;
     at::Tensor a = at::mul(z0 != 0.0 ? at::sub(r, z0) : r, beta);
     at::Tensor s = at::sigmoid(at::where(desirable, a.neg(), a));
-    loss = reduce_loss(wd == 1.0 && wu == 1.0 ? s : at::where(desirable, at::mul(s, wd), at::mul(s, wu)), reduction);
+    loss = losskit::reduce_loss(wd == 1.0 && wu == 1.0 ? s : at::where(desirable, at::mul(s, wd), at::mul(s, wu)), reduction);
     if (needs[0]) {
       const double k = reduction == "mean" ? 1.0 / static_cast<double>(logps.numel()) : 1.0;
       at::Tensor ds = at::mul(s, at::rsub(s, 1));

@@ -60,12 +60,6 @@ bool served_pair(const at::Tensor& input, const at::Tensor& target) {
 
 bool wants(const std::vector<bool>& needs, size_t i) { return needs.size() > i && needs[i]; }
 
-at::Tensor reduced(const at::Tensor& loss, const std::string& reduction) {
-  if (reduction == "mean") return loss.mean();
-  if (reduction == "sum") return loss.sum();
-  return loss;
-}
-
 py::object loss_and_grads(const at::Tensor& loss, const at::Tensor& gx, const at::Tensor& gy) {
   return py::make_tuple(loss, gx.defined() ? py::cast(gx) : py::none(), gy.defined() ? py::cast(gy) : py::none());
 }
@@ -170,7 +164,7 @@ py::object soft_margin_forward(const at::Tensor& input, const at::Tensor& target
                                      size, neg_k);
         }
       });
-      loss = reduced(reduction == "none" ? tail.view(input.sizes()) : tail, reduction);
+      loss = losskit::reduce_loss(reduction == "none" ? tail.view(input.sizes()) : tail, reduction);
     });
     if (loss.scalar_type() != input.scalar_type()) loss = loss.to(input.scalar_type());
   }
@@ -262,7 +256,7 @@ py::object multilabel_soft_margin_forward(const at::Tensor& input, const at::Ten
       at::Tensor terms = tail;
       // Python's `/ classes` divides by a wrapped-number tensor: the same kernel here.
       at::Tensor per_row = terms.sum(-1).div(at::native::wrapped_scalar_tensor(at::Scalar(classes), terms.device()));
-      loss = reduced(per_row, reduction);
+      loss = losskit::reduce_loss(per_row, reduction);
     });
     if (loss.scalar_type() != input.scalar_type()) loss = loss.to(input.scalar_type());
   }
