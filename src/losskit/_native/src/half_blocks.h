@@ -47,6 +47,43 @@
 #define LOSSKIT_HALF_LOOPS_END
 #endif
 
+// The bit helpers below are compiled with the including file's options and always inlined:
+// GCC inlines a function only into callers of matching options otherwise, and these serve
+// both the loops under LOSSKIT_HALF_LOOPS_BEGIN and other files' loops (soft_margin.cpp).
+#if defined(__GNUC__)
+#define LOSSKIT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define LOSSKIT_ALWAYS_INLINE inline
+#endif
+
+namespace losskit {
+namespace half_blocks {
+
+// All ones where cond holds, else zero: a select by masks, which GCC keeps in a vector
+// loop where a ?: of two computed values may become a branch.
+LOSSKIT_ALWAYS_INLINE uint32_t mask_if(bool cond) { return 0u - static_cast<uint32_t>(cond); }
+LOSSKIT_ALWAYS_INLINE uint32_t select(uint32_t mask, uint32_t a, uint32_t b) { return (a & mask) | (b & ~mask); }
+
+LOSSKIT_ALWAYS_INLINE float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+LOSSKIT_ALWAYS_INLINE uint32_t to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// cond ? a : b of two floats, for a mask of all ones or zero.
+LOSSKIT_ALWAYS_INLINE float select(uint32_t mask, float a, float b) {
+  return from_bits(select(mask, to_bits(a), to_bits(b)));
+}
+
+}  // namespace half_blocks
+}  // namespace losskit
+
 LOSSKIT_HALF_LOOPS_BEGIN
 
 namespace losskit {
@@ -58,23 +95,6 @@ constexpr int64_t kBlock = 256;
 // The types these blocks serve: bfloat16 (see above for float16).
 template <typename T>
 struct is_half : std::is_same<T, c10::BFloat16> {};
-
-// All ones where cond holds, else zero: a select by masks, which GCC keeps in a vector
-// loop where a ?: of two computed values may become a branch.
-inline uint32_t mask_if(bool cond) { return 0u - static_cast<uint32_t>(cond); }
-inline uint32_t select(uint32_t mask, uint32_t a, uint32_t b) { return (a & mask) | (b & ~mask); }
-
-inline float from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint32_t to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
 
 // ---- one element, branch-free (the loops below inline these) ----------------------------
 

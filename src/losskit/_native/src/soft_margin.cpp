@@ -30,6 +30,7 @@
 // and one shape (multilabel: [N, C], with a weight of that dtype that broadcasts to it).
 // Anything else returns None and takes the Python form.
 #include "losskit_native.h"
+#include "half_blocks.h"  // the bit helpers
 
 #include <ATen/Parallel.h>
 #include <ATen/ScalarOps.h>
@@ -43,6 +44,7 @@
 #include <vector>
 
 namespace py = pybind11;
+namespace hb = losskit::half_blocks;
 
 namespace {
 
@@ -78,36 +80,20 @@ void exp_and_log1p(at::Tensor& tail, at::Tensor& out) {
 // keeps a float comparison's ?: as a branch under the default -ftrapping-math, and the
 // random signs of y x mispredict it about every other element: the soft_margin forward at
 // 2048x1024 took 34 ms on one thread, 20 of them in these loops). Each gives the float
-// comparison's answer for every value, NaN and -0 included.
-inline uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-inline float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// All ones where the flag is 1, else zero.
-inline uint32_t mask_of(uint32_t flag) { return 0u - flag; }
+// comparison's answer for every value, NaN and -0 included (the bit helpers are
+// half_blocks.h's).
 
 // v < 0: the sign bit set, above -0 and at most -inf (the negative NaNs lie above it).
 inline uint32_t is_negative(float v) {
-  const uint32_t u = bits_of(v);
+  const uint32_t u = hb::to_bits(v);
   return static_cast<uint32_t>(u > UINT32_C(0x80000000)) & static_cast<uint32_t>(u <= UINT32_C(0xFF800000));
 }
 
 // v >= 0: +0 up to +inf, or -0 (NaN is neither).
 inline uint32_t is_non_negative(float v) {
-  const uint32_t u = bits_of(v);
+  const uint32_t u = hb::to_bits(v);
   return static_cast<uint32_t>(u <= UINT32_C(0x7F800000)) | static_cast<uint32_t>(u == UINT32_C(0x80000000));
 }
-
-// cond ? a : b for a mask of all ones or zero.
-inline float pick(uint32_t mask, float a, float b) { return float_of((bits_of(a) & mask) | (bits_of(b) & ~mask)); }
 
 template <typename scalar_t>
 void soft_margin_pass(const scalar_t* x, const scalar_t* y, const float* e, float* terms, scalar_t* gx,
@@ -116,9 +102,9 @@ void soft_margin_pass(const scalar_t* x, const scalar_t* y, const float* e, floa
     const float xv = static_cast<float>(x[i]), yv = static_cast<float>(y[i]);
     const float z = -(yv * xv);
     const float ev = e[i];
-    terms[i] = pick(mask_of(is_negative(z)), 0.0f, z) + terms[i];  // z < 0 ? 0 : z, plus L
+    terms[i] = hb::select(hb::mask_if(is_negative(z)), 0.0f, z) + terms[i];  // z < 0 ? 0 : z, plus L
     if (gx == nullptr && gy == nullptr) continue;
-    const float s = pick(mask_of(is_non_negative(z)), 1.0f, ev) / (ev + 1.0f);  // (z >= 0 ? 1 : e) / (e + 1)
+    const float s = hb::select(hb::mask_if(is_non_negative(z)), 1.0f, ev) / (ev + 1.0f);  // (z >= 0 ? 1 : e) / (e + 1)
     if (gx != nullptr) gx[i] = static_cast<scalar_t>((yv * s) * neg_k);
     if (gy != nullptr) gy[i] = static_cast<scalar_t>((xv * s) * neg_k);
   }
@@ -183,14 +169,14 @@ void multilabel_pass(const scalar_t* x, const scalar_t* y, const scalar_t* w, in
       const int64_t j = i - first * classes;
       const float xv = static_cast<float>(x[i]), yv = static_cast<float>(y[i]);
       const float ev = e[j];
-      const uint32_t positive = mask_of(is_non_negative(xv));  // x >= 0
+      const uint32_t positive = hb::mask_if(is_non_negative(xv));  // x >= 0
       const float not_y = 1.0f - yv;
-      float term = pick(positive, not_y * xv, -(yv * xv)) + terms[i];  // terms holds L
+      float term = hb::select(positive, not_y * xv, -(yv * xv)) + terms[i];  // terms holds L
       const float wv = wr == nullptr ? 1.0f : static_cast<float>(wr[c]);
       if (wr != nullptr) term = term * wv;
       terms[i] = term;
       if (gx != nullptr) {
-        const float a = pick(positive, 1.0f, ev), b = pick(positive, ev, 1.0f);
+        const float a = hb::select(positive, 1.0f, ev), b = hb::select(positive, ev, 1.0f);
         float g = (not_y * a - b * yv) / (ev + 1.0f);
         if (wr != nullptr) g = g * wv;
         gx[i] = static_cast<scalar_t>(g * k);
