@@ -20,8 +20,9 @@
 // code between them under -fno-trapping-math (GCC only; clang vectorises these loops as they
 // are). That option changes no result: IEEE operations round the same, only the floating
 // point exception flags (which nothing here reads) may be raised differently. This header's
-// functions are compiled under it, and so must be the loops that inline them (GCC inlines
-// only between functions of matching options).
+// conversion functions are compiled under it, and so must be the loops that inline them
+// (GCC inlines only between functions of matching options); its bit helpers (to_bits,
+// select, ...) are always inlined, into loops of any options.
 //
 // Every loop runs over exactly kBlock elements (the vectoriser at -O2's cost model takes a
 // loop whose trip count is a multiple of the vector width, with no runtime alias check: the
